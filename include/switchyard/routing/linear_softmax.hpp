@@ -1,0 +1,204 @@
+#pragma once
+//! \file linear_softmax.hpp
+//! The scoring shared by the softmax routers (top-k, top-p, DA-MoE, Adaptive Gating,
+//! HyperMoE): logits = x · Wᵀ with W [E, d] in nn.Linear layout, P = softmax(logits) in
+//! float32, the Switch / any-slot load-balance losses, the ST-MoE z-loss, and the backward
+//! of all of them to the logits, then to x and W.
+//!
+//! NaN policy: a non-finite router logit (from NaN/Inf in `x` or `w`) throws
+//! `non_finite_error` naming the token; routing such a token would be arbitrary.
+
+#include <cmath>
+#include <vector>
+
+#include "switchyard/core/element_type.hpp"
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/view.hpp"
+#include "switchyard/routing/plan.hpp"
+#include "switchyard/routing/softmax.hpp"
+
+namespace switchyard::routing {
+
+//! Parameters of a linear router: `w [E, d]` (nn.Linear layout: logits = x · wᵀ).
+struct linear_router_params {
+  matrix_view<const float> w;  //!< [E, d]
+};
+
+//! Gradients of a linear router, accumulated (+=) into caller memory.
+struct linear_router_grads {
+  matrix_view<float> w;  //!< [E, d]; an empty view skips the weight gradient
+};
+
+//! Load-balance and z losses of a softmax router. Also used as the coefficient set in
+//! backward (each field then multiplies the loss's gradient).
+struct softmax_router_losses {
+  float lb_switch = 0.0f;  //!< E · Σ_e f_e · P̄_e, f from the top-1 choice (Switch)
+  float lb_topk = 0.0f;    //!< E · Σ_e f_e · P̄_e, f from every selected slot (Mixtral)
+  float z = 0.0f;          //!< mean_t logsumexp(logits_t)²  (ST-MoE)
+};
+
+namespace detail {
+
+//! Checks x [T, d] against w [E, d] and that w is usable.
+template <class T>
+void check_linear_router_inputs(const matrix_view<const T>& x, const linear_router_params& p) {
+  check_view("params.w", p.w, {-1, -1}, "[E, d]");
+  if (p.w.extent(0) < 1) {
+    throw shape_error("params.w", ::switchyard::detail::concat("params.w: expected at least one expert (extent 0 >= 1), got ",
+                                         p.w.extent(0)));
+  }
+  check_view("x", x, {-1, p.w.extent(1)}, "[T, d] with d = params.w.extent(1)");
+}
+
+}  // namespace detail
+
+//! logits[t, e] = Σ_i x[t, i] · w[e, i] (float accumulation), probs = softmax(logits),
+//! written to plan.logits / plan.probs (plan must be sized). Throws non_finite_error on a
+//! non-finite logit.
+template <ElementType T>
+void linear_softmax_scores(const matrix_view<const T>& x, const linear_router_params& p,
+                           routing_plan& plan) {
+  const index_t tokens = x.extent(0), d = x.extent(1), e_count = p.w.extent(0);
+#pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
+  for (index_t t = 0; t < tokens; ++t) {
+    float* lg = plan.logits.data() + t * e_count;
+    for (index_t e = 0; e < e_count; ++e) {
+      float acc = 0.0f;
+      for (index_t i = 0; i < d; ++i) acc += to_float(x(t, i)) * p.w(e, i);
+      lg[e] = acc;
+    }
+    softmax(cuda::std::span<const float>(lg, e_count),
+            cuda::std::span<float>(plan.probs.data() + t * e_count, e_count));
+  }
+  bool bad = false;
+  index_t bad_t = 0;
+  for (index_t i = 0; i < tokens * e_count && !bad; ++i) {
+    if (!std::isfinite(plan.logits[i])) {
+      bad = true;
+      bad_t = i / e_count;
+    }
+  }
+  if (bad) {
+    throw non_finite_error("x", ::switchyard::detail::concat("x: router logits of token ", bad_t,
+                                               " are not finite (NaN or Inf in x or params.w); "
+                                               "Switchyard refuses to route non-finite tokens"));
+  }
+}
+
+//! Applies a selection rule to every token of a scored plan.
+template <class Rule>
+void select_all(const Rule& rule, routing_plan& plan) {
+  const index_t tokens = plan.num_tokens, e = plan.num_experts, w = plan.width;
+#pragma omp parallel for schedule(static) if (tokens > 256)
+  for (index_t t = 0; t < tokens; ++t) {
+    plan.counts[t] = rule.select(cuda::std::span<const float>(plan.probs.data() + t * e, e),
+                                 cuda::std::span<std::int32_t>(plan.expert_ids.data() + t * w, w),
+                                 cuda::std::span<float>(plan.weights.data() + t * w, w));
+  }
+}
+
+//! Switch load balance E·Σ_e f_e·P̄_e with f_e the share of tokens whose top-1 is e, or
+//! (any_slot) the share of tokens that selected e in any slot. 0 for an empty batch.
+inline float load_balance_loss(const routing_plan& plan, bool any_slot) {
+  const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+  if (tokens == 0) return 0.0f;
+  std::vector<double> f(e_count, 0.0), pbar(e_count, 0.0);
+  for (index_t t = 0; t < tokens; ++t) {
+    const index_t slots = any_slot ? plan.counts[t] : (plan.counts[t] > 0 ? 1 : 0);
+    for (index_t j = 0; j < slots; ++j) f[plan.id(t, j)] += 1.0;
+    for (index_t e = 0; e < e_count; ++e) pbar[e] += plan.probs[t * e_count + e];
+  }
+  double s = 0.0;
+  for (index_t e = 0; e < e_count; ++e) s += (f[e] / tokens) * (pbar[e] / tokens);
+  return static_cast<float>(s * e_count);
+}
+
+//! ST-MoE z-loss mean_t logsumexp(logits_t)². 0 for an empty batch.
+inline float z_loss(const routing_plan& plan) {
+  const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+  if (tokens == 0) return 0.0f;
+  double s = 0.0;
+  for (index_t t = 0; t < tokens; ++t) {
+    const float* lg = plan.logits.data() + t * e_count;
+    float m = lg[0];
+    for (index_t e = 1; e < e_count; ++e) m = std::max(m, lg[e]);
+    double z = 0.0;
+    for (index_t e = 0; e < e_count; ++e) z += std::exp(static_cast<double>(lg[e] - m));
+    const double lse = m + std::log(z);
+    s += lse * lse;
+  }
+  return static_cast<float>(s / tokens);
+}
+
+//! Accumulates coeff · ∂L_lb/∂P into d_probs [T, E] (f is piecewise constant).
+inline void load_balance_backward(const routing_plan& plan, bool any_slot, float coeff,
+                                  float* d_probs) {
+  const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+  if (tokens == 0 || coeff == 0.0f) return;
+  std::vector<double> f(e_count, 0.0);
+  for (index_t t = 0; t < tokens; ++t) {
+    const index_t slots = any_slot ? plan.counts[t] : (plan.counts[t] > 0 ? 1 : 0);
+    for (index_t j = 0; j < slots; ++j) f[plan.id(t, j)] += 1.0;
+  }
+  const double scale = static_cast<double>(coeff) * e_count / (static_cast<double>(tokens) * tokens);
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t e = 0; e < e_count; ++e) d_probs[t * e_count + e] += static_cast<float>(scale * f[e]);
+}
+
+//! Accumulates coeff · ∂L_z/∂logits = coeff · 2·lse_t·P_t / T into d_logits [T, E].
+inline void z_loss_backward(const routing_plan& plan, float coeff, float* d_logits) {
+  const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+  if (tokens == 0 || coeff == 0.0f) return;
+  for (index_t t = 0; t < tokens; ++t) {
+    const float* lg = plan.logits.data() + t * e_count;
+    float m = lg[0];
+    for (index_t e = 1; e < e_count; ++e) m = std::max(m, lg[e]);
+    double z = 0.0;
+    for (index_t e = 0; e < e_count; ++e) z += std::exp(static_cast<double>(lg[e] - m));
+    const double lse = m + std::log(z);
+    for (index_t e = 0; e < e_count; ++e)
+      d_logits[t * e_count + e] +=
+          static_cast<float>(coeff * 2.0 * lse * plan.probs[t * e_count + e] / tokens);
+  }
+}
+
+//! d_logits += softmax backward of d_probs, row by row.
+inline void softmax_backward_rows(const routing_plan& plan, const float* d_probs, float* d_logits) {
+  const index_t e_count = plan.num_experts;
+  for (index_t t = 0; t < plan.num_tokens; ++t) {
+    softmax_backward_accumulate(cuda::std::span<const float>(plan.probs.data() + t * e_count, e_count),
+                                cuda::std::span<const float>(d_probs + t * e_count, e_count),
+                                cuda::std::span<float>(d_logits + t * e_count, e_count));
+  }
+}
+
+//! Backward of logits = x · wᵀ: dx [T, d] += d_logits · w, grads.w [E, d] += d_logitsᵀ · x.
+//! Either output may be an empty view (skipped).
+template <ElementType T>
+void linear_backward(const matrix_view<const T>& x, const linear_router_params& p,
+                     const float* d_logits, const matrix_view<float>& dx,
+                     const linear_router_grads& g) {
+  const index_t tokens = x.extent(0), d = x.extent(1), e_count = p.w.extent(0);
+  if (dx.data_handle() != nullptr) {
+    check_view("dx", dx, {tokens, d}, "[T, d]");
+#pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
+    for (index_t t = 0; t < tokens; ++t)
+      for (index_t i = 0; i < d; ++i) {
+        float acc = 0.0f;
+        for (index_t e = 0; e < e_count; ++e) acc += d_logits[t * e_count + e] * p.w(e, i);
+        dx(t, i) += acc;
+      }
+  }
+  if (g.w.data_handle() != nullptr) {
+    check_view("grads.w", g.w, {e_count, d}, "[E, d]");
+#pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
+    for (index_t e = 0; e < e_count; ++e)
+      for (index_t i = 0; i < d; ++i) {
+        float acc = 0.0f;
+        for (index_t t = 0; t < tokens; ++t) acc += d_logits[t * e_count + e] * to_float(x(t, i));
+        g.w(e, i) += acc;
+      }
+  }
+}
+
+}  // namespace switchyard::routing

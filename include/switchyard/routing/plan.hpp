@@ -1,0 +1,123 @@
+#pragma once
+//! \file plan.hpp
+//! The RoutingPlan: the one data structure between router and dispatch. Padded to a fixed
+//! width per token so that dynamic routers (1, k or any experts per token) flow through the
+//! same dispatch as top-k.
+
+#include <cstdint>
+#include <vector>
+
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/view.hpp"
+
+namespace switchyard::routing {
+
+//! Sentinel expert id of an unused slot in `expert_ids`.
+inline constexpr std::int32_t unused_slot = -1;
+
+//! Non-owning view of a routing plan (host or device memory).
+template <class Id = std::int32_t, class W = float>
+struct plan_view {
+  matrix_view<Id> expert_ids;  //!< [T, width], descending score, ties to the lower id, -1 pad
+  matrix_view<W> weights;      //!< [T, width], combine weights, 0 pad
+  vector_view<Id> counts;      //!< [T], slots used by each token
+  index_t num_experts = 0;     //!< E: ids lie in [0, E)
+
+  [[nodiscard]] index_t num_tokens() const { return counts.extent(0); }
+  [[nodiscard]] index_t width() const { return expert_ids.extent(1); }
+};
+
+//! Host-owning routing plan with what backward and statistics need besides the selection.
+struct routing_plan {
+  index_t num_tokens = 0;   //!< T
+  index_t width = 0;        //!< max experts per token (max_k)
+  index_t num_experts = 0;  //!< E (DynMoE: E_max slots)
+
+  std::vector<std::int32_t> expert_ids;  //!< [T, width]
+  std::vector<float> weights;            //!< [T, width]
+  std::vector<std::int32_t> counts;      //!< [T]
+  std::vector<float> logits;             //!< [T, E] router pre-activation scores
+  std::vector<float> probs;              //!< [T, E] the scores the selection rule saw
+
+  //! Sizes every array for T tokens, `width` slots and E experts; slots are reset to unused.
+  void resize(index_t t, index_t w, index_t e) {
+    num_tokens = t;
+    width = w;
+    num_experts = e;
+    expert_ids.assign(static_cast<std::size_t>(t * w), unused_slot);
+    weights.assign(static_cast<std::size_t>(t * w), 0.0f);
+    counts.assign(static_cast<std::size_t>(t), 0);
+    logits.assign(static_cast<std::size_t>(t * e), 0.0f);
+    probs.assign(static_cast<std::size_t>(t * e), 0.0f);
+  }
+
+  [[nodiscard]] plan_view<std::int32_t, float> view() {
+    return {make_view(expert_ids.data(), num_tokens, width),
+            make_view(weights.data(), num_tokens, width), make_view(counts.data(), num_tokens),
+            num_experts};
+  }
+  [[nodiscard]] plan_view<const std::int32_t, const float> view() const {
+    return {make_view(expert_ids.data(), num_tokens, width),
+            make_view(weights.data(), num_tokens, width), make_view(counts.data(), num_tokens),
+            num_experts};
+  }
+  [[nodiscard]] std::int32_t id(index_t t, index_t j) const {
+    return expert_ids[static_cast<std::size_t>(t * width + j)];
+  }
+  [[nodiscard]] float weight(index_t t, index_t j) const {
+    return weights[static_cast<std::size_t>(t * width + j)];
+  }
+  //! Total (token, expert) pairs the plan routes: Σ_t counts[t].
+  [[nodiscard]] index_t total_assignments() const {
+    index_t n = 0;
+    for (auto c : counts) n += c;
+    return n;
+  }
+  //! Mean experts per token (0 for an empty batch).
+  [[nodiscard]] double mean_k() const {
+    return num_tokens == 0 ? 0.0 : static_cast<double>(total_assignments()) / num_tokens;
+  }
+};
+
+//! Converts a dense cotangent `d_dense [T, E]` of the combine weights to the plan's slots
+//! `d_slots [T, width]` (unused slots get 0).
+inline void dense_to_slot_cotangent(const routing_plan& plan, const float* d_dense,
+                                    float* d_slots) {
+  for (index_t t = 0; t < plan.num_tokens; ++t) {
+    for (index_t j = 0; j < plan.width; ++j) {
+      const auto e = plan.id(t, j);
+      d_slots[t * plan.width + j] = e < 0 ? 0.0f : d_dense[t * plan.num_experts + e];
+    }
+  }
+}
+
+//! Validates a plan view against T and E: ids in [-1, E), counts in [0, width], used slots
+//! first. Throws shape_error / range_error naming `argument`.
+template <class Id, class W>
+void validate_plan(std::string_view argument, const plan_view<Id, W>& plan, index_t t,
+                   index_t e) {
+  
+  check_view(::switchyard::detail::concat(argument, ".expert_ids"), plan.expert_ids, {t, -1});
+  check_view(::switchyard::detail::concat(argument, ".weights"), plan.weights, {t, plan.width()});
+  check_view(::switchyard::detail::concat(argument, ".counts"), plan.counts, {t});
+  for (index_t i = 0; i < t; ++i) {
+    const index_t c = plan.counts(i);
+    if (c < 0 || c > plan.width()) {
+      throw range_error(::switchyard::detail::concat(argument, ".counts"),
+                        ::switchyard::detail::concat(argument, ".counts[", i, "] must be in [0, ", plan.width(),
+                               "], got ", c));
+    }
+    for (index_t j = 0; j < plan.width(); ++j) {
+      const index_t id = plan.expert_ids(i, j);
+      const bool used = j < c;
+      if ((used && (id < 0 || id >= e)) || (!used && id != unused_slot)) {
+        throw range_error(::switchyard::detail::concat(argument, ".expert_ids"),
+                          ::switchyard::detail::concat(argument, ".expert_ids[", i, ", ", j, "] must be ",
+                                 used ? ::switchyard::detail::concat("in [0, ", e, ")") : std::string("-1 (unused)"),
+                                 ", got ", id));
+      }
+    }
+  }
+}
+
+}  // namespace switchyard::routing

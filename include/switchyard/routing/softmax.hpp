@@ -1,0 +1,57 @@
+#pragma once
+//! \file softmax.hpp
+//! Per-token softmax and its Jacobian products, in float32, `__host__ __device__`.
+
+#include <cmath>
+
+#include <cuda/std/span>
+
+#include "switchyard/core/config.hpp"
+
+namespace switchyard::routing {
+
+//! probs = softmax(logits); returns logsumexp(logits) (for the z-loss).
+SWITCHYARD_HD inline float softmax(cuda::std::span<const float> logits, cuda::std::span<float> probs) {
+  const int n = static_cast<int>(logits.size());
+  float m = logits[0];
+  for (int e = 1; e < n; ++e) m = logits[e] > m ? logits[e] : m;
+  float s = 0.0f;
+  for (int e = 0; e < n; ++e) {
+    probs[e] = expf(logits[e] - m);
+    s += probs[e];
+  }
+  for (int e = 0; e < n; ++e) probs[e] /= s;
+  return m + logf(s);
+}
+
+//! d_logits = J_softmaxᵀ d_probs = P ⊙ (d_probs − ⟨P, d_probs⟩), accumulated into d_logits.
+SWITCHYARD_HD inline void softmax_backward_accumulate(cuda::std::span<const float> probs,
+                                                      cuda::std::span<const float> d_probs,
+                                                      cuda::std::span<float> d_logits) {
+  const int n = static_cast<int>(probs.size());
+  float dot = 0.0f;
+  for (int e = 0; e < n; ++e) dot += probs[e] * d_probs[e];
+  for (int e = 0; e < n; ++e) d_logits[e] += probs[e] * (d_probs[e] - dot);
+}
+
+//! Gradient of the combine weights w.r.t. the selected probabilities, scattered to a dense
+//! d_probs [E]: raw weights pass d_w through; renormalised w_j = P_j/S give
+//! dP_{e_j} = (d_w_j − Σ_i d_w_i w_i) / S. Accumulates into d_probs.
+SWITCHYARD_HD inline void combine_weights_backward_accumulate(
+    cuda::std::span<const float> probs, cuda::std::span<const std::int32_t> ids,
+    cuda::std::span<const float> weights, cuda::std::span<const float> d_weights, int count,
+    bool renormalized, cuda::std::span<float> d_probs) {
+  if (!renormalized) {
+    for (int j = 0; j < count; ++j) d_probs[ids[j]] += d_weights[j];
+    return;
+  }
+  float s = 0.0f, dot = 0.0f;
+  for (int j = 0; j < count; ++j) {
+    s += probs[ids[j]];
+    dot += d_weights[j] * weights[j];
+  }
+  if (!(s > 0.0f)) return;
+  for (int j = 0; j < count; ++j) d_probs[ids[j]] += (d_weights[j] - dot) / s;
+}
+
+}  // namespace switchyard::routing

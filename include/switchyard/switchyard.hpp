@@ -1,0 +1,16 @@
+#pragma once
+//! \file switchyard.hpp
+//! Umbrella header: everything that compiles with a plain C++20 host compiler.
+//! CUDA backend headers (`switchyard/backend/cuda/...`) are included separately by .cu files.
+
+#include "switchyard/core/config.hpp"
+#include "switchyard/core/element_type.hpp"
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/view.hpp"
+#include "switchyard/routing/concepts.hpp"
+#include "switchyard/routing/linear_softmax.hpp"
+#include "switchyard/routing/plan.hpp"
+#include "switchyard/routing/ranking.hpp"
+#include "switchyard/routing/routers/topk.hpp"
+#include "switchyard/routing/selection/topk.hpp"
+#include "switchyard/routing/softmax.hpp"
