@@ -38,8 +38,8 @@ void compare_with_host(const Rule& rule, int tokens, int experts, std::uint64_t 
   host.resize(tokens, width, experts);
   host.logits = logits;
   for (int t = 0; t < tokens; ++t)
-    sy::routing::softmax(cuda::std::span<const float>(logits.data() + t * experts, experts),
-                         cuda::std::span<float>(host.probs.data() + t * experts, experts));
+    sy::routing::softmax(::cuda::std::span<const float>(logits.data() + t * experts, experts),
+                         ::cuda::std::span<float>(host.probs.data() + t * experts, experts));
   sy::routing::select_all(rule, host);
 
   device_buffer<float> d_logits(logits.size()), d_probs(logits.size()),

@@ -18,7 +18,8 @@ namespace {
 // Methods whose checkers have not landed yet: their cases are registered as expected
 // failures (they fail with "not supported", they never pass). Empty once every router
 // of shared/docs/routing-algorithms.md is implemented.
-const std::set<std::string> expected_unsupported = {};
+const std::set<std::string> expected_unsupported = {"topp", "da_moe", "dynmoe_topany",
+                                                     "hypermoe", "adaptive_gating"};
 
 fs::path golden_dir() {
   if (const char* env = std::getenv("SWITCHYARD_GOLDEN_DIR"); env && *env) return env;
@@ -38,7 +39,9 @@ void run_case(const fs::path& file) {
   const std::string method = c.method();
   auto it = registry().find(method);
   if (it == registry().end()) {
-    BOOST_FAIL(file << ": method '" << method << "' is not supported by Switchyard yet");
+    // BOOST_ERROR, not BOOST_FAIL: an aborted case cannot count as an expected failure.
+    BOOST_ERROR(file << ": method '" << method << "' is not supported by Switchyard yet");
+    return;
   }
   BOOST_TEST_MESSAGE(file.filename() << ": " << c.j.value("description", ""));
   it->second(c);

@@ -1,6 +1,6 @@
 #pragma once
 //! \file view.hpp
-//! Non-owning views over caller memory: `cuda::std::mdspan` (libcu++, header-only, usable
+//! Non-owning views over caller memory: `::cuda::std::mdspan` (libcu++, header-only, usable
 //! from g++ and nvcc alike) with 64-bit extents and a strided layout, so sub-views and
 //! transposed storage are views too.
 
@@ -15,11 +15,11 @@ namespace switchyard {
 
 //! Extents of a rank-R view, 64-bit.
 template <std::size_t R>
-using extents = cuda::std::dextents<index_t, R>;
+using extents = ::cuda::std::dextents<index_t, R>;
 
 //! A rank-R strided view of T over caller memory.
 template <class T, std::size_t R>
-using tensor_view = cuda::std::mdspan<T, extents<R>, cuda::std::layout_stride>;
+using tensor_view = ::cuda::std::mdspan<T, extents<R>, ::cuda::std::layout_stride>;
 
 //! [rows, cols] view.
 template <class T>
@@ -35,14 +35,14 @@ template <class T, class... I>
 tensor_view<T, sizeof...(I)> make_view(T* p, I... dims) {
   constexpr std::size_t R = sizeof...(I);
   const extents<R> e(static_cast<index_t>(dims)...);
-  return tensor_view<T, R>(p, cuda::std::layout_right::mapping<extents<R>>(e));
+  return tensor_view<T, R>(p, ::cuda::std::layout_right::mapping<extents<R>>(e));
 }
 
 //! Strided view of `p`: `dims` extents, `strides` in elements (each > 0).
 template <class T, std::size_t R>
-tensor_view<T, R> make_strided_view(T* p, const cuda::std::array<index_t, R>& dims,
-                                    const cuda::std::array<index_t, R>& strides) {
-  return tensor_view<T, R>(p, cuda::std::layout_stride::mapping<extents<R>>(extents<R>(dims),
+tensor_view<T, R> make_strided_view(T* p, const ::cuda::std::array<index_t, R>& dims,
+                                    const ::cuda::std::array<index_t, R>& strides) {
+  return tensor_view<T, R>(p, ::cuda::std::layout_stride::mapping<extents<R>>(extents<R>(dims),
                                                                            strides));
 }
 
@@ -69,7 +69,7 @@ bool is_row_major_contiguous(const V& v) {
 //! expected extent (a negative expected extent means "any").
 template <class V>
 void check_view(std::string_view argument, const V& v,
-                const cuda::std::array<index_t, V::rank()>& expected,
+                const ::cuda::std::array<index_t, V::rank()>& expected,
                 std::string_view meaning = {}) {
   detail::require_data(argument, v.data_handle(), element_count(v));
   for (std::size_t r = 0; r < V::rank(); ++r) {

@@ -67,8 +67,8 @@ void linear_softmax_scores(const matrix_view<const T>& x, const linear_router_pa
       for (index_t i = 0; i < d; ++i) acc += to_float(x(t, i)) * p.w(e, i);
       lg[e] = acc;
     }
-    softmax(cuda::std::span<const float>(lg, e_count),
-            cuda::std::span<float>(plan.probs.data() + t * e_count, e_count));
+    softmax(::cuda::std::span<const float>(lg, e_count),
+            ::cuda::std::span<float>(plan.probs.data() + t * e_count, e_count));
   }
   bool bad = false;
   index_t bad_t = 0;
@@ -91,9 +91,9 @@ void select_all(const Rule& rule, routing_plan& plan) {
   const index_t tokens = plan.num_tokens, e = plan.num_experts, w = plan.width;
 #pragma omp parallel for schedule(static) if (tokens > 256)
   for (index_t t = 0; t < tokens; ++t) {
-    plan.counts[t] = rule.select(cuda::std::span<const float>(plan.probs.data() + t * e, e),
-                                 cuda::std::span<std::int32_t>(plan.expert_ids.data() + t * w, w),
-                                 cuda::std::span<float>(plan.weights.data() + t * w, w));
+    plan.counts[t] = rule.select(::cuda::std::span<const float>(plan.probs.data() + t * e, e),
+                                 ::cuda::std::span<std::int32_t>(plan.expert_ids.data() + t * w, w),
+                                 ::cuda::std::span<float>(plan.weights.data() + t * w, w));
   }
 }
 
@@ -166,9 +166,9 @@ inline void z_loss_backward(const routing_plan& plan, float coeff, float* d_logi
 inline void softmax_backward_rows(const routing_plan& plan, const float* d_probs, float* d_logits) {
   const index_t e_count = plan.num_experts;
   for (index_t t = 0; t < plan.num_tokens; ++t) {
-    softmax_backward_accumulate(cuda::std::span<const float>(plan.probs.data() + t * e_count, e_count),
-                                cuda::std::span<const float>(d_probs + t * e_count, e_count),
-                                cuda::std::span<float>(d_logits + t * e_count, e_count));
+    softmax_backward_accumulate(::cuda::std::span<const float>(plan.probs.data() + t * e_count, e_count),
+                                ::cuda::std::span<const float>(d_probs + t * e_count, e_count),
+                                ::cuda::std::span<float>(d_logits + t * e_count, e_count));
   }
 }
 

@@ -11,7 +11,7 @@
 namespace switchyard::routing {
 
 //! probs = softmax(logits); returns logsumexp(logits) (for the z-loss).
-SWITCHYARD_HD inline float softmax(cuda::std::span<const float> logits, cuda::std::span<float> probs) {
+SWITCHYARD_HD inline float softmax(::cuda::std::span<const float> logits, ::cuda::std::span<float> probs) {
   const int n = static_cast<int>(logits.size());
   float m = logits[0];
   for (int e = 1; e < n; ++e) m = logits[e] > m ? logits[e] : m;
@@ -25,9 +25,9 @@ SWITCHYARD_HD inline float softmax(cuda::std::span<const float> logits, cuda::st
 }
 
 //! d_logits = J_softmaxᵀ d_probs = P ⊙ (d_probs − ⟨P, d_probs⟩), accumulated into d_logits.
-SWITCHYARD_HD inline void softmax_backward_accumulate(cuda::std::span<const float> probs,
-                                                      cuda::std::span<const float> d_probs,
-                                                      cuda::std::span<float> d_logits) {
+SWITCHYARD_HD inline void softmax_backward_accumulate(::cuda::std::span<const float> probs,
+                                                      ::cuda::std::span<const float> d_probs,
+                                                      ::cuda::std::span<float> d_logits) {
   const int n = static_cast<int>(probs.size());
   float dot = 0.0f;
   for (int e = 0; e < n; ++e) dot += probs[e] * d_probs[e];
@@ -38,9 +38,9 @@ SWITCHYARD_HD inline void softmax_backward_accumulate(cuda::std::span<const floa
 //! d_probs [E]: raw weights pass d_w through; renormalised w_j = P_j/S give
 //! dP_{e_j} = (d_w_j − Σ_i d_w_i w_i) / S. Accumulates into d_probs.
 SWITCHYARD_HD inline void combine_weights_backward_accumulate(
-    cuda::std::span<const float> probs, cuda::std::span<const std::int32_t> ids,
-    cuda::std::span<const float> weights, cuda::std::span<const float> d_weights, int count,
-    bool renormalized, cuda::std::span<float> d_probs) {
+    ::cuda::std::span<const float> probs, ::cuda::std::span<const std::int32_t> ids,
+    ::cuda::std::span<const float> weights, ::cuda::std::span<const float> d_weights, int count,
+    bool renormalized, ::cuda::std::span<float> d_probs) {
   if (!renormalized) {
     for (int j = 0; j < count; ++j) d_probs[ids[j]] += d_weights[j];
     return;

@@ -28,10 +28,10 @@ __global__ void softmax_select(Rule rule, const float* __restrict__ logits,  // 
   if (t >= tokens) return;
   const float* lg = logits + t * experts;
   float* p = probs + t * experts;
-  routing::softmax(cuda::std::span<const float>(lg, experts), cuda::std::span<float>(p, experts));
-  counts[t] = rule.select(cuda::std::span<const float>(p, experts),
-                          cuda::std::span<std::int32_t>(ids + t * width, width),
-                          cuda::std::span<float>(weights + t * width, width));
+  routing::softmax(::cuda::std::span<const float>(lg, experts), ::cuda::std::span<float>(p, experts));
+  counts[t] = rule.select(::cuda::std::span<const float>(p, experts),
+                          ::cuda::std::span<std::int32_t>(ids + t * width, width),
+                          ::cuda::std::span<float>(weights + t * width, width));
 }
 
 }  // namespace kernels

@@ -57,11 +57,11 @@ struct TopK {
     std::vector<float> d_probs(static_cast<std::size_t>(tokens * e_count), 0.0f);
     for (index_t t = 0; t < tokens; ++t) {
       routing::combine_weights_backward_accumulate(
-          cuda::std::span<const float>(plan.probs.data() + t * e_count, e_count),
-          cuda::std::span<const std::int32_t>(plan.expert_ids.data() + t * w, w),
-          cuda::std::span<const float>(plan.weights.data() + t * w, w),
-          cuda::std::span<const float>(d_weights + t * w, w), plan.counts[t], renormalize,
-          cuda::std::span<float>(d_probs.data() + t * e_count, e_count));
+          ::cuda::std::span<const float>(plan.probs.data() + t * e_count, e_count),
+          ::cuda::std::span<const std::int32_t>(plan.expert_ids.data() + t * w, w),
+          ::cuda::std::span<const float>(plan.weights.data() + t * w, w),
+          ::cuda::std::span<const float>(d_weights + t * w, w), plan.counts[t], renormalize,
+          ::cuda::std::span<float>(d_probs.data() + t * e_count, e_count));
     }
     routing::load_balance_backward(plan, false, coeff.lb_switch, d_probs.data());
     routing::load_balance_backward(plan, true, coeff.lb_topk, d_probs.data());

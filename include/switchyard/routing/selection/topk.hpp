@@ -20,8 +20,8 @@ struct topk_rule {
 
   [[nodiscard]] SWITCHYARD_HD int width(int /*num_experts*/) const { return k; }
 
-  SWITCHYARD_HD int select(cuda::std::span<const float> probs, cuda::std::span<std::int32_t> ids,
-                           cuda::std::span<float> weights) const {
+  SWITCHYARD_HD int select(::cuda::std::span<const float> probs, ::cuda::std::span<std::int32_t> ids,
+                           ::cuda::std::span<float> weights) const {
     ranked_cursor order(probs);
     float sum = 0.0f;
     int n = 0;
