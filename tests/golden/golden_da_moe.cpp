@@ -1,0 +1,75 @@
+// Golden checker for `da_moe` (spec §2, the documented Switchyard rule).
+#include <switchyard/routing/routers/da_moe.hpp>
+
+#include "golden/golden.hpp"
+
+namespace switchyard::golden {
+namespace {
+
+template <class Importance>
+void run_da_moe(const golden_case& c, Importance imp) {
+  const auto tol = tolerance_of(c);
+  const auto x = c.input("x");
+  const auto w = c.input("w_router");
+  const auto a = c.input("attn_probs");
+  const index_t tokens = x.dim(0), d = x.dim(1), experts = w.dim(0);
+
+  routers::DAMoE router{
+      .importance = imp,
+      .k_rule = routing::k_rules::ceil_relative_to_max{.k_min = c.params().value("k_min", 1),
+                                                       .k_max = c.params().at("k_max").get<int>()},
+      .renormalize = c.params().value("renormalize", true)};
+  routing::da_moe_params p{make_view(w.data.data(), experts, d),
+                           make_view(a.data.data(), a.dim(0), a.dim(1), a.dim(2)), {}};
+  routing::routing_plan plan;
+  routing::softmax_router_losses losses;
+  routing::da_moe_importance stats;
+  router.forward(matrix_view<const float>(make_view(x.data.data(), tokens, d)), p, plan, losses,
+                 stats);
+
+  if (c.has_expected("router_logits"))
+    check_close("router_logits", plan.logits, c.expected("router_logits").data, tol.atol,
+                tol.rtol);
+  check_close("router_probs", plan.probs, c.expected("router_probs").data, tol.atol, tol.rtol);
+  check_close("token_importance", stats.importance, c.expected("token_importance").data,
+              tol.atol, tol.rtol);
+  check_close("relative_importance", stats.relative, c.expected("relative_importance").data,
+              tol.atol, tol.rtol);
+  const auto ids = c.expected<std::int64_t>("topk_indices");
+  BOOST_TEST(plan.width == ids.dim(1), "plan width " << plan.width << " vs " << ids.dim(1));
+  check_exact("topk_indices", plan.expert_ids, ids.data);
+  check_close("combine_weights", plan.weights, c.expected("combine_weights").data, tol.atol,
+              tol.rtol);
+  check_exact("num_experts", plan.counts, c.expected<std::int64_t>("num_experts").data);
+  check_close("lb_loss_switch", losses.lb_switch, c.expected("lb_loss_switch").scalar(),
+              tol.atol, tol.loss_rtol);
+  if (c.has_expected("lb_loss_topk"))
+    check_close("lb_loss_topk", losses.lb_topk, c.expected("lb_loss_topk").scalar(), tol.atol,
+                tol.loss_rtol);
+  if (c.has_expected("z_loss"))
+    check_close("z_loss", losses.z, c.expected("z_loss").scalar(), tol.atol, tol.loss_rtol);
+
+  if (c.has_input("grad_combine_dense")) {
+    const auto cot = c.input("grad_combine_dense");
+    std::vector<float> d_slots(static_cast<std::size_t>(tokens * plan.width));
+    routing::dense_to_slot_cotangent(plan, cot.data.data(), d_slots.data());
+    std::vector<float> d_logits(static_cast<std::size_t>(tokens * experts));
+    router.backward_logits(plan, d_slots.data(), {}, d_logits.data());  // no aux losses
+    check_close("grad_router_logits", d_logits, c.expected("grad_router_logits").data, tol.atol,
+                tol.loss_rtol);
+  }
+}
+
+void check_da_moe(const golden_case& c) {
+  const std::string k_rule = c.params().value("k_rule", std::string("ceil_relative_to_max"));
+  if (k_rule != "ceil_relative_to_max") unsupported(c, "k_rule=" + k_rule);
+  const std::string imp = c.params().value("importance", std::string("col_mean"));
+  if (imp == "col_mean") return run_da_moe(c, routing::importance::col_mean{});
+  if (imp == "cls_row") return run_da_moe(c, routing::importance::cls_row{});
+  unsupported(c, "importance=" + imp);
+}
+
+const registrar reg{"da_moe", &check_da_moe};
+
+}  // namespace
+}  // namespace switchyard::golden
