@@ -15,3 +15,6 @@
 #include "switchyard/routing/routers/topk.hpp"
 #include "switchyard/routing/selection/topk.hpp"
 #include "switchyard/routing/softmax.hpp"
+#include "switchyard/routing/routers/dynmoe.hpp"
+#include "switchyard/routing/selection/topany.hpp"
+#include "switchyard/training/dynmoe_update.hpp"
