@@ -18,7 +18,7 @@ namespace {
 // Methods whose checkers have not landed yet: their cases are registered as expected
 // failures (they fail with "not supported", they never pass). Empty once every router
 // of shared/docs/routing-algorithms.md is implemented.
-const std::set<std::string> expected_unsupported = {"hypermoe"};
+const std::set<std::string> expected_unsupported = {};
 
 fs::path golden_dir() {
   if (const char* env = std::getenv("SWITCHYARD_GOLDEN_DIR"); env && *env) return env;
