@@ -406,16 +406,18 @@ struct DynMoE {
       }
     }
     // Through ŵ_e = w_e / max(‖w_e‖, eps), then L_simple = mean_e ‖w_e‖ on the raw columns.
-    std::vector<double> col(static_cast<std::size_t>(d));
+    std::vector<double> col(static_cast<std::size_t>(d)), dcol(static_cast<std::size_t>(d));
     for (index_t e = 0; e < e_max; ++e) {
       for (index_t i = 0; i < d; ++i) col[i] = dwhat[i * e_max + e];
+      std::fill(dcol.begin(), dcol.end(), 0.0);
       routing::detail::dynmoe_normalize_backward(
           d, wn[e], [&](index_t i) { return what(i, e); }, col.data(),
-          [&](index_t i, double v) { grads.w_gate(i, e) += static_cast<float>(v); });
+          [&](index_t i, double v) { dcol[i] += v; });
       if (coeff.simple_loss != 0.0f && wn[e] > 0.0) {
         const double c = coeff.simple_loss / (static_cast<double>(e_max) * wn[e]);
-        for (index_t i = 0; i < d; ++i) grads.w_gate(i, e) += static_cast<float>(c * p.w_gate(i, e));
+        for (index_t i = 0; i < d; ++i) dcol[i] += c * p.w_gate(i, e);
       }
+      for (index_t i = 0; i < d; ++i) grads.w_gate(i, e) += static_cast<float>(dcol[i]);  // one +=
     }
   }
 
