@@ -16,8 +16,8 @@ void check_curriculum(const golden_case& c) {
       matrix_view<const std::int32_t>(make_view(counts.data.data(), n, layers)),
       vector_view<const std::int32_t>(make_view(len.data.data(), n)));
   check_close("complexity", r.complexity, c.expected("complexity").data, tol.atol, tol.rtol);
-  check_close("cosine_to_reference", r.cosine_to_reference,
-              c.expected("cosine_to_reference").data, tol.atol, tol.rtol);
+  check_close("cosine_to_reference", r.cosine_to_reference, c.expected("cosine_to_reference").data,
+              tol.atol, tol.rtol);
   check_exact("order", r.order, c.expected<std::int64_t>("order").data);
 }
 
@@ -37,8 +37,7 @@ void check_adaptive_gating(const golden_case& c) {
                  {make_view(w.data.data(), experts, d)}, plan, losses);
 
   if (c.has_expected("router_logits"))
-    check_close("router_logits", plan.logits, c.expected("router_logits").data, tol.atol,
-                tol.rtol);
+    check_close("router_logits", plan.logits, c.expected("router_logits").data, tol.atol, tol.rtol);
   check_close("router_probs", plan.probs, c.expected("router_probs").data, tol.atol, tol.rtol);
   const auto ids = c.expected<std::int64_t>("topk_indices");
   BOOST_TEST(plan.width == ids.dim(1), "plan width " << plan.width << " vs " << ids.dim(1));
@@ -47,8 +46,8 @@ void check_adaptive_gating(const golden_case& c) {
               tol.rtol);
   check_exact("num_experts", plan.counts, c.expected<std::int64_t>("num_experts").data);
   check_close("lb_loss", losses.lb_loss, c.expected("lb_loss").scalar(), tol.atol, tol.loss_rtol);
-  check_close("top2_fraction", losses.top2_fraction, c.expected("top2_fraction").scalar(),
-              tol.atol, tol.rtol);
+  check_close("top2_fraction", losses.top2_fraction, c.expected("top2_fraction").scalar(), tol.atol,
+              tol.rtol);
 
   if (c.has_input("grad_combine_dense")) {
     const auto cot = c.input("grad_combine_dense");

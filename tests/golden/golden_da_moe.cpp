@@ -20,7 +20,8 @@ void run_da_moe(const golden_case& c, Importance imp) {
                                                        .k_max = c.params().at("k_max").get<int>()},
       .renormalize = c.params().value("renormalize", true)};
   routing::da_moe_params p{make_view(w.data.data(), experts, d),
-                           make_view(a.data.data(), a.dim(0), a.dim(1), a.dim(2)), {}};
+                           make_view(a.data.data(), a.dim(0), a.dim(1), a.dim(2)),
+                           {}};
   routing::routing_plan plan;
   routing::softmax_router_losses losses;
   routing::da_moe_importance stats;
@@ -28,11 +29,10 @@ void run_da_moe(const golden_case& c, Importance imp) {
                  stats);
 
   if (c.has_expected("router_logits"))
-    check_close("router_logits", plan.logits, c.expected("router_logits").data, tol.atol,
-                tol.rtol);
+    check_close("router_logits", plan.logits, c.expected("router_logits").data, tol.atol, tol.rtol);
   check_close("router_probs", plan.probs, c.expected("router_probs").data, tol.atol, tol.rtol);
-  check_close("token_importance", stats.importance, c.expected("token_importance").data,
-              tol.atol, tol.rtol);
+  check_close("token_importance", stats.importance, c.expected("token_importance").data, tol.atol,
+              tol.rtol);
   check_close("relative_importance", stats.relative, c.expected("relative_importance").data,
               tol.atol, tol.rtol);
   const auto ids = c.expected<std::int64_t>("topk_indices");
@@ -41,8 +41,8 @@ void run_da_moe(const golden_case& c, Importance imp) {
   check_close("combine_weights", plan.weights, c.expected("combine_weights").data, tol.atol,
               tol.rtol);
   check_exact("num_experts", plan.counts, c.expected<std::int64_t>("num_experts").data);
-  check_close("lb_loss_switch", losses.lb_switch, c.expected("lb_loss_switch").scalar(),
-              tol.atol, tol.loss_rtol);
+  check_close("lb_loss_switch", losses.lb_switch, c.expected("lb_loss_switch").scalar(), tol.atol,
+              tol.loss_rtol);
   if (c.has_expected("lb_loss_topk"))
     check_close("lb_loss_topk", losses.lb_topk, c.expected("lb_loss_topk").scalar(), tol.atol,
                 tol.loss_rtol);

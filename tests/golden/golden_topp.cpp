@@ -12,16 +12,14 @@ void check_topp(const golden_case& c) {
   const auto w = c.input("w_router");
   const index_t tokens = x.dim(0), d = x.dim(1), experts = w.dim(0);
 
-  routers::TopP router{.p = c.params().at("p").get<float>(),
-                       .max_k = c.params().value("max_k", 0)};
+  routers::TopP router{.p = c.params().at("p").get<float>(), .max_k = c.params().value("max_k", 0)};
   routing::routing_plan plan;
   routing::topp_losses losses;
   router.forward(matrix_view<const float>(make_view(x.data.data(), tokens, d)),
                  {make_view(w.data.data(), experts, d)}, plan, losses);
 
   if (c.has_expected("router_logits"))
-    check_close("router_logits", plan.logits, c.expected("router_logits").data, tol.atol,
-                tol.rtol);
+    check_close("router_logits", plan.logits, c.expected("router_logits").data, tol.atol, tol.rtol);
   check_close("router_probs", plan.probs, c.expected("router_probs").data, tol.atol, tol.rtol);
   const auto ids = c.expected<std::int64_t>("topk_indices");
   BOOST_TEST(plan.width == ids.dim(1), "plan width " << plan.width << " vs " << ids.dim(1));
@@ -31,8 +29,7 @@ void check_topp(const golden_case& c) {
   check_exact("num_experts", plan.counts, c.expected<std::int64_t>("num_experts").data);
   check_close("dynamic_loss", losses.dynamic_loss, c.expected("dynamic_loss").scalar(), tol.atol,
               tol.loss_rtol);
-  check_close("lb_loss", losses.lb_loss, c.expected("lb_loss").scalar(), tol.atol,
-              tol.loss_rtol);
+  check_close("lb_loss", losses.lb_loss, c.expected("lb_loss").scalar(), tol.atol, tol.loss_rtol);
 
   if (c.has_input("grad_combine_dense")) {
     const auto cot = c.input("grad_combine_dense");

@@ -18,10 +18,10 @@ namespace switchyard::training {
 
 //! Result of `curriculum_order`.
 struct curriculum_result {
-  std::vector<std::int32_t> order;        //!< [N] sample indices, most similar to the reference first
-  std::vector<float> cosine_to_reference; //!< [N] cos(C_d, C_ref), indexed by sample
-  std::vector<float> complexity;          //!< [N, L] C_d[l] = top2_counts[d, l] / seq_len[d] (float32)
-  index_t reference = -1;                 //!< sample with the fewest top-2 tokens (-1 when N = 0)
+  std::vector<std::int32_t> order;  //!< [N] sample indices, most similar to the reference first
+  std::vector<float> cosine_to_reference;  //!< [N] cos(C_d, C_ref), indexed by sample
+  std::vector<float> complexity;  //!< [N, L] C_d[l] = top2_counts[d, l] / seq_len[d] (float32)
+  index_t reference = -1;         //!< sample with the fewest top-2 tokens (-1 when N = 0)
 };
 
 //! Orders N samples by the cosine similarity of their complexity vectors to the reference
@@ -36,14 +36,14 @@ inline curriculum_result curriculum_order(const matrix_view<const std::int32_t>&
   check_view("seq_len", seq_len, {n}, "[N] with N = top2_counts.extent(0)");
   for (index_t d = 0; d < n; ++d) {
     if (seq_len(d) < 1) {
-      throw range_error("seq_len", ::switchyard::detail::concat("seq_len[", d, "] must be >= 1, got ",
-                                                                seq_len(d)));
+      throw range_error("seq_len", ::switchyard::detail::concat(
+                                       "seq_len[", d, "] must be >= 1, got ", seq_len(d)));
     }
     for (index_t l = 0; l < layers; ++l) {
       if (top2_counts(d, l) < 0) {
-        throw range_error("top2_counts", ::switchyard::detail::concat("top2_counts[", d, ", ", l,
-                                                                      "] must be >= 0, got ",
-                                                                      top2_counts(d, l)));
+        throw range_error("top2_counts",
+                          ::switchyard::detail::concat("top2_counts[", d, ", ", l,
+                                                       "] must be >= 0, got ", top2_counts(d, l)));
       }
     }
   }

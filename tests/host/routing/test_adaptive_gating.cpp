@@ -31,7 +31,9 @@ struct problem {
     x = sy::test::normal(g, static_cast<std::size_t>(t) * dd);
     w = sy::test::normal(g, static_cast<std::size_t>(e) * dd, wscale);
   }
-  [[nodiscard]] sy::matrix_view<const float> xv() const { return sy::make_view(x.data(), tokens, d); }
+  [[nodiscard]] sy::matrix_view<const float> xv() const {
+    return sy::make_view(x.data(), tokens, d);
+  }
   [[nodiscard]] sy::routing::linear_router_params params() const {
     return {sy::make_view(w.data(), experts, d)};
   }
@@ -197,8 +199,8 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
       BOOST_TEST_REQUIRE(plan.total_assignments() < 2 * p.tokens);
       std::mt19937_64 g(sy::test::base_seed() + 8);
       const auto cot = sy::test::normal(g, plan.weights.size());
-      const sy::routing::adaptive_gating_losses coeff{.lb_loss = 0.3f, .z_loss = 0.05f,
-                                                      .top2_fraction = 123.0f /*ignored*/};
+      const sy::routing::adaptive_gating_losses coeff{
+          .lb_loss = 0.3f, .z_loss = 0.05f, .top2_fraction = 123.0f /*ignored*/};
       std::vector<float> d_logits(plan.logits.size());
       r.backward_logits(plan, cot.data(), coeff, d_logits.data());
       std::vector<double> lg(plan.logits.begin(), plan.logits.end());
@@ -208,29 +210,35 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
         up[i] += h;
         dn[i] -= h;
         const double fd = (objective_logits(up, plan, cot, renorm, coeff) -
-                           objective_logits(dn, plan, cot, renorm, coeff)) / (2 * h);
-        BOOST_TEST(std::abs(d_logits[i] - fd) <= 2e-5 + 1e-4 * std::abs(fd), "i=" << i << " fd=" << fd);
+                           objective_logits(dn, plan, cot, renorm, coeff)) /
+                          (2 * h);
+        BOOST_TEST(std::abs(d_logits[i] - fd) <= 2e-5 + 1e-4 * std::abs(fd),
+                   "i=" << i << " fd=" << fd);
       }
       std::vector<float> dx(p.x.size(), 0.0f), dw(p.w.size(), 0.0f);
-      r.backward(p.xv(), p.params(), plan, cot.data(), coeff, sy::make_view(dx.data(), p.tokens, p.d),
+      r.backward(p.xv(), p.params(), plan, cot.data(), coeff,
+                 sy::make_view(dx.data(), p.tokens, p.d),
                  {sy::make_view(dw.data(), p.experts, p.d)});
       std::vector<double> x64(p.x.begin(), p.x.end()), w64(p.w.begin(), p.w.end());
       auto f = [&](const std::vector<double>& xx, const std::vector<double>& ww) {
-        return objective_logits(logits64(xx, ww, p.tokens, p.d, p.experts), plan, cot, renorm, coeff);
+        return objective_logits(logits64(xx, ww, p.tokens, p.d, p.experts), plan, cot, renorm,
+                                coeff);
       };
       for (std::size_t i = 0; i < x64.size(); ++i) {
         auto up = x64, dn = x64;
         up[i] += h;
         dn[i] -= h;
         const double fd = (f(up, w64) - f(dn, w64)) / (2 * h);
-        BOOST_TEST(std::abs(dx[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd), "dx i=" << i << " fd=" << fd);
+        BOOST_TEST(std::abs(dx[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd),
+                   "dx i=" << i << " fd=" << fd);
       }
       for (std::size_t i = 0; i < w64.size(); ++i) {
         auto up = w64, dn = w64;
         up[i] += h;
         dn[i] -= h;
         const double fd = (f(x64, up) - f(x64, dn)) / (2 * h);
-        BOOST_TEST(std::abs(dw[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd), "dw i=" << i << " fd=" << fd);
+        BOOST_TEST(std::abs(dw[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd),
+                   "dw i=" << i << " fd=" << fd);
       }
     }
   }
@@ -241,8 +249,8 @@ BOOST_AUTO_TEST_CASE(empty_batch_and_bad_threshold) {
   sy::routing::adaptive_gating_losses l{1, 1, 1};
   routing_plan plan;
   sy::routers::AdaptiveGating{}.forward(
-      sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)), p.params(),
-      plan, l);
+      sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)),
+      p.params(), plan, l);
   BOOST_TEST(plan.num_tokens == 0);
   BOOST_TEST(l.lb_loss == 0.0f);
   BOOST_TEST(l.z_loss == 0.0f);
@@ -255,14 +263,16 @@ BOOST_AUTO_TEST_CASE(empty_batch_and_bad_threshold) {
       BOOST_ERROR("no exception for threshold " << bad);
     } catch (const sy::range_error& e) {
       BOOST_TEST(e.argument() == "threshold");
-      BOOST_TEST(std::string(e.what()).find("threshold must be >= 0") != std::string::npos, e.what());
+      BOOST_TEST(std::string(e.what()).find("threshold must be >= 0") != std::string::npos,
+                 e.what());
     }
   }
   auto nan_x = q.x;
   nan_x[5] = std::numeric_limits<float>::infinity();
-  BOOST_CHECK_THROW(sy::routers::AdaptiveGating{}.forward(
-                        sy::matrix_view<const float>(sy::make_view(nan_x.data(), 4, 8)), q.params(), plan, l),
-                    sy::non_finite_error);
+  BOOST_CHECK_THROW(
+      sy::routers::AdaptiveGating{}.forward(
+          sy::matrix_view<const float>(sy::make_view(nan_x.data(), 4, 8)), q.params(), plan, l),
+      sy::non_finite_error);
 }
 
 // ---- curriculum ordering -----------------------------------------------------------------
@@ -280,7 +290,9 @@ BOOST_AUTO_TEST_CASE(curriculum_order_matches_float64_reference) {
       sy::vector_view<const std::int32_t>(sy::make_view(len.data(), n)));
   // reference: smallest total, ties to the lower index
   int ref = 0;
-  auto total = [&](int d) { return std::accumulate(&counts[d * layers], &counts[d * layers] + layers, 0); };
+  auto total = [&](int d) {
+    return std::accumulate(&counts[d * layers], &counts[d * layers] + layers, 0);
+  };
   for (int d = 1; d < n; ++d)
     if (total(d) < total(ref)) ref = d;
   BOOST_TEST(r.reference == ref);
@@ -288,11 +300,14 @@ BOOST_AUTO_TEST_CASE(curriculum_order_matches_float64_reference) {
   for (int d = 0; d < n; ++d) {
     double dot = 0, a = 0, b = 0;
     for (int l = 0; l < layers; ++l) {
-      const double c = double(counts[d * layers + l]) / len[d], c0 = double(counts[ref * layers + l]) / len[ref];
+      const double c = double(counts[d * layers + l]) / len[d],
+                   c0 = double(counts[ref * layers + l]) / len[ref];
       BOOST_TEST(std::abs(r.complexity[d * layers + l] - c) <= 1e-6 * c + 1e-7);
       dot += c * c0, a += c * c, b += c0 * c0;
     }
-    const double want = (a == 0 && b == 0) ? 1.0 : (a == 0 || b == 0) ? 0.0 : dot / std::sqrt(a * b);
+    const double want = (a == 0 && b == 0)   ? 1.0
+                        : (a == 0 || b == 0) ? 0.0
+                                             : dot / std::sqrt(a * b);
     BOOST_TEST(std::abs(r.cosine_to_reference[d] - want) <= 1e-6);
   }
   // order: a permutation, non-increasing similarity, ties to the lower index
@@ -300,7 +315,8 @@ BOOST_AUTO_TEST_CASE(curriculum_order_matches_float64_reference) {
   std::sort(sorted.begin(), sorted.end());
   for (int d = 0; d < n; ++d) BOOST_TEST(sorted[d] == d);
   for (int i = 1; i < n; ++i) {
-    const float prev = r.cosine_to_reference[r.order[i - 1]], cur = r.cosine_to_reference[r.order[i]];
+    const float prev = r.cosine_to_reference[r.order[i - 1]],
+                cur = r.cosine_to_reference[r.order[i]];
     BOOST_TEST((prev > cur || (prev == cur && r.order[i - 1] < r.order[i])));
   }
 }
@@ -336,18 +352,27 @@ BOOST_AUTO_TEST_CASE(curriculum_zero_vectors_and_bad_input) {
   };
   auto bad_len = len;
   bad_len[2] = 0;
-  expect([&] {
-    sy::training::curriculum_order(sy::matrix_view<const std::int32_t>(sy::make_view(counts.data(), 4, 2)),
-                                   sy::vector_view<const std::int32_t>(sy::make_view(bad_len.data(), 4)));
-  }, "seq_len", "seq_len[2] must be >= 1, got 0", sy::range_error("", ""));
+  expect(
+      [&] {
+        sy::training::curriculum_order(
+            sy::matrix_view<const std::int32_t>(sy::make_view(counts.data(), 4, 2)),
+            sy::vector_view<const std::int32_t>(sy::make_view(bad_len.data(), 4)));
+      },
+      "seq_len", "seq_len[2] must be >= 1, got 0", sy::range_error("", ""));
   auto bad_counts = counts;
   bad_counts[5] = -1;
-  expect([&] {
-    sy::training::curriculum_order(sy::matrix_view<const std::int32_t>(sy::make_view(bad_counts.data(), 4, 2)),
-                                   sy::vector_view<const std::int32_t>(sy::make_view(len.data(), 4)));
-  }, "top2_counts", "top2_counts[2, 1] must be >= 0, got -1", sy::range_error("", ""));
-  expect([&] {
-    sy::training::curriculum_order(sy::matrix_view<const std::int32_t>(sy::make_view(counts.data(), 4, 2)),
-                                   sy::vector_view<const std::int32_t>(sy::make_view(len.data(), 3)));
-  }, "seq_len", "seq_len", sy::shape_error("", ""));
+  expect(
+      [&] {
+        sy::training::curriculum_order(
+            sy::matrix_view<const std::int32_t>(sy::make_view(bad_counts.data(), 4, 2)),
+            sy::vector_view<const std::int32_t>(sy::make_view(len.data(), 4)));
+      },
+      "top2_counts", "top2_counts[2, 1] must be >= 0, got -1", sy::range_error("", ""));
+  expect(
+      [&] {
+        sy::training::curriculum_order(
+            sy::matrix_view<const std::int32_t>(sy::make_view(counts.data(), 4, 2)),
+            sy::vector_view<const std::int32_t>(sy::make_view(len.data(), 3)));
+      },
+      "seq_len", "seq_len", sy::shape_error("", ""));
 }

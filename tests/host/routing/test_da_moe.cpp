@@ -37,12 +37,16 @@ struct problem {
         double z = 0;
         for (int j = 0; j < n; ++j) z += std::exp(double(s[(hh * t + i) * t + j]));
         for (int j = 0; j < n; ++j)
-          attn[(hh * t + i) * t + j] = static_cast<float>(std::exp(double(s[(hh * t + i) * t + j])) / z);
+          attn[(hh * t + i) * t + j] =
+              static_cast<float>(std::exp(double(s[(hh * t + i) * t + j])) / z);
       }
   }
-  [[nodiscard]] sy::matrix_view<const float> xv() const { return sy::make_view(x.data(), tokens, d); }
+  [[nodiscard]] sy::matrix_view<const float> xv() const {
+    return sy::make_view(x.data(), tokens, d);
+  }
   [[nodiscard]] sy::routing::da_moe_params params() const {
-    return {sy::make_view(w.data(), experts, d), sy::make_view(attn.data(), heads, tokens, tokens), {}};
+    return {
+        sy::make_view(w.data(), experts, d), sy::make_view(attn.data(), heads, tokens, tokens), {}};
   }
 };
 
@@ -176,13 +180,16 @@ BOOST_AUTO_TEST_CASE(plan_properties_on_random_inputs) {
       if (k_min > k_max) continue;
       for (bool renorm : {true, false}) {
         for (bool causal : {false, true}) {
-          BOOST_TEST_CONTEXT("k=[" << k_min << "," << k_max << "] renorm=" << renorm << " causal=" << causal) {
+          BOOST_TEST_CONTEXT("k=[" << k_min << "," << k_max << "] renorm=" << renorm
+                                   << " causal=" << causal) {
             const problem p(24, 12, 6, 2, seed + 10 * k_max + k_min + causal, causal);
-            const sy::routers::DAMoE r{.k_rule = ceil_relative_to_max{k_min, k_max}, .renormalize = renorm};
+            const sy::routers::DAMoE r{.k_rule = ceil_relative_to_max{k_min, k_max},
+                                       .renormalize = renorm};
             sy::routing::da_moe_importance st;
             const auto plan = route(r, p.params(), p, nullptr, &st);
             check_plan(plan, st, k_min, k_max, renorm);
-            const sy::routers::DAMoE rc{.importance = cls_row{}, .k_rule = ceil_relative_to_max{k_min, k_max},
+            const sy::routers::DAMoE rc{.importance = cls_row{},
+                                        .k_rule = ceil_relative_to_max{k_min, k_max},
                                         .renormalize = renorm};
             const auto plan_c = route(rc, p.params(), p, nullptr, &st);
             check_plan(plan_c, st, k_min, k_max, renorm);
@@ -236,7 +243,8 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
       const auto plan = route(r, p.params(), p);
       std::mt19937_64 g(sy::test::base_seed() + 8);
       const auto cot = sy::test::normal(g, plan.weights.size());
-      const sy::routing::softmax_router_losses coeff{.lb_switch = 0.3f, .lb_topk = 0.2f, .z = 0.05f};
+      const sy::routing::softmax_router_losses coeff{
+          .lb_switch = 0.3f, .lb_topk = 0.2f, .z = 0.05f};
       std::vector<float> d_logits(plan.logits.size());
       r.backward_logits(plan, cot.data(), coeff, d_logits.data());
       std::vector<double> lg(plan.logits.begin(), plan.logits.end());
@@ -246,29 +254,35 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
         up[i] += h;
         dn[i] -= h;
         const double fd = (objective_logits(up, plan, cot, renorm, coeff) -
-                           objective_logits(dn, plan, cot, renorm, coeff)) / (2 * h);
-        BOOST_TEST(std::abs(d_logits[i] - fd) <= 2e-5 + 1e-4 * std::abs(fd), "i=" << i << " fd=" << fd);
+                           objective_logits(dn, plan, cot, renorm, coeff)) /
+                          (2 * h);
+        BOOST_TEST(std::abs(d_logits[i] - fd) <= 2e-5 + 1e-4 * std::abs(fd),
+                   "i=" << i << " fd=" << fd);
       }
       std::vector<float> dx(p.x.size(), 0.0f), dw(p.w.size(), 0.0f);
-      r.backward(p.xv(), p.params(), plan, cot.data(), coeff, sy::make_view(dx.data(), p.tokens, p.d),
+      r.backward(p.xv(), p.params(), plan, cot.data(), coeff,
+                 sy::make_view(dx.data(), p.tokens, p.d),
                  {sy::make_view(dw.data(), p.experts, p.d)});
       std::vector<double> x64(p.x.begin(), p.x.end()), w64(p.w.begin(), p.w.end());
       auto f = [&](const std::vector<double>& xx, const std::vector<double>& ww) {
-        return objective_logits(logits64(xx, ww, p.tokens, p.d, p.experts), plan, cot, renorm, coeff);
+        return objective_logits(logits64(xx, ww, p.tokens, p.d, p.experts), plan, cot, renorm,
+                                coeff);
       };
       for (std::size_t i = 0; i < x64.size(); ++i) {
         auto up = x64, dn = x64;
         up[i] += h;
         dn[i] -= h;
         const double fd = (f(up, w64) - f(dn, w64)) / (2 * h);
-        BOOST_TEST(std::abs(dx[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd), "dx i=" << i << " fd=" << fd);
+        BOOST_TEST(std::abs(dx[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd),
+                   "dx i=" << i << " fd=" << fd);
       }
       for (std::size_t i = 0; i < w64.size(); ++i) {
         auto up = w64, dn = w64;
         up[i] += h;
         dn[i] -= h;
         const double fd = (f(x64, up) - f(x64, dn)) / (2 * h);
-        BOOST_TEST(std::abs(dw[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd), "dw i=" << i << " fd=" << fd);
+        BOOST_TEST(std::abs(dw[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd),
+                   "dw i=" << i << " fd=" << fd);
       }
     }
   }
@@ -279,7 +293,8 @@ BOOST_AUTO_TEST_CASE(empty_batch_is_not_an_error) {
   sy::routing::softmax_router_losses l{1, 1, 1};
   routing_plan plan;
   sy::routers::DAMoE{}.forward(
-      sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)), p.params(), plan, l);
+      sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)),
+      p.params(), plan, l);
   BOOST_TEST(plan.num_tokens == 0);
   BOOST_TEST(l.lb_switch == 0.0f);
   BOOST_TEST(l.lb_topk == 0.0f);
@@ -311,8 +326,10 @@ BOOST_AUTO_TEST_CASE(bad_input_is_rejected_with_named_arguments) {
   };
   using R = sy::routers::DAMoE<>;
   expect(run(R{.k_rule = {0, 2}}, p.params()), "k_rule.k_min", "must be >= 1, got 0", range_tag);
-  expect(run(R{.k_rule = {3, 2}}, p.params()), "k_rule.k_min", "<= k_rule.k_max = 2, got 3", range_tag);
-  expect(run(R{.k_rule = {1, 5}}, p.params()), "k_rule.k_max", "[k_min, E] = [1, 4], got 5", range_tag);
+  expect(run(R{.k_rule = {3, 2}}, p.params()), "k_rule.k_min", "<= k_rule.k_max = 2, got 3",
+         range_tag);
+  expect(run(R{.k_rule = {1, 5}}, p.params()), "k_rule.k_max", "[k_min, E] = [1, 4], got 5",
+         range_tag);
   BOOST_CHECK_NO_THROW(run(R{.k_rule = {4, 4}}, p.params())());
 
   auto prm = p.params();
@@ -341,14 +358,15 @@ BOOST_AUTO_TEST_CASE(bad_input_is_rejected_with_named_arguments) {
   attn[7] = std::numeric_limits<float>::quiet_NaN();
   prm.attention = sy::make_view<const float>(attn.data(), 2, 5, 5);
   expect(run(R{}, prm), "params.attention", "must be finite", nonfinite_tag);
-  expect(run(sy::routers::DAMoE<cls_row>{}, prm), "params.attention", "must be finite", nonfinite_tag);
+  expect(run(sy::routers::DAMoE<cls_row>{}, prm), "params.attention", "must be finite",
+         nonfinite_tag);
 
   using RP = sy::routers::DAMoE<precomputed>;
   auto prm_i = p.params();
   std::vector<float> imp{0.1f, 0.5f, -0.2f, 0.3f, 0.0f};
   prm_i.importance = sy::make_view<const float>(imp.data(), 5);
-  expect(run(RP{}, prm_i), "params.importance", "params.importance[2] (token importance) must be >= 0, got -0.2",
-         range_tag);
+  expect(run(RP{}, prm_i), "params.importance",
+         "params.importance[2] (token importance) must be >= 0, got -0.2", range_tag);
   imp[2] = std::numeric_limits<float>::quiet_NaN();
   expect(run(RP{}, prm_i), "params.importance", "must be finite", nonfinite_tag);
   prm_i.importance = sy::make_view<const float>(imp.data(), 4);

@@ -29,7 +29,9 @@ struct problem {
     x = sy::test::normal(g, static_cast<std::size_t>(t) * dd);
     w = sy::test::normal(g, static_cast<std::size_t>(e) * dd, wscale);
   }
-  [[nodiscard]] sy::matrix_view<const float> xv() const { return sy::make_view(x.data(), tokens, d); }
+  [[nodiscard]] sy::matrix_view<const float> xv() const {
+    return sy::make_view(x.data(), tokens, d);
+  }
   [[nodiscard]] sy::routing::linear_router_params params() const {
     return {sy::make_view(w.data(), experts, d)};
   }
@@ -209,12 +211,15 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
         up[i] += h;
         dn[i] -= h;
         const double fd =
-            (objective_logits(up, plan, cot, coeff) - objective_logits(dn, plan, cot, coeff)) / (2 * h);
-        BOOST_TEST(std::abs(d_logits[i] - fd) <= 2e-5 + 1e-4 * std::abs(fd), "i=" << i << " fd=" << fd);
+            (objective_logits(up, plan, cot, coeff) - objective_logits(dn, plan, cot, coeff)) /
+            (2 * h);
+        BOOST_TEST(std::abs(d_logits[i] - fd) <= 2e-5 + 1e-4 * std::abs(fd),
+                   "i=" << i << " fd=" << fd);
       }
       // dx and dw: central differences of the float64 forward through x and w.
       std::vector<float> dx(p.x.size(), 0.0f), dw(p.w.size(), 0.0f);
-      r.backward(p.xv(), p.params(), plan, cot.data(), coeff, sy::make_view(dx.data(), p.tokens, p.d),
+      r.backward(p.xv(), p.params(), plan, cot.data(), coeff,
+                 sy::make_view(dx.data(), p.tokens, p.d),
                  {sy::make_view(dw.data(), p.experts, p.d)});
       std::vector<double> x64(p.x.begin(), p.x.end()), w64(p.w.begin(), p.w.end());
       auto f = [&](const std::vector<double>& xx, const std::vector<double>& ww) {
@@ -225,14 +230,16 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
         up[i] += h;
         dn[i] -= h;
         const double fd = (f(up, w64) - f(dn, w64)) / (2 * h);
-        BOOST_TEST(std::abs(dx[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd), "dx i=" << i << " fd=" << fd);
+        BOOST_TEST(std::abs(dx[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd),
+                   "dx i=" << i << " fd=" << fd);
       }
       for (std::size_t i = 0; i < w64.size(); ++i) {
         auto up = w64, dn = w64;
         up[i] += h;
         dn[i] -= h;
         const double fd = (f(x64, up) - f(x64, dn)) / (2 * h);
-        BOOST_TEST(std::abs(dw[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd), "dw i=" << i << " fd=" << fd);
+        BOOST_TEST(std::abs(dw[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd),
+                   "dw i=" << i << " fd=" << fd);
       }
     }
   }
@@ -243,8 +250,8 @@ BOOST_AUTO_TEST_CASE(empty_batch_is_not_an_error) {
   sy::routing::topp_losses l{1, 1, 1};
   routing_plan plan;
   sy::routers::TopP{.p = 0.5f}.forward(
-      sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)), p.params(),
-      plan, l);
+      sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)),
+      p.params(), plan, l);
   BOOST_TEST(plan.num_tokens == 0);
   BOOST_TEST(plan.counts.empty());
   BOOST_TEST(l.dynamic_loss == 0.0f);
@@ -266,7 +273,9 @@ BOOST_AUTO_TEST_CASE(bad_input_is_rejected_with_named_arguments) {
       BOOST_TEST(std::string(e.what()).find(fragment) != std::string::npos, e.what());
     }
   };
-  const auto run = [&](sy::routers::TopP r) { return [&, r] { r.forward(p.xv(), p.params(), plan, l); }; };
+  const auto run = [&](sy::routers::TopP r) {
+    return [&, r] { r.forward(p.xv(), p.params(), plan, l); };
+  };
   expect(run({.p = 0.0f}), "p", "(0, 1], got 0");
   expect(run({.p = -0.5f}), "p", "got -0.5");
   expect(run({.p = 1.5f}), "p", "got 1.5");
@@ -276,11 +285,13 @@ BOOST_AUTO_TEST_CASE(bad_input_is_rejected_with_named_arguments) {
   BOOST_CHECK_NO_THROW(run({.p = 0.5f, .max_k = 4})());
   auto nan_x = p.x;
   nan_x[1 * 8 + 3] = std::numeric_limits<float>::quiet_NaN();
-  BOOST_CHECK_THROW(sy::routers::TopP{.p = 0.5f}.forward(
-                        sy::matrix_view<const float>(sy::make_view(nan_x.data(), 4, 8)), p.params(), plan, l),
-                    sy::non_finite_error);
+  BOOST_CHECK_THROW(
+      sy::routers::TopP{.p = 0.5f}.forward(
+          sy::matrix_view<const float>(sy::make_view(nan_x.data(), 4, 8)), p.params(), plan, l),
+      sy::non_finite_error);
   std::vector<float> x7(4 * 7, 1.0f);
-  BOOST_CHECK_THROW(sy::routers::TopP{.p = 0.5f}.forward(
-                        sy::matrix_view<const float>(sy::make_view(x7.data(), 4, 7)), p.params(), plan, l),
-                    sy::shape_error);
+  BOOST_CHECK_THROW(
+      sy::routers::TopP{.p = 0.5f}.forward(
+          sy::matrix_view<const float>(sy::make_view(x7.data(), 4, 7)), p.params(), plan, l),
+      sy::shape_error);
 }

@@ -18,7 +18,7 @@ namespace switchyard::routing {
 //! Auxiliary losses of Adaptive Gating; also the coefficient set in backward.
 struct adaptive_gating_losses {
   float lb_loss = 0.0f;  //!< E · Σ_e f¹_e · P̄_e: f¹ over top-1-only tokens, P̄ over all; 0 if none
-  float z_loss = 0.0f;   //!< mean_t logsumexp(logits_t)²  (ST-MoE)
+  float z_loss = 0.0f;  //!< mean_t logsumexp(logits_t)²  (ST-MoE)
   //! Diagnostic, not a loss: share of tokens routed to two experts (ignored as a coefficient).
   float top2_fraction = 0.0f;
 };
@@ -55,9 +55,11 @@ inline void top1_only_load_balance_backward(const routing_plan& plan, float coef
     }
   }
   if (singles == 0) return;
-  const double scale = static_cast<double>(coeff) * experts / (static_cast<double>(singles) * tokens);
+  const double scale =
+      static_cast<double>(coeff) * experts / (static_cast<double>(singles) * tokens);
   for (index_t t = 0; t < tokens; ++t)
-    for (index_t e = 0; e < experts; ++e) d_probs[t * experts + e] += static_cast<float>(scale * f[e]);
+    for (index_t e = 0; e < experts; ++e)
+      d_probs[t * experts + e] += static_cast<float>(scale * f[e]);
 }
 
 }  // namespace switchyard::routing
@@ -83,9 +85,10 @@ struct AdaptiveGating {
   //! Throws range_error unless threshold >= 0 (and not NaN).
   void validate(index_t /*experts*/) const {
     if (!(threshold >= 0.0f)) {
-      throw range_error("threshold", ::switchyard::detail::concat(
-                                         "threshold must be >= 0 (top-2 iff p1 - p2 <= threshold), got ",
-                                         threshold));
+      throw range_error(
+          "threshold",
+          ::switchyard::detail::concat(
+              "threshold must be >= 0 (top-2 iff p1 - p2 <= threshold), got ", threshold));
     }
   }
 
@@ -105,8 +108,9 @@ struct AdaptiveGating {
     losses.z_loss = routing::z_loss(plan);
     index_t top2 = 0;
     for (auto c : plan.counts) top2 += c == 2 ? 1 : 0;
-    losses.top2_fraction =
-        plan.num_tokens == 0 ? 0.0f : static_cast<float>(static_cast<double>(top2) / plan.num_tokens);
+    losses.top2_fraction = plan.num_tokens == 0
+                               ? 0.0f
+                               : static_cast<float>(static_cast<double>(top2) / plan.num_tokens);
   }
 
   //! d_logits [T, E] = ∂/∂logits of ( Σ d_weights ⊙ weights + coeff.lb_loss·lb + coeff.z_loss·z );
@@ -132,9 +136,8 @@ struct AdaptiveGating {
   //! Full backward: dx += ∂/∂x, grads.w += ∂/∂w (either may be an empty view).
   template <ElementType T>
   void backward(const matrix_view<const T>& x, const params_type& p,
-                const routing::routing_plan& plan, const float* d_weights,
-                const losses_type& coeff, const matrix_view<float>& dx,
-                const grads_type& grads) const {
+                const routing::routing_plan& plan, const float* d_weights, const losses_type& coeff,
+                const matrix_view<float>& dx, const grads_type& grads) const {
     std::vector<float> d_logits(static_cast<std::size_t>(plan.num_tokens * plan.num_experts));
     backward_logits(plan, d_weights, coeff, d_logits.data());
     routing::linear_backward(x, p, d_logits.data(), dx, grads);

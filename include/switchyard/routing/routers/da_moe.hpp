@@ -29,9 +29,9 @@ inline constexpr double attention_row_tolerance = 1e-3;
 
 //! Parameters and extra per-batch inputs of the DA-MoE router.
 struct da_moe_params {
-  matrix_view<const float> w;               //!< [E, d] router weight (logits = x · wᵀ)
-  tensor_view<const float, 3> attention;    //!< [H, T, T] attention probabilities (rows = queries)
-  vector_view<const float> importance;      //!< [T] caller importance (only `importance::precomputed`)
+  matrix_view<const float> w;             //!< [E, d] router weight (logits = x · wᵀ)
+  tensor_view<const float, 3> attention;  //!< [H, T, T] attention probabilities (rows = queries)
+  vector_view<const float> importance;  //!< [T] caller importance (only `importance::precomputed`)
 };
 
 namespace detail {
@@ -42,7 +42,8 @@ inline void check_attention(const tensor_view<const float, 3>& a, index_t tokens
   if (tokens > 0 && a.extent(0) < 1) {
     throw shape_error("params.attention",
                       ::switchyard::detail::concat("params.attention: expected at least one head "
-                                                   "(extent 0 = H >= 1), got ", a.extent(0)));
+                                                   "(extent 0 = H >= 1), got ",
+                                                   a.extent(0)));
   }
   for (index_t h = 0; h < a.extent(0); ++h) {
     for (index_t i = 0; i < tokens; ++i) {
@@ -50,19 +51,22 @@ inline void check_attention(const tensor_view<const float, 3>& a, index_t tokens
       for (index_t j = 0; j < tokens; ++j) {
         const float v = a(h, i, j);
         if (!std::isfinite(v)) {
-          throw non_finite_error("params.attention", ::switchyard::detail::concat(
-              "params.attention[", h, ", ", i, ", ", j, "] must be finite, got ", v));
+          throw non_finite_error("params.attention",
+                                 ::switchyard::detail::concat("params.attention[", h, ", ", i, ", ",
+                                                              j, "] must be finite, got ", v));
         }
         if (v < 0.0f) {
           throw range_error("params.attention", ::switchyard::detail::concat(
-              "params.attention[", h, ", ", i, ", ", j, "] must be >= 0 (a probability), got ", v));
+                                                    "params.attention[", h, ", ", i, ", ", j,
+                                                    "] must be >= 0 (a probability), got ", v));
         }
         s += v;
       }
       if (!(std::abs(s - 1.0) <= attention_row_tolerance)) {
-        throw range_error("params.attention", ::switchyard::detail::concat(
-            "params.attention row [", h, ", ", i, ", :] must sum to 1 (within ",
-            attention_row_tolerance, "), got ", s));
+        throw range_error("params.attention",
+                          ::switchyard::detail::concat("params.attention row [", h, ", ", i,
+                                                       ", :] must sum to 1 (within ",
+                                                       attention_row_tolerance, "), got ", s));
       }
     }
   }
@@ -128,25 +132,27 @@ struct ceil_relative_to_max {
   //! Throws range_error unless 1 <= k_min <= k_max <= E.
   void validate(index_t experts) const {
     if (k_min < 1) {
-      throw range_error("k_rule.k_min", ::switchyard::detail::concat(
-                                            "k_rule.k_min must be >= 1, got ", k_min));
+      throw range_error("k_rule.k_min",
+                        ::switchyard::detail::concat("k_rule.k_min must be >= 1, got ", k_min));
     }
     if (k_min > k_max) {
-      throw range_error("k_rule.k_min", ::switchyard::detail::concat(
-                                            "k_rule.k_min must be <= k_rule.k_max = ", k_max,
-                                            ", got ", k_min));
+      throw range_error("k_rule.k_min",
+                        ::switchyard::detail::concat(
+                            "k_rule.k_min must be <= k_rule.k_max = ", k_max, ", got ", k_min));
     }
     if (k_max > experts) {
-      throw range_error("k_rule.k_max", ::switchyard::detail::concat(
-                                            "k_rule.k_max must be in [k_min, E] = [", k_min, ", ",
-                                            experts, "], got ", k_max));
+      throw range_error("k_rule.k_max",
+                        ::switchyard::detail::concat("k_rule.k_max must be in [k_min, E] = [",
+                                                     k_min, ", ", experts, "], got ", k_max));
     }
   }
 
   //! K for one token of relative importance r.
   [[nodiscard]] SWITCHYARD_HD int operator()(float relative) const {
     const float k = ceilf(relative * static_cast<float>(k_max));
-    return k < static_cast<float>(k_min) ? k_min : (k > static_cast<float>(k_max) ? k_max : static_cast<int>(k));
+    return k < static_cast<float>(k_min)
+               ? k_min
+               : (k > static_cast<float>(k_max) ? k_max : static_cast<int>(k));
   }
 };
 
@@ -184,7 +190,8 @@ struct DAMoE {
   void validate(index_t experts) const { k_rule.validate(experts); }
 
   //! Writes I [T] and r = I / max I [T]; throws for bad attention / importance input.
-  void token_importance(const params_type& p, index_t tokens, routing::da_moe_importance& out) const {
+  void token_importance(const params_type& p, index_t tokens,
+                        routing::da_moe_importance& out) const {
     out.importance.assign(static_cast<std::size_t>(tokens), 0.0f);
     out.relative.assign(static_cast<std::size_t>(tokens), 1.0f);
     importance(p, tokens, out.importance.data());
@@ -192,12 +199,15 @@ struct DAMoE {
     for (index_t j = 0; j < tokens; ++j) {
       const float v = out.importance[j];
       if (!std::isfinite(v)) {
-        throw non_finite_error("params.importance", ::switchyard::detail::concat(
-            "params.importance[", j, "] (token importance) must be finite, got ", v));
+        throw non_finite_error(
+            "params.importance",
+            ::switchyard::detail::concat("params.importance[", j,
+                                         "] (token importance) must be finite, got ", v));
       }
       if (v < 0.0f) {
         throw range_error("params.importance", ::switchyard::detail::concat(
-            "params.importance[", j, "] (token importance) must be >= 0, got ", v));
+                                                   "params.importance[", j,
+                                                   "] (token importance) must be >= 0, got ", v));
       }
       peak = std::max(peak, v);
     }
@@ -219,10 +229,10 @@ struct DAMoE {
     routing::linear_softmax_scores(x, lin, plan);
     for (index_t t = 0; t < tokens; ++t) {
       const routing::topk_rule rule{k_rule(stats.relative[t]), renormalize};
-      plan.counts[t] = rule.select(
-          ::cuda::std::span<const float>(plan.probs.data() + t * experts, experts),
-          ::cuda::std::span<std::int32_t>(plan.expert_ids.data() + t * w, w),
-          ::cuda::std::span<float>(plan.weights.data() + t * w, w));
+      plan.counts[t] =
+          rule.select(::cuda::std::span<const float>(plan.probs.data() + t * experts, experts),
+                      ::cuda::std::span<std::int32_t>(plan.expert_ids.data() + t * w, w),
+                      ::cuda::std::span<float>(plan.weights.data() + t * w, w));
     }
     losses.lb_switch = routing::load_balance_loss(plan, false);
     losses.lb_topk = routing::load_balance_loss(plan, true);
@@ -261,9 +271,8 @@ struct DAMoE {
   //! Full backward: dx += ∂/∂x, grads.w += ∂/∂w (either may be an empty view).
   template <ElementType T>
   void backward(const matrix_view<const T>& x, const params_type& p,
-                const routing::routing_plan& plan, const float* d_weights,
-                const losses_type& coeff, const matrix_view<float>& dx,
-                const grads_type& grads) const {
+                const routing::routing_plan& plan, const float* d_weights, const losses_type& coeff,
+                const matrix_view<float>& dx, const grads_type& grads) const {
     std::vector<float> d_logits(static_cast<std::size_t>(plan.num_tokens * plan.num_experts));
     backward_logits(plan, d_weights, coeff, d_logits.data());
     routing::linear_backward(x, routing::linear_router_params{p.w}, d_logits.data(), dx, grads);

@@ -19,8 +19,8 @@ namespace switchyard::routing {
 //! Auxiliary losses of the top-p router; also the coefficient set in backward.
 struct topp_losses {
   float dynamic_loss = 0.0f;  //!< mean_t −Σ_e P_te log P_te (router entropy, "dynamic loss")
-  float lb_loss = 0.0f;       //!< E · Σ_e f_e · P̄_e, f_e = share of tokens selecting e in any slot
-  float z_loss = 0.0f;        //!< mean_t logsumexp(logits_t)²  (ST-MoE)
+  float lb_loss = 0.0f;  //!< E · Σ_e f_e · P̄_e, f_e = share of tokens selecting e in any slot
+  float z_loss = 0.0f;   //!< mean_t logsumexp(logits_t)²  (ST-MoE)
 };
 
 //! Log-sum-exp of one token's logits, in double.
@@ -57,8 +57,8 @@ inline void entropy_backward(const routing_plan& plan, float coeff, float* d_log
     double h = 0.0;
     for (index_t e = 0; e < experts; ++e) h -= pr[e] * (lg[e] - lse);
     for (index_t e = 0; e < experts; ++e) {
-      d_logits[t * experts + e] += static_cast<float>(
-          -static_cast<double>(coeff) / tokens * pr[e] * ((lg[e] - lse) + h));
+      d_logits[t * experts + e] +=
+          static_cast<float>(-static_cast<double>(coeff) / tokens * pr[e] * ((lg[e] - lse) + h));
     }
   }
 }
@@ -89,9 +89,9 @@ struct TopP {
       throw range_error("p", ::switchyard::detail::concat("p must be in (0, 1], got ", p));
     }
     if (max_k < 0 || max_k > experts) {
-      throw range_error("max_k", ::switchyard::detail::concat(
-                                     "max_k must be 0 (no cap) or in [1, E] = [1, ", experts,
-                                     "], got ", max_k));
+      throw range_error("max_k",
+                        ::switchyard::detail::concat("max_k must be 0 (no cap) or in [1, E] = [1, ",
+                                                     experts, "], got ", max_k));
     }
   }
 
@@ -136,9 +136,8 @@ struct TopP {
   //! Full backward: dx += ∂/∂x, grads.w += ∂/∂w (either may be an empty view).
   template <ElementType T>
   void backward(const matrix_view<const T>& x, const params_type& prm,
-                const routing::routing_plan& plan, const float* d_weights,
-                const losses_type& coeff, const matrix_view<float>& dx,
-                const grads_type& grads) const {
+                const routing::routing_plan& plan, const float* d_weights, const losses_type& coeff,
+                const matrix_view<float>& dx, const grads_type& grads) const {
     std::vector<float> d_logits(static_cast<std::size_t>(plan.num_tokens * plan.num_experts));
     backward_logits(plan, d_weights, coeff, d_logits.data());
     routing::linear_backward(x, prm, d_logits.data(), dx, grads);

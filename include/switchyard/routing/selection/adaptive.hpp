@@ -17,14 +17,17 @@ namespace switchyard::routing {
 //! Top-1 or top-2 of one token's probabilities, decided by p1 − p2 <= threshold.
 struct adaptive_rule {
   using policy_kind = selection_rule_tag;
-  float threshold = 0.1f;   //!< T >= 0; top-2 iff p1 − p2 <= T (exact ties -> top-2 even at T = 0)
+  float threshold = 0.1f;  //!< T >= 0; top-2 iff p1 − p2 <= T (exact ties -> top-2 even at T = 0)
   bool renormalize = true;  //!< w_j = P_j / Σ_selected P (top-1 -> 1.0) or raw P_j
 
   //! Plan width: 2 (1 when there is a single expert).
-  [[nodiscard]] SWITCHYARD_HD int width(int num_experts) const { return num_experts < 2 ? num_experts : 2; }
+  [[nodiscard]] SWITCHYARD_HD int width(int num_experts) const {
+    return num_experts < 2 ? num_experts : 2;
+  }
 
   //! Writes 1 or 2 experts (descending P, ties to the lower id) and their weights; pads -1/0.
-  SWITCHYARD_HD int select(::cuda::std::span<const float> probs, ::cuda::std::span<std::int32_t> ids,
+  SWITCHYARD_HD int select(::cuda::std::span<const float> probs,
+                           ::cuda::std::span<std::int32_t> ids,
                            ::cuda::std::span<float> weights) const {
     ranked_cursor order(probs);
     const int e1 = order.next();

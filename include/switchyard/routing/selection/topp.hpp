@@ -26,7 +26,8 @@ struct topp_rule {
   }
 
   //! Writes the kept experts (descending P, ties to the lower id) and their raw P; pads -1/0.
-  SWITCHYARD_HD int select(::cuda::std::span<const float> probs, ::cuda::std::span<std::int32_t> ids,
+  SWITCHYARD_HD int select(::cuda::std::span<const float> probs,
+                           ::cuda::std::span<std::int32_t> ids,
                            ::cuda::std::span<float> weights) const {
     const int experts = static_cast<int>(probs.size());
     int cap = width(experts);
