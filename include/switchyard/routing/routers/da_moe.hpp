@@ -127,7 +127,7 @@ struct ceil_relative_to_max {
   int k_max = 2;  //!< most experts per token, k_min <= k_max <= E (the plan width)
 
   //! The plan width (most experts any token may get).
-  [[nodiscard]] int max_k() const { return k_max; }
+  [[nodiscard]] SWITCHYARD_HD int max_k() const { return k_max; }
 
   //! Throws range_error unless 1 <= k_min <= k_max <= E.
   void validate(index_t experts) const {
