@@ -1,0 +1,33 @@
+# CMake build module of the Conan package (conanfile.py, cmake_build_modules): CMakeDeps
+# generates switchyard-config.cmake and the switchyard::switchyard target from package_info;
+# this adds what it cannot express, the same as the installed switchyard-config.cmake:
+#  - CCCL (libcu++/CUB/Thrust) from the system CUDA toolkit, linked to switchyard::switchyard;
+#  - C++20;
+#  - switchyard::cuda when the CUDA toolkit is found.
+include_guard(GLOBAL)
+
+if(NOT CUDAToolkit_FOUND)
+  find_package(CUDAToolkit QUIET)
+endif()
+set(_switchyard_cccl_hints "")
+if(CUDAToolkit_FOUND)
+  list(APPEND _switchyard_cccl_hints "${CUDAToolkit_LIBRARY_DIR}/cmake/cccl"
+       "${CUDAToolkit_LIBRARY_ROOT}/lib64/cmake/cccl")
+endif()
+find_package(CCCL CONFIG REQUIRED HINTS ${_switchyard_cccl_hints})
+unset(_switchyard_cccl_hints)
+
+if(CMAKE_VERSION VERSION_LESS 3.25.2)
+  set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+  set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+endif()
+
+set_property(TARGET switchyard::switchyard APPEND PROPERTY INTERFACE_LINK_LIBRARIES CCCL::libcudacxx)
+set_property(TARGET switchyard::switchyard APPEND PROPERTY INTERFACE_COMPILE_FEATURES cxx_std_20)
+
+if(CUDAToolkit_FOUND AND NOT TARGET switchyard::cuda)
+  add_library(switchyard::cuda INTERFACE IMPORTED)
+  set_target_properties(switchyard::cuda PROPERTIES
+    INTERFACE_LINK_LIBRARIES "switchyard::switchyard;CCCL::CCCL;CUDA::cudart;CUDA::cublas"
+    INTERFACE_COMPILE_FEATURES cuda_std_20)
+endif()
