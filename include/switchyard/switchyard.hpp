@@ -24,3 +24,4 @@
 #include "switchyard/routing/routers/adaptive_gating.hpp"
 #include "switchyard/routing/routers/da_moe.hpp"
 #include "switchyard/training/curriculum.hpp"
+#include "switchyard/layer/hypermoe.hpp"
