@@ -1,0 +1,63 @@
+#pragma once
+//! \file workspace.hpp
+//! A bump allocator over caller-supplied workspace, CUB style: run the same carving once
+//! without memory to learn the size, then over the caller's bytes.
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda/std/span>
+
+#include "switchyard/core/config.hpp"
+#include "switchyard/core/error.hpp"
+
+namespace switchyard::host {
+
+//! Carves 64-byte-aligned arrays out of a byte span; with no span it only measures.
+class scratch_arena {
+ public:
+  //! Measuring arena: `take` returns null and only counts bytes.
+  scratch_arena() = default;
+  //! Carving arena over the caller's bytes.
+  explicit scratch_arena(::cuda::std::span<std::byte> bytes)
+      : base_(bytes.data()), capacity_(bytes.size()) {}
+
+  //! Whether the arena hands out memory (false while measuring).
+  [[nodiscard]] bool carving() const { return base_ != nullptr; }
+  //! Bytes handed out (or measured) so far, alignment padding included.
+  [[nodiscard]] std::size_t used() const { return used_; }
+  //! Bytes a caller must supply for what this measuring arena counted: the count plus one
+  //! alignment of slack for a span that does not start on a 64-byte boundary.
+  [[nodiscard]] std::size_t required() const { return used_ + alignment; }
+
+  //! The next `n` elements of U (64-byte aligned); throws shape_error("workspace") when the
+  //! caller's span is too small.
+  template <class U>
+  U* take(index_t n) {
+    if (base_ != nullptr) {  // align the address: the caller's span may start anywhere
+      const auto addr = reinterpret_cast<std::uintptr_t>(base_ + used_);
+      used_ += (alignment - addr % alignment) % alignment;
+    } else {
+      used_ = (used_ + alignment - 1) / alignment * alignment;
+    }
+    const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(U);
+    U* p = base_ != nullptr ? reinterpret_cast<U*>(base_ + used_) : nullptr;
+    used_ += bytes;
+    if (base_ != nullptr && used_ > capacity_) {
+      throw shape_error("workspace", ::switchyard::detail::concat(
+                                         "workspace: expected at least ", used_,
+                                         " bytes (see workspace_size), got ", capacity_));
+    }
+    return p;
+  }
+
+  //! Alignment of every array (a cache line; also enough for any SIMD load).
+  static constexpr std::size_t alignment = 64;
+
+ private:
+  std::byte* base_ = nullptr;
+  std::size_t capacity_ = 0;
+  std::size_t used_ = 0;
+};
+
+}  // namespace switchyard::host
