@@ -34,7 +34,41 @@ __global__ void softmax_select(Rule rule, const float* __restrict__ logits,  // 
                           ::cuda::std::span<float>(weights + t * width, width));
 }
 
+//! rule.select(scores[t]) -> ids[t], weights[t], counts[t] over scores computed elsewhere
+//! (DynMoE's cosine-sigmoid scores, or any user scoring).
+template <class Rule>
+__global__ void select(Rule rule, const float* __restrict__ scores,  // [T, E]
+                       std::int32_t* __restrict__ ids,               // [T, width]
+                       float* __restrict__ weights,                  // [T, width]
+                       std::int32_t* __restrict__ counts,            // [T]
+                       index_t tokens, int experts, int width) {
+  const index_t t = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tokens) return;
+  counts[t] = rule.select(::cuda::std::span<const float>(scores + t * experts, experts),
+                          ::cuda::std::span<std::int32_t>(ids + t * width, width),
+                          ::cuda::std::span<float>(weights + t * width, width));
+}
+
 }  // namespace kernels
+
+namespace detail {
+inline unsigned grid_for(index_t tokens, int block) {
+  return static_cast<unsigned>((tokens + block - 1) / block);
+}
+}  // namespace detail
+
+//! Launches the selection rule over precomputed scores of T tokens on `stream`. Device
+//! pointers; any span the rule holds (e.g. top-any thresholds) must be device memory.
+template <class Rule>
+  requires SelectionRule<Rule>
+void select(const Rule& rule, const float* scores, std::int32_t* ids, float* weights,
+            std::int32_t* counts, index_t tokens, int experts, cudaStream_t stream) {
+  if (tokens == 0) return;
+  constexpr int block = 128;
+  kernels::select<<<detail::grid_for(tokens, block), block, 0, stream>>>(
+      rule, scores, ids, weights, counts, tokens, experts, rule.width(experts));
+  check_launch("switchyard::cuda::kernels::select");
+}
 
 //! Launches softmax + selection over T tokens on `stream`. All pointers are device memory.
 template <class Rule>
@@ -44,8 +78,7 @@ void softmax_select(const Rule& rule, const float* logits, float* probs, std::in
                     cudaStream_t stream) {
   if (tokens == 0) return;
   constexpr int block = 128;
-  const auto grid = static_cast<unsigned>((tokens + block - 1) / block);
-  kernels::softmax_select<<<grid, block, 0, stream>>>(rule, logits, probs, ids, weights, counts,
+  kernels::softmax_select<<<detail::grid_for(tokens, block), block, 0, stream>>>(rule, logits, probs, ids, weights, counts,
                                                       tokens, experts, rule.width(experts));
   check_launch("switchyard::cuda::kernels::softmax_select");
 }
