@@ -162,6 +162,24 @@ inline void z_loss_backward(const routing_plan& plan, float coeff, float* d_logi
   }
 }
 
+//! d_probs [T, E] of Σ d_weights ⊙ weights w.r.t. the probabilities, for every token of a
+//! softmax router's plan: raw weights pass d_w through, renormalised ones go through the
+//! normalisation (see combine_weights_backward_accumulate). `d_weights` is [T, width].
+inline std::vector<float> combine_weights_backward_rows(const routing_plan& plan,
+                                                        const float* d_weights, bool renormalized) {
+  const index_t tokens = plan.num_tokens, e_count = plan.num_experts, w = plan.width;
+  std::vector<float> d_probs(static_cast<std::size_t>(tokens * e_count), 0.0f);
+  for (index_t t = 0; t < tokens; ++t) {
+    combine_weights_backward_accumulate(
+        ::cuda::std::span<const float>(plan.probs.data() + t * e_count, e_count),
+        ::cuda::std::span<const std::int32_t>(plan.expert_ids.data() + t * w, w),
+        ::cuda::std::span<const float>(plan.weights.data() + t * w, w),
+        ::cuda::std::span<const float>(d_weights + t * w, w), plan.counts[t], renormalized,
+        ::cuda::std::span<float>(d_probs.data() + t * e_count, e_count));
+  }
+  return d_probs;
+}
+
 //! d_logits += softmax backward of d_probs, row by row.
 inline void softmax_backward_rows(const routing_plan& plan, const float* d_probs, float* d_logits) {
   const index_t e_count = plan.num_experts;

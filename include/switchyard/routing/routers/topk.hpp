@@ -53,16 +53,8 @@ struct TopK {
   //! `d_weights` is [T, width] in plan-slot order.
   void backward_logits(const routing::routing_plan& plan, const float* d_weights,
                        const losses_type& coeff, float* d_logits) const {
-    const index_t tokens = plan.num_tokens, e_count = plan.num_experts, w = plan.width;
-    std::vector<float> d_probs(static_cast<std::size_t>(tokens * e_count), 0.0f);
-    for (index_t t = 0; t < tokens; ++t) {
-      routing::combine_weights_backward_accumulate(
-          ::cuda::std::span<const float>(plan.probs.data() + t * e_count, e_count),
-          ::cuda::std::span<const std::int32_t>(plan.expert_ids.data() + t * w, w),
-          ::cuda::std::span<const float>(plan.weights.data() + t * w, w),
-          ::cuda::std::span<const float>(d_weights + t * w, w), plan.counts[t], renormalize,
-          ::cuda::std::span<float>(d_probs.data() + t * e_count, e_count));
-    }
+    const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+    auto d_probs = routing::combine_weights_backward_rows(plan, d_weights, renormalize);
     routing::load_balance_backward(plan, false, coeff.lb_switch, d_probs.data());
     routing::load_balance_backward(plan, true, coeff.lb_topk, d_probs.data());
     std::fill(d_logits, d_logits + tokens * e_count, 0.0f);
