@@ -17,9 +17,16 @@ endif()
 find_package(CCCL CONFIG REQUIRED HINTS ${_switchyard_cccl_hints})
 unset(_switchyard_cccl_hints)
 
+# CMake 3.25.0/3.25.1 map CUDA_STANDARD 20 to -std=c++17 for nvcc (cmake#24250), and when CUDA
+# was enabled without the fix they do not list cuda_std_20 at all (nvcc 13): supply both.
+# Affects the directory calling find_package and the subdirectories it adds afterwards.
 if(CMAKE_VERSION VERSION_LESS 3.25.2)
   set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
   set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+  if(CMAKE_CUDA_COMPILER_LOADED AND NOT "cuda_std_20" IN_LIST CMAKE_CUDA_COMPILE_FEATURES)
+    list(APPEND CMAKE_CUDA_COMPILE_FEATURES cuda_std_20)
+    set(CMAKE_CUDA20_COMPILE_FEATURES cuda_std_20)
+  endif()
 endif()
 
 set_property(TARGET switchyard::switchyard APPEND PROPERTY INTERFACE_LINK_LIBRARIES CCCL::libcudacxx)
