@@ -1,0 +1,187 @@
+// Dispatch planning (sorted_grouped, padded_capacity, dense) against plainly computed
+// expectations, and the host GEMM (CBLAS and the blocked fallback) against float64.
+#include <boost/test/unit_test.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <vector>
+
+#include <switchyard/backend/host/gemm.hpp>
+#include <switchyard/dispatch/dense.hpp>
+#include <switchyard/dispatch/padded_capacity.hpp>
+#include <switchyard/dispatch/sorted_grouped.hpp>
+#include <switchyard/routing/plan.hpp>
+
+#include "support/random.hpp"
+
+namespace sy = switchyard;
+using namespace switchyard;
+
+namespace {
+
+// A random plan: each token uses 0..width distinct experts.
+routing::routing_plan random_plan(std::mt19937_64& g, index_t tokens, index_t width, index_t experts) {
+  routing::routing_plan plan;
+  plan.resize(tokens, width, experts);
+  std::vector<std::int32_t> all(experts);
+  for (index_t e = 0; e < experts; ++e) all[e] = static_cast<std::int32_t>(e);
+  for (index_t t = 0; t < tokens; ++t) {
+    std::shuffle(all.begin(), all.end(), g);
+    const index_t c = static_cast<index_t>(g() % (width + 1));
+    plan.counts[t] = static_cast<std::int32_t>(c);
+    for (index_t j = 0; j < c; ++j) {
+      plan.expert_ids[t * width + j] = all[j];
+      plan.weights[t * width + j] = 1.0f / static_cast<float>(c);
+    }
+  }
+  return plan;
+}
+
+struct group_storage {
+  std::vector<index_t> begin, count, dropped, pair_row, row_pair;
+  dispatch::expert_groups g;
+  group_storage(index_t experts, index_t pairs, index_t rows)
+      : begin(experts), count(experts), dropped(experts), pair_row(pairs, -99), row_pair(rows, -99) {
+    g.row_begin = {begin.data(), begin.size()};
+    g.row_count = {count.data(), count.size()};
+    g.dropped = {dropped.data(), dropped.size()};
+    g.pair_row = {pair_row.data(), pair_row.size()};
+    g.row_pair = {row_pair.data(), row_pair.size()};
+  }
+};
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(sorted_grouped_is_a_stable_sort_by_expert) {
+  std::mt19937_64 g(test::base_seed() + 101);
+  const index_t tokens = 57, width = 3, experts = 7;
+  const auto plan = random_plan(g, tokens, width, experts);
+  const dispatch::sorted_grouped sg;
+  group_storage s(experts, tokens * width, sg.max_rows(tokens, width, experts));
+  sg.plan_groups(plan.view(), s.g);
+
+  // Expected: std::stable_sort of the pairs by key (id, or E for an unused slot).
+  std::vector<index_t> pairs(tokens * width);
+  for (index_t p = 0; p < tokens * width; ++p) pairs[p] = p;
+  auto key = [&](index_t p) {
+    const index_t t = p / width, j = p % width;
+    return j < plan.counts[t] ? static_cast<index_t>(plan.id(t, j)) : experts;
+  };
+  std::stable_sort(pairs.begin(), pairs.end(), [&](index_t a, index_t b) { return key(a) < key(b); });
+  BOOST_TEST(s.row_pair == pairs, boost::test_tools::per_element());
+  index_t offset = 0;
+  for (index_t e = 0; e < experts; ++e) {
+    const auto n = std::count_if(pairs.begin(), pairs.end(), [&](index_t p) { return key(p) == e; });
+    BOOST_TEST(s.begin[e] == offset);
+    BOOST_TEST(s.count[e] == n);
+    BOOST_TEST(s.dropped[e] == 0);
+    offset += n;
+  }
+  BOOST_TEST(s.g.num_rows == plan.total_assignments());
+  for (index_t r = 0; r < tokens * width; ++r) {
+    const index_t p = s.row_pair[r];
+    BOOST_TEST(s.pair_row[p] == (r < s.g.num_rows ? r : dispatch::unused_pair));
+  }
+}
+
+BOOST_AUTO_TEST_CASE(padded_capacity_drops_in_token_order) {
+  std::mt19937_64 g(test::base_seed() + 102);
+  const index_t tokens = 64, width = 2, experts = 5;
+  const auto plan = random_plan(g, tokens, width, experts);
+  for (float cf : {0.5f, 1.0f, 1.25f, 4.0f}) {
+    const dispatch::padded_capacity pc{.capacity_factor = cf, .min_capacity = 3, .capacity_multiple = 4};
+    // C from the documented formula.
+    index_t c = static_cast<index_t>(std::ceil(static_cast<double>(cf) * plan.total_assignments() / experts));
+    c = std::max<index_t>(c, 3);
+    c = (c + 3) / 4 * 4;
+    c = std::min<index_t>(c, (tokens + 3) / 4 * 4);
+    BOOST_TEST(pc.capacity(tokens, plan.total_assignments(), experts) == c);
+    group_storage s(experts, tokens * width, pc.max_rows(tokens, width, experts));
+    pc.plan_groups(plan.view(), s.g);
+    BOOST_TEST(s.g.num_rows == experts * c);
+    std::vector<index_t> seen(experts, 0), dropped(experts, 0);
+    for (index_t t = 0; t < tokens; ++t)
+      for (index_t j = 0; j < width; ++j) {
+        const index_t p = t * width + j;
+        if (j >= plan.counts[t]) {
+          BOOST_TEST(s.pair_row[p] == dispatch::unused_pair);
+          continue;
+        }
+        const index_t e = plan.id(t, j);
+        if (seen[e] < c) {
+          BOOST_TEST(s.pair_row[p] == e * c + seen[e]);
+          BOOST_TEST(s.row_pair[e * c + seen[e]] == p);
+          ++seen[e];
+        } else {
+          BOOST_TEST(s.pair_row[p] == dispatch::dropped_pair);
+          ++dropped[e];
+        }
+      }
+    BOOST_TEST(s.dropped == dropped, boost::test_tools::per_element());
+    BOOST_TEST(s.count == seen, boost::test_tools::per_element());
+  }
+}
+
+BOOST_AUTO_TEST_CASE(padded_capacity_rejects_bad_hyperparameters) {
+  for (float cf : {0.0f, -0.5f, INFINITY, NAN}) {
+    const dispatch::padded_capacity pc{.capacity_factor = cf};
+    try {
+      pc.validate();
+      BOOST_ERROR("capacity_factor " << cf << " accepted");
+    } catch (const range_error& e) {
+      BOOST_TEST(e.argument() == "capacity_factor");
+      BOOST_TEST(std::string(e.what()).find("> 0") != std::string::npos);
+    }
+  }
+  BOOST_CHECK_THROW((dispatch::padded_capacity{.min_capacity = -1}.validate()), range_error);
+  BOOST_CHECK_THROW((dispatch::padded_capacity{.capacity_multiple = 0}.validate()), range_error);
+}
+
+BOOST_AUTO_TEST_CASE(dense_maps_each_used_slot_to_itself) {
+  std::mt19937_64 g(test::base_seed() + 103);
+  const index_t tokens = 20, width = 3, experts = 4;
+  const auto plan = random_plan(g, tokens, width, experts);
+  const dispatch::dense dn;
+  group_storage s(experts, tokens * width, dn.max_rows(tokens, width, experts));
+  dn.plan_groups(plan.view(), s.g);
+  std::vector<index_t> per_expert(experts, 0);
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t j = 0; j < width; ++j) {
+      const index_t p = t * width + j;
+      if (j < plan.counts[t]) ++per_expert[plan.id(t, j)];
+      BOOST_TEST(s.pair_row[p] == (j < plan.counts[t] ? p : dispatch::unused_pair));
+    }
+  BOOST_TEST(s.count == per_expert, boost::test_tools::per_element());
+}
+
+BOOST_AUTO_TEST_CASE(gemm_matches_float64_for_every_transpose) {
+  std::mt19937_64 g(test::base_seed() + 104);
+  const index_t m = 67, n = 45, k = 300;  // several 64 × 128 × 128 tiles, ragged edges
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      const auto a = test::normal(g, m * k), b = test::normal(g, k * n);
+      const index_t lda = ta ? m : k, ldb = tb ? k : n;
+      auto at = [&](index_t i, index_t p) { return ta ? a[p * lda + i] : a[i * lda + p]; };
+      auto bt = [&](index_t p, index_t j) { return tb ? b[j * ldb + p] : b[p * ldb + j]; };
+      const auto c0 = test::normal(g, m * n);
+      std::vector<float> c1 = c0, c2 = c0;
+      const host::op oa = ta ? host::op::transpose : host::op::none;
+      const host::op ob = tb ? host::op::transpose : host::op::none;
+      host::sgemm(oa, ob, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, 0.25f, c1.data(), n);
+      host::detail::sgemm_blocked(oa, ob, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, 0.25f, c2.data(), n);
+      for (index_t i = 0; i < m; ++i)
+        for (index_t j = 0; j < n; ++j) {
+          double s = 0, abs_s = 0;
+          for (index_t p = 0; p < k; ++p) {
+            s += static_cast<double>(at(i, p)) * bt(p, j);
+            abs_s += std::abs(static_cast<double>(at(i, p)) * bt(p, j));
+          }
+          const double ref = 0.5 * s + 0.25 * c0[i * n + j];
+          const double tol = 1e-6 * (abs_s + std::abs(c0[i * n + j])) + 1e-6;
+          BOOST_TEST(std::abs(c1[i * n + j] - ref) <= tol);
+          BOOST_TEST(std::abs(c2[i * n + j] - ref) <= tol);
+        }
+    }
+  BOOST_TEST_MESSAGE("host GEMM backend: " << host::gemm_backend_name());
+}
