@@ -392,3 +392,53 @@ BOOST_AUTO_TEST_CASE(addon_hook_adds_its_term_and_gradient) {
                        {}, make_view(dx1.data(), tokens, d), {}, {}, {}, {.s = 0.5f});
   for (index_t i = 0; i < tokens * d; ++i) BOOST_TEST(std::abs(dx1[i] - (dx0[i] + 0.5f)) <= 1e-5f);
 }
+
+// Backward with half / bfloat16 storage equals the float backward on the same (rounded)
+// values: conversions are exact and all math is float, so only GEMM ordering may differ.
+using low_precision = std::tuple<sy::half, sy::bfloat16>;
+BOOST_AUTO_TEST_CASE_TEMPLATE(low_precision_backward_matches_float, T, low_precision) {
+  std::mt19937_64 g(test::base_seed() + 95);
+  constexpr index_t tokens = 33, d = 12, f = 6, experts = 5;
+  test::layer_data<T> L(g, tokens, d, f, experts, true, true);
+  test::layer_data<float> Lf = [&] {
+    std::mt19937_64 g2(1);
+    test::layer_data<float> c(g2, tokens, d, f, experts, true, true);
+    auto cp = [](const std::vector<T>& s, std::vector<float>& t) {
+      for (std::size_t i = 0; i < s.size(); ++i) t[i] = to_float(s[i]);
+    };
+    cp(L.x, c.x), cp(L.w1, c.w1), cp(L.b1, c.b1), cp(L.w2, c.w2), cp(L.b2, c.b2);
+    return c;
+  }();
+  test::router_setup<routers::TopK> rs(g, {.k = 2}, tokens, d, experts);
+  const auto dyf = test::normal(g, tokens * d);
+  std::vector<T> dy(tokens * d);
+  std::vector<float> dy_rounded(tokens * d);
+  for (index_t i = 0; i < tokens * d; ++i) {
+    dy[i] = from_float<T>(dyf[i]);
+    dy_rounded[i] = to_float(dy[i]);
+  }
+  MoELayer<routers::TopK, activation::geglu, dispatch::padded_capacity> layer{
+      .router = rs.router, .dispatch = {.capacity_factor = 1.0f, .min_capacity = 0, .capacity_multiple = 1}};
+  auto run = [&](const auto& data, const auto& dyv) {
+    using E = std::remove_cvref_t<decltype(data.x[0])>;
+    std::vector<E> y(tokens * d);
+    std::vector<float> dx(tokens * d), dw1(data.w1.size()), db2(data.b2.size()), dwr(rs.w.size());
+    typename decltype(layer)::result_type res;
+    layer.template forward<E>(data.xv(), rs.params(d), data.weights(), make_view(y.data(), tokens, d), res);
+    layer.template backward<E>(data.xv(), rs.params(d), data.weights(), res,
+                               make_view<const E>(dyv.data(), tokens, d), {0.1f, 0.1f, 0.01f},
+                               make_view(dx.data(), tokens, d),
+                               {make_view(dw1.data(), experts, data.p, d), {}, {}, make_view(db2.data(), experts, d)},
+                               {make_view(dwr.data(), experts, d)});
+    dx.insert(dx.end(), dw1.begin(), dw1.end());
+    dx.insert(dx.end(), db2.begin(), db2.end());
+    dx.insert(dx.end(), dwr.begin(), dwr.end());
+    return std::make_pair(dx, res.total_dropped());
+  };
+  const auto [low, dropped_low] = run(L, dy);
+  const auto [ref, dropped_ref] = run(Lf, dy_rounded);
+  BOOST_TEST(dropped_low == dropped_ref);
+  float scale = 0;
+  for (float v : ref) scale = std::max(scale, std::abs(v));
+  for (std::size_t i = 0; i < ref.size(); ++i) BOOST_TEST(std::abs(low[i] - ref[i]) <= 1e-5f * (scale + 1.0f));
+}
