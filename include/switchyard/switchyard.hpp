@@ -38,3 +38,4 @@
 #include "switchyard/backend/host/experts.hpp"
 #include "switchyard/layer/moe_layer.hpp"
 #include "switchyard/layer/hypermoe.hpp"
+#include "switchyard/layer/hypermoe_addon.hpp"

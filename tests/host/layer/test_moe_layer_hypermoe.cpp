@@ -1,0 +1,94 @@
+// HyperMoE composed into MoELayer through the add-on hook: y = Σ_j w_j·Expert_j(x) + hyper(x)
+// and the gradients are the plain layer's plus the module's own.
+#include <boost/test/unit_test.hpp>
+
+#include <cmath>
+#include <vector>
+
+#include <switchyard/layer/hypermoe_addon.hpp>
+#include <switchyard/switchyard.hpp>
+
+#include "host/layer/layer_reference.hpp"
+#include "support/random.hpp"
+
+namespace sy = switchyard;
+using namespace switchyard;
+
+BOOST_AUTO_TEST_CASE(hypermoe_addon_adds_the_module_term_and_gradients) {
+  std::mt19937_64 g(test::base_seed() + 201);
+  constexpr index_t tokens = 14, d = 6, f = 5, experts = 5;
+  constexpr index_t d_emb = 4, p = 7, h_in = 3, L = 2, d_le = 2, b = 5, a = 3;
+  test::layer_data<float> D(g, tokens, d, f, experts, true, true);
+  test::router_setup<routers::TopK> rs(g, {.k = 2}, tokens, d, experts);
+
+  // HyperMoE parameters: {rows, cols} of each tensor (cols 0 = vector), then the views.
+  const index_t shape[][2] = {{experts, d_emb}, {p, d_emb}, {p, 0}, {h_in, p}, {h_in, 0},
+                              {L, d_le}, {b, h_in + d_le}, {b, 0}, {a * d, b}, {a * d, 0},
+                              {d * a, b}, {d * a, 0}, {d, b}, {d, 0}, {a, b}, {a, 0}};
+  std::vector<std::vector<float>> val, grd;
+  for (const auto& s : shape) {
+    const auto n = static_cast<std::size_t>(s[0] * std::max<index_t>(1, s[1]));
+    val.push_back(test::normal(g, n, 0.5f));
+    grd.emplace_back(n, 0.0f);
+  }
+  for (auto& v : val[2]) v = 0.5f + std::abs(v);  // keep ReLU units alive
+  for (auto& v : val[7]) v = 0.5f + std::abs(v);
+  auto m = [&](int i) { return make_view<const float>(val[i].data(), shape[i][0], shape[i][1]); };
+  auto v = [&](int i) { return make_view<const float>(val[i].data(), shape[i][0]); };
+  auto gm = [&](std::vector<std::vector<float>>& s, int i) { return make_view(s[i].data(), shape[i][0], shape[i][1]); };
+  auto gv = [&](std::vector<std::vector<float>>& s, int i) { return make_view(s[i].data(), shape[i][0]); };
+  layer::hypermoe_params hp;
+  hp.expert_emb = m(0);
+  hp.process1 = {m(1), v(2)};
+  hp.process2 = {m(3), v(4)};
+  hp.generator.layer_embed = m(5);
+  hp.generator.linear1 = {m(6), v(7)};
+  hp.generator.weight_up = {m(8), v(9)};
+  hp.generator.weight_down = {m(10), v(11)};
+  hp.generator.bias_up = {m(12), v(13)};
+  hp.generator.bias_down = {m(14), v(15)};
+  auto grads_of = [&](std::vector<std::vector<float>>& s) {
+    layer::hypermoe_grads hg;
+    hg.expert_emb = gm(s, 0);
+    hg.process1 = {gm(s, 1), gv(s, 2)};
+    hg.process2 = {gm(s, 3), gv(s, 4)};
+    hg.generator.layer_embed = gm(s, 5);
+    hg.generator.linear1 = {gm(s, 6), gv(s, 7)};
+    hg.generator.weight_up = {gm(s, 8), gv(s, 9)};
+    hg.generator.weight_down = {gm(s, 10), gv(s, 11)};
+    hg.generator.bias_up = {gm(s, 12), gv(s, 13)};
+    hg.generator.bias_down = {gm(s, 14), gv(s, 15)};
+    return hg;
+  };
+
+  const layer::hypermoe_addon addon{.module = {.layer_idx = 1, .adapter_dim = static_cast<int>(a)}};
+  MoELayer<routers::TopK, activation::swiglu> plain{.router = rs.router};
+  MoELayer<routers::TopK, activation::swiglu, dispatch::sorted_grouped, layer::hypermoe_addon> with{
+      .router = rs.router, .addon = addon};
+  std::vector<float> y0(tokens * d), y1(tokens * d), hyper(tokens * d);
+  decltype(plain)::result_type r0;
+  decltype(with)::result_type r1;
+  plain.forward<float>(D.xv(), rs.params(d), D.weights(), make_view(y0.data(), tokens, d), r0);
+  with.forward<float>(D.xv(), rs.params(d), D.weights(), make_view(y1.data(), tokens, d), r1, {}, hp);
+  addon.module.forward(D.xv(), std::as_const(r0.plan).view(), hp, make_view(hyper.data(), tokens, d));
+  double hyper_norm = 0;
+  for (index_t i = 0; i < tokens * d; ++i) {
+    BOOST_TEST(std::abs(y1[i] - (y0[i] + hyper[i])) <= 1e-5f * (1.0f + std::abs(y1[i])));
+    hyper_norm += std::abs(hyper[i]);
+  }
+  BOOST_TEST(hyper_norm > 0.0);
+
+  const auto dy = test::normal(g, tokens * d);
+  const auto dyv = make_view<const float>(dy.data(), tokens, d);
+  std::vector<float> dx0(tokens * d), dx1(tokens * d), dxh(tokens * d);
+  auto g_layer = grd, g_module = grd;
+  plain.backward<float>(D.xv(), rs.params(d), D.weights(), r0, dyv, {}, make_view(dx0.data(), tokens, d), {}, {});
+  with.backward<float>(D.xv(), rs.params(d), D.weights(), r1, dyv, {}, make_view(dx1.data(), tokens, d), {}, {},
+                       {}, hp, grads_of(g_layer));
+  addon.module.backward(D.xv(), std::as_const(r0.plan).view(), hp, dyv, make_view(dxh.data(), tokens, d),
+                        grads_of(g_module));
+  for (index_t i = 0; i < tokens * d; ++i)
+    BOOST_TEST(std::abs(dx1[i] - (dx0[i] + dxh[i])) <= 1e-5f * (1.0f + std::abs(dx1[i])));
+  for (std::size_t t = 0; t < g_layer.size(); ++t)
+    for (std::size_t i = 0; i < g_layer[t].size(); ++i) BOOST_TEST(g_layer[t][i] == g_module[t][i]);
+}
