@@ -42,11 +42,9 @@ struct sorted_grouped {
     const index_t tokens = plan.num_tokens(), width = plan.width(), experts = plan.num_experts;
     std::fill(g.row_count.begin(), g.row_count.end(), index_t{0});
     std::fill(g.dropped.begin(), g.dropped.end(), index_t{0});
-    index_t unused = 0;
-    for (index_t t = 0; t < tokens; ++t) {  // histogram over keys [0, E]
+    for (index_t t = 0; t < tokens; ++t) {  // histogram over keys [0, E); key E is the rest
       const index_t c = plan.counts(t);
       for (index_t j = 0; j < c; ++j) ++g.row_count[plan.expert_ids(t, j)];
-      unused += width - c;
     }
     index_t run = 0;  // exclusive scan
     for (index_t e = 0; e < experts; ++e) {
@@ -72,7 +70,6 @@ struct sorted_grouped {
         }
       }
     }
-    (void)unused;
   }
 };
 

@@ -122,6 +122,7 @@ struct MoELayer {
   using result_type = moe_result<losses_type>;                  //!< what forward returns
   //! Whether the experts' first projection is the fused [gate | up].
   static constexpr bool gated = activation_traits<Activation>::is_gated;
+  //! Whether an add-on module contributes a term (false for `no_addon`).
   static constexpr bool has_addon = !std::is_same_v<AddOn, no_addon>;
 
   Router router{};          //!< routing policy and its hyperparameters

@@ -264,7 +264,7 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
   std::fill(d_weights, d_weights + tokens * width, 0.0f);
 
   // One expert over n rows whose x rows are `xe` and dY rows `dye`; writes dX rows over dye.
-  auto run_expert = [&](index_t e, index_t n, const float* xe, float* he, float* ae, float* ye,
+  auto run_expert = [&](index_t e, index_t n, const float* xe, float* he, const float* ae,
                         float* dye, float* dae) {
     const detail::float_panel w1 = detail::expert_panel(w.w1, e, w1_buf);
     const detail::float_panel w2 = detail::expert_panel(w.w2, e, w2_buf);
@@ -282,7 +282,6 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
         grads.b2(e, c) += s;
       }
     }
-    (void)ye;
     // dH from dA through the activation, in place over H.
     for (index_t r = 0; r < n; ++r) {
       float* hr = he + r * p;
@@ -352,7 +351,7 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
         for (index_t i = 0; i < d; ++i) dys[r * d + i] = wt * to_float(dy(t, i));
         d_weights[pr] = dot_dy(t, ys + r * d);
       }
-      run_expert(e, n, xe, he, ae, ye, dye, da + r0 * f);
+      run_expert(e, n, xe, he, ae, dye, da + r0 * f);
     }
   } else {
 #pragma omp parallel for schedule(static) if (tokens * d > (1 << 15))
@@ -370,7 +369,7 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
         }
         for (index_t i = 0; i < d; ++i) dys[t * d + i] = wt * to_float(dy(t, i));
       }
-      run_expert(e, tokens, xs, h, a, ys, dys, da);
+      run_expert(e, tokens, xs, h, a, dys, da);
       for (index_t t = 0; t < tokens; ++t)
         for (index_t j = 0; j < plan.counts(t); ++j)
           if (plan.expert_ids(t, j) == e)
