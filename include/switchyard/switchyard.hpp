@@ -34,7 +34,6 @@
 #include "switchyard/layer/expert_weights.hpp"
 #include "switchyard/layer/addon.hpp"
 #include "switchyard/backend/host/gemm.hpp"
-#include "switchyard/backend/host/workspace.hpp"
 #include "switchyard/backend/host/experts.hpp"
 #include "switchyard/layer/moe_layer.hpp"
 #include "switchyard/layer/hypermoe.hpp"

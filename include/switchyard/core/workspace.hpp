@@ -1,77 +1,69 @@
 #pragma once
 //! \file workspace.hpp
-//! Two-phase workspace (CUB style): a policy first *plans* its scratch buffers against a
-//! `workspace_planner` to learn the size, the caller allocates (or reuses) that many bytes,
-//! and the same plan is then *carved* out of the caller's buffer with a `workspace_arena`,
-//! so a forward pass given a workspace performs no allocation.
+//! Two-phase workspace, CUB style: a policy runs the same carving code twice, first over a
+//! *measuring* arena (no memory; `take` returns null and only counts bytes) to learn the
+//! size, then over the caller's bytes. One code path for both phases means the size query
+//! cannot drift from what forward actually takes, and forward given a workspace performs no
+//! allocation.
 
 #include <cstddef>
 #include <cstdint>
+
+#include <cuda/std/span>
 
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/error.hpp"
 
 namespace switchyard {
 
-//! Alignment of every buffer carved from a workspace (one cache line / a 16-byte vector and
-//! the 256-byte alignment cuBLAS recommends for its pointers).
-inline constexpr std::size_t workspace_alignment = 256;
-
-//! Rounds `bytes` up to the workspace alignment.
-constexpr std::size_t align_workspace(std::size_t bytes) {
-  return (bytes + workspace_alignment - 1) / workspace_alignment * workspace_alignment;
-}
-
-//! Size query: accumulates the aligned sizes of the buffers a policy will take.
-class workspace_planner {
- public:
-  //! Reserves `count` elements of T; returns the byte offset they will have.
-  template <class T>
-  std::size_t reserve(index_t count) {
-    const std::size_t at = bytes_;
-    bytes_ += align_workspace(static_cast<std::size_t>(count) * sizeof(T));
-    return at;
-  }
-  //! Total bytes needed.
-  [[nodiscard]] std::size_t bytes() const { return bytes_; }
-
- private:
-  std::size_t bytes_ = 0;
-};
-
-//! Carves typed buffers, in planning order, out of caller-supplied memory.
+//! Carves aligned arrays out of a byte span; with no span it only measures.
 class workspace_arena {
  public:
+  //! Alignment of every array (a cache line; also enough for any SIMD load).
+  static constexpr std::size_t alignment = 64;
+
+  //! Measuring arena: `take` returns null and only counts bytes.
   workspace_arena() = default;
-  //! `base` must be aligned to workspace_alignment (throws range_error otherwise).
-  workspace_arena(void* base, std::size_t bytes) : base_(static_cast<std::byte*>(base)), size_(bytes) {
-    if (base_ == nullptr && bytes != 0) {
+  //! Carving arena over the caller's bytes (any alignment; arrays are aligned inside).
+  explicit workspace_arena(::cuda::std::span<std::byte> bytes)
+      : base_(bytes.data()), capacity_(bytes.size()) {
+    if (base_ == nullptr && capacity_ != 0) {
       throw null_pointer_error("workspace", "workspace: pointer is null but its size is non-zero");
     }
-    if (reinterpret_cast<std::uintptr_t>(base_) % workspace_alignment != 0) {
-      throw range_error("workspace", detail::concat("workspace: pointer must be aligned to ",
-                                                    workspace_alignment, " bytes"));
-    }
   }
-  //! Takes `count` elements of T; throws range_error naming the sizes when it is too small.
-  template <class T>
-  T* take(index_t count) {
-    const std::size_t need = align_workspace(static_cast<std::size_t>(count) * sizeof(T));
-    if (used_ + need > size_) {
-      throw range_error("workspace", detail::concat("workspace: too small, needs at least ",
-                                                    used_ + need, " bytes (query the size "
-                                                    "first), got ", size_));
+
+  //! Whether the arena hands out memory (false while measuring).
+  [[nodiscard]] bool carving() const { return base_ != nullptr; }
+  //! Bytes handed out (or measured) so far, alignment padding included.
+  [[nodiscard]] std::size_t used() const { return used_; }
+  //! Bytes a caller must supply for what this measuring arena counted: the count plus one
+  //! alignment of slack for a span that does not start on an aligned boundary.
+  [[nodiscard]] std::size_t required() const { return used_ + alignment; }
+
+  //! The next `n` elements of U (aligned); throws shape_error("workspace") naming the sizes
+  //! when the caller's span is too small.
+  template <class U>
+  U* take(index_t n) {
+    if (base_ != nullptr) {  // align the address: the caller's span may start anywhere
+      const auto addr = reinterpret_cast<std::uintptr_t>(base_ + used_);
+      used_ += (alignment - addr % alignment) % alignment;
+    } else {
+      used_ = (used_ + alignment - 1) / alignment * alignment;
     }
-    T* p = reinterpret_cast<T*>(base_ + used_);
-    used_ += need;
+    const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(U);
+    U* p = base_ != nullptr ? reinterpret_cast<U*>(base_ + used_) : nullptr;
+    used_ += bytes;
+    if (base_ != nullptr && used_ > capacity_) {
+      throw shape_error("workspace", ::switchyard::detail::concat(
+                                         "workspace: expected at least ", used_,
+                                         " bytes (see workspace_size), got ", capacity_));
+    }
     return p;
   }
-  [[nodiscard]] std::size_t used() const { return used_; }
-  [[nodiscard]] std::size_t size() const { return size_; }
 
  private:
   std::byte* base_ = nullptr;
-  std::size_t size_ = 0;
+  std::size_t capacity_ = 0;
   std::size_t used_ = 0;
 };
 

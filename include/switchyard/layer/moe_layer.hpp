@@ -20,7 +20,7 @@
 
 #include "switchyard/activation/concepts.hpp"
 #include "switchyard/backend/host/experts.hpp"
-#include "switchyard/backend/host/workspace.hpp"
+#include "switchyard/core/workspace.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/view.hpp"
@@ -141,7 +141,7 @@ struct MoELayer {
   template <ElementType T>
   [[nodiscard]] std::size_t experts_workspace_size(index_t tokens, index_t width,
                                                    const expert_weights<T>& w) const {
-    host::scratch_arena ws;
+    workspace_arena ws;
     run_forward<T>({}, {}, w, {}, dims(tokens, width, w), {}, ws);
     return ws.required();
   }
@@ -157,7 +157,7 @@ struct MoELayer {
   template <ElementType T>
   [[nodiscard]] std::size_t experts_backward_workspace_size(index_t tokens, index_t width,
                                                             const expert_weights<T>& w) const {
-    host::scratch_arena ws;
+    workspace_arena ws;
     run_backward<T>({}, {}, w, {}, {}, {}, nullptr, dims(tokens, width, w), ws, {}, {});
     return ws.required();
   }
@@ -213,7 +213,7 @@ struct MoELayer {
       owned.resize(experts_workspace_size(dm.tokens, dm.width, w));
       workspace = {owned.data(), owned.size()};
     }
-    host::scratch_arena ws(workspace);
+    workspace_arena ws(workspace);
     run_forward<T>(x, plan, w, y, dm, dropped, ws, ap);
   }
 
@@ -265,7 +265,7 @@ struct MoELayer {
       owned.resize(experts_backward_workspace_size(dm.tokens, dm.width, w));
       workspace = {owned.data(), owned.size()};
     }
-    host::scratch_arena ws(workspace);
+    workspace_arena ws(workspace);
     run_backward<T>(x, plan, w, dy, dx, grads, d_weights.data(), dm, ws, ap, ag);
   }
 
@@ -297,7 +297,7 @@ struct MoELayer {
                    const routing::plan_view<const std::int32_t, const float>& plan,
                    const expert_weights<T>& w, const matrix_view<T>& y,
                    const host::expert_dims& dm, ::cuda::std::span<index_t> dropped,
-                   host::scratch_arena& ws, const addon_params& ap = {}) const {
+                   workspace_arena& ws, const addon_params& ap = {}) const {
     float* extra = has_addon ? ws.take<float>(dm.tokens * dm.d) : nullptr;  // [T, d]
     if constexpr (has_addon) {
       if (ws.carving()) addon.forward(x, plan, ap, make_view(extra, dm.tokens, dm.d));
@@ -310,7 +310,7 @@ struct MoELayer {
                     const routing::plan_view<const std::int32_t, const float>& plan,
                     const expert_weights<T>& w, const matrix_view<const T>& dy,
                     const matrix_view<float>& dx, const expert_grads& grads, float* d_weights,
-                    const host::expert_dims& dm, host::scratch_arena& ws,
+                    const host::expert_dims& dm, workspace_arena& ws,
                     const addon_params& ap, const addon_grads& ag) const {
     host::experts_backward(dispatch, activation, dm, x, plan, w, dy, dx, grads, d_weights, ws);
     if constexpr (has_addon) {

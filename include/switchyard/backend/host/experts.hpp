@@ -24,7 +24,7 @@
 
 #include "switchyard/activation/concepts.hpp"
 #include "switchyard/backend/host/gemm.hpp"
-#include "switchyard/backend/host/workspace.hpp"
+#include "switchyard/core/workspace.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/dispatch/concepts.hpp"
@@ -163,7 +163,7 @@ void combine(const routing::plan_view<Id, W>& plan, const dispatch::expert_group
 }
 
 //! The index arrays every dispatch fills.
-inline dispatch::expert_groups carve_groups(scratch_arena& ws, const expert_dims& dm) {
+inline dispatch::expert_groups carve_groups(workspace_arena& ws, const expert_dims& dm) {
   dispatch::expert_groups g;
   const index_t pairs = dm.tokens * dm.width;
   index_t* begin = ws.take<index_t>(dm.experts);
@@ -190,7 +190,7 @@ template <class Dispatch, class Act, ElementType T, class Id, class W>
 void experts_forward(const Dispatch& dispatch, const Act& act, const expert_dims& dm,
                      const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
                      const expert_weights<T>& w, const float* extra, const matrix_view<T>& y,
-                     ::cuda::std::span<index_t> dropped, scratch_arena& ws) {
+                     ::cuda::std::span<index_t> dropped, workspace_arena& ws) {
   dispatch::expert_groups g = detail::carve_groups(ws, dm);
   const bool grouped = Dispatch::layout == dispatch::dispatch_layout::grouped_rows;
   const index_t rows = grouped ? dm.max_rows : dm.tokens;
@@ -241,7 +241,7 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
                       const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
                       const expert_weights<T>& w, const matrix_view<const T>& dy,
                       const matrix_view<float>& dx, const expert_grads& grads,
-                      float* d_weights, scratch_arena& ws) {
+                      float* d_weights, workspace_arena& ws) {
   dispatch::expert_groups g = detail::carve_groups(ws, dm);
   const bool grouped = Dispatch::layout == dispatch::dispatch_layout::grouped_rows;
   const index_t rows = grouped ? dm.max_rows : dm.tokens;
