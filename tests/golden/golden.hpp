@@ -10,6 +10,7 @@
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <switchyard/routing/plan.hpp>
 #include <string>
 #include <vector>
 
@@ -115,6 +116,33 @@ void check_exact(const std::string& what, const std::vector<A>& got, const std::
     }
     if (bad > 5) BOOST_ERROR(what << ": " << bad << " mismatches in all");
   }
+}
+
+//! Checks the plan keys every router case carries: topk_indices (exact, with the width),
+//! combine_weights, num_experts (exact).
+template <class Plan>
+void check_plan(const golden_case& c, const Plan& plan, const tolerance& tol) {
+  const auto ids = c.expected<std::int64_t>("topk_indices");
+  BOOST_TEST(plan.width == ids.dim(1), "plan width " << plan.width << " vs " << ids.dim(1));
+  check_exact("topk_indices", plan.expert_ids, ids.data);
+  check_close("combine_weights", plan.weights, c.expected("combine_weights").data, tol.atol,
+              tol.rtol);
+  check_exact("num_experts", plan.counts, c.expected<std::int64_t>("num_experts").data);
+}
+
+//! When the case has `grad_combine_dense`, checks `grad_router_logits` = d(Σ cot ⊙ dense
+//! combine weights)/d(logits), with no aux losses, through the router's backward_logits.
+template <class Router, class Plan>
+void check_router_logit_gradient(const golden_case& c, const Router& router, const Plan& plan,
+                                 const tolerance& tol) {
+  if (!c.has_input("grad_combine_dense")) return;
+  const auto cot = c.input("grad_combine_dense");
+  std::vector<float> d_slots(static_cast<std::size_t>(plan.num_tokens * plan.width));
+  routing::dense_to_slot_cotangent(plan, cot.data.data(), d_slots.data());
+  std::vector<float> d_logits(static_cast<std::size_t>(plan.num_tokens * plan.num_experts));
+  router.backward_logits(plan, d_slots.data(), {}, d_logits.data());  // no aux losses
+  check_close("grad_router_logits", d_logits, c.expected("grad_router_logits").data, tol.atol,
+              tol.loss_rtol);
 }
 
 using checker = std::function<void(const golden_case&)>;

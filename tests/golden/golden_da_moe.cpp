@@ -35,12 +35,7 @@ void run_da_moe(const golden_case& c, Importance imp) {
               tol.rtol);
   check_close("relative_importance", stats.relative, c.expected("relative_importance").data,
               tol.atol, tol.rtol);
-  const auto ids = c.expected<std::int64_t>("topk_indices");
-  BOOST_TEST(plan.width == ids.dim(1), "plan width " << plan.width << " vs " << ids.dim(1));
-  check_exact("topk_indices", plan.expert_ids, ids.data);
-  check_close("combine_weights", plan.weights, c.expected("combine_weights").data, tol.atol,
-              tol.rtol);
-  check_exact("num_experts", plan.counts, c.expected<std::int64_t>("num_experts").data);
+  check_plan(c, plan, tol);
   check_close("lb_loss_switch", losses.lb_switch, c.expected("lb_loss_switch").scalar(), tol.atol,
               tol.loss_rtol);
   if (c.has_expected("lb_loss_topk"))
@@ -49,15 +44,7 @@ void run_da_moe(const golden_case& c, Importance imp) {
   if (c.has_expected("z_loss"))
     check_close("z_loss", losses.z, c.expected("z_loss").scalar(), tol.atol, tol.loss_rtol);
 
-  if (c.has_input("grad_combine_dense")) {
-    const auto cot = c.input("grad_combine_dense");
-    std::vector<float> d_slots(static_cast<std::size_t>(tokens * plan.width));
-    routing::dense_to_slot_cotangent(plan, cot.data.data(), d_slots.data());
-    std::vector<float> d_logits(static_cast<std::size_t>(tokens * experts));
-    router.backward_logits(plan, d_slots.data(), {}, d_logits.data());  // no aux losses
-    check_close("grad_router_logits", d_logits, c.expected("grad_router_logits").data, tol.atol,
-                tol.loss_rtol);
-  }
+  check_router_logit_gradient(c, router, plan, tol);
 }
 
 void check_da_moe(const golden_case& c) {

@@ -21,25 +21,14 @@ void check_topk_softmax(const golden_case& c) {
 
   check_close("router_logits", plan.logits, c.expected("router_logits").data, tol.atol, tol.rtol);
   check_close("router_probs", plan.probs, c.expected("router_probs").data, tol.atol, tol.rtol);
-  check_exact("topk_indices", plan.expert_ids, c.expected<std::int64_t>("topk_indices").data);
-  check_close("combine_weights", plan.weights, c.expected("combine_weights").data, tol.atol,
-              tol.rtol);
-  check_exact("num_experts", plan.counts, c.expected<std::int64_t>("num_experts").data);
+  check_plan(c, plan, tol);
   check_close("lb_loss_switch", losses.lb_switch, c.expected("lb_loss_switch").scalar(),
               tol.atol, tol.loss_rtol);
   check_close("lb_loss_topk", losses.lb_topk, c.expected("lb_loss_topk").scalar(), tol.atol,
               tol.loss_rtol);
   check_close("z_loss", losses.z, c.expected("z_loss").scalar(), tol.atol, tol.loss_rtol);
 
-  if (c.has_input("grad_combine_dense")) {
-    const auto cot = c.input("grad_combine_dense");
-    std::vector<float> d_slots(static_cast<std::size_t>(tokens * plan.width));
-    routing::dense_to_slot_cotangent(plan, cot.data.data(), d_slots.data());
-    std::vector<float> d_logits(static_cast<std::size_t>(tokens * experts));
-    router.backward_logits(plan, d_slots.data(), {}, d_logits.data());  // no aux losses
-    check_close("grad_router_logits", d_logits, c.expected("grad_router_logits").data, tol.atol,
-                tol.loss_rtol);
-  }
+  check_router_logit_gradient(c, router, plan, tol);
 }
 
 const registrar reg{"topk_softmax", &check_topk_softmax};
