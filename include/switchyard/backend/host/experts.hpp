@@ -22,6 +22,10 @@
 
 #include <cuda/std/span>
 
+#if defined(_OPENMP)
+#  include <omp.h>
+#endif
+
 #include "switchyard/activation/concepts.hpp"
 #include "switchyard/backend/host/gemm.hpp"
 #include "switchyard/core/workspace.hpp"
@@ -162,6 +166,42 @@ void combine(const routing::plan_view<Id, W>& plan, const dispatch::expert_group
   }
 }
 
+//! Runs every non-empty expert over its contiguous rows of `xs` [R, d] (grouped layout),
+//! writing the expert outputs over the same rows. With OpenBLAS and more than one OpenMP
+//! thread, and when no expert needs a float conversion panel (float weights stored
+//! contiguously), experts run in parallel, one per thread, each GEMM single-threaded: the
+//! per-expert GEMMs are small (≈ T·k/E rows) and scale poorly when OpenBLAS splits each one.
+//! Every expert's rows are written by one thread with the same arithmetic either way, so the
+//! result is bitwise the same as the serial loop.
+template <class Act, ElementType T>
+void run_grouped_experts(const Act& act, const expert_weights<T>& w, const expert_dims& dm,
+                         const dispatch::expert_groups& g, float* xs, float* h, float* w1_buf,
+                         float* w2_buf) {
+  auto one = [&](index_t e) {
+    const index_t n = g.row_count[e], r0 = g.row_begin[e];
+    if (n == 0) return;
+    float* xe = xs + ::switchyard::detail::row_offset(r0, dm.d);
+    expert_forward(act, w, dm, e, n, xe, h + ::switchyard::detail::row_offset(r0, dm.p), xe,
+                   w1_buf, w2_buf);
+  };
+  index_t busy = 0;
+  for (index_t e = 0; e < dm.experts; ++e) busy += g.row_count[e] > 0 ? 1 : 0;
+  bool parallel = blas_single_thread_scope::active() && busy > 1 && w1_buf == nullptr &&
+                  w2_buf == nullptr;
+#if defined(_OPENMP)
+  parallel = parallel && omp_get_max_threads() > 1;
+#else
+  parallel = false;
+#endif
+  if (!parallel) {
+    for (index_t e = 0; e < dm.experts; ++e) one(e);
+    return;
+  }
+  const blas_single_thread_scope single_threaded_blas;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (index_t e = 0; e < dm.experts; ++e) one(e);
+}
+
 //! The index arrays every dispatch fills.
 inline dispatch::expert_groups carve_groups(workspace_arena& ws, const expert_dims& dm) {
   dispatch::expert_groups g;
@@ -205,13 +245,7 @@ void experts_forward(const Dispatch& dispatch, const Act& act, const expert_dims
   dispatch.plan_groups(plan, g);
   if (grouped) {
     detail::gather_groups(x, g, dm.experts, dm.width, xs);
-    for (index_t e = 0; e < dm.experts; ++e) {
-      const index_t n = g.row_count[e], r0 = g.row_begin[e];
-      if (n == 0) continue;
-      float* xe = xs + ::switchyard::detail::row_offset(r0, dm.d);
-      detail::expert_forward(act, w, dm, e, n, xe, h + ::switchyard::detail::row_offset(r0, dm.p),
-                             xe, w1_buf, w2_buf);
-    }
+    detail::run_grouped_experts(act, w, dm, g, xs, h, w1_buf, w2_buf);
     detail::combine(plan, g, xs, x, extra, y);
   } else {
     // Dense: x once as float rows, then every used expert over all T tokens.

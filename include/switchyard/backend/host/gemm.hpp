@@ -20,6 +20,14 @@
 #  define SWITCHYARD_HOST_GEMM_CBLAS 0
 #endif
 
+// OpenBLAS's cblas.h includes openblas_config.h (OPENBLAS_VERSION) and declares its thread
+// controls: with them the host backend can run independent expert GEMMs in parallel threads.
+#if SWITCHYARD_HOST_GEMM_CBLAS && defined(OPENBLAS_VERSION)
+#  define SWITCHYARD_HOST_BLAS_THREAD_CONTROL 1
+#else
+#  define SWITCHYARD_HOST_BLAS_THREAD_CONTROL 0
+#endif
+
 namespace switchyard::host {
 
 //! Whether an operand is used as stored or transposed.
@@ -29,6 +37,32 @@ enum class op { none, transpose };
 inline constexpr const char* gemm_backend_name() {
   return SWITCHYARD_HOST_GEMM_CBLAS ? "cblas" : "blocked";
 }
+
+//! While alive, the BLAS runs each call on the calling thread only (OpenBLAS's global thread
+//! count is set to 1 and restored on destruction), so independent GEMMs can run in parallel
+//! OpenMP threads instead of each being split across threads (small expert GEMMs scale
+//! poorly when split). `active()` is false where the BLAS offers no such control.
+class blas_single_thread_scope {
+ public:
+  blas_single_thread_scope() {
+#if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
+    previous_ = openblas_get_num_threads();
+    if (previous_ > 1) openblas_set_num_threads(1);
+#endif
+  }
+  ~blas_single_thread_scope() {
+#if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
+    if (previous_ > 1) openblas_set_num_threads(previous_);
+#endif
+  }
+  blas_single_thread_scope(const blas_single_thread_scope&) = delete;
+  blas_single_thread_scope& operator=(const blas_single_thread_scope&) = delete;
+  //! Whether the BLAS really is single-threaded inside this scope.
+  [[nodiscard]] static constexpr bool active() { return SWITCHYARD_HOST_BLAS_THREAD_CONTROL != 0; }
+
+ private:
+  int previous_ = 1;
+};
 
 namespace detail {
 
