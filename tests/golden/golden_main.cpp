@@ -1,6 +1,7 @@
 // The golden suite: every *.json in $SWITCHYARD_GOLDEN_DIR (default: ../shared/golden beside
 // the checkout) becomes one Boost.Test case, checked by the checker registered for its
-// `method`. A method with no checker fails with a message saying so.
+// `method`. Each file is first checked against shared/golden/README.md (golden.hpp,
+// case_problems); a method with no checker fails with a message saying so.
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -35,15 +36,24 @@ void run_case(const fs::path& file) {
   } catch (const std::exception& e) {
     BOOST_FAIL(file << ": not valid JSON: " << e.what());
   }
+  // The file against the README (shared/golden/README.md) before any checker reads it.
+  // BOOST_ERROR, not BOOST_FAIL: every problem is reported, and a case registered as an
+  // expected failure still counts its errors.
+  const auto problems = case_problems(c.j, c.path);
+  for (const auto& p : problems) BOOST_ERROR(p);
+  if (!problems.empty()) return;
   const std::string method = c.method();
   auto it = registry().find(method);
   if (it == registry().end()) {
-    // BOOST_ERROR, not BOOST_FAIL: an aborted case cannot count as an expected failure.
     BOOST_ERROR(file << ": method '" << method << "' is not supported by Switchyard yet");
     return;
   }
   BOOST_TEST_MESSAGE(file.filename() << ": " << c.j.value("description", ""));
-  it->second(c);
+  BOOST_TEST_CONTEXT("golden file " << c.path) {
+    it->second(c);
+  }
+  // Every key the file carries must have been read by the checker (none ignored silently).
+  for (const auto& p : unread_keys(c)) BOOST_ERROR(p);
 }
 
 bool init_golden() {
@@ -70,12 +80,13 @@ bool init_golden() {
     } catch (...) {
     }
     auto* tc = bt::make_test_case([f] { run_case(f); }, f.stem().string(), __FILE__, __LINE__);
-    bt::framework::master_test_suite().add(
-        tc, expected_unsupported.count(method) ? 1u : 0u);
+    bt::framework::master_test_suite().add(tc, expected_unsupported.count(method) ? 1u : 0u);
   }
   return true;
 }
 
 }  // namespace
 
-int main(int argc, char* argv[]) { return bt::unit_test_main(&init_golden, argc, argv); }
+int main(int argc, char* argv[]) {
+  return bt::unit_test_main(&init_golden, argc, argv);
+}
