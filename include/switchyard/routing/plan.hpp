@@ -92,11 +92,12 @@ inline void dense_to_slot_cotangent(const routing_plan& plan, const float* d_den
 }
 
 //! Validates a plan view against T and E: ids in [-1, E), counts in [0, width], used slots
-//! first. Throws shape_error / range_error naming `argument`.
+//! first, and no expert twice among one token's used slots (a repeat would run that expert
+//! twice for the token and, with `dense` dispatch, add its dx twice in backward). Throws
+//! shape_error / range_error naming `argument`. O(T · width²) time, no allocation.
 template <class Id, class W>
 void validate_plan(std::string_view argument, const plan_view<Id, W>& plan, index_t t,
                    index_t e) {
-  
   check_view(::switchyard::detail::concat(argument, ".expert_ids"), plan.expert_ids, {t, -1});
   check_view(::switchyard::detail::concat(argument, ".weights"), plan.weights, {t, plan.width()});
   check_view(::switchyard::detail::concat(argument, ".counts"), plan.counts, {t});
@@ -115,6 +116,14 @@ void validate_plan(std::string_view argument, const plan_view<Id, W>& plan, inde
                           ::switchyard::detail::concat(argument, ".expert_ids[", i, ", ", j, "] must be ",
                                  used ? ::switchyard::detail::concat("in [0, ", e, ")") : std::string("-1 (unused)"),
                                  ", got ", id));
+      }
+      for (index_t first = 0; used && first < j; ++first) {
+        if (static_cast<index_t>(plan.expert_ids(i, first)) != id) continue;
+        throw range_error(::switchyard::detail::concat(argument, ".expert_ids"),
+                          ::switchyard::detail::concat(argument, ".expert_ids[", i, ", ", j,
+                                                       "] repeats expert ", id, " (also in slot ",
+                                                       first, "); a token's used slots must name "
+                                                       "distinct experts"));
       }
     }
   }
