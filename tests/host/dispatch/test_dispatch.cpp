@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <utility>
 #include <vector>
 
 #include <switchyard/backend/host/gemm.hpp>
@@ -120,6 +121,114 @@ BOOST_AUTO_TEST_CASE(padded_capacity_drops_in_token_order) {
       }
     BOOST_TEST(s.dropped == dropped, boost::test_tools::per_element());
     BOOST_TEST(s.count == seen, boost::test_tools::per_element());
+  }
+}
+
+namespace {
+
+// Replays padded_capacity's documented fill with capacity `c` (a literal of the test, not
+// the formula): pairs in token order, then slot order, take their expert's next row until it
+// holds c. Checks every pair's row (or drop), every row's pair and the per-expert counts.
+void check_fill(const routing::routing_plan& plan, const group_storage& s, index_t c) {
+  const index_t width = plan.width, experts = plan.num_experts;
+  std::vector<index_t> seen(experts, 0), dropped(experts, 0);
+  for (index_t t = 0; t < plan.num_tokens; ++t)
+    for (index_t j = 0; j < width; ++j) {
+      const index_t p = t * width + j;
+      if (j >= plan.counts[t]) {
+        BOOST_TEST(s.pair_row[p] == dispatch::unused_pair);
+        continue;
+      }
+      const index_t e = plan.id(t, j);
+      if (seen[e] < c) {
+        const index_t row = e * c + seen[e];
+        BOOST_TEST(s.pair_row[p] == row, "token " << t << " slot " << j);
+        if (row < static_cast<index_t>(s.row_pair.size())) BOOST_TEST(s.row_pair[row] == p);
+        else BOOST_ERROR("row " << row << " lies beyond max_rows = " << s.row_pair.size());
+        ++seen[e];
+      } else {
+        BOOST_TEST(s.pair_row[p] == dispatch::dropped_pair, "token " << t << " slot " << j);
+        ++dropped[e];
+      }
+    }
+  BOOST_TEST(s.dropped == dropped, boost::test_tools::per_element());
+  BOOST_TEST(s.count == seen, boost::test_tools::per_element());
+  for (index_t e = 0; e < experts; ++e) BOOST_TEST(s.begin[e] == e * c);
+  BOOST_TEST(s.g.num_rows == experts * c);
+}
+
+}  // namespace
+
+// min_capacity decides: cf·T·k/E = 0.5·12·2/6 = 2 pairs per expert, below the floor of 5.
+// Every token sends slot 0 to expert 0 (12 pairs), slot 1 to a random other expert: expert 0
+// keeps tokens 0..C-1 and drops the rest, the others drop nothing. The floor applies before
+// rounding to capacity_multiple (5 -> 8 with multiple 4; 2 alone would round to 4).
+BOOST_AUTO_TEST_CASE(padded_capacity_min_capacity_floor_decides) {
+  std::mt19937_64 g(test::base_seed() + 105);
+  constexpr index_t tokens = 12, width = 2, experts = 6;
+  routing::routing_plan plan;
+  plan.resize(tokens, width, experts);
+  for (index_t t = 0; t < tokens; ++t) {
+    plan.counts[t] = 2;
+    plan.expert_ids[t * width + 0] = 0;
+    plan.expert_ids[t * width + 1] = static_cast<std::int32_t>(1 + g() % (experts - 1));
+    plan.weights[t * width + 0] = 0.6f;
+    plan.weights[t * width + 1] = 0.4f;
+  }
+  routing::validate_plan("plan", plan.view(), tokens, experts);
+  BOOST_TEST(std::ceil(0.5 * tokens * width / experts) == 2.0);  // the factor's capacity
+  for (auto [multiple, c] : {std::pair<index_t, index_t>{1, 5}, {4, 8}}) {
+    BOOST_TEST_CONTEXT("capacity_multiple " << multiple) {
+      const dispatch::padded_capacity pc{
+          .capacity_factor = 0.5f, .min_capacity = 5, .capacity_multiple = multiple};
+      BOOST_TEST(pc.capacity(tokens, plan.total_assignments(), experts) == c);
+      BOOST_TEST(pc.max_rows(tokens, width, experts) == experts * c);
+      group_storage s(experts, tokens * width, pc.max_rows(tokens, width, experts));
+      pc.plan_groups(plan.view(), s.g);
+      check_fill(plan, s, c);
+      // Expert 0: tokens 0..c-1 kept in rows 0..c-1, tokens c..11 dropped.
+      BOOST_TEST(s.dropped[0] == tokens - c);
+      for (index_t t = 0; t < tokens; ++t)
+        BOOST_TEST(s.pair_row[t * width] == (t < c ? t : dispatch::dropped_pair));
+      BOOST_TEST(s.g.total_dropped() == tokens - c);
+    }
+  }
+}
+
+// The cap decides: cf·T·k/E = 4·10·2/2 = 40 rows per expert, but an expert of a plan with
+// distinct experts per token receives at most T = 10 pairs, so C is capped at T rounded up to
+// capacity_multiple (12 with multiple 4, 10 with multiple 1) and nothing is dropped.
+BOOST_AUTO_TEST_CASE(padded_capacity_is_capped_at_the_rounded_token_count) {
+  std::mt19937_64 g(test::base_seed() + 106);
+  constexpr index_t tokens = 10, width = 2, experts = 2;
+  const auto plan = [&] {  // every token uses both experts, in a random slot order
+    routing::routing_plan p;
+    p.resize(tokens, width, experts);
+    const auto w = test::uniform(g, tokens, 0.05f, 0.95f);
+    for (index_t t = 0; t < tokens; ++t) {
+      const std::int32_t first = static_cast<std::int32_t>(g() % 2);
+      p.counts[t] = 2;
+      p.expert_ids[t * width + 0] = first;
+      p.expert_ids[t * width + 1] = 1 - first;
+      p.weights[t * width + 0] = std::max(w[t], 1.0f - w[t]);
+      p.weights[t * width + 1] = std::min(w[t], 1.0f - w[t]);
+    }
+    return p;
+  }();
+  BOOST_TEST(std::ceil(4.0 * tokens * width / experts) == 40.0);  // the factor's capacity
+  for (auto [multiple, c] : {std::pair<index_t, index_t>{4, 12}, {1, 10}}) {
+    BOOST_TEST_CONTEXT("capacity_multiple " << multiple) {
+      const dispatch::padded_capacity pc{
+          .capacity_factor = 4.0f, .min_capacity = 4, .capacity_multiple = multiple};
+      BOOST_TEST(pc.capacity(tokens, plan.total_assignments(), experts) == c);
+      BOOST_TEST(pc.max_rows(tokens, width, experts) == experts * c);
+      group_storage s(experts, tokens * width, pc.max_rows(tokens, width, experts));
+      pc.plan_groups(plan.view(), s.g);
+      check_fill(plan, s, c);
+      BOOST_TEST(s.g.total_dropped() == 0);
+      BOOST_TEST(s.count[0] == tokens);
+      BOOST_TEST(s.count[1] == tokens);
+    }
   }
 }
 
