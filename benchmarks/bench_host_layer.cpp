@@ -1,16 +1,18 @@
 // Host MoE layer on a small Qwen-like shape: d = 1024, d_ff = 512, E = 64, k = 8, T = 1024,
 // SwiGLU experts, top-k routing, sorted-grouped dispatch.
 //
-// BM_expert_gemm_phase times the expert phase exactly as the layer runs it (per expert:
-// [n_e, d]·W1ᵀ → SwiGLU → ·W2ᵀ over its contiguous rows) and, in the same iterations, one
-// dense sgemm of equal FLOPs ([T·k, d] × [d, 2·d_ff + d_ff]); the counter `ratio` =
-// dense time / phase time is the grouped GEMMs' efficiency relative to one large GEMM
-// (target >= 0.7). BM_layer_forward times the whole forward (routing, dispatch, gather,
-// experts, combine) with a caller workspace.
+// BM_expert_gemm_phase times the layer's expert phase for a fixed plan (forward_experts:
+// dispatch, gather, per-expert [n_e, d]·W1ᵀ → SwiGLU → ·W2ᵀ, combine) and, in the same
+// iterations, one dense sgemm of equal FLOPs ([T·k, d] × [d, 2·d_ff + d_ff]); the counter
+// `ratio` = dense time / phase time is the grouped phase's efficiency relative to one large
+// GEMM (target >= 0.7 for the default layer). BM_layer_forward times the whole forward
+// (routing, dispatch, gather, experts, combine) with a caller workspace.
 #include <benchmark/benchmark.h>
 
 #include <chrono>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include <switchyard/switchyard.hpp>
@@ -43,43 +45,36 @@ struct fixture {
 
 using Layer = sy::MoELayer<sy::routers::TopK, sy::activation::swiglu, sy::dispatch::sorted_grouped>;
 
+// The expert phase as a user runs it for a given plan (`forward_experts`: dispatch planning,
+// gather into row panels, the per-expert GEMMs with SwiGLU, combine) and, in the same
+// iterations, one dense sgemm of equal FLOPs at OpenBLAS's default threading. Arg 0: the
+// default (BLAS) layer; arg 1: `batch_invariant` (fixed-order kernels for the token rows).
 void BM_expert_gemm_phase(benchmark::State& state) {
   fixture f;
-  const Layer layer{.router = {.k = static_cast<int>(K)}};
+  Layer layer{.router = {.k = static_cast<int>(K)}};
+  layer.batch_invariant = state.range(0) != 0;
   Layer::result_type res;
   layer.forward<float>(sy::make_view<const float>(f.x.data(), T, D), f.params(), f.weights(),
                        sy::make_view(f.y.data(), T, D), res);
-  // The layer's grouping, then the gathered rows, as forward builds them.
-  std::vector<index_t> begin(E), count(E), dropped(E), pair_row(T * K), row_pair(T * K);
-  sy::dispatch::expert_groups g;
-  g.row_begin = {begin.data(), begin.size()};
-  g.row_count = {count.data(), count.size()};
-  g.dropped = {dropped.data(), dropped.size()};
-  g.pair_row = {pair_row.data(), pair_row.size()};
-  g.row_pair = {row_pair.data(), row_pair.size()};
-  layer.dispatch.plan_groups(std::as_const(res.plan).view(), g);
-  const index_t rows = g.num_rows;
-  std::vector<float> xs(rows * D), h(rows * P), ys(rows * D);
-  sy::host::detail::gather_groups<float>(sy::make_view<const float>(f.x.data(), T, D), g, E, K, xs.data());
-  sy::host::expert_dims dm{T, K, E, D, F, P, rows};
-  const auto w = f.weights();
+  const auto plan = std::as_const(res.plan).view();
+  const index_t rows = res.plan.total_assignments();
+  std::vector<index_t> dropped(E);
+  std::vector<std::byte> ws(layer.experts_workspace_size<float>(T, K, f.weights()));
   // Dense sgemm of equal FLOPs: [rows, D] × [D, P + F].
-  std::vector<float> b(D * (P + F), 0.01f), c(rows * (P + F));
+  std::vector<float> a(rows * D, 0.5f), b(D * (P + F), 0.01f), c(rows * (P + F));
   double phase_s = 0.0, dense_s = 0.0;
   for (auto _ : state) {
-    // The layer's own expert phase, in place over the gathered rows as forward runs it
-    // (the copy restoring the gathered rows stays outside the timed region).
-    std::copy(xs.begin(), xs.end(), ys.begin());
     auto t0 = std::chrono::steady_clock::now();
-    sy::host::detail::run_grouped_experts(layer.activation, w, dm, g, ys.data(), h.data(), nullptr,
-                                          nullptr);
+    layer.forward_experts<float>(sy::make_view<const float>(f.x.data(), T, D), plan, f.weights(),
+                                 sy::make_view(f.y.data(), T, D), {dropped.data(), dropped.size()},
+                                 {ws.data(), ws.size()});
     auto t1 = std::chrono::steady_clock::now();
-    sy::host::sgemm(sy::host::op::none, sy::host::op::none, rows, P + F, D, 1.0f, xs.data(), D,
+    sy::host::sgemm(sy::host::op::none, sy::host::op::none, rows, P + F, D, 1.0f, a.data(), D,
                     b.data(), P + F, 0.0f, c.data(), P + F);
     auto t2 = std::chrono::steady_clock::now();
     phase_s += std::chrono::duration<double>(t1 - t0).count();
     dense_s += std::chrono::duration<double>(t2 - t1).count();
-    benchmark::DoNotOptimize(ys.data());
+    benchmark::DoNotOptimize(f.y.data());
     benchmark::DoNotOptimize(c.data());
   }
   const double flops = 2.0 * static_cast<double>(rows) * D * (P + F);
@@ -89,10 +84,11 @@ void BM_expert_gemm_phase(benchmark::State& state) {
   state.counters["phase_GFLOPs"] = flops * n / phase_s * 1e-9;
   state.counters["dense_GFLOPs"] = flops * n / dense_s * 1e-9;
   state.counters["ratio"] = dense_s / phase_s;
-  state.counters["max_rows_per_expert"] = static_cast<double>(*std::max_element(count.begin(), count.end()));
-  state.SetLabel(sy::host::gemm_backend_name());
+  state.SetLabel(std::string(sy::host::gemm_backend_name()) +
+                 (layer.batch_invariant ? ", batch_invariant" : "") +
+                 ", blas_batch_invariant=" + (sy::host::blas_batch_invariant() ? "yes" : "no"));
 }
-BENCHMARK(BM_expert_gemm_phase)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
+BENCHMARK(BM_expert_gemm_phase)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
 
 void BM_layer_forward(benchmark::State& state) {
   fixture f;

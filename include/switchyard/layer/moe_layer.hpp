@@ -129,6 +129,11 @@ struct MoELayer {
   Activation activation{};  //!< expert activation
   Dispatch dispatch{};      //!< how (token, slot) pairs reach the experts
   AddOn addon{};            //!< module applied after routing
+  //! Promise a token the same output and dx bits whatever other tokens share its batch
+  //! (T = 1 or 1000, any neighbours, any order) and on any CPU: the token-row GEMMs run on
+  //! fixed-order kernels instead of the BLAS (slower; docs/design.md, "Same bits on any
+  //! machine"). Results never depend on the thread count, with or without it.
+  bool batch_invariant = false;
 
   //! Bytes of workspace `forward` needs for T tokens (router params give E and the width).
   template <ElementType T>
@@ -280,6 +285,7 @@ struct MoELayer {
     dm.d_ff = w.d_ff();
     dm.p = w.projection_width();
     dm.max_rows = dispatch.max_rows(tokens, width, dm.experts);
+    dm.batch_invariant = batch_invariant;
     return dm;
   }
 

@@ -1,0 +1,181 @@
+#pragma once
+//! \file fixed_gemm.hpp
+//! The host backend's batch-invariant GEMMs: row-major products whose every output element
+//! is computed by one fixed sequence of float operations that depends on the reduction length
+//! only, never on the row count, the row's position, the thread count or the CPU. Used for the
+//! GEMMs whose rows are tokens when a layer asks for `batch_invariant` (docs/design.md):
+//! a BLAS chooses instructions by call shape and position (measured: OpenBLAS's Haswell/Zen
+//! kernels give rows 6–11 of every 12 other bits than rows 0–5), so no row decomposition of
+//! BLAS calls can promise a token the same bits whatever its batch.
+//!
+//! Two forms, each with products rounded before they are added (no fused multiply-add: the
+//! functions are compiled with contraction off, so an FMA-capable -march changes nothing):
+//! - `gemm_nt_fixed`: C[i, j] = Σ_k A[i, k]·B[j, k] (both operands row-contiguous in k, the
+//!   layout of X·Wᵀ): 4 lane partial sums over k ≡ lane (mod 4), in increasing k, then
+//!   (l0 + l2) + (l1 + l3), then the k tail in increasing k.
+//! - `gemm_nn_fixed`: C[i, j] = Σ_k A[i, k]·B[k, j] (B row-contiguous in j, the layout of
+//!   dY·W): one sum per element in increasing k (vectorised across j).
+
+#include <cstddef>
+
+#include "switchyard/core/config.hpp"
+
+#if defined(__clang__)
+#  define SWITCHYARD_NO_CONTRACT_BEGIN _Pragma("clang fp contract(off)")
+#  define SWITCHYARD_NO_CONTRACT_ATTR
+#elif defined(__GNUC__)
+#  define SWITCHYARD_NO_CONTRACT_BEGIN
+#  define SWITCHYARD_NO_CONTRACT_ATTR __attribute__((optimize("fp-contract=off")))
+#else
+#  define SWITCHYARD_NO_CONTRACT_BEGIN
+#  define SWITCHYARD_NO_CONTRACT_ATTR
+#endif
+
+namespace switchyard::host {
+
+namespace detail {
+
+//! Four float lanes (GCC/Clang vector extension: one SSE register on baseline x86-64).
+typedef float lanes4 __attribute__((vector_size(16)));
+
+SWITCHYARD_NO_CONTRACT_ATTR inline lanes4 load4(const float* p) {
+  lanes4 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+SWITCHYARD_NO_CONTRACT_ATTR inline void store4(float* p, lanes4 v) {
+  __builtin_memcpy(p, &v, sizeof v);
+}
+
+//! The fixed lane reduction: (l0 + l2) + (l1 + l3).
+SWITCHYARD_NO_CONTRACT_ATTR inline float reduce4(lanes4 v) {
+  SWITCHYARD_NO_CONTRACT_BEGIN
+  return (v[0] + v[2]) + (v[1] + v[3]);
+}
+
+}  // namespace detail
+
+//! C[m, n] = A[m, k] · B[n, k]ᵀ (or C += that when `accumulate`), fixed per-element order.
+SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nt_fixed(index_t m, index_t n, index_t k,
+                                                     const float* a, index_t lda,
+                                                     const float* b, index_t ldb, float* c,
+                                                     index_t ldc, bool accumulate) {
+  SWITCHYARD_NO_CONTRACT_BEGIN
+  using detail::lanes4;
+  const index_t k4 = k / 4 * 4;
+  index_t i = 0;
+  // 2 rows × 4 columns of C per step: 8 lane accumulators.
+  for (; i + 2 <= m; i += 2) {
+    const float* a0 = a + i * lda;
+    const float* a1 = a0 + lda;
+    index_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const float* b0 = b + j * ldb;
+      const float* b1 = b0 + ldb;
+      const float* b2 = b1 + ldb;
+      const float* b3 = b2 + ldb;
+      lanes4 s00{}, s01{}, s02{}, s03{}, s10{}, s11{}, s12{}, s13{};
+      for (index_t p = 0; p < k4; p += 4) {
+        const lanes4 x0 = detail::load4(a0 + p), x1 = detail::load4(a1 + p);
+        const lanes4 w0 = detail::load4(b0 + p), w1 = detail::load4(b1 + p);
+        const lanes4 w2 = detail::load4(b2 + p), w3 = detail::load4(b3 + p);
+        s00 = s00 + x0 * w0;
+        s01 = s01 + x0 * w1;
+        s02 = s02 + x0 * w2;
+        s03 = s03 + x0 * w3;
+        s10 = s10 + x1 * w0;
+        s11 = s11 + x1 * w1;
+        s12 = s12 + x1 * w2;
+        s13 = s13 + x1 * w3;
+      }
+      float r[2][4] = {{detail::reduce4(s00), detail::reduce4(s01), detail::reduce4(s02), detail::reduce4(s03)},
+                       {detail::reduce4(s10), detail::reduce4(s11), detail::reduce4(s12), detail::reduce4(s13)}};
+      for (index_t p = k4; p < k; ++p) {
+        for (int q = 0; q < 4; ++q) {
+          const float w = b[(j + q) * ldb + p];
+          r[0][q] = r[0][q] + a0[p] * w;
+          r[1][q] = r[1][q] + a1[p] * w;
+        }
+      }
+      for (int q = 0; q < 4; ++q) {
+        float& c0 = c[i * ldc + j + q];
+        float& c1 = c[(i + 1) * ldc + j + q];
+        c0 = accumulate ? c0 + r[0][q] : r[0][q];
+        c1 = accumulate ? c1 + r[1][q] : r[1][q];
+      }
+    }
+    for (; j < n; ++j) {  // remaining columns, the same per-element sequence
+      const float* bj = b + j * ldb;
+      for (index_t row = 0; row < 2; ++row) {
+        const float* ar = row == 0 ? a0 : a1;
+        lanes4 s{};
+        for (index_t p = 0; p < k4; p += 4) s = s + detail::load4(ar + p) * detail::load4(bj + p);
+        float r = detail::reduce4(s);
+        for (index_t p = k4; p < k; ++p) r = r + ar[p] * bj[p];
+        float& out = c[(i + row) * ldc + j];
+        out = accumulate ? out + r : r;
+      }
+    }
+  }
+  for (; i < m; ++i) {  // a last odd row, the same per-element sequence
+    const float* ar = a + i * lda;
+    for (index_t j = 0; j < n; ++j) {
+      const float* bj = b + j * ldb;
+      lanes4 s{};
+      for (index_t p = 0; p < k4; p += 4) s = s + detail::load4(ar + p) * detail::load4(bj + p);
+      float r = detail::reduce4(s);
+      for (index_t p = k4; p < k; ++p) r = r + ar[p] * bj[p];
+      float& out = c[i * ldc + j];
+      out = accumulate ? out + r : r;
+    }
+  }
+}
+
+//! C[m, n] = A[m, k] · B[k, n] (or C += that when `accumulate`), fixed per-element order:
+//! c_ij = (…((a_i0·b_0j) + a_i1·b_1j) + …) + a_i(k−1)·b_(k−1)j, then added to C if accumulating.
+SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nn_fixed(index_t m, index_t n, index_t k,
+                                                     const float* a, index_t lda,
+                                                     const float* b, index_t ldb, float* c,
+                                                     index_t ldc, bool accumulate) {
+  SWITCHYARD_NO_CONTRACT_BEGIN
+  using detail::lanes4;
+  const index_t n8 = n / 8 * 8;
+  index_t i = 0;
+  for (; i + 4 <= m; i += 4) {  // 4 rows × 8 columns per step: 8 lane accumulators
+    for (index_t j = 0; j < n8; j += 8) {
+      lanes4 s[4][2] = {};
+      for (index_t p = 0; p < k; ++p) {
+        const lanes4 w0 = detail::load4(b + p * ldb + j), w1 = detail::load4(b + p * ldb + j + 4);
+        for (int r = 0; r < 4; ++r) {
+          const float av = a[(i + r) * lda + p];
+          const lanes4 x = {av, av, av, av};
+          s[r][0] = s[r][0] + x * w0;
+          s[r][1] = s[r][1] + x * w1;
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        float* out = c + (i + r) * ldc + j;
+        if (accumulate) {
+          detail::store4(out, detail::load4(out) + s[r][0]);
+          detail::store4(out + 4, detail::load4(out + 4) + s[r][1]);
+        } else {
+          detail::store4(out, s[r][0]);
+          detail::store4(out + 4, s[r][1]);
+        }
+      }
+    }
+  }
+  // Remaining columns of the 4-row blocks, then remaining rows: scalar, the same per-element
+  // sequence.
+  for (index_t row = 0; row < m; ++row) {
+    for (index_t j = row < i ? n8 : 0; j < n; ++j) {
+      float s = 0.0f;
+      for (index_t p = 0; p < k; ++p) s = s + a[row * lda + p] * b[p * ldb + j];
+      float& out = c[row * ldc + j];
+      out = accumulate ? out + s : s;
+    }
+  }
+}
+
+}  // namespace switchyard::host
