@@ -7,7 +7,7 @@
 // row position alike (host::blas_batch_invariant(); else that case reports Skipped).
 //
 // The shapes put the expert GEMMs on the BLAS path of the row-panel rule (row_panels.hpp):
-// one where calls may be as short as 12 rows, one where the small-kernel floor raises it.
+// one where calls may be as short as 12 rows, one where the small-kernel floor raises it to 164.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -213,8 +213,8 @@ using batch_combos = std::tuple<
     combo<routers::AdaptiveGating, dispatch::dense>, combo<routers::DynMoE, dispatch::sorted_grouped>,
     combo<routers::DynMoE, dispatch::padded_capacity>, combo<routers::DynMoE, dispatch::dense>>;
 
-// Shapes: d·d_ff = 256·336 passes the small-kernel bound at 12 rows (calls of any multiple of
-// 12); 96·64 needs calls of >= 168 rows (the floor); both use the BLAS where one is linked.
+// Shapes: d·d_ff = 256·336 passes the small-kernel bound at 12 rows (calls of 12, 16, 20, …
+// rows); 96·64 needs calls of >= 164 rows (the floor); both use the BLAS where one is linked.
 // Float runs both; half and bfloat16 (converted weight panels, serial experts) the second.
 struct shape {
   index_t tokens, d, f;

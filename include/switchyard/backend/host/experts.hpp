@@ -600,7 +600,7 @@ inline bool blas_batch_invariant() {
   static const bool invariant = [] {
     if (!SWITCHYARD_HOST_GEMM_CBLAS) return true;
     const blas_single_thread_scope single_threaded_blas;
-    constexpr index_t n = 320, k = 320, max_m = 48;
+    constexpr index_t n = 320, k = 320, max_m = 32;
     const row_panels rp = row_panels::for_shape(n, k);
     std::vector<float> a(max_m * k), b(n * k), c(max_m * n), ref(n), x(k);
     std::uint32_t state = 12345u;  // a small LCG: values in [-1, 1)

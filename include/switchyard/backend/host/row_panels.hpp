@@ -6,31 +6,28 @@
 //!
 //! A BLAS computes row i of `C = A·op(B)` from row i of A and B only, but *which* instructions
 //! it uses depends on the call's shape. Measured with Debian's OpenBLAS 0.3.21 over every x86-64
-//! kernel set it ships (`OPENBLAS_CORETYPE` = Prescott … Haswell, Zen, SkylakeX, Cooperlake):
-//! - Haswell/Zen cut the rows (OpenBLAS's N after the row-major swap) into chunks of 12 and
-//!   handle a shorter tail with other instructions: a row's bits depend on where the call's
-//!   row count leaves it. Calls whose row count is a multiple of 12 give every row the same
-//!   instructions (Prescott … Sandybridge: any multiple of 4 does).
+//! kernel set it ships (`OPENBLAS_CORETYPE` = Prescott … Sandybridge, Haswell, Zen, SkylakeX,
+//! Cooperlake):
+//! - A multi-threaded call splits the rows at thread-count-dependent places (seen: 1 vs 2
+//!   threads differ on Haswell/Zen kernels). Every call here is single-threaded
+//!   (`blas_single_thread_scope`); parallelism comes from running independent calls (experts,
+//!   row blocks) on OpenMP threads, a partition fixed by the data alone. This alone gives
+//!   thread invariance, on every kernel set.
+//! - Prescott/Core2/Penryn/Dunnington handle a row tail shorter than 4 with other
+//!   instructions: calls here have a multiple of 4 rows.
 //! - SkylakeX/Cooperlake take "small-matrix" kernels, which sum in another order, when
-//!   M·N·K ≤ 10^6: a call with more rows switches kernel. Every call here has M·N·K above
-//!   that bound.
-//! - A multi-threaded call splits the rows at thread-count-dependent places: every call here
-//!   is single-threaded (`blas_single_thread_scope`), and parallelism comes from running
-//!   independent calls (experts, row blocks) on OpenMP threads.
+//!   M·N·K ≤ 10^6: a call with more rows switches kernel. Calls here stay above that bound.
+//! - Haswell/Zen compute rows 6–11 of every 12 with other instructions than rows 0–5, whatever
+//!   the call's shape: no row decomposition makes a token's bits independent of its position,
+//!   so on those kernels only `batch_invariant` layers (fixed_gemm.hpp) are batch-invariant.
 //! So each expert's rows are padded to `padded(n)` rows: blocks of `block` rows, then a tail
 //! rounded up to a multiple of `granule` and to at least `min_rows`; padding rows are zero and
-//! their outputs ignored. `tests/host/backend/test_row_panels.cpp` checks the rule against the
-//! BLAS the tests link, on whatever CPU runs them.
+//! their outputs ignored. `host::blas_batch_invariant()` probes whether the linked BLAS then
+//! treats every row alike; `tests/host/layer/test_moe_layer_invariance.cpp` checks the layer.
 //!
 //! Where the smallest call would need more than `block` rows to pass the small-kernel bound
 //! (d·d_ff < 10^6 / block: toy shapes), the backend uses its own blocked GEMM instead, whose
 //! per-element arithmetic (k summed in increasing order) does not depend on the call's shape.
-//!
-//! This rule makes the BLAS calls thread-invariant everywhere, and batch-invariant where the
-//! BLAS's kernels compute every row position alike (OpenBLAS 0.3.21's SkylakeX, Cooperlake,
-//! Sandybridge, Nehalem, Core2 and Prescott kernels; *not* Haswell/Zen, which give rows 6–11
-//! of each 12 other instructions than rows 0–5, whatever the call shape). A layer that asks
-//! for `batch_invariant` runs the token-row GEMMs on `fixed_gemm.hpp` instead (`fixed`).
 
 #include <algorithm>
 
@@ -40,8 +37,8 @@ namespace switchyard::host {
 
 //! How an expert's rows become GEMM calls (see the file comment).
 struct row_panels {
-  //! Every call's row count is a multiple of this (Haswell/Zen row chunks are 12 wide).
-  static constexpr index_t granule = 12;
+  //! Every call's row count is a multiple of this (Prescott…Dunnington row tails).
+  static constexpr index_t granule = 4;
   //! Rows of one work item (one call per GEMM); a multiple of `granule`.
   static constexpr index_t block = 384;
   //! OpenBLAS's SkylakeX small-matrix kernels take M·N·K ≤ this; calls stay above it.
