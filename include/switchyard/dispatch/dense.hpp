@@ -30,6 +30,8 @@ struct dense {
 
   //! Fills `g`: `pair_row[p] = p` for a used slot (its row in the [T·width, d] pair buffer),
   //! `row_count[e]` = pairs routed to e (0 means the expert is skipped).
+  //! Precondition: the plan passed routing::validate_plan (the layer validates before
+  //! dispatch); ids outside [0, E) or counts outside [0, width] would index past `g`.
   template <class Id, class W>
   void plan_groups(const routing::plan_view<Id, W>& plan, expert_groups& g) const {
     const index_t tokens = plan.num_tokens(), width = plan.width();

@@ -70,6 +70,8 @@ struct padded_capacity {
 
   //! Fills `g` (spans sized E, E, E, T·width, max_rows) from the plan: pairs in token order
   //! take the next row of their expert's block until it holds C.
+  //! Precondition: the plan passed routing::validate_plan (the layer validates before
+  //! dispatch); ids outside [0, E) or counts outside [0, width] would index past `g`.
   template <class Id, class W>
   void plan_groups(const routing::plan_view<Id, W>& plan, expert_groups& g) const {
     const index_t tokens = plan.num_tokens(), width = plan.width(), experts = plan.num_experts;

@@ -37,6 +37,8 @@ struct sorted_grouped {
 
   //! Fills `g` (spans sized E, E, E, T·width, T·width) from the plan by a stable counting
   //! sort. `g.row_count` doubles as the histogram, `g.row_begin` as the exclusive scan.
+  //! Precondition: the plan passed routing::validate_plan (the layer validates before
+  //! dispatch); ids outside [0, E) or counts outside [0, width] would index past `g`.
   template <class Id, class W>
   void plan_groups(const routing::plan_view<Id, W>& plan, expert_groups& g) const {
     const index_t tokens = plan.num_tokens(), width = plan.width(), experts = plan.num_experts;

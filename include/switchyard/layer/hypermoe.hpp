@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
@@ -248,6 +249,31 @@ void adapter_down(const matrix_view<const T>& x, index_t t, const generated_adap
   }
 }
 
+//! Validates an owning plan passed to a public function: T, width and E non-negative, the
+//! arrays the function reads sized for them (shape_error naming "plan.<array>"), then
+//! routing::validate_plan (range_error on "plan.counts" / "plan.expert_ids" for a count
+//! outside [0, width], an id outside [0, E) or a repeated expert).
+inline void validate_owned_plan(const routing::routing_plan& plan) {
+  ::switchyard::detail::require_in_range<index_t>("plan.num_tokens", plan.num_tokens, 0,
+                                                  std::numeric_limits<index_t>::max());
+  ::switchyard::detail::require_in_range<index_t>("plan.width", plan.width, 0,
+                                                  std::numeric_limits<index_t>::max());
+  ::switchyard::detail::require_in_range<index_t>("plan.num_experts", plan.num_experts, 0,
+                                                  std::numeric_limits<index_t>::max());
+  const auto slots = static_cast<std::size_t>(plan.num_tokens * plan.width);
+  const auto require_size = [](const char* name, std::size_t got, std::size_t want,
+                               const char* meaning) {
+    if (got != want) {
+      throw shape_error(name, ::switchyard::detail::concat(name, ": expected ", want,
+                                                           " elements ", meaning, ", got ", got));
+    }
+  };
+  require_size("plan.expert_ids", plan.expert_ids.size(), slots, "[T·width]");
+  require_size("plan.weights", plan.weights.size(), slots, "[T·width]");
+  require_size("plan.counts", plan.counts.size(), static_cast<std::size_t>(plan.num_tokens), "[T]");
+  routing::validate_plan("plan", plan.view(), plan.num_tokens, plan.num_experts);
+}
+
 }  // namespace detail
 
 //! The HyperMoE module of one layer: applies the adapter generated from the plan's
@@ -299,7 +325,8 @@ struct hypermoe_module {
   }
 
   //! Selection embedding of every token, `u [T, d_emb]` = Σ of the embeddings of the experts
-  //! the plan did *not* select (computed as Σ_all − Σ_selected; a duplicate id counts once).
+  //! the plan did *not* select (computed as Σ_all − Σ_selected; the plan is validated, so a
+  //! token's used slots name distinct experts: a repeated id is rejected with range_error).
   template <class Id, class W>
   void selection_embedding(const routing::plan_view<Id, W>& plan,
                            const matrix_view<const float>& expert_emb,
@@ -513,7 +540,8 @@ struct hypermoe_module {
 //! dropped once its expert already holds `expert_capacity` tokens. `dropped [T·width]`
 //! (slot order, 0/1) is written; returns the number of dropped slots. A dropped Switch token
 //! contributes `p*·x` (the layer passes the token through) instead of `p*·Expert(x)`; the plan
-//! itself (ids, weights, counts) is left as the router made it.
+//! itself (ids, weights, counts) is left as the router made it. Throws range_error for a
+//! negative capacity or a plan that fails routing::validate_plan, shape_error for `dropped`.
 inline index_t switch_capacity_drop(const routing::routing_plan& plan, index_t expert_capacity,
                                     ::cuda::std::span<std::int32_t> dropped) {
   if (expert_capacity < 0) {
@@ -526,6 +554,7 @@ inline index_t switch_capacity_drop(const routing::routing_plan& plan, index_t e
                                                               " elements [T·width], got ",
                                                               dropped.size()));
   }
+  detail::validate_owned_plan(plan);
   std::vector<index_t> load(static_cast<std::size_t>(plan.num_experts), 0);
   index_t n = 0;
   for (index_t t = 0; t < plan.num_tokens; ++t) {
@@ -548,11 +577,29 @@ inline index_t switch_capacity_drop(const routing::routing_plan& plan, index_t e
 //! HF Switch load-balance loss `E·Σ_e f_e·P̄_e` as `HM-sw` computes it: `f` from the
 //! capacity-masked top-1 one-hot through `argmax`, so a token whose slot 0 was dropped counts
 //! as expert 0 (upstream quirk, reproduced). `dropped` as from `switch_capacity_drop`.
-//! 0 for an empty batch.
+//! 0 for an empty batch. Throws shape_error when plan.probs is not [T·E] or `dropped` not
+//! [T·width], range_error when the plan fails routing::validate_plan.
 inline float switch_hf_load_balance_loss(const routing::routing_plan& plan,
                                          ::cuda::std::span<const std::int32_t> dropped) {
+  detail::validate_owned_plan(plan);
   const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+  const auto probs_need = static_cast<std::size_t>(tokens * e_count);
+  if (plan.probs.size() != probs_need) {
+    throw shape_error("plan.probs", ::switchyard::detail::concat(
+                                        "plan.probs: expected ", probs_need,
+                                        " elements [T·E], got ", plan.probs.size()));
+  }
+  const auto dropped_need = static_cast<std::size_t>(tokens * plan.width);
+  if (dropped.size() != dropped_need) {
+    throw shape_error("dropped", ::switchyard::detail::concat("dropped: expected ", dropped_need,
+                                                              " elements [T·width], got ",
+                                                              dropped.size()));
+  }
   if (tokens == 0) return 0.0f;
+  if (e_count == 0) {  // f[0] below needs an expert 0
+    throw range_error("plan.num_experts",
+                      "plan.num_experts must be >= 1 for a non-empty batch, got 0");
+  }
   std::vector<double> f(static_cast<std::size_t>(e_count), 0.0), pbar(f);
   for (index_t t = 0; t < tokens; ++t) {
     const bool kept = plan.counts[t] > 0 && dropped[static_cast<std::size_t>(t * plan.width)] == 0;
@@ -599,8 +646,10 @@ inline double cv_squared(::cuda::std::span<const double> v) {
 //! Eval-mode balance loss of the GPT-2 variant (Shazeer): `coef·(cv²(importance) +
 //! cv²(load))`, importance_e = Σ_t gate_{t,e} (the plan's combine weights), load_e = number of
 //! tokens with gate_{t,e} > 0. `coef` is upstream's `loss_coef` (0.01). The training-mode
-//! smooth load estimate (`_prob_in_top_k`) is not implemented.
+//! smooth load estimate (`_prob_in_top_k`) is not implemented. Throws range_error when the
+//! plan fails routing::validate_plan.
 inline float gpt2_cv_loss_eval(const routing::routing_plan& plan, double coef = 0.01) {
+  detail::validate_owned_plan(plan);
   const index_t e_count = plan.num_experts;
   std::vector<double> importance(static_cast<std::size_t>(e_count), 0.0), load(importance);
   for (index_t t = 0; t < plan.num_tokens; ++t) {

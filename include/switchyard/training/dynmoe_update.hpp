@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "switchyard/core/element_type.hpp"
@@ -39,16 +40,43 @@ struct dynmoe_recorder {
   //! Adds one forward's plan (of a DynMoE router, width E_max) and its input x [T, d]:
   //! routing_records[e] += number of tokens using e (eval fallbacks included, as upstream),
   //! sample_records += Σ x_t over tokens that use no expert (only happens in training).
-  //! Sizes the records on first use; throws shape_error when x or the plan disagree with them.
+  //! Sizes the records on first use; throws shape_error when x or the plan disagree with them
+  //! (or the plan's arrays with its T and width), range_error when the plan fails
+  //! routing::validate_plan (a count outside [0, width], an id outside [0, E), a repeat).
   template <ElementType T>
   void record(const routing::routing_plan& plan, const matrix_view<const T>& x) {
     const index_t e_max = plan.num_experts, d = x.extent(1);
-    if (routing_records.empty() && sample_records.empty()) reset(e_max, d);
-    ::switchyard::detail::require_extent("plan.num_experts", 0, e_max,
-                           static_cast<index_t>(routing_records.size()),
-                           "E_max of the recorded experts");
-    check_view("x", x, {plan.num_tokens, static_cast<index_t>(sample_records.size())},
+    if (e_max < 0) {
+      throw range_error("plan.num_experts", ::switchyard::detail::concat(
+                                                "plan.num_experts must be >= 0, got ", e_max));
+    }
+    if (plan.num_tokens < 0 || plan.width < 0) {
+      throw range_error(plan.num_tokens < 0 ? "plan.num_tokens" : "plan.width",
+                        ::switchyard::detail::concat("plan: num_tokens and width must be >= 0, got ",
+                                                     plan.num_tokens, " and ", plan.width));
+    }
+    const auto slots = static_cast<std::size_t>(plan.num_tokens * plan.width);
+    const auto require_size = [](const char* name, std::size_t got, std::size_t want,
+                                 const char* meaning) {
+      if (got != want) {
+        throw shape_error(name, ::switchyard::detail::concat(name, ": expected ", want,
+                                                             " elements ", meaning, ", got ", got));
+      }
+    };
+    require_size("plan.expert_ids", plan.expert_ids.size(), slots, "[T·width]");
+    require_size("plan.weights", plan.weights.size(), slots, "[T·width]");
+    require_size("plan.counts", plan.counts.size(), static_cast<std::size_t>(plan.num_tokens),
+                 "[T]");
+    routing::validate_plan("plan", std::as_const(plan).view(), plan.num_tokens, e_max);
+    // Every check before the first mutation: a rejected call leaves the records unchanged.
+    const bool fresh = routing_records.empty() && sample_records.empty();
+    ::switchyard::detail::require_extent(
+        "plan.num_experts", 0, e_max,
+        fresh ? e_max : static_cast<index_t>(routing_records.size()),
+        "E_max of the recorded experts");
+    check_view("x", x, {plan.num_tokens, fresh ? d : static_cast<index_t>(sample_records.size())},
                "[T, d] with T = plan.num_tokens and d of the records");
+    if (fresh) reset(e_max, d);
     for (index_t t = 0; t < plan.num_tokens; ++t) {
       const index_t k = plan.counts[static_cast<std::size_t>(t)];
       for (index_t j = 0; j < k; ++j) routing_records[static_cast<std::size_t>(plan.id(t, j))] += 1.0f;
