@@ -3,6 +3,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -16,6 +17,39 @@
 namespace sy = switchyard;
 using namespace switchyard;
 
+namespace {
+
+// HyperMoE parameters: {rows, cols} of each tensor (cols 0 = vector), random values, views.
+struct hyper_parameters {
+  std::vector<std::array<index_t, 2>> shape;
+  std::vector<std::vector<float>> val;
+  hyper_parameters(std::mt19937_64& g, index_t experts, index_t d, index_t d_emb, index_t p,
+                   index_t h_in, index_t L, index_t d_le, index_t b, index_t a)
+      : shape{{experts, d_emb}, {p, d_emb}, {p, 0}, {h_in, p}, {h_in, 0}, {L, d_le},
+              {b, h_in + d_le}, {b, 0}, {a * d, b}, {a * d, 0}, {d * a, b}, {d * a, 0},
+              {d, b}, {d, 0}, {a, b}, {a, 0}} {
+    for (const auto& s : shape)
+      val.push_back(test::normal(g, static_cast<std::size_t>(s[0] * std::max<index_t>(1, s[1])), 0.5f));
+  }
+  layer::hypermoe_params params() const {
+    auto m = [&](int i) { return make_view<const float>(val[i].data(), shape[i][0], shape[i][1]); };
+    auto v = [&](int i) { return make_view<const float>(val[i].data(), shape[i][0]); };
+    layer::hypermoe_params hp;
+    hp.expert_emb = m(0);
+    hp.process1 = {m(1), v(2)};
+    hp.process2 = {m(3), v(4)};
+    hp.generator.layer_embed = m(5);
+    hp.generator.linear1 = {m(6), v(7)};
+    hp.generator.weight_up = {m(8), v(9)};
+    hp.generator.weight_down = {m(10), v(11)};
+    hp.generator.bias_up = {m(12), v(13)};
+    hp.generator.bias_down = {m(14), v(15)};
+    return hp;
+  }
+};
+
+}  // namespace
+
 BOOST_AUTO_TEST_CASE(hypermoe_addon_adds_the_module_term_and_gradients) {
   std::mt19937_64 g(test::base_seed() + 201);
   constexpr index_t tokens = 14, d = 6, f = 5, experts = 5;
@@ -23,32 +57,16 @@ BOOST_AUTO_TEST_CASE(hypermoe_addon_adds_the_module_term_and_gradients) {
   test::layer_data<float> D(g, tokens, d, f, experts, true, true);
   test::router_setup<routers::TopK> rs(g, {.k = 2}, tokens, d, experts);
 
-  // HyperMoE parameters: {rows, cols} of each tensor (cols 0 = vector), then the views.
-  const index_t shape[][2] = {{experts, d_emb}, {p, d_emb}, {p, 0}, {h_in, p}, {h_in, 0},
-                              {L, d_le}, {b, h_in + d_le}, {b, 0}, {a * d, b}, {a * d, 0},
-                              {d * a, b}, {d * a, 0}, {d, b}, {d, 0}, {a, b}, {a, 0}};
-  std::vector<std::vector<float>> val, grd;
-  for (const auto& s : shape) {
-    const auto n = static_cast<std::size_t>(s[0] * std::max<index_t>(1, s[1]));
-    val.push_back(test::normal(g, n, 0.5f));
-    grd.emplace_back(n, 0.0f);
-  }
+  hyper_parameters P(g, experts, d, d_emb, p, h_in, L, d_le, b, a);
+  auto& val = P.val;
+  auto& shape = P.shape;
+  std::vector<std::vector<float>> grd;
+  for (const auto& s : shape) grd.emplace_back(static_cast<std::size_t>(s[0] * std::max<index_t>(1, s[1])), 0.0f);
   for (auto& v : val[2]) v = 0.5f + std::abs(v);  // keep ReLU units alive
   for (auto& v : val[7]) v = 0.5f + std::abs(v);
-  auto m = [&](int i) { return make_view<const float>(val[i].data(), shape[i][0], shape[i][1]); };
-  auto v = [&](int i) { return make_view<const float>(val[i].data(), shape[i][0]); };
+  const layer::hypermoe_params hp = P.params();
   auto gm = [&](std::vector<std::vector<float>>& s, int i) { return make_view(s[i].data(), shape[i][0], shape[i][1]); };
   auto gv = [&](std::vector<std::vector<float>>& s, int i) { return make_view(s[i].data(), shape[i][0]); };
-  layer::hypermoe_params hp;
-  hp.expert_emb = m(0);
-  hp.process1 = {m(1), v(2)};
-  hp.process2 = {m(3), v(4)};
-  hp.generator.layer_embed = m(5);
-  hp.generator.linear1 = {m(6), v(7)};
-  hp.generator.weight_up = {m(8), v(9)};
-  hp.generator.weight_down = {m(10), v(11)};
-  hp.generator.bias_up = {m(12), v(13)};
-  hp.generator.bias_down = {m(14), v(15)};
   auto grads_of = [&](std::vector<std::vector<float>>& s) {
     layer::hypermoe_grads hg;
     hg.expert_emb = gm(s, 0);
@@ -104,24 +122,8 @@ BOOST_AUTO_TEST_CASE(hypermoe_addon_token_bits_independent_of_batch) {
   constexpr index_t d_emb = 4, p = 7, h_in = 3, L = 2, d_le = 2, b = 5, a = 3;
   test::layer_data<float> D(g, 2 * tokens, d, f, experts, true, true);
   test::router_setup<routers::TopK> rs(g, {.k = 2}, 2 * tokens, d, experts);
-  const index_t shape[][2] = {{experts, d_emb}, {p, d_emb}, {p, 0}, {h_in, p}, {h_in, 0},
-                              {L, d_le}, {b, h_in + d_le}, {b, 0}, {a * d, b}, {a * d, 0},
-                              {d * a, b}, {d * a, 0}, {d, b}, {d, 0}, {a, b}, {a, 0}};
-  std::vector<std::vector<float>> val;
-  for (const auto& s : shape)
-    val.push_back(test::normal(g, static_cast<std::size_t>(s[0] * std::max<index_t>(1, s[1])), 0.5f));
-  auto m = [&](int i) { return make_view<const float>(val[i].data(), shape[i][0], shape[i][1]); };
-  auto v = [&](int i) { return make_view<const float>(val[i].data(), shape[i][0]); };
-  layer::hypermoe_params hp;
-  hp.expert_emb = m(0);
-  hp.process1 = {m(1), v(2)};
-  hp.process2 = {m(3), v(4)};
-  hp.generator.layer_embed = m(5);
-  hp.generator.linear1 = {m(6), v(7)};
-  hp.generator.weight_up = {m(8), v(9)};
-  hp.generator.weight_down = {m(10), v(11)};
-  hp.generator.bias_up = {m(12), v(13)};
-  hp.generator.bias_down = {m(14), v(15)};
+  const hyper_parameters P(g, experts, d, d_emb, p, h_in, L, d_le, b, a);
+  const layer::hypermoe_params hp = P.params();
   MoELayer<routers::TopK, activation::swiglu, dispatch::sorted_grouped, layer::hypermoe_addon> layer{
       .router = rs.router, .addon = {.module = {.layer_idx = 1, .adapter_dim = static_cast<int>(a)}},
       .batch_invariant = true};

@@ -8,6 +8,8 @@
 //
 // The shapes put the expert GEMMs on the BLAS path of the row-panel rule (row_panels.hpp):
 // one where calls may be as short as 12 rows, one where the small-kernel floor raises it to 164.
+#include <boost/mp11/algorithm.hpp>
+#include <boost/mp11/list.hpp>
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -190,28 +192,16 @@ struct combo {
   using dispatch_type = D;
 };
 
-using thread_combos = std::tuple<
-    combo<routers::TopK, dispatch::sorted_grouped>, combo<routers::TopK, dispatch::padded_capacity>,
-    combo<routers::TopK, dispatch::dense>, combo<routers::TopP, dispatch::sorted_grouped>,
-    combo<routers::TopP, dispatch::padded_capacity>, combo<routers::TopP, dispatch::dense>,
-    combo<routers::AdaptiveGating, dispatch::sorted_grouped>,
-    combo<routers::AdaptiveGating, dispatch::padded_capacity>,
-    combo<routers::AdaptiveGating, dispatch::dense>, combo<routers::DynMoE, dispatch::sorted_grouped>,
-    combo<routers::DynMoE, dispatch::padded_capacity>, combo<routers::DynMoE, dispatch::dense>,
-    combo<routers::DAMoE<routing::importance::precomputed>, dispatch::sorted_grouped>,
-    combo<routers::DAMoE<routing::importance::precomputed>, dispatch::padded_capacity>,
-    combo<routers::DAMoE<routing::importance::precomputed>, dispatch::dense>>;
-
+using dispatches = boost::mp11::mp_list<dispatch::sorted_grouped, dispatch::padded_capacity, dispatch::dense>;
 // DA-MoE's K depends on the token's importance relative to the batch maximum, so its plan for
 // a token depends on the batch: it is covered by thread invariance only.
-using batch_combos = std::tuple<
-    combo<routers::TopK, dispatch::sorted_grouped>, combo<routers::TopK, dispatch::padded_capacity>,
-    combo<routers::TopK, dispatch::dense>, combo<routers::TopP, dispatch::sorted_grouped>,
-    combo<routers::TopP, dispatch::padded_capacity>, combo<routers::TopP, dispatch::dense>,
-    combo<routers::AdaptiveGating, dispatch::sorted_grouped>,
-    combo<routers::AdaptiveGating, dispatch::padded_capacity>,
-    combo<routers::AdaptiveGating, dispatch::dense>, combo<routers::DynMoE, dispatch::sorted_grouped>,
-    combo<routers::DynMoE, dispatch::padded_capacity>, combo<routers::DynMoE, dispatch::dense>>;
+using batch_combos = boost::mp11::mp_product<
+    combo, boost::mp11::mp_list<routers::TopK, routers::TopP, routers::AdaptiveGating, routers::DynMoE>,
+    dispatches>;
+using thread_combos = boost::mp11::mp_append<
+    batch_combos,
+    boost::mp11::mp_product<combo, boost::mp11::mp_list<routers::DAMoE<routing::importance::precomputed>>,
+                            dispatches>>;
 
 // Shapes: d·d_ff = 256·336 passes the small-kernel bound at 12 rows (calls of 12, 16, 20, …
 // rows); 96·64 needs calls of >= 164 rows (the floor); both use the BLAS where one is linked.

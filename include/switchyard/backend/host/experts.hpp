@@ -427,6 +427,24 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
     if (w.has_b2()) detail::add_bias(w.b2, e, ye, m, d, d);
   };
 
+  // grad[e] += Lᵀ · R over the n real rows (L [n, rows of grad[e]], R [n, its columns]):
+  // straight into the gradient view when BLAS can write it, else through `tmp` (either way
+  // decided by the view's layout, never by the thread count).
+  auto accumulate_weight_grad = [&](const tensor_view<float, 3>& grad, bool direct, float* tmp,
+                                    index_t e, index_t n, const float* l, index_t ldl,
+                                    const float* r, index_t ldr) {
+    if (!::switchyard::detail::present(grad)) return;
+    const index_t rows = grad.extent(1), cols = grad.extent(2);
+    if (direct) {
+      detail::gemm_rows(rp, op::transpose, op::none, rows, cols, n, l, ldl, r, ldr,
+                        &grad(e, 0, 0), grad.stride(1), true);
+      return;
+    }
+    detail::gemm_rows(rp, op::transpose, op::none, rows, cols, n, l, ldl, r, ldr, tmp, cols);
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t c = 0; c < cols; ++c) grad(e, i, c) += tmp[i * cols + c];
+  };
+
   // One expert over m padded rows (the first n real) whose x rows are `xe` and dY rows `dye`
   // (padding rows zero); writes dX rows over dye. Weight gradients sum the n real rows.
   auto run_expert = [&](index_t e, index_t n, index_t m, const float* xe, float* he,
@@ -434,17 +452,7 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
                         detail::float_panel w2) {
     // dA = dY · W2 ([m, d] × [d, d_ff]); dW2 += dYᵀ · A; db2 += Σ_rows dY.
     detail::gemm_rows(rp, op::none, op::none, m, f, d, dye, d, w2.data, w2.ld, dae, f);
-    if (::switchyard::detail::present(grads.w2)) {
-      if (gw2_direct) {
-        float* out = &grads.w2(e, 0, 0);
-        detail::gemm_rows(rp, op::transpose, op::none, d, f, n, dye, d, ae, f, out,
-                          grads.w2.stride(1), true);
-      } else {
-        detail::gemm_rows(rp, op::transpose, op::none, d, f, n, dye, d, ae, f, gw2, f);
-        for (index_t r = 0; r < d; ++r)
-          for (index_t c = 0; c < f; ++c) grads.w2(e, r, c) += gw2[r * f + c];
-      }
-    }
+    accumulate_weight_grad(grads.w2, gw2_direct, gw2, e, n, dye, d, ae, f);
     if (::switchyard::detail::present(grads.b2)) {
       for (index_t c = 0; c < d; ++c) {
         float s = 0.0f;
@@ -468,17 +476,7 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
       }
     }
     // dW1 += dHᵀ · X ([P, n] × [n, d]); db1 += Σ_rows dH; dX = dH · W1 ([m, P] × [P, d]).
-    if (::switchyard::detail::present(grads.w1)) {
-      if (gw1_direct) {
-        float* out = &grads.w1(e, 0, 0);
-        detail::gemm_rows(rp, op::transpose, op::none, p, d, n, he, p, xe, d, out,
-                          grads.w1.stride(1), true);
-      } else {
-        detail::gemm_rows(rp, op::transpose, op::none, p, d, n, he, p, xe, d, gw1, d);
-        for (index_t r = 0; r < p; ++r)
-          for (index_t c = 0; c < d; ++c) grads.w1(e, r, c) += gw1[r * d + c];
-      }
-    }
+    accumulate_weight_grad(grads.w1, gw1_direct, gw1, e, n, he, p, xe, d);
     if (::switchyard::detail::present(grads.b1)) {
       for (index_t c = 0; c < p; ++c) {
         float s = 0.0f;
