@@ -17,8 +17,19 @@
 //!   dY·W): one sum per element in increasing k (vectorised across j).
 
 #include <cstddef>
+#include <cstdlib>
 
 #include "switchyard/core/config.hpp"
+
+// AVX versions of the kernels (same bits) where the compiler can target AVX per function and
+// the CPU has it at run time; not under nvcc, whose host pass gets the portable code.
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(__CUDACC__)
+#  include <immintrin.h>
+#  define SWITCHYARD_FIXED_GEMM_AVX 1
+#else
+#  define SWITCHYARD_FIXED_GEMM_AVX 0
+#endif
 
 #if defined(__clang__)
 #  define SWITCHYARD_NO_CONTRACT_BEGIN _Pragma("clang fp contract(off)")
@@ -56,8 +67,9 @@ SWITCHYARD_NO_CONTRACT_ATTR inline float reduce4(lanes4 v) {
 
 }  // namespace detail
 
-//! C[m, n] = A[m, k] · B[n, k]ᵀ (or C += that when `accumulate`), fixed per-element order.
-SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nt_fixed(index_t m, index_t n, index_t k,
+//! C[m, n] = A[m, k] · B[n, k]ᵀ (or C += that when `accumulate`), fixed per-element order
+//! (portable 4-lane code; `gemm_nt_fixed` may run the AVX version, which gives the same bits).
+SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nt_fixed_portable(index_t m, index_t n, index_t k,
                                                      const float* a, index_t lda,
                                                      const float* b, index_t ldb, float* c,
                                                      index_t ldc, bool accumulate) {
@@ -132,9 +144,10 @@ SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nt_fixed(index_t m, index_t n, inde
   }
 }
 
-//! C[m, n] = A[m, k] · B[k, n] (or C += that when `accumulate`), fixed per-element order:
+//! C[m, n] = A[m, k] · B[k, n] (or C += that when `accumulate`), fixed per-element order
+//! (portable code; `gemm_nn_fixed` may run the AVX version, which gives the same bits):
 //! c_ij = (…((a_i0·b_0j) + a_i1·b_1j) + …) + a_i(k−1)·b_(k−1)j, then added to C if accumulating.
-SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nn_fixed(index_t m, index_t n, index_t k,
+SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nn_fixed_portable(index_t m, index_t n, index_t k,
                                                      const float* a, index_t lda,
                                                      const float* b, index_t ldb, float* c,
                                                      index_t ldc, bool accumulate) {
@@ -176,6 +189,116 @@ SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nn_fixed(index_t m, index_t n, inde
       out = accumulate ? out + s : s;
     }
   }
+}
+
+#if SWITCHYARD_FIXED_GEMM_AVX
+// The same per-element sequences with 256-bit registers: in gemm_nt two output columns share
+// a register (lanes 0–3 column j, lanes 4–7 column j + 1, each the 4-lane partial sums of the
+// portable code); in gemm_nn the lanes are 8 output columns. Products and sums are separate
+// instructions (the target has no FMA and contraction is off), so every element sees exactly
+// the portable code's operations. Remainder rows/columns run the portable code itself.
+
+__attribute__((target("avx"))) SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nt_fixed_avx(
+    index_t m, index_t n, index_t k, const float* a, index_t lda, const float* b, index_t ldb,
+    float* c, index_t ldc, bool accumulate) {
+  const index_t k4 = k / 4 * 4, m4 = m / 4 * 4, n4 = n / 4 * 4;
+  for (index_t i = 0; i < m4; i += 4) {
+    for (index_t j = 0; j < n4; j += 4) {
+      __m256 s[4][2];
+      for (auto& row : s) row[0] = row[1] = _mm256_setzero_ps();
+      for (index_t p = 0; p < k4; p += 4) {
+        const __m256 w01 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(b + j * ldb + p)),
+                                                _mm_loadu_ps(b + (j + 1) * ldb + p), 1);
+        const __m256 w23 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(b + (j + 2) * ldb + p)),
+                                                _mm_loadu_ps(b + (j + 3) * ldb + p), 1);
+        for (int r = 0; r < 4; ++r) {
+          const __m128 x4 = _mm_loadu_ps(a + (i + r) * lda + p);
+          const __m256 x = _mm256_insertf128_ps(_mm256_castps128_ps256(x4), x4, 1);
+          s[r][0] = _mm256_add_ps(s[r][0], _mm256_mul_ps(x, w01));
+          s[r][1] = _mm256_add_ps(s[r][1], _mm256_mul_ps(x, w23));
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        const float* ar = a + (i + r) * lda;
+        for (int h = 0; h < 2; ++h) {
+          float l[8];
+          _mm256_storeu_ps(l, s[r][h]);
+          for (int half = 0; half < 2; ++half) {
+            const index_t col = j + 2 * h + half;
+            const float* lh = l + 4 * half;
+            float v = (lh[0] + lh[2]) + (lh[1] + lh[3]);
+            const float* bj = b + col * ldb;
+            for (index_t p = k4; p < k; ++p) v = v + ar[p] * bj[p];
+            float& out = c[(i + r) * ldc + col];
+            out = accumulate ? out + v : v;
+          }
+        }
+      }
+    }
+  }
+  if (n4 < n) gemm_nt_fixed_portable(m4, n - n4, k, a, lda, b + n4 * ldb, ldb, c + n4, ldc, accumulate);
+  if (m4 < m) gemm_nt_fixed_portable(m - m4, n, k, a + m4 * lda, lda, b, ldb, c + m4 * ldc, ldc, accumulate);
+}
+
+__attribute__((target("avx"))) SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nn_fixed_avx(
+    index_t m, index_t n, index_t k, const float* a, index_t lda, const float* b, index_t ldb,
+    float* c, index_t ldc, bool accumulate) {
+  const index_t m4 = m / 4 * 4, n16 = n / 16 * 16;
+  for (index_t i = 0; i < m4; i += 4) {
+    for (index_t j = 0; j < n16; j += 16) {
+      __m256 s[4][2];
+      for (auto& row : s) row[0] = row[1] = _mm256_setzero_ps();
+      for (index_t p = 0; p < k; ++p) {
+        const __m256 w0 = _mm256_loadu_ps(b + p * ldb + j), w1 = _mm256_loadu_ps(b + p * ldb + j + 8);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 x = _mm256_set1_ps(a[(i + r) * lda + p]);
+          s[r][0] = _mm256_add_ps(s[r][0], _mm256_mul_ps(x, w0));
+          s[r][1] = _mm256_add_ps(s[r][1], _mm256_mul_ps(x, w1));
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        float* out = c + (i + r) * ldc + j;
+        for (int h = 0; h < 2; ++h) {
+          const __m256 v = accumulate ? _mm256_add_ps(_mm256_loadu_ps(out + 8 * h), s[r][h]) : s[r][h];
+          _mm256_storeu_ps(out + 8 * h, v);
+        }
+      }
+    }
+  }
+  if (n16 < n) gemm_nn_fixed_portable(m4, n - n16, k, a, lda, b + n16, ldb, c + n16, ldc, accumulate);
+  if (m4 < m) gemm_nn_fixed_portable(m - m4, n, k, a + m4 * lda, lda, b, ldb, c + m4 * ldc, ldc, accumulate);
+}
+#endif
+
+//! Whether the fixed kernels run their AVX versions (same bits as the portable ones): the CPU
+//! has AVX and SWITCHYARD_FIXED_GEMM_PORTABLE is not set (tests set it to check both).
+inline bool fixed_gemm_uses_avx() {
+#if SWITCHYARD_FIXED_GEMM_AVX
+  static const bool avx = __builtin_cpu_supports("avx") && std::getenv("SWITCHYARD_FIXED_GEMM_PORTABLE") == nullptr;
+  return avx;
+#else
+  return false;
+#endif
+}
+
+//! C[m, n] = A[m, k] · B[n, k]ᵀ (or C += that when `accumulate`), fixed per-element order:
+//! 4 lane partial sums over k ≡ lane (mod 4), then (l0 + l2) + (l1 + l3), then the k tail.
+inline void gemm_nt_fixed(index_t m, index_t n, index_t k, const float* a, index_t lda,
+                          const float* b, index_t ldb, float* c, index_t ldc, bool accumulate) {
+#if SWITCHYARD_FIXED_GEMM_AVX
+  if (fixed_gemm_uses_avx()) return gemm_nt_fixed_avx(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+#endif
+  gemm_nt_fixed_portable(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+//! C[m, n] = A[m, k] · B[k, n] (or C += that when `accumulate`), fixed per-element order: one
+//! sum per element in increasing k.
+inline void gemm_nn_fixed(index_t m, index_t n, index_t k, const float* a, index_t lda,
+                          const float* b, index_t ldb, float* c, index_t ldc, bool accumulate) {
+#if SWITCHYARD_FIXED_GEMM_AVX
+  if (fixed_gemm_uses_avx()) return gemm_nn_fixed_avx(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+#endif
+  gemm_nn_fixed_portable(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 
 }  // namespace switchyard::host
