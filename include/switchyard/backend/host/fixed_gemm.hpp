@@ -201,6 +201,7 @@ SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nn_fixed_portable(index_t m, index_
 __attribute__((target("avx"))) SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nt_fixed_avx(
     index_t m, index_t n, index_t k, const float* a, index_t lda, const float* b, index_t ldb,
     float* c, index_t ldc, bool accumulate) {
+  SWITCHYARD_NO_CONTRACT_BEGIN
   const index_t k4 = k / 4 * 4, m4 = m / 4 * 4, n4 = n / 4 * 4;
   for (index_t i = 0; i < m4; i += 4) {
     for (index_t j = 0; j < n4; j += 4) {
@@ -243,6 +244,7 @@ __attribute__((target("avx"))) SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nt_f
 __attribute__((target("avx"))) SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nn_fixed_avx(
     index_t m, index_t n, index_t k, const float* a, index_t lda, const float* b, index_t ldb,
     float* c, index_t ldc, bool accumulate) {
+  SWITCHYARD_NO_CONTRACT_BEGIN
   const index_t m4 = m / 4 * 4, n16 = n / 16 * 16;
   for (index_t i = 0; i < m4; i += 4) {
     for (index_t j = 0; j < n16; j += 16) {
