@@ -21,8 +21,9 @@
 
 #include "switchyard/core/config.hpp"
 
-// AVX versions of the kernels (same bits) where the compiler can target AVX per function and
-// the CPU has it at run time; not under nvcc, whose host pass gets the portable code.
+// AVX / AVX-512 versions of the kernels (same bits) where the compiler can target them per
+// function and the CPU has them at run time; not under nvcc, whose host pass gets the portable
+// code.
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(__CUDACC__)
 #  include <immintrin.h>
@@ -270,16 +271,70 @@ __attribute__((target("avx"))) SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nn_f
   if (n16 < n) gemm_nn_fixed_portable(m4, n - n16, k, a, lda, b + n16, ldb, c + n16, ldc, accumulate);
   if (m4 < m) gemm_nn_fixed_portable(m - m4, n, k, a + m4 * lda, lda, b, ldb, c + m4 * ldc, ldc, accumulate);
 }
+
+// AVX-512: four output columns share a register (lanes 4q..4q+3 hold column j + q's 4-lane
+// partial sums), 4 rows × 8 columns per step; the rest as in the AVX version.
+__attribute__((target("avx512f"))) SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nt_fixed_avx512(
+    index_t m, index_t n, index_t k, const float* a, index_t lda, const float* b, index_t ldb,
+    float* c, index_t ldc, bool accumulate) {
+  SWITCHYARD_NO_CONTRACT_BEGIN
+  const index_t k4 = k / 4 * 4, m4 = m / 4 * 4, n8 = n / 8 * 8;
+  for (index_t i = 0; i < m4; i += 4) {
+    for (index_t j = 0; j < n8; j += 8) {
+      __m512 s[4][2];
+      for (auto& row : s) row[0] = row[1] = _mm512_setzero_ps();
+      for (index_t p = 0; p < k4; p += 4) {
+        __m512 w0 = _mm512_castps128_ps512(_mm_loadu_ps(b + j * ldb + p));  // b[j + q][p..p+3]
+        w0 = _mm512_insertf32x4(w0, _mm_loadu_ps(b + (j + 1) * ldb + p), 1);  // in quarter q
+        w0 = _mm512_insertf32x4(w0, _mm_loadu_ps(b + (j + 2) * ldb + p), 2);
+        w0 = _mm512_insertf32x4(w0, _mm_loadu_ps(b + (j + 3) * ldb + p), 3);
+        __m512 w1 = _mm512_castps128_ps512(_mm_loadu_ps(b + (j + 4) * ldb + p));
+        w1 = _mm512_insertf32x4(w1, _mm_loadu_ps(b + (j + 5) * ldb + p), 1);
+        w1 = _mm512_insertf32x4(w1, _mm_loadu_ps(b + (j + 6) * ldb + p), 2);
+        w1 = _mm512_insertf32x4(w1, _mm_loadu_ps(b + (j + 7) * ldb + p), 3);
+        for (int r = 0; r < 4; ++r) {
+          const __m512 x =  // masked form: the unmasked one trips GCC 12 -Wmaybe-uninitialized
+              _mm512_mask_broadcast_f32x4(_mm512_setzero_ps(), 0xFFFF, _mm_loadu_ps(a + (i + r) * lda + p));
+          s[r][0] = _mm512_add_ps(s[r][0], _mm512_mul_ps(x, w0));
+          s[r][1] = _mm512_add_ps(s[r][1], _mm512_mul_ps(x, w1));
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        const float* ar = a + (i + r) * lda;
+        for (int h = 0; h < 2; ++h) {
+          float l[16];
+          _mm512_storeu_ps(l, s[r][h]);
+          for (int q = 0; q < 4; ++q) {
+            const index_t col = j + 4 * h + q;
+            const float* lq = l + 4 * q;
+            float v = (lq[0] + lq[2]) + (lq[1] + lq[3]);
+            const float* bj = b + col * ldb;
+            for (index_t p = k4; p < k; ++p) v = v + ar[p] * bj[p];
+            float& out = c[(i + r) * ldc + col];
+            out = accumulate ? out + v : v;
+          }
+        }
+      }
+    }
+  }
+  if (n8 < n) gemm_nt_fixed_portable(m4, n - n8, k, a, lda, b + n8 * ldb, ldb, c + n8, ldc, accumulate);
+  if (m4 < m) gemm_nt_fixed_portable(m - m4, n, k, a + m4 * lda, lda, b, ldb, c + m4 * ldc, ldc, accumulate);
+}
 #endif
 
-//! Whether the fixed kernels run their AVX versions (same bits as the portable ones): the CPU
-//! has AVX and SWITCHYARD_FIXED_GEMM_PORTABLE is not set (tests set it to check both).
-inline bool fixed_gemm_uses_avx() {
+//! Which versions of the fixed kernels run (all give the same bits): 0 portable, 1 AVX,
+//! 2 AVX-512 (X·Wᵀ only); the best the CPU has, capped by SWITCHYARD_FIXED_GEMM_PORTABLE
+//! (set: portable) or SWITCHYARD_FIXED_GEMM_AVX (set: at most AVX), so tests can check each.
+inline int fixed_gemm_level() {
 #if SWITCHYARD_FIXED_GEMM_AVX
-  static const bool avx = __builtin_cpu_supports("avx") && std::getenv("SWITCHYARD_FIXED_GEMM_PORTABLE") == nullptr;
-  return avx;
+  static const int level = [] {
+    if (std::getenv("SWITCHYARD_FIXED_GEMM_PORTABLE") != nullptr || !__builtin_cpu_supports("avx")) return 0;
+    if (std::getenv("SWITCHYARD_FIXED_GEMM_AVX") != nullptr || !__builtin_cpu_supports("avx512f")) return 1;
+    return 2;
+  }();
+  return level;
 #else
-  return false;
+  return 0;
 #endif
 }
 
@@ -288,7 +343,8 @@ inline bool fixed_gemm_uses_avx() {
 inline void gemm_nt_fixed(index_t m, index_t n, index_t k, const float* a, index_t lda,
                           const float* b, index_t ldb, float* c, index_t ldc, bool accumulate) {
 #if SWITCHYARD_FIXED_GEMM_AVX
-  if (fixed_gemm_uses_avx()) return gemm_nt_fixed_avx(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+  if (fixed_gemm_level() == 2) return gemm_nt_fixed_avx512(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+  if (fixed_gemm_level() == 1) return gemm_nt_fixed_avx(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 #endif
   gemm_nt_fixed_portable(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
@@ -298,7 +354,7 @@ inline void gemm_nt_fixed(index_t m, index_t n, index_t k, const float* a, index
 inline void gemm_nn_fixed(index_t m, index_t n, index_t k, const float* a, index_t lda,
                           const float* b, index_t ldb, float* c, index_t ldc, bool accumulate) {
 #if SWITCHYARD_FIXED_GEMM_AVX
-  if (fixed_gemm_uses_avx()) return gemm_nn_fixed_avx(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+  if (fixed_gemm_level() >= 1) return gemm_nn_fixed_avx(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 #endif
   gemm_nn_fixed_portable(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
