@@ -102,7 +102,7 @@ struct layer_outputs {
 
 template <class Act, class Dispatch>
 layer_outputs run_layers(const golden_case& c, const routers::TopK& router, const Act& act,
-                         const Dispatch& dispatch, const layer::hypermoe_module& module,
+                         const Dispatch& dispatch, const layer::hypermoe_module& hmod,
                          const matrix_view<const float>& x, const routing::linear_router_params& rp,
                          const expert_weights<float>& w, const layer::hypermoe_params& hp) {
   const index_t tokens = x.extent(0), d = x.extent(1);
@@ -110,12 +110,12 @@ layer_outputs run_layers(const golden_case& c, const routers::TopK& router, cons
   out.moe.assign(static_cast<std::size_t>(tokens * d), 0.0f);
   out.experts.assign(out.moe.size(), 0.0f);
   const MoELayer<routers::TopK, Act, Dispatch, layer::hypermoe_addon> with{
-      .router = router, .activation = act, .dispatch = dispatch, .addon = {.module = module}};
+      .router = router, .activation = act, .dispatch = dispatch, .addon = {.hyper = hmod}};
   const MoELayer<routers::TopK, Act, Dispatch> plain{
       .router = router, .activation = act, .dispatch = dispatch};
-  with.template forward<float>(x, rp, w, make_view(out.moe.data(), tokens, d), out.result, {}, hp);
+  with.template forward<float>(switchyard::host_context{}, x, rp, w, make_view(out.moe.data(), tokens, d), out.result, {}, hp);
   typename MoELayer<routers::TopK, Act, Dispatch>::result_type plain_result;
-  plain.template forward<float>(x, rp, w, make_view(out.experts.data(), tokens, d), plain_result);
+  plain.template forward<float>(switchyard::host_context{}, x, rp, w, make_view(out.experts.data(), tokens, d), plain_result);
   BOOST_TEST_CONTEXT(c.path << ": the layer without the add-on routes like the one with it") {
     check_exact("plain layer topk_indices", plain_result.plan.expert_ids,
                 out.result.plan.expert_ids);
@@ -136,7 +136,7 @@ void check_hypermoe(const golden_case& c) {
   const hyper_inputs hin(c);
   check_size_params(c, hin);
   const auto hp = hin.params();
-  const layer::hypermoe_module module{.layer_idx = prm.at("layer_idx").get<int>(),
+  const layer::hypermoe_module hmod{.layer_idx = prm.at("layer_idx").get<int>(),
                                       .adapter_dim = prm.at("adapter_dim").get<int>()};
 
   // 1. The layer (router + experts + add-on) and its plan, losses and capacity drops.
@@ -163,7 +163,7 @@ void check_hypermoe(const golden_case& c) {
         .capacity_multiple = 1,
         .drop = dispatch::dropped_output::scaled_input};
     out = run_layers(c, routers::TopK{.k = 1, .renormalize = false}, activation::relu{},
-                     hf_capacity, module, xv, {make_view(wr.data.data(), experts, d)}, w, hp);
+                     hf_capacity, hmod, xv, {make_view(wr.data.data(), experts, d)}, w, hp);
     const auto& plan = out.result.plan;
     check_close("z_loss", out.result.losses.z, c.expected("z_loss").scalar(), tol.atol,
                 tol.loss_rtol);
@@ -203,7 +203,7 @@ void check_hypermoe(const golden_case& c) {
         .b2 = make_view(bproj.data.data(), bproj.dim(0), bproj.dim(1))};
     out = run_layers(
         c, routers::TopK{.k = prm.at("k").get<int>(), .renormalize = true}, activation::gelu_tanh{},
-        dispatch::sorted_grouped{}, module, xv,
+        dispatch::sorted_grouped{}, hmod, xv,
         {make_strided_view<const float, 2>(wg.data.data(), {experts, d}, {1, experts})}, w, hp);
     check_close("cv_loss", layer::gpt2_cv_loss_eval(out.result.plan),
                 c.expected("cv_loss").scalar(), tol.atol, tol.loss_rtol);
@@ -226,10 +226,10 @@ void check_hypermoe(const golden_case& c) {
   // 4. The HyperMoE module on the layer's plan: selection embedding and hyper(x).
   const index_t d_emb = hin.emb.dim(1);
   std::vector<float> u(static_cast<std::size_t>(tokens * d_emb));
-  module.selection_embedding(plan.view(), hp.expert_emb, make_view(u.data(), tokens, d_emb));
+  hmod.selection_embedding(plan.view(), hp.expert_emb, make_view(u.data(), tokens, d_emb));
   check_close("selection_embedding", u, c.expected("selection_embedding").data, tol.atol, tol.rtol);
   std::vector<float> hyper(static_cast<std::size_t>(tokens * d));
-  module.forward(xv, plan, hp, make_view(hyper.data(), tokens, d));
+  hmod.forward(xv, plan, hp, make_view(hyper.data(), tokens, d));
   check_close("hyper_output", hyper, c.expected("hyper_output").data, tol.atol, tol.rtol);
 }
 
