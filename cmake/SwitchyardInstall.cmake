@@ -6,6 +6,10 @@
 #                                     CUDA::cublas, cuda_std_20); only when the CUDA toolkit was
 #                                     found here, and loaded by the config only when the consumer
 #                                     finds the toolkit too (a host-only consumer needs no nvcc).
+#       switchyardHostBlasTargets.cmake  switchyard::host_blas (INTERFACE: switchyard::switchyard
+#                                     + what this build found of OpenMP::OpenMP_CXX and BLAS::BLAS
+#                                     with SWITCHYARD_HAS_CBLAS); the config finds those again
+#                                     (SwitchyardHostBlas.cmake, installed with it).
 # Included by the root CMakeLists.txt when SWITCHYARD_INSTALL is ON.
 include(CMakePackageConfigHelpers)
 
@@ -34,6 +38,21 @@ if(TARGET switchyard_cuda)
   install(EXPORT switchyardCudaTargets NAMESPACE switchyard:: FILE switchyardCudaTargets.cmake
           DESTINATION "${SWITCHYARD_INSTALL_CMAKEDIR}" COMPONENT switchyard)
 endif()
+
+# switchyard::host_blas: the exported target names OpenMP::OpenMP_CXX and BLAS::BLAS, which the
+# config recreates with SwitchyardHostBlas.cmake from what this build found (recorded below).
+install(TARGETS switchyard_host_blas EXPORT switchyardHostBlasTargets COMPONENT switchyard)
+install(EXPORT switchyardHostBlasTargets NAMESPACE switchyard:: FILE switchyardHostBlasTargets.cmake
+        DESTINATION "${SWITCHYARD_INSTALL_CMAKEDIR}" COMPONENT switchyard)
+install(FILES "${CMAKE_CURRENT_LIST_DIR}/SwitchyardHostBlas.cmake"
+        DESTINATION "${SWITCHYARD_INSTALL_CMAKEDIR}" COMPONENT switchyard)
+foreach(_sy_part OPENMP CBLAS)
+  if(SWITCHYARD_HOST_BLAS_${_sy_part})
+    set(SWITCHYARD_HOST_BLAS_${_sy_part}_BUILT TRUE)
+  else()
+    set(SWITCHYARD_HOST_BLAS_${_sy_part}_BUILT FALSE)
+  endif()
+endforeach()
 
 configure_package_config_file(
   "${CMAKE_CURRENT_LIST_DIR}/switchyard-config.cmake.in"

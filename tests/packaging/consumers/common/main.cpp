@@ -1,6 +1,11 @@
 // A packaging consumer: includes Switchyard the way its route (CMake file next to it) provides,
 // routes a known batch and exits non-zero when the plan is wrong.
+// Consumers linking switchyard::host_blas also define what that target must have brought:
+//   SWITCHYARD_EXPECT_CBLAS   SWITCHYARD_HAS_CBLAS, a reachable <cblas.h> and a linked sgemm
+//   SWITCHYARD_EXPECT_OPENMP  -fopenmp (or the compiler's flag) and a linked OpenMP runtime
 #include "route_check.hpp"
+
+#include <cstdio>
 
 #ifndef SWITCHYARD_ROUTE
 #  define SWITCHYARD_ROUTE "unknown route"
@@ -14,4 +19,47 @@
 #  endif
 #endif
 
-int main() { return packaging_check::route_and_check(SWITCHYARD_ROUTE) == 0 ? 0 : 1; }
+#ifdef SWITCHYARD_EXPECT_CBLAS
+#  ifndef SWITCHYARD_HAS_CBLAS
+#    error "switchyard::host_blas did not define SWITCHYARD_HAS_CBLAS although the build found a CBLAS"
+#  endif
+#  if !__has_include(<cblas.h>)
+#    error "switchyard::host_blas defines SWITCHYARD_HAS_CBLAS but <cblas.h> is not reachable"
+#  endif
+#  include <cblas.h>
+#endif
+
+#ifdef SWITCHYARD_EXPECT_OPENMP
+#  ifndef _OPENMP
+#    error "switchyard::host_blas did not enable OpenMP although the build found it"
+#  endif
+#  include <omp.h>
+#endif
+
+#if __has_include(<switchyard/backend/host/gemm.hpp>)
+#  include <switchyard/backend/host/gemm.hpp>
+#  define SWITCHYARD_CONSUMER_GEMM_NAME switchyard::host::gemm_backend_name()
+#else
+#  define SWITCHYARD_CONSUMER_GEMM_NAME "(gemm.hpp moved)"
+#endif
+
+int main() {
+  int errors = packaging_check::route_and_check(SWITCHYARD_ROUTE);
+#ifdef SWITCHYARD_EXPECT_CBLAS
+  // The BLAS really is linked: [1 2] · [3 4]ᵀ = 11.
+  const float a[2] = {1, 2}, b[2] = {3, 4};
+  float c = 0;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, 1, 1, 2, 1.0f, a, 2, b, 2, 0.0f, &c, 1);
+  std::printf("switchyard::host_blas: SWITCHYARD_HAS_CBLAS, cblas_sgemm -> %g (host GEMM: %s)\n",
+              static_cast<double>(c), SWITCHYARD_CONSUMER_GEMM_NAME);
+  errors += c == 11.0f ? 0 : 1;
+#elif defined(SWITCHYARD_HAS_CBLAS)
+  std::printf("SWITCHYARD_HAS_CBLAS is defined although no CBLAS was expected\n");
+  ++errors;
+#endif
+#ifdef SWITCHYARD_EXPECT_OPENMP
+  std::printf("switchyard::host_blas: OpenMP %d, %d threads\n", _OPENMP, omp_get_max_threads());
+  errors += omp_get_max_threads() >= 1 ? 0 : 1;
+#endif
+  return errors == 0 ? 0 : 1;
+}
