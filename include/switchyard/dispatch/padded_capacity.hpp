@@ -9,14 +9,16 @@
 //! rounded up to a multiple of `capacity_multiple`, and finally capped at T rounded up to the
 //! same multiple (an expert cannot receive more than T pairs from distinct-expert plans, so
 //! the cap drops nothing and only bounds the buffers).
+//!
+//! The host backend plans it in `backend/host/dispatch_plan.hpp` (`host::plan_groups`).
 
-#include <algorithm>
 #include <cmath>
+
+#include <cuda/std/cmath>
 
 #include "switchyard/core/error.hpp"
 #include "switchyard/dispatch/concepts.hpp"
 #include "switchyard/dispatch/groups.hpp"
-#include "switchyard/routing/plan.hpp"
 
 namespace switchyard::dispatch {
 
@@ -51,57 +53,26 @@ struct padded_capacity {
   }
 
   //! Rounds n up to a multiple of capacity_multiple.
-  [[nodiscard]] index_t round_up(index_t n) const {
+  [[nodiscard]] SWITCHYARD_HD index_t round_up(index_t n) const {
     return (n + capacity_multiple - 1) / capacity_multiple * capacity_multiple;
   }
 
   //! C for T tokens routing `assignments` = T · k̄ pairs over E experts (file comment).
-  [[nodiscard]] index_t capacity(index_t tokens, index_t assignments, index_t experts) const {
-    const double raw = std::ceil(static_cast<double>(capacity_factor) *
-                                 static_cast<double>(assignments) / static_cast<double>(experts));
-    const index_t c = round_up(std::max(static_cast<index_t>(raw), min_capacity));
-    return std::min(c, round_up(tokens));
+  [[nodiscard]] SWITCHYARD_HD index_t capacity(index_t tokens, index_t assignments,
+                                              index_t experts) const {
+    const double raw = ::cuda::std::ceil(static_cast<double>(capacity_factor) *
+                                         static_cast<double>(assignments) /
+                                         static_cast<double>(experts));
+    const index_t at_least = static_cast<index_t>(raw) > min_capacity ? static_cast<index_t>(raw)
+                                                                      : min_capacity;
+    const index_t c = round_up(at_least), cap = round_up(tokens);
+    return c < cap ? c : cap;
   }
 
   //! Rows of the expert buffers: E · C with the largest C a plan of this size can give.
-  [[nodiscard]] index_t max_rows(index_t tokens, index_t width, index_t experts) const {
+  [[nodiscard]] SWITCHYARD_HD index_t max_rows(index_t tokens, index_t width,
+                                              index_t experts) const {
     return experts * capacity(tokens, tokens * width, experts);
-  }
-
-  //! Fills `g` (spans sized E, E, E, T·width, max_rows) from the plan: pairs in token order
-  //! take the next row of their expert's block until it holds C.
-  //! Precondition: the plan passed routing::validate_plan (the layer validates before
-  //! dispatch); ids outside [0, E) or counts outside [0, width] would index past `g`.
-  template <class Id, class W>
-  void plan_groups(const routing::plan_view<Id, W>& plan, expert_groups& g) const {
-    const index_t tokens = plan.num_tokens(), width = plan.width(), experts = plan.num_experts;
-    index_t assignments = 0;
-    for (index_t t = 0; t < tokens; ++t) assignments += plan.counts(t);
-    const index_t cap = capacity(tokens, assignments, experts);
-    std::fill(g.row_count.begin(), g.row_count.end(), index_t{0});
-    std::fill(g.dropped.begin(), g.dropped.end(), index_t{0});
-    for (index_t e = 0; e < experts; ++e) g.row_begin[e] = e * cap;
-    for (index_t t = 0; t < tokens; ++t) {
-      const index_t c = plan.counts(t);
-      for (index_t j = 0; j < width; ++j) {
-        const index_t p = pair_index(t, j, width);
-        if (j >= c) {
-          g.pair_row[p] = unused_pair;
-          continue;
-        }
-        const index_t e = plan.expert_ids(t, j);
-        if (g.row_count[e] < cap) {
-          const index_t row = g.row_begin[e] + g.row_count[e]++;
-          g.row_pair[row] = p;
-          g.pair_row[p] = row;
-        } else {
-          g.pair_row[p] = dropped_pair;
-          ++g.dropped[e];
-        }
-      }
-    }
-    g.num_rows = experts * cap;
-    g.drop = drop;
   }
 };
 

@@ -1,5 +1,6 @@
-// Dispatch planning (sorted_grouped, padded_capacity, dense) against plainly computed
-// expectations, and the host GEMM (CBLAS and the blocked fallback) against float64.
+// Dispatch planning (host::plan_groups of sorted_grouped, padded_capacity, dense) against
+// plainly computed expectations, and the host GEMM (CBLAS and the blocked fallback) against
+// float64.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include <switchyard/backend/host/dispatch_plan.hpp>
 #include <switchyard/backend/host/gemm.hpp>
 #include <switchyard/dispatch/dense.hpp>
 #include <switchyard/dispatch/padded_capacity.hpp>
@@ -60,7 +62,7 @@ BOOST_AUTO_TEST_CASE(sorted_grouped_is_a_stable_sort_by_expert) {
   const auto plan = random_plan(g, tokens, width, experts);
   const dispatch::sorted_grouped sg;
   group_storage s(experts, tokens * width, sg.max_rows(tokens, width, experts));
-  sg.plan_groups(plan.view(), s.g);
+  host::plan_groups(sg, plan.view(), s.g);
 
   // Expected: std::stable_sort of the pairs by key (id, or E for an unused slot).
   std::vector<index_t> pairs(tokens * width);
@@ -99,7 +101,7 @@ BOOST_AUTO_TEST_CASE(padded_capacity_drops_in_token_order) {
     c = std::min<index_t>(c, (tokens + 3) / 4 * 4);
     BOOST_TEST(pc.capacity(tokens, plan.total_assignments(), experts) == c);
     group_storage s(experts, tokens * width, pc.max_rows(tokens, width, experts));
-    pc.plan_groups(plan.view(), s.g);
+    host::plan_groups(pc, plan.view(), s.g);
     BOOST_TEST(s.g.num_rows == experts * c);
     std::vector<index_t> seen(experts, 0), dropped(experts, 0);
     for (index_t t = 0; t < tokens; ++t)
@@ -184,7 +186,7 @@ BOOST_AUTO_TEST_CASE(padded_capacity_min_capacity_floor_decides) {
       BOOST_TEST(pc.capacity(tokens, plan.total_assignments(), experts) == c);
       BOOST_TEST(pc.max_rows(tokens, width, experts) == experts * c);
       group_storage s(experts, tokens * width, pc.max_rows(tokens, width, experts));
-      pc.plan_groups(plan.view(), s.g);
+      host::plan_groups(pc, plan.view(), s.g);
       check_fill(plan, s, c);
       // Expert 0: tokens 0..c-1 kept in rows 0..c-1, tokens c..11 dropped.
       BOOST_TEST(s.dropped[0] == tokens - c);
@@ -223,7 +225,7 @@ BOOST_AUTO_TEST_CASE(padded_capacity_is_capped_at_the_rounded_token_count) {
       BOOST_TEST(pc.capacity(tokens, plan.total_assignments(), experts) == c);
       BOOST_TEST(pc.max_rows(tokens, width, experts) == experts * c);
       group_storage s(experts, tokens * width, pc.max_rows(tokens, width, experts));
-      pc.plan_groups(plan.view(), s.g);
+      host::plan_groups(pc, plan.view(), s.g);
       check_fill(plan, s, c);
       BOOST_TEST(s.g.total_dropped() == 0);
       BOOST_TEST(s.count[0] == tokens);
@@ -253,7 +255,7 @@ BOOST_AUTO_TEST_CASE(dense_maps_each_used_slot_to_itself) {
   const auto plan = random_plan(g, tokens, width, experts);
   const dispatch::dense dn;
   group_storage s(experts, tokens * width, dn.max_rows(tokens, width, experts));
-  dn.plan_groups(plan.view(), s.g);
+  host::plan_groups(dn, plan.view(), s.g);
   std::vector<index_t> per_expert(experts, 0);
   for (index_t t = 0; t < tokens; ++t)
     for (index_t j = 0; j < width; ++j) {

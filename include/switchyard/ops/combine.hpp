@@ -1,0 +1,154 @@
+#pragma once
+//! \file combine.hpp
+//! The combine of the expert phase as per-token functors (backend-neutral; see gather.hpp for
+//! the convention): each token gathers its slots' rows in slot order (no scatter-add), so the
+//! result is bitwise the same however the tokens are spread over threads or blocks.
+
+#include "switchyard/core/config.hpp"
+#include "switchyard/core/element_type.hpp"
+#include "switchyard/core/view.hpp"
+#include "switchyard/dispatch/groups.hpp"
+
+namespace switchyard::ops {
+
+//! y[t] = Σ_j w_tj · rows[pair_row(t, j)] in slot order (+ w_tj · x_t for a dropped pair under
+//! `pass_through`) (+ extra[t] when non-null), rounded to T. One token t.
+template <ElementType T, class Id, class W>
+struct combine_slots {
+  matrix_view<W> weights;        //!< [T, width] plan combine weights
+  vector_view<Id> counts;        //!< [T] used slots
+  const index_t* pair_row;       //!< [T·width] the dispatch's row of each pair
+  index_t width = 0;             //!< plan slots per token
+  index_t d = 0;                 //!< model width
+  const float* rows;             //!< [rows, d] expert outputs
+  matrix_view<const T> x;        //!< [T, d] tokens (read for dropped pass-through pairs)
+  bool pass_through = false;     //!< dropped pairs contribute w_tj · x_t
+  const float* extra = nullptr;  //!< [T, d] add-on term, or null
+  matrix_view<T> y;              //!< [T, d] output
+
+  SWITCHYARD_HD void operator()(index_t t) const {
+    const index_t c = counts(t);
+    for (index_t i = 0; i < d; ++i) {
+      float s = 0.0f;
+      for (index_t j = 0; j < c; ++j) {
+        const index_t row = pair_row[dispatch::pair_index(t, j, width)];
+        const float wt = weights(t, j);
+        if (row >= 0) s += wt * rows[row * d + i];
+        else if (row == dispatch::dropped_pair && pass_through) s += wt * to_float(x(t, i));
+      }
+      if (extra != nullptr) s += extra[t * d + i];
+      y(t, i) = from_float<T>(s);
+    }
+  }
+};
+
+//! Backward of the combine for one token t: d_weights of its dropped pass-through pairs
+//! (⟨dy_t, x_t⟩), then, when `has_dx`, dx[t] += Σ_j (dX row of slot j, or w_tj · dy_t for a
+//! dropped pass-through pair) in slot order.
+template <ElementType T, class Id, class W>
+struct combine_backward_slots {
+  matrix_view<W> weights;        //!< [T, width] plan combine weights
+  vector_view<Id> counts;        //!< [T] used slots
+  const index_t* pair_row;       //!< [T·width] the dispatch's row of each pair
+  index_t width = 0;             //!< plan slots per token
+  index_t d = 0;                 //!< model width
+  const float* dx_rows;          //!< [rows, d] dX rows of the experts
+  matrix_view<const T> x;        //!< [T, d] tokens
+  matrix_view<const T> dy;       //!< [T, d] output cotangent
+  bool pass_through = false;     //!< dropped pairs contributed w_tj · x_t
+  float* d_weights;              //!< [T·width] combine-weight cotangent
+  matrix_view<float> dx;         //!< [T, d] accumulated into when `has_dx`
+  bool has_dx = false;           //!< dx is present
+
+  SWITCHYARD_HD void operator()(index_t t) const {
+    const index_t c = counts(t);
+    for (index_t j = 0; j < c; ++j) {
+      const index_t pr = dispatch::pair_index(t, j, width), row = pair_row[pr];
+      if (row == dispatch::dropped_pair && pass_through) {
+        float s = 0.0f;
+        for (index_t i = 0; i < d; ++i) s += to_float(dy(t, i)) * to_float(x(t, i));
+        d_weights[pr] = s;
+      }
+    }
+    for (index_t i = 0; i < d && has_dx; ++i) {
+      float s = 0.0f;
+      for (index_t j = 0; j < c; ++j) {
+        const index_t row = pair_row[dispatch::pair_index(t, j, width)];
+        if (row >= 0) s += dx_rows[row * d + i];
+        else if (row == dispatch::dropped_pair && pass_through) s += weights(t, j) * to_float(dy(t, i));
+      }
+      dx(t, i) += s;
+    }
+  }
+};
+
+//! ⟨dy_t, row⟩ summed in column order in float (a slot's combine-weight cotangent).
+template <ElementType T>
+SWITCHYARD_HD inline float dot_row(const matrix_view<const T>& dy, index_t t, const float* row,
+                                   index_t d) {
+  float s = 0.0f;
+  for (index_t i = 0; i < d; ++i) s += to_float(dy(t, i)) * row[i];
+  return s;
+}
+
+//! Backward, grouped layout, one expert row r: dY row = w_tj · dy_t and d_weights[p] =
+//! ⟨dy_t, Y row⟩ for the row's pair p = (t, j); a padding row (negative pair) gets zeros.
+template <ElementType T, class W>
+struct grouped_dy_rows {
+  matrix_view<W> weights;     //!< [T, width] plan combine weights
+  const index_t* row_pair;    //!< [rows] pair of each row, negative for padding
+  index_t width = 0;          //!< plan slots per token
+  index_t d = 0;              //!< model width
+  matrix_view<const T> dy;    //!< [T, d] output cotangent
+  const float* ys;            //!< [rows, d] recomputed expert outputs
+  float* dys;                 //!< [rows, d] dY rows (output)
+  float* d_weights;           //!< [T·width] combine-weight cotangent
+
+  SWITCHYARD_HD void operator()(index_t r) const {
+    float* out = dys + r * d;
+    const index_t pr = row_pair[r];
+    if (pr < 0) {
+      for (index_t i = 0; i < d; ++i) out[i] = 0.0f;
+      return;
+    }
+    const index_t t = pr / width, j = pr % width;
+    const float wt = weights(t, j);
+    for (index_t i = 0; i < d; ++i) out[i] = wt * to_float(dy(t, i));
+    d_weights[pr] = dot_row(dy, t, ys + r * d, d);
+  }
+};
+
+//! Backward, dense layout, expert e, one token row t: the masked dY row (Σ of the weights of
+//! the slots naming e, times dy_t) and d_weights of those slots; rows t >= tokens (padding)
+//! get zeros.
+template <ElementType T, class Id, class W>
+struct dense_dy_rows {
+  matrix_view<Id> expert_ids;  //!< [T, width] plan ids
+  matrix_view<W> weights;      //!< [T, width] plan combine weights
+  vector_view<Id> counts;      //!< [T] used slots
+  index_t expert = 0;          //!< e
+  index_t tokens = 0;          //!< T
+  index_t width = 0;           //!< plan slots per token
+  index_t d = 0;               //!< model width
+  matrix_view<const T> dy;     //!< [T, d] output cotangent
+  const float* ys;             //!< [padded T, d] expert e's recomputed outputs
+  float* dys;                  //!< [padded T, d] dY rows (output)
+  float* d_weights;            //!< [T·width] combine-weight cotangent
+
+  SWITCHYARD_HD void operator()(index_t t) const {
+    float* out = dys + t * d;
+    if (t >= tokens) {
+      for (index_t i = 0; i < d; ++i) out[i] = 0.0f;
+      return;
+    }
+    float wt = 0.0f;
+    for (index_t j = 0; j < counts(t); ++j) {
+      if (expert_ids(t, j) != expert) continue;
+      wt += weights(t, j);
+      d_weights[dispatch::pair_index(t, j, width)] = dot_row(dy, t, ys + t * d, d);
+    }
+    for (index_t i = 0; i < d; ++i) out[i] = wt * to_float(dy(t, i));
+  }
+};
+
+}  // namespace switchyard::ops
