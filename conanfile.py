@@ -7,6 +7,9 @@ toolkit (optional) and CCCL (required) and links them, so consumers using CMakeD
   switchyard::switchyard  host headers, C++20, CCCL::libcudacxx (no CUDA compiler needed)
   switchyard::cuda        when the toolkit is found: + CCCL::CCCL, CUDA::cudart, CUDA::cublas,
                           CUDA compiled as C++20
+  switchyard::host_blas   always: + OpenMP and a CBLAS (OpenBLAS unless BLA_VENDOR says
+                          otherwise) with SWITCHYARD_HAS_CBLAS, as far as they are found on the
+                          consumer's machine (system packages, not Conan requirements)
 If CCCL is not under the toolkit, point CMake at it (-DCCCL_DIR=<dir>/lib/cmake/cccl).
 Usage: docs/integration.md. Test: `conan create . --build=missing`.
 """
@@ -56,8 +59,9 @@ class SwitchyardConan(ConanFile):
         copy(self, "LICENSE*", src=self.source_folder, dst=os.path.join(self.package_folder, "licenses"))
         copy(self, "*", src=os.path.join(self.source_folder, "include"),
              dst=os.path.join(self.package_folder, "include"))
-        copy(self, "switchyard-conan-deps.cmake", src=os.path.join(self.source_folder, "cmake"),
-             dst=os.path.join(self.package_folder, "lib", "cmake", "switchyard-conan"))
+        for module in ("switchyard-conan-deps.cmake", "SwitchyardHostBlas.cmake"):
+            copy(self, module, src=os.path.join(self.source_folder, "cmake"),
+                 dst=os.path.join(self.package_folder, "lib", "cmake", "switchyard-conan"))
 
     def package_info(self):
         self.cpp_info.bindirs = []
@@ -65,7 +69,8 @@ class SwitchyardConan(ConanFile):
         self.cpp_info.set_property("cmake_file_name", "switchyard")
         self.cpp_info.set_property("cmake_target_name", "switchyard::switchyard")
         # Finds CCCL (from the CUDA toolkit) and links it; defines switchyard::cuda when the
-        # toolkit is found. Included by the config file CMakeDeps generates.
+        # toolkit is found, and switchyard::host_blas. Included by the config file CMakeDeps
+        # generates.
         self.cpp_info.builddirs = [os.path.join("lib", "cmake", "switchyard-conan")]
         self.cpp_info.set_property("cmake_build_modules",
                                    [os.path.join("lib", "cmake", "switchyard-conan",

@@ -3,7 +3,11 @@
 # this adds what it cannot express, the same as the installed switchyard-config.cmake:
 #  - CCCL (libcu++/CUB/Thrust) from the system CUDA toolkit, linked to switchyard::switchyard;
 #  - C++20;
-#  - switchyard::cuda when the CUDA toolkit is found.
+#  - switchyard::cuda when the CUDA toolkit is found;
+#  - switchyard::host_blas, always: switchyard::switchyard + what is found here of OpenMP and a
+#    CBLAS (BLA_VENDOR if set, else OpenBLAS; with SWITCHYARD_HAS_CBLAS). The package is
+#    header-only and built once for every configuration, so this is decided on the consumer's
+#    machine (SwitchyardHostBlas.cmake, packaged next to this file).
 include_guard(GLOBAL)
 
 if(NOT CUDAToolkit_FOUND)
@@ -37,4 +41,25 @@ if(CUDAToolkit_FOUND AND NOT TARGET switchyard::cuda)
   set_target_properties(switchyard::cuda PROPERTIES
     INTERFACE_LINK_LIBRARIES "switchyard::switchyard;CCCL::CCCL;CUDA::cudart;CUDA::cublas"
     INTERFACE_COMPILE_FEATURES cuda_std_20)
+endif()
+
+include("${CMAKE_CURRENT_LIST_DIR}/SwitchyardHostBlas.cmake")
+if(NOT TARGET switchyard::host_blas)
+  switchyard_find_host_blas(VENDOR OpenBLAS OPENMP BLAS QUIET)
+  add_library(switchyard::host_blas INTERFACE IMPORTED)
+  set_property(TARGET switchyard::host_blas PROPERTY INTERFACE_LINK_LIBRARIES switchyard::switchyard)
+  if(SWITCHYARD_HOST_BLAS_OPENMP)
+    set_property(TARGET switchyard::host_blas APPEND PROPERTY INTERFACE_LINK_LIBRARIES OpenMP::OpenMP_CXX)
+  endif()
+  if(SWITCHYARD_HOST_BLAS_CBLAS)
+    set_property(TARGET switchyard::host_blas APPEND PROPERTY INTERFACE_LINK_LIBRARIES BLAS::BLAS)
+    set_property(TARGET switchyard::host_blas APPEND PROPERTY INTERFACE_COMPILE_DEFINITIONS SWITCHYARD_HAS_CBLAS)
+    set_property(TARGET switchyard::host_blas APPEND PROPERTY
+                 INTERFACE_SYSTEM_INCLUDE_DIRECTORIES "${SWITCHYARD_CBLAS_INCLUDE_DIR}")
+    set_property(TARGET switchyard::host_blas APPEND PROPERTY
+                 INTERFACE_INCLUDE_DIRECTORIES "${SWITCHYARD_CBLAS_INCLUDE_DIR}")
+  endif()
+  switchyard_describe_host_blas(_switchyard_host_blas_text)
+  message(STATUS "switchyard::host_blas: ${_switchyard_host_blas_text}")
+  unset(_switchyard_host_blas_text)
 endif()

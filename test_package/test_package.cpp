@@ -21,6 +21,11 @@ int main() {
     std::printf("token %d -> experts %d, %d\n", t, plan.id(t, 0), plan.id(t, 1));
     errors += plan.id(t, 0) != expected[t][0] || plan.id(t, 1) != expected[t][1];
   }
+#ifdef SWITCHYARD_HAS_CBLAS
+  std::printf("switchyard::host_blas: SWITCHYARD_HAS_CBLAS (the host GEMMs call cblas_sgemm)\n");
+#else
+  std::printf("switchyard::host_blas: no CBLAS found (the host GEMMs use the blocked loop nest)\n");
+#endif
   std::printf("switchyard %d.%d.%d (Conan package): routing %s\n", sy::version.major,
               sy::version.minor, sy::version.patch, errors == 0 ? "OK" : "WRONG");
   return errors == 0 ? 0 : 1;
