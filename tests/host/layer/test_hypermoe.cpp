@@ -1,14 +1,20 @@
 // HyperMoE module (spec §4): forward against a float64 reference written here, the
 // unselected-sum identity, determinism and batch invariance, gradients of every parameter
 // kind and of x against central finite differences of the float64 reference, the init
-// scale, the Switch / GPT-2 variant pieces, and bad input.
+// scale, the Switch / GPT-2 variant pieces, bad input, and the workspace: forward and
+// backward given one of workspace_size bytes allocate nothing (global operator new counts).
 #include <boost/test/unit_test.hpp>
 
 #include <switchyard/layer/hypermoe.hpp>
+#include <switchyard/layer/hypermoe_addon.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <iostream>
 #include <random>
 #include <string>
@@ -18,6 +24,40 @@
 
 namespace sy = switchyard;
 using sy::index_t;
+
+// Global operator new/delete that count allocations while `counting` is set.
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<long> allocations{0};
+void* counted_alloc(std::size_t n, std::size_t align = 0) {
+  if (counting.load()) allocations.fetch_add(1);
+  if (n == 0) n = 1;
+  void* p = align > alignof(std::max_align_t) ? std::aligned_alloc(align, (n + align - 1) / align * align)
+                                              : std::malloc(n);
+  if (p == nullptr) throw std::bad_alloc();
+  return p;
+}
+}  // namespace
+void* operator new(std::size_t n) { return counted_alloc(n); }
+void* operator new[](std::size_t n) { return counted_alloc(n); }
+void* operator new(std::size_t n, std::align_val_t a) { return counted_alloc(n, static_cast<std::size_t>(a)); }
+void* operator new[](std::size_t n, std::align_val_t a) { return counted_alloc(n, static_cast<std::size_t>(a)); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  try {
+    return counted_alloc(n);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -485,4 +525,80 @@ BOOST_AUTO_TEST_CASE(empty_batch_is_valid) {
                                     f.params(), sy::matrix_view<const float>(sy::make_view(none.data(), 0, s.d)),
                                     {}, f.grads()));
   for (const auto& v : f.grad) BOOST_TEST(std::all_of(v.begin(), v.end(), [](float a) { return a == 0.0f; }));
+}
+
+BOOST_FIXTURE_TEST_CASE(workspace_gives_the_same_bits_and_no_allocation, seeded) {
+  dims s;
+  fixture f(s, g);
+  const index_t T = 37, width = 2;  // more selection sets than group_slots below
+  const auto x = sy::test::normal(g, static_cast<std::size_t>(T * s.d));
+  const auto dy = sy::test::normal(g, static_cast<std::size_t>(T * s.d));
+  const auto plan = random_plan(g, T, width, s.E, 0);
+  const auto xv = sy::matrix_view<const float>(sy::make_view(x.data(), T, s.d));
+  const auto dyv = sy::matrix_view<const float>(sy::make_view(dy.data(), T, s.d));
+  const auto pv = plan.view();
+  const auto P = f.params();
+
+  // Reference: the overloads that allocate their workspace.
+  const sy::layer::hypermoe_module ref_mod{.layer_idx = 1, .adapter_dim = static_cast<int>(s.a)};
+  std::vector<float> y_ref(x.size()), dx_ref(x.size(), 0.0f);
+  ref_mod.forward(xv, pv, P, sy::make_view(y_ref.data(), T, s.d));
+  ref_mod.backward(xv, pv, P, dyv, sy::make_view(dx_ref.data(), T, s.d), f.grads());
+  const auto grads_ref = f.grad;
+
+  for (int slots : {1, 3, 16}) {
+    const sy::layer::hypermoe_module mod{.layer_idx = 1, .adapter_dim = static_cast<int>(s.a), .group_slots = slots};
+    std::vector<std::byte> bytes(mod.workspace_size(T, s.d, width, P));
+    std::vector<float> y(x.size()), dx(x.size(), 0.0f);
+    const auto yv = sy::make_view(y.data(), T, s.d);
+    const auto dxv = sy::make_view(dx.data(), T, s.d);
+    for (auto& v : f.grad) std::fill(v.begin(), v.end(), 0.0f);
+    const auto grads = f.grads();
+    // A workspace starting off alignment still suffices (workspace_size includes the slack).
+    const ::cuda::std::span<std::byte> ws_bytes(bytes.data() + 1, bytes.size() - 1);
+    {
+      sy::workspace_arena warm_f(ws_bytes), warm_b(ws_bytes);
+      mod.forward(xv, pv, P, yv, warm_f);  // warm-up (OpenMP's thread pool, ...)
+      std::vector<float> dx_warm(x.size(), 0.0f);
+      mod.backward(xv, pv, P, dyv, sy::make_view(dx_warm.data(), T, s.d), grads, warm_b);
+      for (auto& v : f.grad) std::fill(v.begin(), v.end(), 0.0f);
+    }
+    sy::workspace_arena ws_f(ws_bytes), ws_b(ws_bytes);
+    allocations = 0;
+    counting = true;
+    mod.forward(xv, pv, P, yv, ws_f);
+    mod.backward(xv, pv, P, dyv, dxv, grads, ws_b);
+    counting = false;
+    BOOST_TEST(allocations.load() == 0, "group_slots " << slots << ": " << allocations.load() << " allocations");
+    BOOST_TEST(y == y_ref, "group_slots " << slots);
+    BOOST_TEST(dx == dx_ref, "group_slots " << slots);
+    for (int i = 0; i < N_TENSORS; ++i) BOOST_TEST(f.grad[i] == grads_ref[i], tensor_names[i] << ", group_slots " << slots);
+    BOOST_TEST(ws_f.used() <= bytes.size() - 1);
+    BOOST_TEST(ws_b.used() <= bytes.size() - 1);
+  }
+
+  // The selection embedding takes its arrays from the same workspace.
+  std::vector<std::byte> bytes(ref_mod.workspace_size(T, s.d, width, P));
+  std::vector<float> u1(static_cast<std::size_t>(T * s.d_emb)), u2(u1.size());
+  ref_mod.selection_embedding(pv, P.expert_emb, sy::make_view(u1.data(), T, s.d_emb));
+  sy::workspace_arena ws({bytes.data(), bytes.size()});
+  allocations = 0;
+  counting = true;
+  ref_mod.selection_embedding(pv, P.expert_emb, sy::make_view(u2.data(), T, s.d_emb), ws);
+  counting = false;
+  BOOST_TEST(allocations.load() == 0);
+  BOOST_TEST(u1 == u2);
+
+  // Too small a workspace is a shape_error naming "workspace"; the add-on's size is the module's.
+  std::vector<std::byte> small(bytes.size() / 2);
+  sy::workspace_arena too_small({small.data(), small.size()});
+  std::vector<float> y(x.size());
+  try {
+    ref_mod.forward(xv, pv, P, sy::make_view(y.data(), T, s.d), too_small);
+    BOOST_ERROR("expected shape_error(workspace)");
+  } catch (const sy::shape_error& e) {
+    BOOST_TEST(e.argument() == "workspace");
+  }
+  const sy::layer::hypermoe_addon addon{.hyper = ref_mod};
+  BOOST_TEST(addon.workspace_size(T, s.d, width, s.E, P) == bytes.size());
 }

@@ -59,16 +59,30 @@ inline void hyper_affine_backward(const hyper_linear_params& l, const hyper_line
   }
 }
 
+//! `base` + `suffix` in a fixed buffer (argument names built without allocating; a longer
+//! name is cut at 95 characters).
+struct joined_name {
+  char buf[96];
+  std::size_t n = 0;
+  joined_name(std::string_view base, std::string_view suffix) {
+    for (char ch : base)
+      if (n + 1 < sizeof buf) buf[n++] = ch;
+    for (char ch : suffix)
+      if (n + 1 < sizeof buf) buf[n++] = ch;
+  }
+  [[nodiscard]] std::string_view view() const { return {buf, n}; }
+};
+
 inline void check_linear(std::string_view name, const hyper_linear_params& l, index_t out,
                          index_t in, std::string_view meaning) {
-  check_view(::switchyard::detail::concat(name, ".w"), l.w, {out, in}, meaning);
-  check_view(::switchyard::detail::concat(name, ".b"), l.b, {l.w.extent(0)}, "[out]");
+  check_view(joined_name(name, ".w").view(), l.w, {out, in}, meaning);
+  check_view(joined_name(name, ".b").view(), l.b, {l.w.extent(0)}, "[out]");
 }
 
 inline void check_linear_grads(std::string_view name, const hyper_linear_grads& g, index_t out,
                                index_t in) {
-  if (present(g.w)) check_view(::switchyard::detail::concat(name, ".w"), g.w, {out, in});
-  if (present(g.b)) check_view(::switchyard::detail::concat(name, ".b"), g.b, {out});
+  if (present(g.w)) check_view(joined_name(name, ".w").view(), g.w, {out, in});
+  if (present(g.b)) check_view(joined_name(name, ".b").view(), g.b, {out});
 }
 
 // ---- grouping by selection set ---------------------------------------------------------
