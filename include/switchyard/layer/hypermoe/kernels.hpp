@@ -262,4 +262,48 @@ SWITCHYARD_HD void adapter_token_forward(const matrix_view<const T>& x, index_t 
   for (index_t o = 0; o < d; ++o) out(t, o) = static_cast<float>(y[o]);
 }
 
+//! Backward's scratch beyond the grouping: one adapter and every cotangent of its chain.
+struct hyper_backward_scratch {
+  generated_adapter g{};
+  double *d_w_down, *d_w_up, *d_b_up, *d_b_down;  // cotangents of the generated adapter
+  double *dh, *da2, *dc, *dz, *dr1, *da1, *du;     // ... of the hypernetwork activations
+  double *m, *dm, *dxt;                            // one token's adapter pass
+  double *du_all, *du_sel, *d_layer_embed;         // sums over groups ([d_emb], [E, d_emb], [d_le])
+
+  static hyper_backward_scratch take(workspace_arena& ws, const hypermoe_dims& s) {
+    const index_t a = s.adapter, d = s.model;
+    const index_t n = generated_adapter::doubles(s) + 2 * d * a + d + a + 2 * s.bottleneck +
+                      (s.hyper_in + s.layer_emb) + s.hyper_in + 2 * s.process_dim + s.emb_dim +
+                      2 * a + d + s.emb_dim + s.experts * s.emb_dim + s.layer_emb;
+    double* p = ws.take<double>(n);
+    hyper_backward_scratch b{};
+    if (p == nullptr) return b;  // measuring
+    b.g = generated_adapter::bind(p, s);
+    p += generated_adapter::doubles(s);
+    auto next = [&p](index_t k) {
+      double* q = p;
+      p += k;
+      return q;
+    };
+    b.d_w_down = next(d * a);
+    b.d_w_up = next(a * d);
+    b.d_b_up = next(d);
+    b.d_b_down = next(a);
+    b.dh = next(s.bottleneck);
+    b.da2 = next(s.bottleneck);
+    b.dc = next(s.hyper_in + s.layer_emb);
+    b.dz = next(s.hyper_in);
+    b.dr1 = next(s.process_dim);
+    b.da1 = next(s.process_dim);
+    b.du = next(s.emb_dim);
+    b.m = next(a);
+    b.dm = next(a);
+    b.dxt = next(d);
+    b.du_all = next(s.emb_dim);
+    b.du_sel = next(s.experts * s.emb_dim);
+    b.d_layer_embed = next(s.layer_emb);
+    return b;
+  }
+};
+
 }  // namespace switchyard::layer::detail
