@@ -118,7 +118,7 @@ int main() {
   const sy::expert_weights<float> weights{sy::make_view<const float>(w1.data(), experts, d_ff, d), {},
                                           sy::make_view<const float>(w2.data(), experts, d, d_ff), {}};
   decltype(layer)::result_type result;
-  layer.forward<float>(xv, params, weights, sy::make_view(y.data(), tokens, d), result);
+  layer.forward<float>(switchyard::host_context{}, xv, params, weights, sy::make_view(y.data(), tokens, d), result);
   std::printf("custom rule 'confident top-k' (k <= 3, stop at 50%% mass), GELU experts, dense dispatch\n");
   std::vector<int> per_expert(experts, 0);
   for (int t = 0; t < tokens; ++t) {
@@ -183,7 +183,7 @@ int main() {
 
   // ---- backward through the custom router: dy = y, load-balance coefficient 0.01 -----------
   std::vector<float> dx(x.size()), dgate(gate.size()), dw1(w1.size()), dw2(w2.size());
-  layer.backward<float>(xv, params, weights, result, sy::make_view<const float>(y.data(), tokens, d),
+  layer.backward<float>(switchyard::host_context{}, xv, params, weights, result, sy::make_view<const float>(y.data(), tokens, d),
                         {.lb_topk = 0.01f}, sy::make_view(dx.data(), tokens, d),
                         {sy::make_view(dw1.data(), experts, d_ff, d), {},
                          sy::make_view(dw2.data(), experts, d, d_ff), {}},

@@ -52,9 +52,9 @@ int main() {
   const sy::matrix_view<const float> xv = sy::make_view<const float>(x.data(), tokens, d);
 
   // Workspace from the size query: forward itself then allocates nothing.
-  std::vector<std::byte> workspace(layer.workspace_size<float>(tokens, params, weights));
+  std::vector<std::byte> workspace(layer.workspace_size<float>(switchyard::host_context{}, tokens, params, weights));
   Layer::result_type result;
-  layer.forward<float>(xv, params, weights, sy::make_view(y.data(), tokens, d), result,
+  layer.forward<float>(switchyard::host_context{}, xv, params, weights, sy::make_view(y.data(), tokens, d), result,
                        {workspace.data(), workspace.size()});
 
   std::printf("Switchyard %d.%d.%d quickstart: top-p (p = %.2f) over %d experts, %d tokens, "
@@ -158,7 +158,7 @@ int main() {
   // One backward pass: dy = y (the gradient of ½‖y‖²), aux-loss coefficients chosen here.
   std::vector<float> dx(tokens * d), dgate(gate.size()), dw1(w1.size()), dw2(w2.size());
   const sy::routing::topp_losses coeffs{.dynamic_loss = 1e-4f, .lb_loss = 1e-2f, .z_loss = 1e-3f};
-  layer.backward<float>(xv, params, weights, result, sy::make_view<const float>(y.data(), tokens, d),
+  layer.backward<float>(switchyard::host_context{}, xv, params, weights, result, sy::make_view<const float>(y.data(), tokens, d),
                         coeffs, sy::make_view(dx.data(), tokens, d),
                         {sy::make_view(dw1.data(), experts, 2 * d_ff, d), {},
                          sy::make_view(dw2.data(), experts, d, d_ff), {}},
@@ -189,7 +189,7 @@ int main() {
     for (std::size_t i = 0; i < w2.size(); ++i) w2s[i] = w2[i] + s * v[i];
     const sy::expert_weights<float> ws{weights.w1, {}, sy::make_view<const float>(w2s.data(), experts, d, d_ff), {}};
     Layer::result_type r;
-    layer.forward<float>(xv, params, ws, sy::make_view(ys.data(), tokens, d), r);
+    layer.forward<float>(switchyard::host_context{}, xv, params, ws, sy::make_view(ys.data(), tokens, d), r);
     double n2 = 0.0;
     for (float a : ys) n2 += 0.5 * static_cast<double>(a) * a;
     return n2;

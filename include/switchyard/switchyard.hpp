@@ -1,9 +1,12 @@
 #pragma once
 //! \file switchyard.hpp
-//! Umbrella header: everything that compiles with a plain C++20 host compiler.
+//! Umbrella header: everything that compiles with a plain C++20 host compiler, the host
+//! backend included (`switchyard::host_context`).
 //! CUDA backend headers (`switchyard/backend/cuda/...`) are included separately by .cu files.
 
 #include "switchyard/core/config.hpp"
+#include "switchyard/core/context.hpp"
+#include "switchyard/core/policy.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/view.hpp"
@@ -33,8 +36,8 @@
 #include "switchyard/dispatch/dense.hpp"
 #include "switchyard/layer/expert_weights.hpp"
 #include "switchyard/layer/addon.hpp"
-#include "switchyard/backend/host/gemm.hpp"
-#include "switchyard/backend/host/experts.hpp"
+#include "switchyard/layer/state.hpp"
 #include "switchyard/layer/moe_layer.hpp"
 #include "switchyard/layer/hypermoe.hpp"
 #include "switchyard/layer/hypermoe_addon.hpp"
+#include "switchyard/backend/host.hpp"

@@ -33,7 +33,7 @@ void check_adaptive_gating(const golden_case& c) {
                                  .renormalize = c.params().at("renormalize").get<bool>()};
   routing::routing_plan plan;
   routing::adaptive_gating_losses losses;
-  router.forward(matrix_view<const float>(make_view(x.data.data(), tokens, d)),
+  switchyard::host::route(router, matrix_view<const float>(make_view(x.data.data(), tokens, d)),
                  {make_view(w.data.data(), experts, d)}, plan, losses);
 
   check_diagnostic(c, "router_logits", plan.logits, tol);

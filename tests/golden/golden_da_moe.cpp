@@ -25,7 +25,7 @@ void run_da_moe(const golden_case& c, Importance imp) {
   routing::routing_plan plan;
   routing::softmax_router_losses losses;
   routing::da_moe_importance stats;
-  router.forward(matrix_view<const float>(make_view(x.data.data(), tokens, d)), p, plan, losses,
+  switchyard::host::route(router, matrix_view<const float>(make_view(x.data.data(), tokens, d)), p, plan, losses,
                  stats);
 
   check_diagnostic(c, "router_logits", plan.logits, tol);

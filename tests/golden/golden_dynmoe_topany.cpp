@@ -45,7 +45,7 @@ void check_adaptive_update(const golden_case& c, const tolerance& tol) {
   routing::routing_plan plan;
   routing::dynmoe_losses losses;
   const auto xv = matrix_view<const float>(make_view(x.data.data(), tokens, in.d));
-  router.forward(xv, in.params(), plan, losses);
+  switchyard::host::route(router, xv, in.params(), plan, losses);
   training::dynmoe_recorder rec;
   rec.reset(in.e_max, in.d);
   rec.record(plan, xv);
@@ -78,7 +78,7 @@ void check_routing(const golden_case& c, const tolerance& tol) {
   const routers::DynMoE router{.training = c.params().at("training").get<bool>()};
   routing::routing_plan plan;
   routing::dynmoe_losses losses;
-  router.forward(xv, p, plan, losses);
+  switchyard::host::route(router, xv, p, plan, losses);
 
   check_close("scores", plan.probs, c.expected("scores").data, tol.atol, tol.rtol);
   check_close("threshold_probs", routers::DynMoE::threshold_probs(p),
@@ -111,7 +111,7 @@ void check_routing(const golden_case& c, const tolerance& tol) {
     routing::dense_to_slot_cotangent(plan, cot.data.data(), d_slots.data());
     std::vector<float> gw(static_cast<std::size_t>(in.d * in.e_max), 0.0f);
     std::vector<float> gg(static_cast<std::size_t>(in.e_max), 0.0f);
-    router.backward(xv, p, plan, d_slots.data(), routing::dynmoe_losses::uniform(1.0f),
+    switchyard::host::route_backward(router, xv, p, plan, d_slots.data(), routing::dynmoe_losses::uniform(1.0f),
                     matrix_view<float>{},
                     {make_view(gw.data(), in.d, in.e_max), make_view(gg.data(), in.e_max)});
     check_close("grad_w_gate", gw, want_gw.data, tol.atol, tol.loss_rtol);

@@ -15,7 +15,7 @@ void check_topp(const golden_case& c) {
   routers::TopP router{.p = c.params().at("p").get<float>(), .max_k = c.params().value("max_k", 0)};
   routing::routing_plan plan;
   routing::topp_losses losses;
-  router.forward(matrix_view<const float>(make_view(x.data.data(), tokens, d)),
+  switchyard::host::route(router, matrix_view<const float>(make_view(x.data.data(), tokens, d)),
                  {make_view(w.data.data(), experts, d)}, plan, losses);
 
   check_diagnostic(c, "router_logits", plan.logits, tol);

@@ -13,6 +13,10 @@
 
 namespace switchyard {
 
+//! The one span of the library (libcu++'s, usable on host and device alike).
+template <class T>
+using span = ::cuda::std::span<T>;
+
 //! Extents of a rank-R view, 64-bit.
 template <std::size_t R>
 using extents = ::cuda::std::dextents<index_t, R>;
@@ -45,6 +49,15 @@ tensor_view<T, R> make_strided_view(T* p, const ::cuda::std::array<index_t, R>& 
   return tensor_view<T, R>(p, ::cuda::std::layout_stride::mapping<extents<R>>(extents<R>(dims),
                                                                            strides));
 }
+
+namespace detail {
+//! True when an optional view is present: it refers to memory and has elements (an absent
+//! gradient, bias or output is passed as an empty view `{}`).
+template <class V>
+SWITCHYARD_HD bool present(const V& v) {
+  return v.data_handle() != nullptr && v.size() != 0;
+}
+}  // namespace detail
 
 //! Number of elements a view spans (product of its extents).
 template <class V>

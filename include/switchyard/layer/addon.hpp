@@ -7,11 +7,15 @@
 //!
 //! An add-on declares `using policy_kind = switchyard::addon_tag;`, names `params_type` and
 //! `grads_type`, and has, for each element type T of x:
-//! - `forward(x [T, d] of T, plan, params, out [T, d] float)`: overwrites `out` with its
-//!   term; the layer adds it to Σ_j w_tj · FFN_{e_tj}(x_t) before rounding y;
+//! - `forward(x [T, d] of T, plan, params, out [T, d] float, workspace_arena& ws)`: overwrites
+//!   `out` with its term; the layer adds it to Σ_j w_tj · FFN_{e_tj}(x_t) before rounding y;
 //! - `backward(x, plan, params, dy [T, d] float, dx [T, d] float (+=), grads (+=),
-//!   d_weights [T·width] float (+=))`: its gradients, including its share of the combine
-//!   weights' cotangent when its term depends on them (HyperMoE's does not).
+//!   d_weights [T·width] float (+=), workspace_arena& ws)`: its gradients, including its share
+//!   of the combine weights' cotangent when its term depends on them (HyperMoE's does not);
+//! - optionally `std::size_t workspace_size(index_t tokens, index_t d, index_t width, index_t
+//!   experts) const`: the bytes its forward and backward take from `ws` (each takes at most
+//!   that much); without it the layer gives it an empty arena. With that workspace neither
+//!   may allocate (the layer's no-allocation promise, docs/layer.md).
 //!
 //! `layer/hypermoe_addon.hpp` adapts `layer::hypermoe_module` to this hook.
 
@@ -19,13 +23,12 @@
 #include <cstdint>
 
 #include "switchyard/core/element_type.hpp"
+#include "switchyard/core/policy.hpp"
 #include "switchyard/core/view.hpp"
+#include "switchyard/core/workspace.hpp"
 #include "switchyard/routing/plan.hpp"
 
 namespace switchyard {
-
-//! Tag an add-on module declares as `policy_kind`.
-struct addon_tag {};
 
 //! The add-on that adds nothing (the default fourth parameter of MoELayer).
 struct no_addon {
@@ -42,9 +45,9 @@ concept addon_ops = requires(const A& a, matrix_view<const float> x,
                              routing::plan_view<const std::int32_t, const float> plan,
                              const typename A::params_type& p, matrix_view<float> out,
                              matrix_view<const float> dy, const typename A::grads_type& g,
-                             float* d_weights) {
-  a.forward(x, plan, p, out);
-  a.backward(x, plan, p, dy, out, g, d_weights);
+                             float* d_weights, workspace_arena& ws) {
+  a.forward(x, plan, p, out, ws);
+  a.backward(x, plan, p, dy, out, g, d_weights, ws);
 };
 }  // namespace detail
 

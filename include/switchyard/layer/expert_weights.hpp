@@ -57,12 +57,6 @@ struct expert_grads {
 
 namespace detail {
 
-//! True when a view refers to memory (a gradient or bias the caller wants).
-template <class V>
-bool present(const V& v) {
-  return v.data_handle() != nullptr && v.size() != 0;
-}
-
 //! 64-bit element offset of index (i0, i1, i2) under strides (s0, s1, s2); the arithmetic of
 //! every weight and activation access, exposed so tests can check it past 2^31 directly.
 SWITCHYARD_HD constexpr index_t offset3(index_t i0, index_t i1, index_t i2, index_t s0,

@@ -14,23 +14,11 @@
 #include <cuda/std/span>
 
 #include "switchyard/core/config.hpp"
+#include "switchyard/core/policy.hpp"
 
 namespace switchyard {
 
-//! Tag a selection rule declares as `policy_kind`.
-struct selection_rule_tag {};
-//! Tag a router declares as `policy_kind`.
-struct router_tag {};
-//! Tag an activation declares as `policy_kind`.
-struct activation_tag {};
-//! Tag a dispatch declares as `policy_kind`.
-struct dispatch_tag {};
-
 namespace detail {
-template <class P, class Tag>
-concept declares_kind = requires { typename P::policy_kind; } &&
-                        std::is_same_v<typename P::policy_kind, Tag>;
-
 template <class R>
 concept has_width = requires(const R& r, int num_experts) {
   { r.width(num_experts) } -> std::convertible_to<int>;

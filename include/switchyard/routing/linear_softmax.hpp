@@ -57,7 +57,7 @@ void check_linear_router_inputs(const matrix_view<const T>& x, const linear_rout
 //! non-finite logit.
 template <ElementType T>
 void linear_softmax_scores(const matrix_view<const T>& x, const linear_router_params& p,
-                           routing_plan& plan) {
+                           const plan_ref& plan) {
   const index_t tokens = x.extent(0), d = x.extent(1), e_count = p.w.extent(0);
 #pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
   for (index_t t = 0; t < tokens; ++t) {
@@ -87,7 +87,7 @@ void linear_softmax_scores(const matrix_view<const T>& x, const linear_router_pa
 
 //! Applies a selection rule to every token of a scored plan.
 template <class Rule>
-void select_all(const Rule& rule, routing_plan& plan) {
+void select_all(const Rule& rule, const plan_ref& plan) {
   const index_t tokens = plan.num_tokens, e = plan.num_experts, w = plan.width;
 #pragma omp parallel for schedule(static) if (tokens > 256)
   for (index_t t = 0; t < tokens; ++t) {
@@ -99,7 +99,7 @@ void select_all(const Rule& rule, routing_plan& plan) {
 
 //! Switch load balance E·Σ_e f_e·P̄_e with f_e the share of tokens whose top-1 is e, or
 //! (any_slot) the share of tokens that selected e in any slot. 0 for an empty batch.
-inline float load_balance_loss(const routing_plan& plan, bool any_slot) {
+inline float load_balance_loss(const plan_ref& plan, bool any_slot) {
   const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
   if (tokens == 0) return 0.0f;
   std::vector<double> f(e_count, 0.0), pbar(e_count, 0.0);
@@ -114,7 +114,7 @@ inline float load_balance_loss(const routing_plan& plan, bool any_slot) {
 }
 
 //! ST-MoE z-loss mean_t logsumexp(logits_t)². 0 for an empty batch.
-inline float z_loss(const routing_plan& plan) {
+inline float z_loss(const plan_ref& plan) {
   const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
   if (tokens == 0) return 0.0f;
   double s = 0.0;
@@ -131,7 +131,7 @@ inline float z_loss(const routing_plan& plan) {
 }
 
 //! Accumulates coeff · ∂L_lb/∂P into d_probs [T, E] (f is piecewise constant).
-inline void load_balance_backward(const routing_plan& plan, bool any_slot, float coeff,
+inline void load_balance_backward(const plan_ref& plan, bool any_slot, float coeff,
                                   float* d_probs) {
   const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
   if (tokens == 0 || coeff == 0.0f) return;
@@ -146,7 +146,7 @@ inline void load_balance_backward(const routing_plan& plan, bool any_slot, float
 }
 
 //! Accumulates coeff · ∂L_z/∂logits = coeff · 2·lse_t·P_t / T into d_logits [T, E].
-inline void z_loss_backward(const routing_plan& plan, float coeff, float* d_logits) {
+inline void z_loss_backward(const plan_ref& plan, float coeff, float* d_logits) {
   const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
   if (tokens == 0 || coeff == 0.0f) return;
   for (index_t t = 0; t < tokens; ++t) {
@@ -165,7 +165,7 @@ inline void z_loss_backward(const routing_plan& plan, float coeff, float* d_logi
 //! d_probs [T, E] of Σ d_weights ⊙ weights w.r.t. the probabilities, for every token of a
 //! softmax router's plan: raw weights pass d_w through, renormalised ones go through the
 //! normalisation (see combine_weights_backward_accumulate). `d_weights` is [T, width].
-inline std::vector<float> combine_weights_backward_rows(const routing_plan& plan,
+inline std::vector<float> combine_weights_backward_rows(const plan_ref& plan,
                                                         const float* d_weights, bool renormalized) {
   const index_t tokens = plan.num_tokens, e_count = plan.num_experts, w = plan.width;
   std::vector<float> d_probs(static_cast<std::size_t>(tokens * e_count), 0.0f);
@@ -181,7 +181,7 @@ inline std::vector<float> combine_weights_backward_rows(const routing_plan& plan
 }
 
 //! d_logits += softmax backward of d_probs, row by row.
-inline void softmax_backward_rows(const routing_plan& plan, const float* d_probs, float* d_logits) {
+inline void softmax_backward_rows(const plan_ref& plan, const float* d_probs, float* d_logits) {
   const index_t e_count = plan.num_experts;
   for (index_t t = 0; t < plan.num_tokens; ++t) {
     softmax_backward_accumulate(::cuda::std::span<const float>(plan.probs.data() + t * e_count, e_count),

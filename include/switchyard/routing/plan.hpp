@@ -5,6 +5,7 @@
 //! same dispatch as top-k.
 
 #include <cstdint>
+#include <string_view>
 #include <vector>
 
 #include "switchyard/core/error.hpp"
@@ -27,7 +28,95 @@ struct plan_view {
   [[nodiscard]] index_t width() const { return expert_ids.extent(1); }
 };
 
-//! Host-owning routing plan with what backward and statistics need besides the selection.
+//! A routing plan in caller memory (host or device): the selection (ids, weights, counts)
+//! with what backward and statistics need besides it (the router's logits and the scores the
+//! selection rule saw). Non-owning, like `std::string_view` to `routing_plan`'s string: the
+//! layer's forward writes one, its backward reads one. Routers and backends take a plan_ref.
+struct plan_ref {
+  index_t num_tokens = 0;   //!< T
+  index_t width = 0;        //!< max experts per token (max_k)
+  index_t num_experts = 0;  //!< E (DynMoE: E_max slots)
+
+  span<std::int32_t> expert_ids;  //!< [T, width]
+  span<float> weights;            //!< [T, width]
+  span<std::int32_t> counts;      //!< [T]
+  span<float> logits;             //!< [T, E] router pre-activation scores
+  span<float> probs;              //!< [T, E] the scores the selection rule saw
+
+  //! Elements each array must hold for T tokens, `width` slots and E experts.
+  struct sizes {
+    index_t slots, tokens, scores;
+  };
+  [[nodiscard]] static constexpr sizes required(index_t t, index_t w, index_t e) {
+    return {t * w, t, t * e};
+  }
+
+  //! Throws shape_error naming `argument.<array>` unless every array holds its size.
+  void check(std::string_view argument) const {
+    const sizes n = required(num_tokens, width, num_experts);
+    auto need = [&](std::string_view name, const void* data, std::size_t got, index_t want) {
+      const std::string arg = ::switchyard::detail::concat(argument, ".", name);
+      if (static_cast<index_t>(got) != want) {
+        throw shape_error(arg, ::switchyard::detail::concat(arg, ": expected ", want, " elements (T = ",
+                                                            num_tokens, ", width = ", width, ", E = ",
+                                                            num_experts, "), got ", got));
+      }
+      ::switchyard::detail::require_data(arg, data, want);
+    };
+    need("expert_ids", expert_ids.data(), expert_ids.size(), n.slots);
+    need("weights", weights.data(), weights.size(), n.slots);
+    need("counts", counts.data(), counts.size(), n.tokens);
+    need("logits", logits.data(), logits.size(), n.scores);
+    need("probs", probs.data(), probs.size(), n.scores);
+  }
+
+  //! Marks every slot unused (id -1, weight 0, count 0); logits and probs are left as they are.
+  void reset_selection() const {
+    for (auto& v : expert_ids) v = unused_slot;
+    for (auto& v : weights) v = 0.0f;
+    for (auto& v : counts) v = 0;
+  }
+
+  [[nodiscard]] plan_view<std::int32_t, float> view() const {
+    return {make_view(expert_ids.data(), num_tokens, width),
+            make_view(weights.data(), num_tokens, width), make_view(counts.data(), num_tokens),
+            num_experts};
+  }
+  [[nodiscard]] plan_view<const std::int32_t, const float> const_view() const {
+    return {make_view<const std::int32_t>(expert_ids.data(), num_tokens, width),
+            make_view<const float>(weights.data(), num_tokens, width),
+            make_view<const std::int32_t>(counts.data(), num_tokens), num_experts};
+  }
+  [[nodiscard]] std::int32_t id(index_t t, index_t j) const {
+    return expert_ids[static_cast<std::size_t>(t * width + j)];
+  }
+  [[nodiscard]] float weight(index_t t, index_t j) const {
+    return weights[static_cast<std::size_t>(t * width + j)];
+  }
+  //! Total (token, expert) pairs the plan routes: Σ_t counts[t].
+  [[nodiscard]] index_t total_assignments() const {
+    index_t n = 0;
+    for (auto c : counts) n += c;
+    return n;
+  }
+};
+
+namespace detail {
+//! A router's forward entry check: `plan` is sized for T tokens, `width` slots and E experts
+//! (shape_error naming "plan" otherwise); its selection is reset to unused slots.
+inline void require_plan(const plan_ref& plan, index_t t, index_t width, index_t e) {
+  if (plan.num_tokens != t || plan.width != width || plan.num_experts != e) {
+    throw shape_error("plan", ::switchyard::detail::concat(
+                                  "plan: expected T = ", t, ", width = ", width, ", E = ", e,
+                                  " (from x and the router's params), got T = ", plan.num_tokens,
+                                  ", width = ", plan.width, ", E = ", plan.num_experts));
+  }
+  plan.check("plan");
+  plan.reset_selection();
+}
+}  // namespace detail
+
+//! Host-owning routing plan (the convenience owner of a plan_ref's arrays).
 struct routing_plan {
   index_t num_tokens = 0;   //!< T
   index_t width = 0;        //!< max experts per token (max_k)
@@ -40,6 +129,7 @@ struct routing_plan {
   std::vector<float> probs;              //!< [T, E] the scores the selection rule saw
 
   //! Sizes every array for T tokens, `width` slots and E experts; slots are reset to unused.
+  //! Allocates only when an array grows past its capacity.
   void resize(index_t t, index_t w, index_t e) {
     num_tokens = t;
     width = w;
@@ -50,6 +140,20 @@ struct routing_plan {
     logits.assign(static_cast<std::size_t>(t * e), 0.0f);
     probs.assign(static_cast<std::size_t>(t * e), 0.0f);
   }
+
+  //! The arrays as a plan_ref (what routers and backends take).
+  [[nodiscard]] plan_ref ref() {
+    return {num_tokens, width, num_experts,
+            {expert_ids.data(), expert_ids.size()}, {weights.data(), weights.size()},
+            {counts.data(), counts.size()}, {logits.data(), logits.size()},
+            {probs.data(), probs.size()}};
+  }
+  //! Read-only use of a const owner (backward, statistics): the spans are not written through.
+  [[nodiscard]] plan_ref ref() const { return const_cast<routing_plan*>(this)->ref(); }
+  // NOLINTNEXTLINE(google-explicit-constructor): an owner is usable wherever its view is.
+  operator plan_ref() { return ref(); }
+  // NOLINTNEXTLINE(google-explicit-constructor)
+  operator plan_ref() const { return ref(); }
 
   [[nodiscard]] plan_view<std::int32_t, float> view() {
     return {make_view(expert_ids.data(), num_tokens, width),
@@ -81,7 +185,7 @@ struct routing_plan {
 
 //! Converts a dense cotangent `d_dense [T, E]` of the combine weights to the plan's slots
 //! `d_slots [T, width]` (unused slots get 0).
-inline void dense_to_slot_cotangent(const routing_plan& plan, const float* d_dense,
+inline void dense_to_slot_cotangent(const plan_ref& plan, const float* d_dense,
                                     float* d_slots) {
   for (index_t t = 0; t < plan.num_tokens; ++t) {
     for (index_t j = 0; j < plan.width; ++j) {

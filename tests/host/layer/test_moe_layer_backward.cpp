@@ -163,14 +163,14 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(backward_matches_central_differences, C, cases) {
   std::vector<float> y(m.t * m.d);
   typename decltype(layer)::result_type res;
   const matrix_view<const float> xv = make_view<const float>(xf.data(), m.t, m.d);
-  layer.template forward<float>(xv, rp, w, make_view(y.data(), m.t, m.d), res);
+  layer.template forward<float>(switchyard::host_context{}, xv, rp, w, make_view(y.data(), m.t, m.d), res);
   if constexpr (capacity) BOOST_TEST(res.total_dropped() > 0);  // the case exercises drops
 
   std::vector<float> dx(q.x.size()), dwr(q.wr.size()), dw1(q.w1.size()), db1(q.b1.size()),
       dw2(q.w2.size()), db2(q.b2.size());
   const expert_grads eg{make_view(dw1.data(), m.e, m.p, m.d), make_view(db1.data(), m.e, m.p),
                         make_view(dw2.data(), m.e, m.d, m.f), make_view(db2.data(), m.e, m.d)};
-  layer.template backward<float>(xv, rp, w, res, make_view<const float>(Gf.data(), m.t, m.d),
+  layer.template backward<float>(switchyard::host_context{}, xv, rp, w, res, make_view<const float>(Gf.data(), m.t, m.d),
                                  {c_s, c_k, c_z}, make_view(dx.data(), m.t, m.d), eg,
                                  {make_view(dwr.data(), m.e, m.d)});
 

@@ -822,14 +822,14 @@ bool run_draw(std::uint64_t seed, std::string& why, std::vector<block_result>& r
   std::vector<float> y(static_cast<std::size_t>(q.T * q.d));
   typename decltype(layer)::result_type res;
   const auto xv = sy::make_view<const float>(xf.data(), q.T, q.d);
-  layer.template forward<float>(xv, rp, w, sy::make_view(y.data(), q.T, q.d), res);
+  layer.template forward<float>(switchyard::host_context{}, xv, rp, w, sy::make_view(y.data(), q.T, q.d), res);
 
   std::vector<float> dx(q.x.size()), dwr(q.wr.size()), dthr(q.thr.size()), dw1(q.w1.size()),
       db1(q.b1.size()), dw2(q.w2.size()), db2(q.b2.size());
   const sy::expert_grads eg{
       sy::make_view(dw1.data(), q.E, q.p, q.d), sy::make_view(db1.data(), q.E, q.p),
       sy::make_view(dw2.data(), q.E, q.d, q.f), sy::make_view(db2.data(), q.E, q.d)};
-  layer.template backward<float>(xv, rp, w, res, sy::make_view<const float>(gf.data(), q.T, q.d),
+  layer.template backward<float>(switchyard::host_context{}, xv, rp, w, res, sy::make_view<const float>(gf.data(), q.T, q.d),
                                  rc.coeffs(), sy::make_view(dx.data(), q.T, q.d), eg,
                                  rc.grads(dwr, dthr, q));
 

@@ -61,7 +61,7 @@ void run_against_reference(index_t tokens, index_t d, index_t f, index_t experts
   MoELayer<routers::TopK, A, D> layer{.router = rs.router};
   std::vector<T> y(static_cast<std::size_t>(tokens * d));
   typename decltype(layer)::result_type res;
-  layer.template forward<T>(L.xv(), rs.params(d), L.weights(), make_view(y.data(), tokens, d), res);
+  layer.template forward<T>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y.data(), tokens, d), res);
   BOOST_TEST(res.plan.num_tokens == tokens);
   std::vector<double> scale;
   const auto ref = test::ref_layer<A>(L, res.plan, {}, false, &scale);
@@ -73,7 +73,7 @@ void run_against_reference(index_t tokens, index_t d, index_t f, index_t experts
     BOOST_TEST(res.losses.z == 0.0f);
     // backward on an empty batch is valid too
     std::vector<float> gw1(L.w1.size());
-    layer.template backward<T>(L.xv(), rs.params(d), L.weights(), res, L.xv(), {},
+    layer.template backward<T>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), res, L.xv(), {},
                                make_view<float>(nullptr, 0, d),
                                {make_view(gw1.data(), experts, L.p, d), {}, {}, {}}, {});
     for (float v : gw1) BOOST_TEST(v == 0.0f);
@@ -112,9 +112,8 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(bitwise_deterministic_across_runs_and_threads, D, 
               std::vector<float>(L.w2.size()), std::vector<float>(L.b2.size()),
               std::vector<float>(rs.w.size())};
     typename decltype(layer)::result_type res;
-    layer.template forward<float>(L.xv(), rs.params(d), L.weights(), make_view(o.y.data(), tokens, d), res);
-    layer.template backward<float>(
-        L.xv(), rs.params(d), L.weights(), res, make_view<const float>(dy.data(), tokens, d),
+    layer.template forward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(o.y.data(), tokens, d), res);
+    layer.template backward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), res, make_view<const float>(dy.data(), tokens, d),
         {0.01f, 0.01f, 0.001f}, make_view(o.dx.data(), tokens, d),
         {make_view(o.dw1.data(), experts, L.p, d), make_view(o.db1.data(), experts, L.p),
          make_view(o.dw2.data(), experts, d, f), make_view(o.db2.data(), experts, d)},
@@ -142,14 +141,14 @@ BOOST_AUTO_TEST_CASE(token_routed_to_no_expert) {
   MoELayer<routers::TopK, activation::gelu, dispatch::sorted_grouped> layer{};
   std::vector<float> y(tokens * d, 123.0f);
   std::vector<index_t> dropped(experts);
-  layer.forward_experts<float>(L.xv(), std::as_const(plan).view(), L.weights(),
+  layer.forward_experts<float>(switchyard::host_context{}, L.xv(), std::as_const(plan).view(), L.weights(),
                                make_view(y.data(), tokens, d), {dropped.data(), dropped.size()});
   const auto ref = test::ref_layer<activation::gelu>(L, plan, {}, false);
   for (index_t i = 0; i < d; ++i) BOOST_TEST(y[1 * d + i] == 0.0f);  // no expert: y_t = 0
   for (index_t i = 0; i < tokens * d; ++i) BOOST_TEST(std::abs(y[i] - ref[i]) <= 1e-5);
 
   std::vector<float> dy(tokens * d, 1.0f), dx(tokens * d, 0.0f), dw(tokens * 2, -1.0f);
-  layer.backward_experts<float>(L.xv(), std::as_const(plan).view(), L.weights(),
+  layer.backward_experts<float>(switchyard::host_context{}, L.xv(), std::as_const(plan).view(), L.weights(),
                                 make_view<const float>(dy.data(), tokens, d),
                                 make_view(dx.data(), tokens, d), {}, {dw.data(), dw.size()});
   for (index_t i = 0; i < d; ++i) BOOST_TEST(dx[1 * d + i] == 0.0f);
@@ -170,35 +169,35 @@ BOOST_AUTO_TEST_CASE(bad_input_names_argument_and_expectation) {
 
   // x's width differs from the weights'.
   expect_error<shape_error>([&] {
-    layer.forward<float>(make_view<const float>(wrong.data(), tokens, d + 1), rs.params(d),
+    layer.forward<float>(switchyard::host_context{}, make_view<const float>(wrong.data(), tokens, d + 1), rs.params(d),
                          L.weights(), yv, res);
   }, "weights.w2", "[E, d, d_ff] with d = x.extent(1)");
   // Gated activation but W1 is [E, d_ff, d].
   {
     auto w = L.weights();
     w.w1 = make_view<const float>(L.w1.data(), experts, f, d);
-    expect_error<shape_error>([&] { layer.forward<float>(L.xv(), rs.params(d), w, yv, res); },
+    expect_error<shape_error>([&] { layer.forward<float>(switchyard::host_context{}, L.xv(), rs.params(d), w, yv, res); },
                               "weights.w1", "2·d_ff");
   }
   // Router has 3 experts, the weights 4.
   expect_error<shape_error>([&] {
-    layer.forward<float>(L.xv(), {make_view<const float>(rs.w.data(), 3, d)}, L.weights(), yv, res);
+    layer.forward<float>(switchyard::host_context{}, L.xv(), {make_view<const float>(rs.w.data(), 3, d)}, L.weights(), yv, res);
   }, "weights.w1", "router's expert count E = 3");
   // y of the wrong shape.
   expect_error<shape_error>([&] {
-    layer.forward<float>(L.xv(), rs.params(d), L.weights(), make_view(y.data(), tokens - 1, d), res);
+    layer.forward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y.data(), tokens - 1, d), res);
   }, "y", "[T, d] like x");
   // k > E.
   {
     MoELayer<routers::TopK, activation::swiglu> big{.router = {.k = 5}};
-    expect_error<range_error>([&] { big.forward<float>(L.xv(), rs.params(d), L.weights(), yv, res); },
+    expect_error<range_error>([&] { big.forward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), yv, res); },
                               "k", "[1, E]");
   }
   // capacity factor <= 0 (and NaN).
   for (float cf : {0.0f, -1.0f, NAN}) {
     MoELayer<routers::TopK, activation::swiglu, dispatch::padded_capacity> cap{
         .router = rs.router, .dispatch = {.capacity_factor = cf}};
-    expect_error<range_error>([&] { cap.forward<float>(L.xv(), rs.params(d), L.weights(), yv, res); },
+    expect_error<range_error>([&] { cap.forward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), yv, res); },
                               "capacity_factor", "> 0");
   }
   // NaN / Inf in x: non_finite_error naming the element.
@@ -206,7 +205,7 @@ BOOST_AUTO_TEST_CASE(bad_input_names_argument_and_expectation) {
     auto x = L.x;
     x[2 * d + 3] = bad;
     expect_error<non_finite_error>([&] {
-      layer.forward<float>(make_view<const float>(x.data(), tokens, d), rs.params(d), L.weights(), yv, res);
+      layer.forward<float>(switchyard::host_context{}, make_view<const float>(x.data(), tokens, d), rs.params(d), L.weights(), yv, res);
     }, "x", "x[2, 3]");
   }
   // A plan for other shapes.
@@ -215,36 +214,36 @@ BOOST_AUTO_TEST_CASE(bad_input_names_argument_and_expectation) {
     plan.resize(tokens + 1, 2, experts);
     std::vector<index_t> dropped(experts);
     expect_error<shape_error>([&] {
-      layer.forward_experts<float>(L.xv(), std::as_const(plan).view(), L.weights(), yv,
+      layer.forward_experts<float>(switchyard::host_context{}, L.xv(), std::as_const(plan).view(), L.weights(), yv,
                                    {dropped.data(), dropped.size()});
     }, "plan.expert_ids", "expected shape [4, *]");
     plan.resize(tokens, 2, experts + 1);
     expect_error<shape_error>([&] {
-      layer.forward_experts<float>(L.xv(), std::as_const(plan).view(), L.weights(), yv,
+      layer.forward_experts<float>(switchyard::host_context{}, L.xv(), std::as_const(plan).view(), L.weights(), yv,
                                    {dropped.data(), dropped.size()});
     }, "plan", "num_experts must match weights (E = 4)");
     plan.resize(tokens, 2, experts);
     plan.counts[0] = 1;
     plan.expert_ids[0] = 7;
     expect_error<range_error>([&] {
-      layer.forward_experts<float>(L.xv(), std::as_const(plan).view(), L.weights(), yv,
+      layer.forward_experts<float>(switchyard::host_context{}, L.xv(), std::as_const(plan).view(), L.weights(), yv,
                                    {dropped.data(), dropped.size()});
     }, "plan.expert_ids", "in [0, 4)");
   }
   // Gradient views of the wrong shape.
   {
-    layer.forward<float>(L.xv(), rs.params(d), L.weights(), yv, res);
+    layer.forward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), yv, res);
     std::vector<float> gw2(experts * d * f);
     expect_error<shape_error>([&] {
-      layer.backward<float>(L.xv(), rs.params(d), L.weights(), res, L.xv(), {}, {},
+      layer.backward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), res, L.xv(), {}, {},
                             {{}, {}, make_view(gw2.data(), experts, f, d), {}}, {});
     }, "grads.w2", "same as weights.w2");
   }
   // A workspace smaller than the query.
   {
-    std::vector<std::byte> ws(layer.workspace_size<float>(tokens, rs.params(d), L.weights()) / 2);
+    std::vector<std::byte> ws(layer.workspace_size<float>(switchyard::host_context{}, tokens, rs.params(d), L.weights()) / 2);
     expect_error<shape_error>([&] {
-      layer.forward<float>(L.xv(), rs.params(d), L.weights(), yv, res, {ws.data(), ws.size()});
+      layer.forward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), yv, res, {ws.data(), ws.size()});
     }, "workspace", "see workspace_size");
   }
 }
@@ -258,12 +257,12 @@ BOOST_AUTO_TEST_CASE(caller_workspace_gives_same_result_without_allocating) {
       .router = rs.router, .dispatch = {.capacity_factor = 1.0f}};
   std::vector<sy::bfloat16> y1(tokens * d), y2(tokens * d);
   decltype(layer)::result_type r1, r2;
-  layer.forward<sy::bfloat16>(L.xv(), rs.params(d), L.weights(), make_view(y1.data(), tokens, d), r1);
+  layer.forward<sy::bfloat16>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y1.data(), tokens, d), r1);
 
-  const std::size_t bytes = layer.workspace_size<sy::bfloat16>(tokens, rs.params(d), L.weights());
+  const std::size_t bytes = layer.workspace_size<sy::bfloat16>(switchyard::host_context{}, tokens, rs.params(d), L.weights());
   std::vector<std::byte> ws(bytes + 1);
   const ::cuda::std::span<std::byte> span(ws.data() + 1, bytes);  // deliberately unaligned
-  layer.forward<sy::bfloat16>(L.xv(), rs.params(d), L.weights(), make_view(y2.data(), tokens, d), r2, span);
+  layer.forward<sy::bfloat16>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y2.data(), tokens, d), r2, span);
   BOOST_TEST(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(sy::bfloat16)) == 0);
   BOOST_TEST(r1.dropped == r2.dropped);
 
@@ -271,15 +270,15 @@ BOOST_AUTO_TEST_CASE(caller_workspace_gives_same_result_without_allocating) {
   routing::routing_plan plan = r2.plan;
   routers::TopK::losses_type losses;
   const long before_router = g_allocations.load();
-  rs.router.forward<sy::bfloat16>(L.xv(), rs.params(d), plan, losses);
+  switchyard::host::route<sy::bfloat16>(rs.router, L.xv(), rs.params(d), plan, losses);
   const long router_allocs = g_allocations.load() - before_router;
   const long before = g_allocations.load();
-  layer.forward<sy::bfloat16>(L.xv(), rs.params(d), L.weights(), make_view(y2.data(), tokens, d), r2, span);
+  layer.forward<sy::bfloat16>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y2.data(), tokens, d), r2, span);
   const long layer_allocs = g_allocations.load() - before;
   BOOST_TEST(layer_allocs == router_allocs);
   // Without a workspace the layer allocates its own (so the counter does see allocations).
   const long before_owned = g_allocations.load();
-  layer.forward<sy::bfloat16>(L.xv(), rs.params(d), L.weights(), make_view(y2.data(), tokens, d), r2);
+  layer.forward<sy::bfloat16>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y2.data(), tokens, d), r2);
   BOOST_TEST(g_allocations.load() - before_owned > router_allocs);
 }
 
@@ -322,7 +321,7 @@ BOOST_AUTO_TEST_CASE(strided_views) {
   MoELayer<routers::TopK, activation::silu> layer{.router = rs.router};
   std::vector<float> y(tokens * d);
   decltype(layer)::result_type res;
-  layer.forward<float>(L.xv(), rs.params(d), L.weights(), make_view(y.data(), tokens, d), res);
+  layer.forward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y.data(), tokens, d), res);
 
   const index_t ldx = d + 3;
   std::vector<float> xs(tokens * ldx, NAN), w1s(experts * f * (d + 2), NAN), w2t(experts * f * d),
@@ -340,7 +339,7 @@ BOOST_AUTO_TEST_CASE(strided_views) {
       make_strided_view<const float, 3>(w2t.data(), {experts, d, f}, {f * d, 1, d}), {}};
   const auto xv = make_strided_view<const float, 2>(xs.data(), {tokens, d}, {ldx, 1});
   const auto yv = make_strided_view<float, 2>(ys.data(), {tokens, d}, {2 * ldx, 2});
-  layer.forward<float>(xv, rs.params(d), w, yv, res);
+  layer.forward<float>(switchyard::host_context{}, xv, rs.params(d), w, yv, res);
   for (index_t t = 0; t < tokens; ++t)
     for (index_t i = 0; i < d; ++i) BOOST_TEST(std::abs(yv(t, i) - y[t * d + i]) <= 1e-5f);
   BOOST_TEST(ys[1] == -7.0f);  // the gaps of the strided y are untouched
@@ -383,12 +382,12 @@ BOOST_AUTO_TEST_CASE(addon_hook_adds_its_term_and_gradient) {
       dx1(tokens * d);
   decltype(plain)::result_type r0;
   decltype(with)::result_type r1;
-  plain.forward<float>(L.xv(), rs.params(d), L.weights(), make_view(y0.data(), tokens, d), r0);
-  with.forward<float>(L.xv(), rs.params(d), L.weights(), make_view(y1.data(), tokens, d), r1, {}, {.s = 0.5f});
+  plain.forward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y0.data(), tokens, d), r0);
+  with.forward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y1.data(), tokens, d), r1, {}, {.s = 0.5f});
   for (index_t i = 0; i < tokens * d; ++i) BOOST_TEST(std::abs(y1[i] - (y0[i] + 0.5f * L.x[i])) <= 1e-5f);
-  plain.backward<float>(L.xv(), rs.params(d), L.weights(), r0, make_view<const float>(dy.data(), tokens, d),
+  plain.backward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), r0, make_view<const float>(dy.data(), tokens, d),
                         {}, make_view(dx0.data(), tokens, d), {}, {});
-  with.backward<float>(L.xv(), rs.params(d), L.weights(), r1, make_view<const float>(dy.data(), tokens, d),
+  with.backward<float>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), r1, make_view<const float>(dy.data(), tokens, d),
                        {}, make_view(dx1.data(), tokens, d), {}, {}, {}, {.s = 0.5f});
   for (index_t i = 0; i < tokens * d; ++i) BOOST_TEST(std::abs(dx1[i] - (dx0[i] + 0.5f)) <= 1e-5f);
 }
@@ -424,8 +423,8 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(low_precision_backward_matches_float, T, low_preci
     std::vector<E> y(tokens * d);
     std::vector<float> dx(tokens * d), dw1(data.w1.size()), db2(data.b2.size()), dwr(rs.w.size());
     typename decltype(layer)::result_type res;
-    layer.template forward<E>(data.xv(), rs.params(d), data.weights(), make_view(y.data(), tokens, d), res);
-    layer.template backward<E>(data.xv(), rs.params(d), data.weights(), res,
+    layer.template forward<E>(switchyard::host_context{}, data.xv(), rs.params(d), data.weights(), make_view(y.data(), tokens, d), res);
+    layer.template backward<E>(switchyard::host_context{}, data.xv(), rs.params(d), data.weights(), res,
                                make_view<const E>(dyv.data(), tokens, d), {0.1f, 0.1f, 0.01f},
                                make_view(dx.data(), tokens, d),
                                {make_view(dw1.data(), experts, data.p, d), {}, {}, make_view(db2.data(), experts, d)},

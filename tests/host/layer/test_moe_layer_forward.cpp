@@ -81,7 +81,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(forward_matches_float64_reference, C, configs) {
   MoELayer<R, A, D> layer{.router = rs.router, .dispatch = make_dispatch<D>()};
   std::vector<T> y(static_cast<std::size_t>(tokens * d));
   typename decltype(layer)::result_type res;
-  layer.template forward<T>(L.xv(), rs.params(d), L.weights(), make_view(y.data(), tokens, d), res);
+  layer.template forward<T>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y.data(), tokens, d), res);
 
   BOOST_TEST_REQUIRE(res.plan.num_tokens == tokens);
   for (index_t t = 0; t < tokens; ++t)
@@ -141,9 +141,9 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(three_dispatches_agree_without_drops, T, dispatch_
       .router = rs.router, .dispatch = {.capacity_factor = 100.0f}};
   MoELayer<routers::TopK, activation::swiglu, dispatch::dense> c{.router = rs.router};
   decltype(a)::result_type ra, rb, rc;
-  a.forward<T>(L.xv(), params, L.weights(), make_view(y_sorted.data(), tokens, d), ra);
-  b.forward<T>(L.xv(), params, L.weights(), make_view(y_padded.data(), tokens, d), rb);
-  c.forward<T>(L.xv(), params, L.weights(), make_view(y_dense.data(), tokens, d), rc);
+  a.forward<T>(switchyard::host_context{}, L.xv(), params, L.weights(), make_view(y_sorted.data(), tokens, d), ra);
+  b.forward<T>(switchyard::host_context{}, L.xv(), params, L.weights(), make_view(y_padded.data(), tokens, d), rb);
+  c.forward<T>(switchyard::host_context{}, L.xv(), params, L.weights(), make_view(y_dense.data(), tokens, d), rc);
   BOOST_TEST(rb.total_dropped() == 0);
   const double u = unit_roundoff<T>();
   for (index_t i = 0; i < tokens * d; ++i) {

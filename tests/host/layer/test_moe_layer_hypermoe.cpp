@@ -88,8 +88,8 @@ BOOST_AUTO_TEST_CASE(hypermoe_addon_adds_the_module_term_and_gradients) {
   std::vector<float> y0(tokens * d), y1(tokens * d), hyper(tokens * d);
   decltype(plain)::result_type r0;
   decltype(with)::result_type r1;
-  plain.forward<float>(D.xv(), rs.params(d), D.weights(), make_view(y0.data(), tokens, d), r0);
-  with.forward<float>(D.xv(), rs.params(d), D.weights(), make_view(y1.data(), tokens, d), r1, {}, hp);
+  plain.forward<float>(switchyard::host_context{}, D.xv(), rs.params(d), D.weights(), make_view(y0.data(), tokens, d), r0);
+  with.forward<float>(switchyard::host_context{}, D.xv(), rs.params(d), D.weights(), make_view(y1.data(), tokens, d), r1, {}, hp);
   addon.module.forward(D.xv(), std::as_const(r0.plan).view(), hp, make_view(hyper.data(), tokens, d));
   double hyper_norm = 0;
   for (index_t i = 0; i < tokens * d; ++i) {
@@ -102,8 +102,8 @@ BOOST_AUTO_TEST_CASE(hypermoe_addon_adds_the_module_term_and_gradients) {
   const auto dyv = make_view<const float>(dy.data(), tokens, d);
   std::vector<float> dx0(tokens * d), dx1(tokens * d), dxh(tokens * d);
   auto g_layer = grd, g_module = grd;
-  plain.backward<float>(D.xv(), rs.params(d), D.weights(), r0, dyv, {}, make_view(dx0.data(), tokens, d), {}, {});
-  with.backward<float>(D.xv(), rs.params(d), D.weights(), r1, dyv, {}, make_view(dx1.data(), tokens, d), {}, {},
+  plain.backward<float>(switchyard::host_context{}, D.xv(), rs.params(d), D.weights(), r0, dyv, {}, make_view(dx0.data(), tokens, d), {}, {});
+  with.backward<float>(switchyard::host_context{}, D.xv(), rs.params(d), D.weights(), r1, dyv, {}, make_view(dx1.data(), tokens, d), {}, {},
                        {}, hp, grads_of(g_layer));
   addon.module.backward(D.xv(), std::as_const(r0.plan).view(), hp, dyv, make_view(dxh.data(), tokens, d),
                         grads_of(g_module));
@@ -139,8 +139,8 @@ BOOST_AUTO_TEST_CASE(hypermoe_addon_token_bits_independent_of_batch) {
       }
     decltype(layer)::result_type r;
     const auto xv = make_view<const float>(x.data(), n, d);
-    layer.forward<float>(xv, rs.params(d), D.weights(), make_view(y.data(), n, d), r, {}, hp);
-    layer.backward<float>(xv, rs.params(d), D.weights(), r, make_view<const float>(dys.data(), n, d), {},
+    layer.forward<float>(switchyard::host_context{}, xv, rs.params(d), D.weights(), make_view(y.data(), n, d), r, {}, hp);
+    layer.backward<float>(switchyard::host_context{}, xv, rs.params(d), D.weights(), r, make_view<const float>(dys.data(), n, d), {},
                           make_view(dx.data(), n, d), {}, {}, {}, hp, {});
     std::vector<std::vector<float>> out;
     for (index_t i = 0; i < n; ++i) {

@@ -141,9 +141,8 @@ struct problem {
     std::vector<T> y(x.size(), from_float<T>(-7.0f));  // poisoned
     typename decltype(layer)::result_type res;
     const auto xv = make_view<const T>(x.data(), n, d);
-    layer.template forward<T>(xv, rs.params(d), L.weights(), make_view(y.data(), n, d), res);
-    layer.template backward<T>(
-        xv, rs.params(d), L.weights(), res, make_view<const T>(dys.data(), n, d), coeffs,
+    layer.template forward<T>(switchyard::host_context{}, xv, rs.params(d), L.weights(), make_view(y.data(), n, d), res);
+    layer.template backward<T>(switchyard::host_context{}, xv, rs.params(d), L.weights(), res, make_view<const T>(dys.data(), n, d), coeffs,
         make_view(o.dx.data(), n, d),
         {make_view(o.dw1.data(), experts, L.p, d), make_view(o.db1.data(), experts, L.p),
          make_view(o.dw2.data(), experts, d, f), make_view(o.db2.data(), experts, d)},

@@ -117,9 +117,8 @@ void run_case(const std::string& name, std::uint64_t seed, index_t tokens, index
   router_grads_storage<R> rg(experts, d);
   typename decltype(layer)::result_type res;
   const auto xv = L.xv();
-  layer.template forward<T>(xv, rs.params(d), L.weights(), make_view(y.data(), tokens, d), res, {}, ap);
-  layer.template backward<T>(
-      xv, rs.params(d), L.weights(), res, make_view<const T>(dy.data(), tokens, d), coefficients<R>(),
+  layer.template forward<T>(switchyard::host_context{}, xv, rs.params(d), L.weights(), make_view(y.data(), tokens, d), res, {}, ap);
+  layer.template backward<T>(switchyard::host_context{}, xv, rs.params(d), L.weights(), res, make_view<const T>(dy.data(), tokens, d), coefficients<R>(),
       make_view(dx.data(), tokens, d),
       {make_view(dw1.data(), experts, L.p, d), make_view(db1.data(), experts, L.p),
        make_view(dw2.data(), experts, d, f), make_view(db2.data(), experts, d)},

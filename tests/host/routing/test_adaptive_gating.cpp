@@ -43,7 +43,7 @@ routing_plan route(const sy::routers::AdaptiveGating& r, const problem& p,
                    sy::routing::adaptive_gating_losses* losses = nullptr) {
   routing_plan plan;
   sy::routing::adaptive_gating_losses l;
-  r.forward(p.xv(), p.params(), plan, l);
+  switchyard::host::route(r, p.xv(), p.params(), plan, l);
   if (losses) *losses = l;
   return plan;
 }
@@ -216,7 +216,7 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
                    "i=" << i << " fd=" << fd);
       }
       std::vector<float> dx(p.x.size(), 0.0f), dw(p.w.size(), 0.0f);
-      r.backward(p.xv(), p.params(), plan, cot.data(), coeff,
+      switchyard::host::route_backward(r, p.xv(), p.params(), plan, cot.data(), coeff,
                  sy::make_view(dx.data(), p.tokens, p.d),
                  {sy::make_view(dw.data(), p.experts, p.d)});
       std::vector<double> x64(p.x.begin(), p.x.end()), w64(p.w.begin(), p.w.end());

@@ -57,7 +57,7 @@ routing_plan route(const R& r, const sy::routing::da_moe_params& prm, const prob
   routing_plan plan;
   sy::routing::softmax_router_losses l;
   sy::routing::da_moe_importance s;
-  r.forward(p.xv(), prm, plan, l, s);
+  switchyard::host::route(r, p.xv(), prm, plan, l, s);
   if (losses) *losses = l;
   if (stats) *stats = s;
   return plan;
@@ -260,7 +260,7 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
                    "i=" << i << " fd=" << fd);
       }
       std::vector<float> dx(p.x.size(), 0.0f), dw(p.w.size(), 0.0f);
-      r.backward(p.xv(), p.params(), plan, cot.data(), coeff,
+      switchyard::host::route_backward(r, p.xv(), p.params(), plan, cot.data(), coeff,
                  sy::make_view(dx.data(), p.tokens, p.d),
                  {sy::make_view(dw.data(), p.experts, p.d)});
       std::vector<double> x64(p.x.begin(), p.x.end()), w64(p.w.begin(), p.w.end());
@@ -322,7 +322,7 @@ BOOST_AUTO_TEST_CASE(bad_input_is_rejected_with_named_arguments) {
   const sy::shape_error shape_tag("", "");
   const sy::non_finite_error nonfinite_tag("", "");
   auto run = [&](auto r, sy::routing::da_moe_params prm) {
-    return [&, r, prm] { r.forward(p.xv(), prm, plan, l); };
+    return [&, r, prm] { switchyard::host::route(r, p.xv(), prm, plan, l); };
   };
   using R = sy::routers::DAMoE<>;
   expect(run(R{.k_rule = {0, 2}}, p.params()), "k_rule.k_min", "must be >= 1, got 0", range_tag);

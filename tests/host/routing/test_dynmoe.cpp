@@ -57,7 +57,7 @@ struct problem {
 routing_plan route(const sy::routers::DynMoE& r, const problem& p, losses_t* losses = nullptr) {
   routing_plan plan;
   losses_t l;
-  r.forward(p.xv(), p.params(), plan, l);
+  switchyard::host::route(r, p.xv(), p.params(), plan, l);
   if (losses) *losses = l;
   return plan;
 }
@@ -400,13 +400,13 @@ BOOST_AUTO_TEST_CASE(empty_batch_is_not_an_error) {
   losses_t l{1, 1, 1, 1};
   routing_plan plan;
   const sy::routers::DynMoE r;
-  r.forward(sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)),
+  switchyard::host::route(r, sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)),
             p.params(), plan, l);
   BOOST_TEST(plan.num_tokens == 0);
   BOOST_TEST(plan.counts.empty());
   BOOST_TEST(l.aux_loss() == 0.0f);
   std::vector<float> gw(8 * 4, 0.0f), gg(4, 0.0f);
-  r.backward(sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)),
+  switchyard::host::route_backward(r, sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)),
              p.params(), plan, nullptr, losses_t::uniform(1.0f), sy::matrix_view<float>{},
              {sy::make_view(gw.data(), 8, 4), sy::make_view(gg.data(), 4)});
   BOOST_TEST(std::all_of(gw.begin(), gw.end(), [](float v) { return v == 0.0f; }));
@@ -445,7 +445,7 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
       std::vector<float> slots(plan.weights.size());
       sy::routing::dense_to_slot_cotangent(plan, cot.data(), slots.data());
       std::vector<float> gw(p.w.size(), 0.0f), gg(p.g.size(), 0.0f), dx(p.x.size(), 0.0f);
-      r.backward(p.xv(), p.params(), plan, slots.data(), coeff,
+      switchyard::host::route_backward(r, p.xv(), p.params(), plan, slots.data(), coeff,
                  sy::make_view(dx.data(), p.tokens, p.d),
                  {sy::make_view(gw.data(), p.d, p.experts), sy::make_view(gg.data(), p.experts)});
 
@@ -492,9 +492,9 @@ BOOST_AUTO_TEST_CASE(gradients_accumulate_and_empty_views_are_skipped) {
   const auto plan = route(r, p);
   std::vector<float> slots(plan.weights.size(), 0.5f);
   std::vector<float> g1(p.w.size(), 0.0f), g2(p.w.size(), 1.0f);
-  r.backward(p.xv(), p.params(), plan, slots.data(), losses_t::deepspeed(), sy::matrix_view<float>{},
+  switchyard::host::route_backward(r, p.xv(), p.params(), plan, slots.data(), losses_t::deepspeed(), sy::matrix_view<float>{},
              {sy::make_view(g1.data(), p.d, p.experts), {}});
-  r.backward(p.xv(), p.params(), plan, slots.data(), losses_t::deepspeed(), sy::matrix_view<float>{},
+  switchyard::host::route_backward(r, p.xv(), p.params(), plan, slots.data(), losses_t::deepspeed(), sy::matrix_view<float>{},
              {sy::make_view(g2.data(), p.d, p.experts), {}});
   for (std::size_t i = 0; i < g1.size(); ++i) BOOST_TEST(g2[i] == 1.0f + g1[i]);
 }
@@ -681,7 +681,7 @@ BOOST_AUTO_TEST_CASE(every_bad_input_throws_a_typed_error_naming_it) {
   const sy::routers::DynMoE r;
   routing_plan plan;
   losses_t l;
-  auto run = [&](const problem& p) { r.forward(p.xv(), p.params(), plan, l); };
+  auto run = [&](const problem& p) { switchyard::host::route(r, p.xv(), p.params(), plan, l); };
 
   problem none(4, 6, 3, 1);
   none.mask = {0, 0, 0};
@@ -695,20 +695,20 @@ BOOST_AUTO_TEST_CASE(every_bad_input_throws_a_typed_error_naming_it) {
 
   const problem p(4, 6, 3, 1);
   // x [T, d'] with d' != d
-  BOOST_CHECK_THROW(r.forward(sy::matrix_view<const float>(sy::make_view(p.x.data(), 3, 5)),
+  BOOST_CHECK_THROW(switchyard::host::route(r, sy::matrix_view<const float>(sy::make_view(p.x.data(), 3, 5)),
                               p.params(), plan, l), sy::shape_error);
   expect_error([&] {
-    r.forward(sy::matrix_view<const float>(sy::make_view(p.x.data(), 3, 5)), p.params(), plan, l);
+    switchyard::host::route(r, sy::matrix_view<const float>(sy::make_view(p.x.data(), 3, 5)), p.params(), plan, l);
   }, "x", {"[*, 6]", "[3, 5]"});
   // thresholds / mask length
   auto params = p.params();
   params.thresholds = sy::make_view(p.g.data(), 2);
-  BOOST_CHECK_THROW(r.forward(p.xv(), params, plan, l), sy::shape_error);
-  expect_error([&] { r.forward(p.xv(), params, plan, l); }, "params.thresholds", {"[3]", "[2]"});
+  BOOST_CHECK_THROW(switchyard::host::route(r, p.xv(), params, plan, l), sy::shape_error);
+  expect_error([&] { switchyard::host::route(r, p.xv(), params, plan, l); }, "params.thresholds", {"[3]", "[2]"});
   params = p.params();
   params.experts_mask = sy::make_view(p.mask.data(), 4 - 2);
-  BOOST_CHECK_THROW(r.forward(p.xv(), params, plan, l), sy::shape_error);
-  expect_error([&] { r.forward(p.xv(), params, plan, l); }, "params.experts_mask", {"[3]", "[2]"});
+  BOOST_CHECK_THROW(switchyard::host::route(r, p.xv(), params, plan, l), sy::shape_error);
+  expect_error([&] { switchyard::host::route(r, p.xv(), params, plan, l); }, "params.experts_mask", {"[3]", "[2]"});
   // non-finite x names the token
   for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     problem q = p;
@@ -731,25 +731,25 @@ BOOST_AUTO_TEST_CASE(every_bad_input_throws_a_typed_error_naming_it) {
   // backward: output shapes and the plan must match
   const auto good = route(r, p);
   std::vector<float> slots(good.weights.size(), 0.1f), buf(100, 0.0f);
-  BOOST_CHECK_THROW(r.backward(p.xv(), p.params(), good, slots.data(), losses_t{},
+  BOOST_CHECK_THROW(switchyard::host::route_backward(r, p.xv(), p.params(), good, slots.data(), losses_t{},
                                sy::make_view(buf.data(), 4, 5), {}), sy::shape_error);
   expect_error([&] {
-    r.backward(p.xv(), p.params(), good, slots.data(), losses_t{}, sy::make_view(buf.data(), 4, 5), {});
+    switchyard::host::route_backward(r, p.xv(), p.params(), good, slots.data(), losses_t{}, sy::make_view(buf.data(), 4, 5), {});
   }, "dx", {"[4, 6]", "[4, 5]"});
   expect_error([&] {
-    r.backward(p.xv(), p.params(), good, slots.data(), losses_t{}, sy::matrix_view<float>{},
+    switchyard::host::route_backward(r, p.xv(), p.params(), good, slots.data(), losses_t{}, sy::matrix_view<float>{},
                {sy::make_view(buf.data(), 3, 6), {}});
   }, "grads.w_gate", {"[6, 3]", "[3, 6]"});
   expect_error([&] {
-    r.backward(p.xv(), p.params(), good, slots.data(), losses_t{}, sy::matrix_view<float>{},
+    switchyard::host::route_backward(r, p.xv(), p.params(), good, slots.data(), losses_t{}, sy::matrix_view<float>{},
                {{}, sy::make_view(buf.data(), 2)});
   }, "grads.thresholds", {"[3]", "[2]"});
   const problem other(5, 6, 3, 2);
   expect_error([&] {
-    r.backward(other.xv(), other.params(), good, slots.data(), losses_t{}, sy::matrix_view<float>{}, {});
+    switchyard::host::route_backward(r, other.xv(), other.params(), good, slots.data(), losses_t{}, sy::matrix_view<float>{}, {});
   }, "plan", {"5 tokens"});
   expect_error([&] {
-    r.backward(p.xv(), p.params(), good, nullptr, losses_t{}, sy::matrix_view<float>{}, {});
+    switchyard::host::route_backward(r, p.xv(), p.params(), good, nullptr, losses_t{}, sy::matrix_view<float>{}, {});
   }, "d_weights", {"null"});
 }
 

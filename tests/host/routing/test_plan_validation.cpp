@@ -139,12 +139,12 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(moe_layer_plan_entry_points_reject_a_repeated_expe
   std::vector<float> y(tokens * d), dx(tokens * d), dw(tokens * width);
   std::vector<index_t> dropped(experts);
   auto forward = [&](const routing::routing_plan& plan) {
-    layer.template forward_experts<float>(L.xv(), plan.view(), L.weights(),
+    layer.template forward_experts<float>(switchyard::host_context{}, L.xv(), plan.view(), L.weights(),
                                           make_view(y.data(), tokens, d),
                                           {dropped.data(), dropped.size()});
   };
   auto backward = [&](const routing::routing_plan& plan) {
-    layer.template backward_experts<float>(L.xv(), plan.view(), L.weights(),
+    layer.template backward_experts<float>(switchyard::host_context{}, L.xv(), plan.view(), L.weights(),
                                            make_view<const float>(dy.data(), tokens, d),
                                            make_view(dx.data(), tokens, d), {},
                                            {dw.data(), dw.size()});

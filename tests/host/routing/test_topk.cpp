@@ -39,7 +39,7 @@ routing_plan route(const sy::routers::TopK& r, const problem& p,
                    sy::routing::softmax_router_losses* losses = nullptr) {
   routing_plan plan;
   sy::routing::softmax_router_losses l;
-  r.forward(p.xv(), p.params(), plan, l);
+  switchyard::host::route(r, p.xv(), p.params(), plan, l);
   if (losses) *losses = l;
   return plan;
 }
@@ -168,7 +168,7 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
       }
       // dx, dw through the linear map: compare with the chain rule in float64.
       std::vector<float> dx(p.x.size(), 0.0f), dw(p.w.size(), 0.0f);
-      r.backward(p.xv(), p.params(), plan, cot.data(), coeff, sy::make_view(dx.data(), p.tokens, p.d),
+      switchyard::host::route_backward(r, p.xv(), p.params(), plan, cot.data(), coeff, sy::make_view(dx.data(), p.tokens, p.d),
                  {sy::make_view(dw.data(), p.experts, p.d)});
       for (int t = 0; t < p.tokens; ++t)
         for (int i = 0; i < p.d; ++i) {

@@ -41,7 +41,7 @@ routing_plan route(const sy::routers::TopP& r, const problem& p,
                    sy::routing::topp_losses* losses = nullptr) {
   routing_plan plan;
   sy::routing::topp_losses l;
-  r.forward(p.xv(), p.params(), plan, l);
+  switchyard::host::route(r, p.xv(), p.params(), plan, l);
   if (losses) *losses = l;
   return plan;
 }
@@ -218,7 +218,7 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
       }
       // dx and dw: central differences of the float64 forward through x and w.
       std::vector<float> dx(p.x.size(), 0.0f), dw(p.w.size(), 0.0f);
-      r.backward(p.xv(), p.params(), plan, cot.data(), coeff,
+      switchyard::host::route_backward(r, p.xv(), p.params(), plan, cot.data(), coeff,
                  sy::make_view(dx.data(), p.tokens, p.d),
                  {sy::make_view(dw.data(), p.experts, p.d)});
       std::vector<double> x64(p.x.begin(), p.x.end()), w64(p.w.begin(), p.w.end());
@@ -274,7 +274,7 @@ BOOST_AUTO_TEST_CASE(bad_input_is_rejected_with_named_arguments) {
     }
   };
   const auto run = [&](sy::routers::TopP r) {
-    return [&, r] { r.forward(p.xv(), p.params(), plan, l); };
+    return [&, r] { switchyard::host::route(r, p.xv(), p.params(), plan, l); };
   };
   expect(run({.p = 0.0f}), "p", "(0, 1], got 0");
   expect(run({.p = -0.5f}), "p", "got -0.5");

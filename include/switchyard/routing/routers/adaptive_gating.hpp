@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/workspace.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/linear_softmax.hpp"
 #include "switchyard/routing/plan.hpp"
@@ -25,7 +26,7 @@ struct adaptive_gating_losses {
 
 //! Paper eq. 4: E · Σ_e f¹_e · P̄_e with f¹ the expert shares among tokens that use one
 //! expert and P̄ the mean probability over all tokens. 0 when no token uses one expert.
-inline float top1_only_load_balance_loss(const routing_plan& plan) {
+inline float top1_only_load_balance_loss(const plan_ref& plan) {
   const index_t tokens = plan.num_tokens, experts = plan.num_experts;
   std::vector<double> f(experts, 0.0), pbar(experts, 0.0);
   index_t singles = 0;
@@ -43,7 +44,7 @@ inline float top1_only_load_balance_loss(const routing_plan& plan) {
 }
 
 //! Accumulates coeff · ∂(top1_only_load_balance_loss)/∂P = coeff · E · f¹_e / T into d_probs.
-inline void top1_only_load_balance_backward(const routing_plan& plan, float coeff, float* d_probs) {
+inline void top1_only_load_balance_backward(const plan_ref& plan, float coeff, float* d_probs) {
   const index_t tokens = plan.num_tokens, experts = plan.num_experts;
   if (tokens == 0 || coeff == 0.0f) return;
   std::vector<double> f(experts, 0.0);
@@ -97,11 +98,11 @@ struct AdaptiveGating {
 
   //! Scores x [T, d], selects, and computes the losses and top2_fraction. T = 0 is an empty batch.
   template <ElementType T>
-  void forward(const matrix_view<const T>& x, const params_type& p, routing::routing_plan& plan,
-               losses_type& losses) const {
+  void forward(const matrix_view<const T>& x, const params_type& p, const routing::plan_ref& plan,
+               losses_type& losses, [[maybe_unused]] workspace_arena& ws) const {
     routing::detail::check_linear_router_inputs(x, p);
     validate(p.w.extent(0));
-    plan.resize(x.extent(0), width(p), p.w.extent(0));
+    routing::detail::require_plan(plan, x.extent(0), width(p), p.w.extent(0));
     routing::linear_softmax_scores(x, p, plan);
     routing::select_all(rule(), plan);
     losses.lb_loss = routing::top1_only_load_balance_loss(plan);
@@ -115,7 +116,7 @@ struct AdaptiveGating {
 
   //! d_logits [T, E] = ∂/∂logits of ( Σ d_weights ⊙ weights + coeff.lb_loss·lb + coeff.z_loss·z );
   //! `coeff.top2_fraction` is ignored. `d_weights` is [T, width] in plan-slot order.
-  void backward_logits(const routing::routing_plan& plan, const float* d_weights,
+  void backward_logits(const routing::plan_ref& plan, const float* d_weights,
                        const losses_type& coeff, float* d_logits) const {
     const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
     auto d_probs = routing::combine_weights_backward_rows(plan, d_weights, renormalize);
@@ -128,8 +129,8 @@ struct AdaptiveGating {
   //! Full backward: dx += ∂/∂x, grads.w += ∂/∂w (either may be an empty view).
   template <ElementType T>
   void backward(const matrix_view<const T>& x, const params_type& p,
-                const routing::routing_plan& plan, const float* d_weights, const losses_type& coeff,
-                const matrix_view<float>& dx, const grads_type& grads) const {
+                const routing::plan_ref& plan, const float* d_weights, const losses_type& coeff,
+                const matrix_view<float>& dx, const grads_type& grads, [[maybe_unused]] workspace_arena& ws) const {
     std::vector<float> d_logits(static_cast<std::size_t>(plan.num_tokens * plan.num_experts));
     backward_logits(plan, d_weights, coeff, d_logits.data());
     routing::linear_backward(x, p, d_logits.data(), dx, grads);

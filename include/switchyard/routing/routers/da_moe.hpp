@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/workspace.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/linear_softmax.hpp"
@@ -218,14 +219,15 @@ struct DAMoE {
   //! Scores x [T, d], derives K_t from the importance, selects, and computes the losses
   //! (lb_switch, lb_topk, z); `stats` receives the importance. T = 0 is an empty batch.
   template <ElementType T>
-  void forward(const matrix_view<const T>& x, const params_type& p, routing::routing_plan& plan,
-               losses_type& losses, routing::da_moe_importance& stats) const {
+  void forward(const matrix_view<const T>& x, const params_type& p, const routing::plan_ref& plan,
+               losses_type& losses, routing::da_moe_importance& stats,
+               [[maybe_unused]] workspace_arena& ws) const {
     const routing::linear_router_params lin{p.w};
     routing::detail::check_linear_router_inputs(x, lin);
     validate(p.w.extent(0));
     const index_t tokens = x.extent(0), experts = p.w.extent(0), w = width(p);
     token_importance(p, tokens, stats);
-    plan.resize(tokens, w, experts);
+    routing::detail::require_plan(plan, tokens, w, experts);
     routing::linear_softmax_scores(x, lin, plan);
     for (index_t t = 0; t < tokens; ++t) {
       const routing::topk_rule rule{k_rule(stats.relative[t]), renormalize};
@@ -241,15 +243,15 @@ struct DAMoE {
 
   //! As above, discarding the importance.
   template <ElementType T>
-  void forward(const matrix_view<const T>& x, const params_type& p, routing::routing_plan& plan,
-               losses_type& losses) const {
+  void forward(const matrix_view<const T>& x, const params_type& p, const routing::plan_ref& plan,
+               losses_type& losses, [[maybe_unused]] workspace_arena& ws) const {
     routing::da_moe_importance stats;
-    forward(x, p, plan, losses, stats);
+    forward(x, p, plan, losses, stats, ws);
   }
 
   //! d_logits [T, E] = ∂/∂logits of ( Σ d_weights ⊙ weights + Σ coeff · loss ); K_t and the
   //! importance carry no gradient. `d_weights` is [T, width] in plan-slot order.
-  void backward_logits(const routing::routing_plan& plan, const float* d_weights,
+  void backward_logits(const routing::plan_ref& plan, const float* d_weights,
                        const losses_type& coeff, float* d_logits) const {
     const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
     auto d_probs = routing::combine_weights_backward_rows(plan, d_weights, renormalize);
@@ -263,8 +265,8 @@ struct DAMoE {
   //! Full backward: dx += ∂/∂x, grads.w += ∂/∂w (either may be an empty view).
   template <ElementType T>
   void backward(const matrix_view<const T>& x, const params_type& p,
-                const routing::routing_plan& plan, const float* d_weights, const losses_type& coeff,
-                const matrix_view<float>& dx, const grads_type& grads) const {
+                const routing::plan_ref& plan, const float* d_weights, const losses_type& coeff,
+                const matrix_view<float>& dx, const grads_type& grads, [[maybe_unused]] workspace_arena& ws) const {
     std::vector<float> d_logits(static_cast<std::size_t>(plan.num_tokens * plan.num_experts));
     backward_logits(plan, d_weights, coeff, d_logits.data());
     routing::linear_backward(x, routing::linear_router_params{p.w}, d_logits.data(), dx, grads);

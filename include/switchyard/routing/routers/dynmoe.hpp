@@ -21,6 +21,7 @@
 
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/workspace.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/linear_softmax.hpp"
@@ -201,8 +202,8 @@ struct DynMoE {
   //! losses. T = 0 is an empty batch (empty plan, all losses 0). Throws shape_error,
   //! range_error or non_finite_error (see validate; non-finite x names the first bad token).
   template <ElementType T>
-  void forward(const matrix_view<const T>& x, const params_type& p, routing::routing_plan& plan,
-               losses_type& losses) const {
+  void forward(const matrix_view<const T>& x, const params_type& p, const routing::plan_ref& plan,
+               losses_type& losses, [[maybe_unused]] workspace_arena& ws) const {
     validate(p);
     const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
     check_view("x", x, {-1, d}, "[T, d] with d = params.w_gate.extent(0)");
@@ -215,7 +216,7 @@ struct DynMoE {
                                                 ", ", i, "] = ", to_float(x(t, i)),
                                                 "; Switchyard refuses to route non-finite tokens"));
         }
-    plan.resize(tokens, e_max, e_max);
+    routing::detail::require_plan(plan, tokens, e_max, e_max);
     losses = {};
     if (tokens == 0) return;
 
@@ -270,7 +271,7 @@ struct DynMoE {
   }
 
   //! Dense gates b [T, E_max] of a plan (1 where an expert is used, eval fallbacks included).
-  [[nodiscard]] static std::vector<float> dense_gates(const routing::routing_plan& plan) {
+  [[nodiscard]] static std::vector<float> dense_gates(const routing::plan_ref& plan) {
     std::vector<float> b(static_cast<std::size_t>(plan.num_tokens * plan.num_experts), 0.0f);
     for (index_t t = 0; t < plan.num_tokens; ++t)
       for (index_t j = 0; j < plan.counts[t]; ++j) b[t * plan.num_experts + plan.id(t, j)] = 1.0f;
@@ -287,8 +288,8 @@ struct DynMoE {
   //! loss divides by k = Σ_e b_e differentiably.
   template <ElementType T>
   void backward(const matrix_view<const T>& x, const params_type& p,
-                const routing::routing_plan& plan, const float* d_weights, const losses_type& coeff,
-                const matrix_view<float>& dx, const grads_type& grads) const {
+                const routing::plan_ref& plan, const float* d_weights, const losses_type& coeff,
+                const matrix_view<float>& dx, const grads_type& grads, [[maybe_unused]] workspace_arena& ws) const {
     validate(p);
     const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
     check_view("x", x, {-1, d}, "[T, d] with d = params.w_gate.extent(0)");

@@ -5,6 +5,7 @@
 //! `TopK{.k = 2, .renormalize = true}`.
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/workspace.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/linear_softmax.hpp"
 #include "switchyard/routing/plan.hpp"
@@ -37,11 +38,11 @@ struct TopK {
 
   //! Scores x [T, d], selects, and computes the aux losses. T = 0 is an empty batch.
   template <ElementType T>
-  void forward(const matrix_view<const T>& x, const params_type& p, routing::routing_plan& plan,
-               losses_type& losses) const {
+  void forward(const matrix_view<const T>& x, const params_type& p, const routing::plan_ref& plan,
+               losses_type& losses, [[maybe_unused]] workspace_arena& ws) const {
     routing::detail::check_linear_router_inputs(x, p);
     validate(p.w.extent(0));
-    plan.resize(x.extent(0), k, p.w.extent(0));
+    routing::detail::require_plan(plan, x.extent(0), k, p.w.extent(0));
     routing::linear_softmax_scores(x, p, plan);
     routing::select_all(rule(), plan);
     losses.lb_switch = routing::load_balance_loss(plan, false);
@@ -51,7 +52,7 @@ struct TopK {
 
   //! d_logits [T, E] = ∂/∂logits of ( Σ d_weights ⊙ weights + Σ coeff · loss ).
   //! `d_weights` is [T, width] in plan-slot order.
-  void backward_logits(const routing::routing_plan& plan, const float* d_weights,
+  void backward_logits(const routing::plan_ref& plan, const float* d_weights,
                        const losses_type& coeff, float* d_logits) const {
     const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
     auto d_probs = routing::combine_weights_backward_rows(plan, d_weights, renormalize);
@@ -65,9 +66,9 @@ struct TopK {
   //! Full backward: dx += ∂/∂x, grads.w += ∂/∂w (either may be an empty view).
   template <ElementType T>
   void backward(const matrix_view<const T>& x, const params_type& p,
-                const routing::routing_plan& plan, const float* d_weights,
+                const routing::plan_ref& plan, const float* d_weights,
                 const losses_type& coeff, const matrix_view<float>& dx,
-                const grads_type& grads) const {
+                const grads_type& grads, [[maybe_unused]] workspace_arena& ws) const {
     std::vector<float> d_logits(static_cast<std::size_t>(plan.num_tokens * plan.num_experts));
     backward_logits(plan, d_weights, coeff, d_logits.data());
     routing::linear_backward(x, p, d_logits.data(), dx, grads);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/workspace.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/linear_softmax.hpp"
 #include "switchyard/routing/plan.hpp"
@@ -33,7 +34,7 @@ inline double logsumexp_row(const float* logits, index_t experts) {
 }
 
 //! Mean router entropy mean_t −Σ_e P log P (log P = logit − lse, so P = 0 adds 0). 0 if T = 0.
-inline float entropy_loss(const routing_plan& plan) {
+inline float entropy_loss(const plan_ref& plan) {
   const index_t tokens = plan.num_tokens, experts = plan.num_experts;
   if (tokens == 0) return 0.0f;
   double s = 0.0;
@@ -47,7 +48,7 @@ inline float entropy_loss(const routing_plan& plan) {
 }
 
 //! Accumulates coeff · ∂(mean entropy)/∂logits = −coeff/T · P_e (log P_e + H_t) into d_logits.
-inline void entropy_backward(const routing_plan& plan, float coeff, float* d_logits) {
+inline void entropy_backward(const plan_ref& plan, float coeff, float* d_logits) {
   const index_t tokens = plan.num_tokens, experts = plan.num_experts;
   if (tokens == 0 || coeff == 0.0f) return;
   for (index_t t = 0; t < tokens; ++t) {
@@ -100,11 +101,11 @@ struct TopP {
 
   //! Scores x [T, d], selects, and computes the aux losses. T = 0 is an empty batch.
   template <ElementType T>
-  void forward(const matrix_view<const T>& x, const params_type& prm, routing::routing_plan& plan,
-               losses_type& losses) const {
+  void forward(const matrix_view<const T>& x, const params_type& prm, const routing::plan_ref& plan,
+               losses_type& losses, [[maybe_unused]] workspace_arena& ws) const {
     routing::detail::check_linear_router_inputs(x, prm);
     validate(prm.w.extent(0));
-    plan.resize(x.extent(0), width(prm), prm.w.extent(0));
+    routing::detail::require_plan(plan, x.extent(0), width(prm), prm.w.extent(0));
     routing::linear_softmax_scores(x, prm, plan);
     routing::select_all(rule(), plan);
     losses.dynamic_loss = routing::entropy_loss(plan);
@@ -114,7 +115,7 @@ struct TopP {
 
   //! d_logits [T, E] = ∂/∂logits of ( Σ d_weights ⊙ weights + Σ coeff · loss ).
   //! `d_weights` is [T, width] in plan-slot order; the weights are raw probabilities.
-  void backward_logits(const routing::routing_plan& plan, const float* d_weights,
+  void backward_logits(const routing::plan_ref& plan, const float* d_weights,
                        const losses_type& coeff, float* d_logits) const {
     const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
     auto d_probs = routing::combine_weights_backward_rows(plan, d_weights, /*renormalized=*/false);
@@ -128,8 +129,8 @@ struct TopP {
   //! Full backward: dx += ∂/∂x, grads.w += ∂/∂w (either may be an empty view).
   template <ElementType T>
   void backward(const matrix_view<const T>& x, const params_type& prm,
-                const routing::routing_plan& plan, const float* d_weights, const losses_type& coeff,
-                const matrix_view<float>& dx, const grads_type& grads) const {
+                const routing::plan_ref& plan, const float* d_weights, const losses_type& coeff,
+                const matrix_view<float>& dx, const grads_type& grads, [[maybe_unused]] workspace_arena& ws) const {
     std::vector<float> d_logits(static_cast<std::size_t>(plan.num_tokens * plan.num_experts));
     backward_logits(plan, d_weights, coeff, d_logits.data());
     routing::linear_backward(x, prm, d_logits.data(), dx, grads);

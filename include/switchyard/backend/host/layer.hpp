@@ -1,0 +1,266 @@
+#pragma once
+//! \file layer.hpp
+//! The host backend's executor: `backend::executor<host_context>`, what `MoELayer`'s entry
+//! points call under a `host_context` once the shared shape checks have passed. It reads the
+//! data (non-finite tokens, plan contents), runs the router (backend/host/route.hpp), the
+//! add-on and the experts (backend/host/experts.hpp), and carves every scratch array from
+//! the caller's workspace: with one of the queried size nothing here allocates.
+//!
+//! Workspace layout (each block 64-byte aligned, sizes measured by the same carving code):
+//! forward  = [router scratch][add-on term [T, d] + add-on scratch][experts]
+//! backward = [d_weights [T·width]][router scratch][experts][add-on dy [T, d] + scratch]
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <vector>
+
+#include "switchyard/backend/host/experts.hpp"
+#include "switchyard/backend/host/route.hpp"
+#include "switchyard/core/context.hpp"
+#include "switchyard/core/element_type.hpp"
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/view.hpp"
+#include "switchyard/core/workspace.hpp"
+#include "switchyard/layer/expert_weights.hpp"
+#include "switchyard/layer/state.hpp"
+#include "switchyard/routing/plan.hpp"
+
+namespace switchyard {
+namespace host::detail {
+
+//! Throws non_finite_error naming the first (in row-major order) non-finite element of x.
+template <ElementType T>
+void require_finite_tokens(const matrix_view<const T>& x) {
+  const index_t tokens = x.extent(0), d = x.extent(1);
+  index_t first = tokens * d;
+#pragma omp parallel for schedule(static) reduction(min : first) if (tokens * d > (1 << 16))
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t i = 0; i < d; ++i)
+      if (!std::isfinite(to_float(x(t, i)))) first = std::min(first, t * d + i);
+  if (first < tokens * d) {
+    throw non_finite_error(
+        "x", ::switchyard::detail::concat(
+                 "x: every element must be finite, got ", to_float(x(first / d, first % d)),
+                 " at x[", first / d, ", ", first % d,
+                 "] (Switchyard refuses non-finite tokens; see docs/layer.md, NaN policy)"));
+  }
+}
+
+//! Bytes the add-on takes from its workspace (0 when it declares none).
+template <class A>
+std::size_t addon_workspace_size(const A& a, index_t tokens, index_t d, index_t width,
+                                 index_t experts) {
+  if constexpr (requires { a.workspace_size(tokens, d, width, experts); }) {
+    return a.workspace_size(tokens, d, width, experts);
+  } else {
+    return 0;
+  }
+}
+
+//! A sub-arena of `bytes` bytes carved from `ws` (measuring while `ws` measures).
+inline workspace_arena sub_arena(workspace_arena& ws, std::size_t bytes) {
+  std::byte* p = ws.take<std::byte>(static_cast<index_t>(bytes));
+  return ws.carving() ? workspace_arena({p, bytes}) : workspace_arena();
+}
+
+}  // namespace host::detail
+
+namespace backend {
+
+//! The host backend (plain C++20 + OpenMP + an optional CBLAS).
+template <>
+struct executor<host_context> {
+  static constexpr bool is_backend = true;
+
+  //! The sizes of one expert phase.
+  template <class Layer, ElementType T>
+  static host::expert_dims dims(const Layer& layer, index_t tokens, index_t width,
+                                const expert_weights<T>& w) {
+    host::expert_dims dm;
+    dm.tokens = tokens;
+    dm.width = width;
+    dm.experts = w.num_experts();
+    dm.d = w.d_model();
+    dm.d_ff = w.d_ff();
+    dm.p = w.projection_width();
+    dm.max_rows = layer.dispatch.max_rows(tokens, width, dm.experts);
+    dm.batch_invariant = layer.batch_invariant;
+    return dm;
+  }
+
+  // ---- workspace queries (the measuring pass of the same carving code) -------------------
+
+  template <class Layer, ElementType T>
+  static std::size_t experts_workspace_size(const host_context&, const Layer& layer,
+                                            index_t tokens, index_t width,
+                                            const expert_weights<T>& w) {
+    workspace_arena ws;
+    run_forward<T>(layer, {}, {}, w, {}, dims(layer, tokens, width, w), {}, ws, {});
+    return ws.required();
+  }
+
+  template <class Layer, ElementType T>
+  static std::size_t experts_backward_workspace_size(const host_context&, const Layer& layer,
+                                                     index_t tokens, index_t width,
+                                                     const expert_weights<T>& w) {
+    workspace_arena ws;
+    run_backward<T>(layer, {}, {}, w, {}, {}, {}, nullptr, dims(layer, tokens, width, w), ws, {},
+                    {});
+    return ws.required();
+  }
+
+  template <class Layer, ElementType T>
+  static std::size_t forward_workspace_size(const host_context&, const Layer& layer,
+                                            index_t tokens, const typename Layer::router_params& rp,
+                                            const expert_weights<T>& w) {
+    workspace_arena ws;
+    (void)host::detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
+    run_forward<T>(layer, {}, {}, w, {}, dims(layer, tokens, layer.router.width(rp), w), {}, ws,
+                   {});
+    return ws.required();
+  }
+
+  template <class Layer, ElementType T>
+  static std::size_t backward_workspace_size(const host_context&, const Layer& layer,
+                                             index_t tokens,
+                                             const typename Layer::router_params& rp,
+                                             const expert_weights<T>& w) {
+    workspace_arena ws;
+    const index_t width = layer.router.width(rp);
+    (void)ws.take<float>(tokens * width);
+    (void)host::detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
+    run_backward<T>(layer, {}, {}, w, {}, {}, {}, nullptr, dims(layer, tokens, width, w), ws, {},
+                    {});
+    return ws.required();
+  }
+
+  // ---- entry points -------------------------------------------------------------------------
+
+  template <class Layer, ElementType T>
+  static void forward(const host_context& ctx, const Layer& layer, const matrix_view<const T>& x,
+                      const typename Layer::router_params& rp, const expert_weights<T>& w,
+                      const matrix_view<T>& y, const typename Layer::state_type& state,
+                      span<std::byte> workspace, const typename Layer::addon_params& ap) {
+    host::detail::require_finite_tokens<T>(x);
+    const index_t tokens = x.extent(0);
+    std::vector<std::byte> owned;
+    if (workspace.empty()) {
+      owned.resize(forward_workspace_size(ctx, layer, tokens, rp, w));
+      workspace = {owned.data(), owned.size()};
+    }
+    workspace_arena ws(workspace);
+    workspace_arena rws =
+        host::detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
+    host::router_forward(layer.router, x, rp, state.plan, *state.losses, rws);
+    const auto plan = state.plan.const_view();
+    routing::validate_plan("plan", plan, tokens, w.num_experts());
+    run_forward<T>(layer, x, plan, w, y, dims(layer, tokens, plan.width(), w), state.dropped, ws,
+                   ap);
+  }
+
+  template <class Layer, ElementType T>
+  static void forward_experts(const host_context& ctx, const Layer& layer,
+                              const matrix_view<const T>& x,
+                              const typename Layer::plan_type& plan, const expert_weights<T>& w,
+                              const matrix_view<T>& y, span<index_t> dropped,
+                              span<std::byte> workspace, const typename Layer::addon_params& ap) {
+    routing::validate_plan("plan", plan, x.extent(0), w.num_experts());
+    const host::expert_dims dm = dims(layer, x.extent(0), plan.width(), w);
+    std::vector<std::byte> owned;
+    if (workspace.empty()) {
+      owned.resize(experts_workspace_size(ctx, layer, dm.tokens, dm.width, w));
+      workspace = {owned.data(), owned.size()};
+    }
+    workspace_arena ws(workspace);
+    run_forward<T>(layer, x, plan, w, y, dm, dropped, ws, ap);
+  }
+
+  template <class Layer, ElementType T>
+  static void backward(const host_context& ctx, const Layer& layer, const matrix_view<const T>& x,
+                       const typename Layer::router_params& rp, const expert_weights<T>& w,
+                       const typename Layer::state_type& state, const matrix_view<const T>& dy,
+                       const typename Layer::losses_type& coeffs, const matrix_view<float>& dx,
+                       const expert_grads& grads, const typename Layer::router_grads& rgrads,
+                       span<std::byte> workspace, const typename Layer::addon_params& ap,
+                       const typename Layer::addon_grads& ag) {
+    const auto plan = state.plan.const_view();
+    routing::validate_plan("plan", plan, x.extent(0), w.num_experts());
+    const index_t tokens = state.plan.num_tokens, width = state.plan.width;
+    std::vector<std::byte> owned;
+    if (workspace.empty()) {
+      owned.resize(backward_workspace_size(ctx, layer, tokens, rp, w));
+      workspace = {owned.data(), owned.size()};
+    }
+    workspace_arena ws(workspace);
+    float* d_weights = ws.take<float>(tokens * width);
+    workspace_arena rws =
+        host::detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
+    run_backward<T>(layer, x, plan, w, dy, dx, grads, d_weights, dims(layer, tokens, width, w), ws,
+                    ap, ag);
+    host::router_backward(layer.router, x, rp, state.plan, d_weights, coeffs, dx, rgrads, rws);
+  }
+
+  template <class Layer, ElementType T>
+  static void backward_experts(const host_context& ctx, const Layer& layer,
+                               const matrix_view<const T>& x,
+                               const typename Layer::plan_type& plan, const expert_weights<T>& w,
+                               const matrix_view<const T>& dy, const matrix_view<float>& dx,
+                               const expert_grads& grads, span<float> d_weights,
+                               span<std::byte> workspace, const typename Layer::addon_params& ap,
+                               const typename Layer::addon_grads& ag) {
+    routing::validate_plan("plan", plan, x.extent(0), w.num_experts());
+    const host::expert_dims dm = dims(layer, x.extent(0), plan.width(), w);
+    std::vector<std::byte> owned;
+    if (workspace.empty()) {
+      owned.resize(experts_backward_workspace_size(ctx, layer, dm.tokens, dm.width, w));
+      workspace = {owned.data(), owned.size()};
+    }
+    workspace_arena ws(workspace);
+    run_backward<T>(layer, x, plan, w, dy, dx, grads, d_weights.data(), dm, ws, ap, ag);
+  }
+
+ private:
+  //! The add-on's term (when there is one), then the experts and the combine.
+  template <ElementType T, class Layer>
+  static void run_forward(const Layer& layer, const matrix_view<const T>& x,
+                          const typename Layer::plan_type& plan, const expert_weights<T>& w,
+                          const matrix_view<T>& y, const host::expert_dims& dm,
+                          span<index_t> dropped, workspace_arena& ws,
+                          const typename Layer::addon_params& ap) {
+    float* extra = nullptr;
+    if constexpr (Layer::has_addon) {
+      extra = ws.take<float>(dm.tokens * dm.d);  // [T, d]
+      workspace_arena aws = host::detail::sub_arena(
+          ws, host::detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts));
+      if (ws.carving()) layer.addon.forward(x, plan, ap, make_view(extra, dm.tokens, dm.d), aws);
+    }
+    host::experts_forward(layer.dispatch, layer.activation, dm, x, plan, w, extra, y, dropped, ws);
+  }
+
+  //! The experts' backward, then the add-on's (its dy converted to float rows).
+  template <ElementType T, class Layer>
+  static void run_backward(const Layer& layer, const matrix_view<const T>& x,
+                           const typename Layer::plan_type& plan, const expert_weights<T>& w,
+                           const matrix_view<const T>& dy, const matrix_view<float>& dx,
+                           const expert_grads& grads, float* d_weights, const host::expert_dims& dm,
+                           workspace_arena& ws, const typename Layer::addon_params& ap,
+                           const typename Layer::addon_grads& ag) {
+    host::experts_backward(layer.dispatch, layer.activation, dm, x, plan, w, dy, dx, grads,
+                           d_weights, ws);
+    if constexpr (Layer::has_addon) {
+      float* dybuf = ws.take<float>(dm.tokens * dm.d);  // [T, d] dy as float
+      workspace_arena aws = host::detail::sub_arena(
+          ws, host::detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts));
+      if (!ws.carving()) return;
+      for (index_t t = 0; t < dm.tokens; ++t)
+        for (index_t i = 0; i < dm.d; ++i) dybuf[t * dm.d + i] = to_float(dy(t, i));
+      layer.addon.backward(x, plan, ap,
+                           matrix_view<const float>(make_view<const float>(dybuf, dm.tokens, dm.d)),
+                           dx, ag, d_weights, aws);
+    }
+  }
+};
+
+}  // namespace backend
+}  // namespace switchyard
