@@ -14,8 +14,8 @@ int main() {
   const sy::routers::TopK router{.k = 2, .renormalize = true};
   sy::routing::routing_plan plan;
   sy::routing::softmax_router_losses losses;
-  router.forward(sy::matrix_view<const float>(sy::make_view(x.data(), 3, 4)),
-                 {sy::make_view<const float>(w.data(), 4, 4)}, plan, losses);
+  sy::host::route(router, sy::matrix_view<const float>(sy::make_view(x.data(), 3, 4)),
+                  {sy::make_view<const float>(w.data(), 4, 4)}, plan, losses);
   int errors = 0;
   for (int t = 0; t < 3; ++t) {
     std::printf("token %d -> experts %d, %d\n", t, plan.id(t, 0), plan.id(t, 1));

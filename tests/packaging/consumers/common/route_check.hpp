@@ -24,8 +24,9 @@ inline int route_and_check(const char* route) {
   const sy::routers::TopK router{.k = 2, .renormalize = true};
   sy::routing::routing_plan plan;
   sy::routing::softmax_router_losses losses;
-  router.forward(sy::matrix_view<const float>(sy::make_view(x.data(), tokens, d)),
-                 {sy::make_view<const float>(w.data(), experts, d)}, plan, losses);
+  // The host backend's convenience for a router on its own (sizes the plan, allocates scratch).
+  sy::host::route(router, sy::matrix_view<const float>(sy::make_view(x.data(), tokens, d)),
+                  {sy::make_view<const float>(w.data(), experts, d)}, plan, losses);
 
   int errors = 0;
   std::printf("switchyard %d.%d.%d via %s: top-%d of %d experts\n", sy::version.major,
