@@ -111,9 +111,7 @@ struct hypermoe_module {
     routing::validate_plan("plan", plan, plan.num_tokens(), expert_emb.extent(0));
     check_view("u", u, {plan.num_tokens(), expert_emb.extent(1)}, "[T, d_emb]");
     const index_t d_emb = expert_emb.extent(1);
-    auto groups = detail::take_selection_groups(ws, plan.num_tokens(), plan.width());
-    double* all = ws.take<double>(d_emb);
-    double* tmp = ws.take<double>(d_emb);
+    auto [groups, all, tmp] = take_embedding(ws, plan.num_tokens(), plan.width(), d_emb);
     detail::group_by_selection(plan, groups);
     detail::embedding_total(expert_emb, all);
     for (index_t gi = 0; gi < groups.count; ++gi) {
@@ -129,9 +127,7 @@ struct hypermoe_module {
                            const matrix_view<const float>& expert_emb,
                            const matrix_view<float>& u) const {
     workspace_arena measure;
-    (void)detail::take_selection_groups(measure, plan.num_tokens(), plan.width());
-    (void)measure.take<double>(expert_emb.extent(1));
-    (void)measure.take<double>(expert_emb.extent(1));
+    (void)take_embedding(measure, plan.num_tokens(), plan.width(), expert_emb.extent(1));
     std::vector<std::byte> bytes(measure.required());
     workspace_arena ws({bytes.data(), bytes.size()});
     selection_embedding(plan, expert_emb, u, ws);
@@ -325,7 +321,22 @@ struct hypermoe_module {
     return detail::generated_adapter::doubles(s) + s.adapter + s.model;
   }
 
-  // Forward's and backward's arrays; the same code measures (workspace_size) and carves.
+  struct embedding_scratch {
+    detail::selection_groups groups;
+    double* all = nullptr;  // [d_emb] Σ_e emb[e]
+    double* u = nullptr;    // [d_emb] one group's selection embedding
+  };
+
+  // The arrays of selection_embedding, forward and backward; the same code measures
+  // (workspace_size) and carves.
+  static embedding_scratch take_embedding(workspace_arena& ws, index_t tokens, index_t width,
+                                          index_t d_emb) {
+    embedding_scratch w;
+    w.groups = detail::take_selection_groups(ws, tokens, width);
+    w.all = ws.take<double>(d_emb);
+    w.u = ws.take<double>(d_emb);
+    return w;
+  }
   forward_scratch take_forward(workspace_arena& ws, const hypermoe_dims& s, index_t tokens,
                                index_t width) const {
     forward_scratch w;
