@@ -7,8 +7,10 @@
 //!
 //! Workspace: the module's arrays are sized by its hypernetwork too (d_emb, p, h_in, b, d_le
 //! come from the params), so `workspace_size` takes the params after the hook's four sizes.
-//! Given a carving arena, forward and backward take their arrays from it and do not allocate;
-//! given an empty (measuring) arena they allocate their own workspace.
+//! Forward and backward take `workspace_size(..., params)` bytes from their arena and then do
+//! not allocate; when the arena cannot supply them (a measuring arena, or one sized without
+//! the params, such as the empty arena a layer gives an add-on whose size it does not query)
+//! they allocate their own workspace instead.
 
 #include <cstddef>
 #include <cstdint>
@@ -39,8 +41,10 @@ struct hypermoe_addon {
   template <ElementType T, class Id, class W>
   void forward(const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
                const params_type& p, const matrix_view<float>& out, workspace_arena& ws) const {
-    if (ws.carving()) {
-      hyper.forward(x, plan, p, out, ws);
+    workspace_arena own = module_arena(ws, hyper.workspace_size(x.extent(0), x.extent(1),
+                                                                plan.width(), p));
+    if (own.carving()) {
+      hyper.forward(x, plan, p, out, own);
     } else {
       hyper.forward(x, plan, p, out);
     }
@@ -52,10 +56,25 @@ struct hypermoe_addon {
                 const params_type& p, const matrix_view<const float>& dy,
                 const matrix_view<float>& dx, const grads_type& g, float* /*d_weights*/,
                 workspace_arena& ws) const {
-    if (ws.carving()) {
-      hyper.backward(x, plan, p, dy, dx, g, ws);
+    workspace_arena own = module_arena(ws, hyper.workspace_size(x.extent(0), x.extent(1),
+                                                                plan.width(), p));
+    if (own.carving()) {
+      hyper.backward(x, plan, p, dy, dx, g, own);
     } else {
       hyper.backward(x, plan, p, dy, dx, g);
+    }
+  }
+
+ private:
+  //! `need` bytes of `ws` as an arena, or a measuring arena when `ws` cannot supply them
+  //! (then the module allocates its own workspace).
+  static workspace_arena module_arena(workspace_arena& ws, std::size_t need) {
+    if (!ws.carving()) return {};
+    try {
+      std::byte* bytes = ws.take<std::byte>(static_cast<index_t>(need));
+      return workspace_arena({bytes, need});
+    } catch (const shape_error&) {  // too small: sized without the params
+      return {};
     }
   }
 };

@@ -81,7 +81,7 @@ BOOST_AUTO_TEST_CASE(hypermoe_addon_adds_the_module_term_and_gradients) {
     return hg;
   };
 
-  const layer::hypermoe_addon addon{.module = {.layer_idx = 1, .adapter_dim = static_cast<int>(a)}};
+  const layer::hypermoe_addon addon{.hyper = {.layer_idx = 1, .adapter_dim = static_cast<int>(a)}};
   MoELayer<routers::TopK, activation::swiglu> plain{.router = rs.router};
   MoELayer<routers::TopK, activation::swiglu, dispatch::sorted_grouped, layer::hypermoe_addon> with{
       .router = rs.router, .addon = addon};
@@ -90,7 +90,7 @@ BOOST_AUTO_TEST_CASE(hypermoe_addon_adds_the_module_term_and_gradients) {
   decltype(with)::result_type r1;
   plain.forward<float>(switchyard::host_context{}, D.xv(), rs.params(d), D.weights(), make_view(y0.data(), tokens, d), r0);
   with.forward<float>(switchyard::host_context{}, D.xv(), rs.params(d), D.weights(), make_view(y1.data(), tokens, d), r1, {}, hp);
-  addon.module.forward(D.xv(), std::as_const(r0.plan).view(), hp, make_view(hyper.data(), tokens, d));
+  addon.hyper.forward(D.xv(), std::as_const(r0.plan).view(), hp, make_view(hyper.data(), tokens, d));
   double hyper_norm = 0;
   for (index_t i = 0; i < tokens * d; ++i) {
     BOOST_TEST(std::abs(y1[i] - (y0[i] + hyper[i])) <= 1e-5f * (1.0f + std::abs(y1[i])));
@@ -105,8 +105,8 @@ BOOST_AUTO_TEST_CASE(hypermoe_addon_adds_the_module_term_and_gradients) {
   plain.backward<float>(switchyard::host_context{}, D.xv(), rs.params(d), D.weights(), r0, dyv, {}, make_view(dx0.data(), tokens, d), {}, {});
   with.backward<float>(switchyard::host_context{}, D.xv(), rs.params(d), D.weights(), r1, dyv, {}, make_view(dx1.data(), tokens, d), {}, {},
                        {}, hp, grads_of(g_layer));
-  addon.module.backward(D.xv(), std::as_const(r0.plan).view(), hp, dyv, make_view(dxh.data(), tokens, d),
-                        grads_of(g_module));
+  addon.hyper.backward(D.xv(), std::as_const(r0.plan).view(), hp, dyv, make_view(dxh.data(), tokens, d),
+                       grads_of(g_module));
   for (index_t i = 0; i < tokens * d; ++i)
     BOOST_TEST(std::abs(dx1[i] - (dx0[i] + dxh[i])) <= 1e-5f * (1.0f + std::abs(dx1[i])));
   for (std::size_t t = 0; t < g_layer.size(); ++t)
@@ -125,7 +125,7 @@ BOOST_AUTO_TEST_CASE(hypermoe_addon_token_bits_independent_of_batch) {
   const hyper_parameters P(g, experts, d, d_emb, p, h_in, L, d_le, b, a);
   const layer::hypermoe_params hp = P.params();
   MoELayer<routers::TopK, activation::swiglu, dispatch::sorted_grouped, layer::hypermoe_addon> layer{
-      .router = rs.router, .addon = {.module = {.layer_idx = 1, .adapter_dim = static_cast<int>(a)}},
+      .router = rs.router, .addon = {.hyper = {.layer_idx = 1, .adapter_dim = static_cast<int>(a)}},
       .batch_invariant = true};
   const auto dy = test::normal(g, 2 * tokens * d);
   // y and dx rows (as bits) of a forward + backward over the given tokens, in that order.

@@ -100,7 +100,7 @@ void run_case(const std::string& name, std::uint64_t seed, index_t tokens, index
   std::vector<T> dy;
   for (float v : dyf) dy.push_back(from_float<T>(v));
   MoELayer<R, Act, D, AddOn> layer{.router = rs.router, .dispatch = dispatch, .batch_invariant = fixed};
-  if constexpr (hyper) layer.addon = {.module = {.layer_idx = 1, .adapter_dim = 3}};
+  if constexpr (hyper) layer.addon = {.hyper = {.layer_idx = 1, .adapter_dim = 3}};
   std::vector<float> hyper_dummy;
   const test::hyper_parameters hp(g, experts, d, 4, 7, 3, 2, 2, 5, 3);
   auto hgs = hp.zeros();
