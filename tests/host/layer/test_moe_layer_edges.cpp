@@ -266,20 +266,12 @@ BOOST_AUTO_TEST_CASE(caller_workspace_gives_same_result_without_allocating) {
   BOOST_TEST(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(sy::bfloat16)) == 0);
   BOOST_TEST(r1.dropped == r2.dropped);
 
-  // Warm: the router's own allocations (its losses) are the only ones left.
-  routing::routing_plan plan = r2.plan;
-  routers::TopK::losses_type losses;
-  const long before_router = g_allocations.load();
-  switchyard::host::route<sy::bfloat16>(rs.router, L.xv(), rs.params(d), plan, losses);
-  const long router_allocs = g_allocations.load() - before_router;
-  const long before = g_allocations.load();
-  layer.forward<sy::bfloat16>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y2.data(), tokens, d), r2, span);
-  const long layer_allocs = g_allocations.load() - before;
-  BOOST_TEST(layer_allocs == router_allocs);
-  // Without a workspace the layer allocates its own (so the counter does see allocations).
+  // No allocation with a workspace, for every router and dispatch: test_no_allocation.cpp.
+  // Without a workspace the layer allocates its own (so a counter would see allocations).
   const long before_owned = g_allocations.load();
   layer.forward<sy::bfloat16>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y2.data(), tokens, d), r2);
-  BOOST_TEST(g_allocations.load() - before_owned > router_allocs);
+  BOOST_TEST(g_allocations.load() - before_owned > 0);
+  BOOST_TEST(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(sy::bfloat16)) == 0);
 }
 
 // 64-bit offsets: the index helpers and the views' mappings past 2^31 and 2^32, on a large
@@ -355,14 +347,14 @@ struct scaled_skip {
   struct grads_type {};
   template <ElementType T, class Id, class W>
   void forward(const matrix_view<const T>& x, const routing::plan_view<Id, W>&,
-               const params_type& p, const matrix_view<float>& out) const {
+               const params_type& p, const matrix_view<float>& out, workspace_arena&) const {
     for (index_t t = 0; t < x.extent(0); ++t)
       for (index_t i = 0; i < x.extent(1); ++i) out(t, i) = p.s * to_float(x(t, i));
   }
   template <ElementType T, class Id, class W>
   void backward(const matrix_view<const T>&, const routing::plan_view<Id, W>&,
                 const params_type& p, const matrix_view<const float>& dy,
-                const matrix_view<float>& dx, const grads_type&, float*) const {
+                const matrix_view<float>& dx, const grads_type&, float*, workspace_arena&) const {
     for (index_t t = 0; t < dy.extent(0); ++t)
       for (index_t i = 0; i < dy.extent(1); ++i) dx(t, i) += p.s * dy(t, i);
   }

@@ -198,8 +198,8 @@ void check_router_plans_distinct(const char* name, R r, std::uint64_t seed) {
   const auto x = test::normal(g, tokens * d);
   routing::routing_plan plan;
   typename R::losses_type losses;
-  rs.router.template forward<float>(make_view<const float>(x.data(), tokens, d), rs.params(d),
-                                    plan, losses);
+  switchyard::host::route(rs.router, make_view<const float>(x.data(), tokens, d), rs.params(d), plan,
+                          losses);
   BOOST_TEST(plan.total_assignments() > 0, name);
   // The ties are real: the scores the selection rule saw are equal for experts 1, 3 and 4.
   index_t tied = 0;

@@ -1,0 +1,178 @@
+// Forward and backward given a workspace of the queried size perform no heap allocation
+// (issue #10): every router × every dispatch × float and bfloat16, the HyperMoE add-on, with
+// the state in caller memory (moe_state views) and in a reused host owner (moe_result).
+// Global operator new/delete are replaced by counting versions, active only while a test
+// counts; each case runs once to warm up (OpenMP's thread pool, first-touch), then counts.
+#include <boost/mp11/algorithm.hpp>
+#include <boost/mp11/list.hpp>
+#include <boost/test/unit_test.hpp>
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+#include <vector>
+
+#include <switchyard/layer/hypermoe_addon.hpp>
+#include <switchyard/switchyard.hpp>
+
+#include "host/layer/hyper_setup.hpp"
+#include "host/layer/layer_reference.hpp"
+#include "support/random.hpp"
+
+namespace {
+std::atomic<bool> g_counting{false};
+std::atomic<long> g_allocations{0};
+void* counted(std::size_t n) {
+  if (g_counting.load(std::memory_order_relaxed)) ++g_allocations;
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+}  // namespace
+
+void* operator new(std::size_t n) { return counted(n); }
+void* operator new[](std::size_t n) { return counted(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+using namespace switchyard;
+
+namespace {
+
+//! Counts the allocations `fn` performs.
+template <class F>
+long allocations_of(F&& fn) {
+  g_allocations = 0;
+  g_counting = true;
+  fn();
+  g_counting = false;
+  return g_allocations.load();
+}
+
+template <class R>
+R make_router() {
+  if constexpr (std::is_same_v<R, routers::TopK>) return {.k = 2};
+  else if constexpr (std::is_same_v<R, routers::TopP>) return {.p = 0.5f};
+  else if constexpr (std::is_same_v<R, routers::AdaptiveGating>) return {.threshold = 0.2f};
+  else return R{};
+}
+
+template <class R>
+typename R::losses_type coefficients() {
+  using L = typename R::losses_type;
+  if constexpr (requires { L::uniform(0.01f); }) return L::uniform(0.01f);
+  else {
+    L c{};
+    auto* f = reinterpret_cast<float*>(&c);  // every coefficient 0.01 (losses are floats)
+    for (std::size_t i = 0; i < sizeof(L) / sizeof(float); ++i) f[i] = 0.01f;
+    return c;
+  }
+}
+
+//! Router gradient storage: w [E, d] (DynMoE: w_gate [d, E] and thresholds [E]).
+template <class R>
+struct router_grads {
+  std::vector<float> w, th;
+  router_grads(index_t experts, index_t d)
+      : w(static_cast<std::size_t>(experts * d), 0.0f), th(static_cast<std::size_t>(experts), 0.0f) {}
+  typename R::grads_type view(index_t experts, index_t d) {
+    if constexpr (std::is_same_v<R, routers::DynMoE>) {
+      return {make_view(w.data(), d, experts), make_view(th.data(), experts)};
+    } else {
+      return {make_view(w.data(), experts, d)};
+    }
+  }
+};
+
+template <class R, class D, class AddOn, ElementType T>
+void check_case(std::uint64_t seed, const D& dispatch) {
+  constexpr index_t tokens = 48, d = 32, f = 24, experts = 6;
+  constexpr bool hyper = !std::is_same_v<AddOn, no_addon>;
+  std::mt19937_64 g(seed);
+  test::layer_data<T> L(g, tokens, d, f, experts, true, true);
+  test::router_setup<R> rs(g, make_router<R>(), tokens, d, experts);
+  const test::hyper_parameters hp(g, experts, d, 4, 7, 3, 2, 2, 5, 3);
+  auto hgs = hp.zeros();
+  typename AddOn::params_type ap{};
+  typename AddOn::grads_type ag{};
+  if constexpr (hyper) {
+    ap = hp.params();
+    ag = hp.grads(hgs);
+  }
+  MoELayer<R, activation::swiglu, D, AddOn> layer{.router = rs.router, .dispatch = dispatch};
+  const host_context host{};
+  const auto rp = rs.params(d);
+  const auto w = L.weights();
+  std::vector<T> y(static_cast<std::size_t>(tokens * d)), dy(y.size());
+  for (auto& v : dy) v = from_float<T>(0.5f);
+  std::vector<float> dx(y.size()), dw1(L.w1.size()), db1(L.b1.size()), dw2(L.w2.size()),
+      db2(L.b2.size());
+  router_grads<R> rg(experts, d);
+  const expert_grads eg{make_view(dw1.data(), experts, L.p, d), make_view(db1.data(), experts, L.p),
+                        make_view(dw2.data(), experts, d, f), make_view(db2.data(), experts, d)};
+  const auto rgv = rg.view(experts, d);
+  const auto yv = make_view(y.data(), tokens, d);
+  const auto dyv = make_view<const T>(dy.data(), tokens, d);
+
+  // The state in caller memory: plain arrays sized by plan_ref::required.
+  const index_t width = layer.router.width(rp);
+  const auto n = routing::plan_ref::required(tokens, width, experts);
+  std::vector<std::int32_t> ids(n.slots), counts(n.tokens);
+  std::vector<float> weights(n.slots), logits(n.scores), probs(n.scores);
+  std::vector<index_t> dropped(experts);
+  typename R::losses_type losses{};
+  const typename decltype(layer)::state_type state{
+      {tokens, width, experts, {ids.data(), ids.size()}, {weights.data(), weights.size()},
+       {counts.data(), counts.size()}, {logits.data(), logits.size()}, {probs.data(), probs.size()}},
+      &losses,
+      {dropped.data(), dropped.size()}};
+  std::vector<std::byte> fws(layer.workspace_size(host, tokens, rp, w)),
+      bws(layer.backward_workspace_size(host, tokens, rp, w));
+  auto forward = [&] { layer.forward(host, L.xv(), rp, w, yv, state, fws, ap); };
+  auto backward = [&] {
+    layer.backward(host, L.xv(), rp, w, state, dyv, coefficients<R>(), make_view(dx.data(), tokens, d),
+                   eg, rgv, bws, ap, ag);
+  };
+  forward();  // warm up
+  backward();
+  BOOST_TEST(state.plan.total_assignments() > 0);
+  BOOST_TEST(allocations_of(forward) == 0, "forward allocated");
+  BOOST_TEST(allocations_of(backward) == 0, "backward allocated");
+
+  // The host owner, reused at the same shape, does not allocate either.
+  typename decltype(layer)::result_type res;
+  auto forward_owned = [&] { layer.forward(host, L.xv(), rp, w, yv, res, fws, ap); };
+  forward_owned();
+  BOOST_TEST(allocations_of(forward_owned) == 0, "forward into a reused moe_result allocated");
+  // Without a workspace the backend allocates one (so the counter does see allocations).
+  BOOST_TEST(allocations_of([&] { layer.forward(host, L.xv(), rp, w, yv, state, {}, ap); }) > 0);
+}
+
+template <class R, class D>
+struct combo {
+  using router = R;
+  using dispatch_type = D;
+};
+using combos = boost::mp11::mp_product<
+    combo,
+    boost::mp11::mp_list<routers::TopK, routers::TopP, routers::AdaptiveGating, routers::DynMoE,
+                         routers::DAMoE<routing::importance::precomputed>>,
+    boost::mp11::mp_list<dispatch::sorted_grouped, dispatch::padded_capacity, dispatch::dense>>;
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(forward_and_backward_with_a_workspace_do_not_allocate, C, combos) {
+  using R = typename C::router;
+  using D = typename C::dispatch_type;
+  const std::uint64_t seed = test::base_seed() + 12001;
+  D dispatch{};
+  if constexpr (std::is_same_v<D, dispatch::padded_capacity>) dispatch.capacity_factor = 1.0f;  // drops
+  check_case<R, D, no_addon, float>(seed, dispatch);
+  check_case<R, D, no_addon, switchyard::bfloat16>(seed + 1, dispatch);
+}
+
+BOOST_AUTO_TEST_CASE(hypermoe_addon_with_a_workspace_does_not_allocate) {
+  check_case<routers::TopK, dispatch::sorted_grouped, layer::hypermoe_addon, float>(
+      test::base_seed() + 12101, {});
+}
