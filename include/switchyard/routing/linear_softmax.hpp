@@ -2,18 +2,21 @@
 //! \file linear_softmax.hpp
 //! The scoring shared by the softmax routers (top-k, top-p, DA-MoE, Adaptive Gating,
 //! HyperMoE): logits = x · Wᵀ with W [E, d] in nn.Linear layout, P = softmax(logits) in
-//! float32, the Switch / any-slot load-balance losses, the ST-MoE z-loss, and the backward
-//! of all of them to the logits, then to x and W.
+//! float32, and its backward to x and W; host loops over the rows of softmax.hpp. Also the
+//! plan-wide helpers `select_all`, `load_balance_loss`, `z_loss` and their backward (thin
+//! wrappers over loss_terms.hpp, for one-struct routers; they allocate their scratch).
 //!
 //! NaN policy: a non-finite router logit (from NaN/Inf in `x` or `w`) throws
 //! `non_finite_error` naming the token; routing such a token would be arbitrary.
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/view.hpp"
+#include "switchyard/routing/loss_terms.hpp"
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/softmax.hpp"
 
@@ -99,85 +102,46 @@ void select_all(const Rule& rule, const plan_ref& plan) {
 
 //! Switch load balance E·Σ_e f_e·P̄_e with f_e the share of tokens whose top-1 is e, or
 //! (any_slot) the share of tokens that selected e in any slot. 0 for an empty batch.
+//! Allocates its 2·E doubles of scratch; composed routers use `terms::load_balance`.
 inline float load_balance_loss(const plan_ref& plan, bool any_slot) {
-  const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
-  if (tokens == 0) return 0.0f;
-  std::vector<double> f(e_count, 0.0), pbar(e_count, 0.0);
-  for (index_t t = 0; t < tokens; ++t) {
-    const index_t slots = any_slot ? plan.counts[t] : (plan.counts[t] > 0 ? 1 : 0);
-    for (index_t j = 0; j < slots; ++j) f[plan.id(t, j)] += 1.0;
-    for (index_t e = 0; e < e_count; ++e) pbar[e] += plan.probs[t * e_count + e];
-  }
-  double s = 0.0;
-  for (index_t e = 0; e < e_count; ++e) s += (f[e] / tokens) * (pbar[e] / tokens);
-  return static_cast<float>(s * e_count);
+  const terms::load_balance term{any_slot};
+  std::vector<double> scratch(static_cast<std::size_t>(term.scratch_doubles(plan.num_experts)));
+  return term.value(plan, scratch.data());
 }
 
 //! ST-MoE z-loss mean_t logsumexp(logits_t)². 0 for an empty batch.
-inline float z_loss(const plan_ref& plan) {
-  const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
-  if (tokens == 0) return 0.0f;
-  double s = 0.0;
-  for (index_t t = 0; t < tokens; ++t) {
-    const float* lg = plan.logits.data() + t * e_count;
-    float m = lg[0];
-    for (index_t e = 1; e < e_count; ++e) m = std::max(m, lg[e]);
-    double z = 0.0;
-    for (index_t e = 0; e < e_count; ++e) z += std::exp(static_cast<double>(lg[e] - m));
-    const double lse = m + std::log(z);
-    s += lse * lse;
-  }
-  return static_cast<float>(s / tokens);
-}
+inline float z_loss(const plan_ref& plan) { return terms::z_loss{}.value(plan, nullptr); }
 
-//! Accumulates coeff · ∂L_lb/∂P into d_probs [T, E] (f is piecewise constant).
+//! Accumulates coeff · ∂L_lb/∂P into d_probs [T, E] (f is piecewise constant). Allocates its
+//! scratch; composed routers use `terms::load_balance`.
 inline void load_balance_backward(const plan_ref& plan, bool any_slot, float coeff,
                                   float* d_probs) {
-  const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
-  if (tokens == 0 || coeff == 0.0f) return;
-  std::vector<double> f(e_count, 0.0);
-  for (index_t t = 0; t < tokens; ++t) {
-    const index_t slots = any_slot ? plan.counts[t] : (plan.counts[t] > 0 ? 1 : 0);
-    for (index_t j = 0; j < slots; ++j) f[plan.id(t, j)] += 1.0;
-  }
-  const double scale = static_cast<double>(coeff) * e_count / (static_cast<double>(tokens) * tokens);
-  for (index_t t = 0; t < tokens; ++t)
-    for (index_t e = 0; e < e_count; ++e) d_probs[t * e_count + e] += static_cast<float>(scale * f[e]);
+  const terms::load_balance term{any_slot};
+  std::vector<double> scratch(static_cast<std::size_t>(term.scratch_doubles(plan.num_experts)));
+  term.backward(plan, coeff, d_probs, scratch.data());
 }
 
 //! Accumulates coeff · ∂L_z/∂logits = coeff · 2·lse_t·P_t / T into d_logits [T, E].
 inline void z_loss_backward(const plan_ref& plan, float coeff, float* d_logits) {
-  const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
-  if (tokens == 0 || coeff == 0.0f) return;
-  for (index_t t = 0; t < tokens; ++t) {
-    const float* lg = plan.logits.data() + t * e_count;
-    float m = lg[0];
-    for (index_t e = 1; e < e_count; ++e) m = std::max(m, lg[e]);
-    double z = 0.0;
-    for (index_t e = 0; e < e_count; ++e) z += std::exp(static_cast<double>(lg[e] - m));
-    const double lse = m + std::log(z);
-    for (index_t e = 0; e < e_count; ++e)
-      d_logits[t * e_count + e] +=
-          static_cast<float>(coeff * 2.0 * lse * plan.probs[t * e_count + e] / tokens);
-  }
+  terms::z_loss{}.backward(plan, coeff, d_logits, nullptr);
 }
 
-//! d_probs [T, E] of Σ d_weights ⊙ weights w.r.t. the probabilities, for every token of a
-//! softmax router's plan: raw weights pass d_w through, renormalised ones go through the
-//! normalisation (see combine_weights_backward_accumulate). `d_weights` is [T, width].
-inline std::vector<float> combine_weights_backward_rows(const plan_ref& plan,
-                                                        const float* d_weights, bool renormalized) {
+//! d_probs [T, E] = the gradient of Σ d_weights ⊙ weights w.r.t. the probabilities, for every
+//! token of a softmax router's plan (overwritten): raw weights pass d_w through, renormalised
+//! ones go through the normalisation (see combine_weights_backward_accumulate).
+//! `d_weights` is [T, width].
+inline void combine_weights_backward_rows(const plan_ref& plan, const float* d_weights,
+                                          bool renormalized, float* d_probs) {
   const index_t tokens = plan.num_tokens, e_count = plan.num_experts, w = plan.width;
-  std::vector<float> d_probs(static_cast<std::size_t>(tokens * e_count), 0.0f);
+  std::fill(d_probs, d_probs + tokens * e_count, 0.0f);
   for (index_t t = 0; t < tokens; ++t) {
     combine_weights_backward_accumulate(
         ::cuda::std::span<const float>(plan.probs.data() + t * e_count, e_count),
         ::cuda::std::span<const std::int32_t>(plan.expert_ids.data() + t * w, w),
         ::cuda::std::span<const float>(plan.weights.data() + t * w, w),
         ::cuda::std::span<const float>(d_weights + t * w, w), plan.counts[t], renormalized,
-        ::cuda::std::span<float>(d_probs.data() + t * e_count, e_count));
+        ::cuda::std::span<float>(d_probs + t * e_count, e_count));
   }
-  return d_probs;
 }
 
 //! d_logits += softmax backward of d_probs, row by row.

@@ -1,8 +1,10 @@
 #pragma once
 //! \file softmax.hpp
-//! Per-token softmax and its Jacobian products, in float32, `__host__ __device__`.
+//! Per-token (one row of E scores) softmax, logsumexp and the Jacobian products of the softmax
+//! routers, `__host__ __device__`: the host route runs them in loops, a CUDA kernel per thread.
 
 #include <cmath>
+#include <cstdint>
 
 #include <cuda/std/span>
 
@@ -10,8 +12,8 @@
 
 namespace switchyard::routing {
 
-//! probs = softmax(logits); returns logsumexp(logits) (for the z-loss).
-SWITCHYARD_HD inline float softmax(::cuda::std::span<const float> logits, ::cuda::std::span<float> probs) {
+//! probs = softmax(logits) in float32 (max-shifted `expf`, float sum, one division each).
+SWITCHYARD_HD inline void softmax(::cuda::std::span<const float> logits, ::cuda::std::span<float> probs) {
   const int n = static_cast<int>(logits.size());
   float m = logits[0];
   for (int e = 1; e < n; ++e) m = logits[e] > m ? logits[e] : m;
@@ -21,7 +23,18 @@ SWITCHYARD_HD inline float softmax(::cuda::std::span<const float> logits, ::cuda
     s += probs[e];
   }
   for (int e = 0; e < n; ++e) probs[e] /= s;
-  return m + logf(s);
+}
+
+//! logsumexp(logits) in double: m = the float maximum (first on ties), then
+//! m + log Σ_e exp(double(logits_e − m)) with each difference taken in float. The one
+//! logsumexp of the library (z-loss, entropy and their backward rows use it).
+SWITCHYARD_HD inline double logsumexp(::cuda::std::span<const float> logits) {
+  const int n = static_cast<int>(logits.size());
+  float m = logits[0];
+  for (int e = 1; e < n; ++e) m = m < logits[e] ? logits[e] : m;  // std::max(m, logits[e])
+  double z = 0.0;
+  for (int e = 0; e < n; ++e) z += ::exp(static_cast<double>(logits[e] - m));
+  return m + ::log(z);
 }
 
 //! d_logits = J_softmaxᵀ d_probs = P ⊙ (d_probs − ⟨P, d_probs⟩), accumulated into d_logits.

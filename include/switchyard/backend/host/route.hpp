@@ -1,28 +1,165 @@
 #pragma once
 //! \file route.hpp
 //! How the host backend runs a router: its forward into a caller's plan_ref with scratch from
-//! a workspace arena, its backward, and the bytes both take. Plus two conveniences for direct
-//! use of a router on the host (tests, tools, a plan made outside a layer): `host::route` and
-//! `host::route_backward`, which size an owning `routing_plan` and allocate the scratch.
+//! a workspace arena, its backward, and the bytes both take. A composed router (TopK, TopP,
+//! Adaptive Gating, DA-MoE: routing::ComposedRouter) runs through the one generic route below
+//! (scoring, selection of every token, loss terms; backward through the same parts); any
+//! other router (DynMoE, a user's one-struct router) through its own forward/backward.
+//! Plus conveniences for direct use of a router on the host (tests, tools, a plan made
+//! outside a layer): `host::route`, `host::route_backward` and `host::route_backward_logits`,
+//! which size an owning `routing_plan` and allocate the scratch.
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <concepts>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/core/workspace.hpp"
+#include "switchyard/routing/composition.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/plan.hpp"
 
 namespace switchyard::host {
 
+namespace detail {
+
+//! Calls f(bound_loss) for every loss term of a composed router, in the router's order.
+template <class Terms, class F>
+void for_each_term(const Terms& terms, F&& f) {
+  std::apply([&](const auto&... t) { (f(t), ...); }, terms);
+}
+
+//! Scratch of every loss term, carved in the router's order (the same code measures it).
+template <class Terms>
+auto carve_term_scratch(const Terms& terms, index_t experts, workspace_arena& ws) {
+  std::array<double*, std::tuple_size_v<Terms>> out{};
+  std::size_t i = 0;
+  for_each_term(terms, [&](const auto& b) { out[i++] = ws.take<double>(b.term.scratch_doubles(experts)); });
+  return out;
+}
+
+//! The selection of every token: rules.rule(t).select(probs_t) -> ids, weights, counts.
+template <class Rules>
+void select_tokens(const Rules& rules, const routing::plan_ref& plan) {
+  const index_t tokens = plan.num_tokens, e = plan.num_experts, w = plan.width;
+#pragma omp parallel for schedule(static) if (tokens > 256)
+  for (index_t t = 0; t < tokens; ++t) {
+    plan.counts[t] = rules.rule(t).select(
+        ::cuda::std::span<const float>(plan.probs.data() + t * e, e),
+        ::cuda::std::span<std::int32_t>(plan.expert_ids.data() + t * w, w),
+        ::cuda::std::span<float>(plan.weights.data() + t * w, w));
+  }
+}
+
+//! Generic forward of a composed router: checks the input and the router's options, the
+//! per-token rules (from `ws`), scores into `plan`, selects every token, and writes each loss
+//! term's value to its field of `losses`.
+template <routing::ComposedRouter R, ElementType T>
+void composed_forward(const R& r, const matrix_view<const T>& x, const typename R::params_type& p,
+                      const routing::plan_ref& plan, typename R::losses_type& losses,
+                      workspace_arena& ws) {
+  const auto scoring = r.scoring();
+  const auto sp = scoring.params(p);
+  scoring.check(x, sp);
+  r.validate(scoring.num_experts(sp));
+  const index_t tokens = x.extent(0), experts = r.num_experts(p);
+  const auto rules = routing::token_rules(r, p, tokens, ws);
+  const auto terms = r.loss_terms();
+  const auto scratch = carve_term_scratch(terms, experts, ws);
+  routing::detail::require_plan(plan, tokens, r.width(p), experts);
+  scoring.forward(x, sp, plan);
+  select_tokens(rules, plan);
+  std::size_t i = 0;
+  for_each_term(terms, [&](const auto& b) { losses.*(b.field) = b.term.value(plan, scratch[i++]); });
+}
+
+//! Generic d_logits [T, E] of a composed router (overwritten): d_probs [T, E] (from `ws`) =
+//! the combine-weights backward of d_weights (through the renormalisation when the router
+//! renormalises) + the probability loss terms' gradients, softmax backward to d_logits, +
+//! the logit loss terms' gradients; each term in the router's order, scaled by its field of
+//! `coeff`.
+template <routing::ComposedRouter R>
+void composed_backward_logits(const R& r, const routing::plan_ref& plan, const float* d_weights,
+                              const typename R::losses_type& coeff, float* d_logits,
+                              workspace_arena& ws) {
+  const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+  float* d_probs = ws.take<float>(tokens * e_count);
+  const auto terms = r.loss_terms();
+  const auto scratch = carve_term_scratch(terms, e_count, ws);
+  if (!ws.carving()) return;
+  routing::combine_weights_backward_rows(plan, d_weights, r.renormalized(), d_probs);
+  std::size_t i = 0;
+  for_each_term(terms, [&](const auto& b) {
+    if constexpr (std::remove_cvref_t<decltype(b.term)>::target == routing::loss_target::probs)
+      b.term.backward(plan, coeff.*(b.field), d_probs, scratch[i]);
+    ++i;
+  });
+  std::fill(d_logits, d_logits + tokens * e_count, 0.0f);
+  routing::softmax_backward_rows(plan, d_probs, d_logits);
+  i = 0;
+  for_each_term(terms, [&](const auto& b) {
+    if constexpr (std::remove_cvref_t<decltype(b.term)>::target == routing::loss_target::logits)
+      b.term.backward(plan, coeff.*(b.field), d_logits, scratch[i]);
+    ++i;
+  });
+}
+
+//! Bytes composed_backward_logits takes for T tokens and E experts (its carving, measured).
+template <routing::ComposedRouter R>
+std::size_t backward_logits_workspace_size(const R& r, index_t tokens, index_t experts) {
+  workspace_arena ws;
+  routing::plan_ref shape{};
+  shape.num_tokens = tokens;
+  shape.num_experts = experts;
+  composed_backward_logits(r, shape, nullptr, typename R::losses_type{}, nullptr, ws);
+  return ws.required();
+}
+
+//! Generic backward of a composed router: d_logits (from `ws`), then the scoring's backward
+//! to dx and grads.
+template <routing::ComposedRouter R, ElementType T>
+void composed_backward(const R& r, const matrix_view<const T>& x, const typename R::params_type& p,
+                       const routing::plan_ref& plan, const float* d_weights,
+                       const typename R::losses_type& coeff, const matrix_view<float>& dx,
+                       const typename R::grads_type& grads, workspace_arena& ws) {
+  float* d_logits = ws.take<float>(plan.num_tokens * plan.num_experts);
+  composed_backward_logits(r, plan, d_weights, coeff, d_logits, ws);
+  if (!ws.carving()) return;
+  const auto scoring = r.scoring();
+  scoring.backward(x, scoring.params(p), d_logits, dx, grads);
+}
+
+//! Bytes of the generic route for T tokens: the most of forward's and backward's carving,
+//! run on measuring arenas (the same code as the runs, which return before any arithmetic).
+template <routing::ComposedRouter R>
+std::size_t composed_workspace_size(const R& r, index_t tokens, const typename R::params_type& p) {
+  const index_t experts = r.num_experts(p);
+  workspace_arena fwd;
+  (void)routing::token_rules(r, p, tokens, fwd);
+  (void)carve_term_scratch(r.loss_terms(), experts, fwd);
+  workspace_arena bwd;
+  routing::plan_ref shape{};
+  shape.num_tokens = tokens;
+  shape.num_experts = experts;
+  composed_backward(r, matrix_view<const float>{}, p, shape, nullptr, typename R::losses_type{},
+                    matrix_view<float>{}, typename R::grads_type{}, bwd);
+  return std::max(fwd.required(), bwd.required());
+}
+
+}  // namespace detail
+
 //! Bytes router `r` takes from its workspace in forward or backward for T tokens (the most
-//! of the two); 0 for a router that declares no `workspace_size`.
+//! of the two); 0 for a custom router that declares no `workspace_size`.
 template <class R>
 std::size_t router_workspace_size(const R& r, index_t tokens, const typename R::params_type& p) {
-  if constexpr (requires {
+  if constexpr (routing::ComposedRouter<R>) {
+    return detail::composed_workspace_size(r, tokens, p);
+  } else if constexpr (requires {
                   { r.workspace_size(tokens, p) } -> std::convertible_to<std::size_t>;
                 }) {
     return r.workspace_size(tokens, p);
@@ -37,12 +174,16 @@ template <class R, ElementType T>
 void router_forward(const R& r, const matrix_view<const T>& x, const typename R::params_type& p,
                     const routing::plan_ref& plan, typename R::losses_type& losses,
                     workspace_arena& ws) {
+  if constexpr (routing::ComposedRouter<R>) {
+    detail::composed_forward(r, x, p, plan, losses, ws);
+  } else {
   static_assert(requires { r.forward(x, p, plan, losses, ws); },
                 "switchyard: the host backend needs the router's `template <ElementType T> void "
                 "forward(const matrix_view<const T>& x, const params_type&, const "
                 "routing::plan_ref& plan, losses_type&, workspace_arena&) const` (docs/design.md, "
                 "router contract)");
   r.forward(x, p, plan, losses, ws);
+  }
 }
 
 //! Backward of router `r`: dx += ∂/∂x and grads += ∂/∂params of Σ d_weights ⊙ weights +
@@ -52,12 +193,25 @@ void router_backward(const R& r, const matrix_view<const T>& x, const typename R
                      const routing::plan_ref& plan, const float* d_weights,
                      const typename R::losses_type& coeff, const matrix_view<float>& dx,
                      const typename R::grads_type& grads, workspace_arena& ws) {
+  if constexpr (routing::ComposedRouter<R>) {
+    detail::composed_backward(r, x, p, plan, d_weights, coeff, dx, grads, ws);
+  } else {
   static_assert(requires { r.backward(x, p, plan, d_weights, coeff, dx, grads, ws); },
                 "switchyard: the host backend needs the router's `template <ElementType T> void "
                 "backward(x, params, const routing::plan_ref& plan, const float* d_weights, const "
                 "losses_type& coeffs, const matrix_view<float>& dx, const grads_type&, "
                 "workspace_arena&) const` (docs/design.md, router contract)");
   r.backward(x, p, plan, d_weights, coeff, dx, grads, ws);
+  }
+}
+
+//! d_logits [T, E] (overwritten) = ∂/∂logits of Σ d_weights ⊙ weights + Σ coeff · loss for a
+//! composed router, with scratch from `ws` (at least router_workspace_size bytes).
+template <routing::ComposedRouter R>
+void router_backward_logits(const R& r, const routing::plan_ref& plan, const float* d_weights,
+                            const typename R::losses_type& coeff, float* d_logits,
+                            workspace_arena& ws) {
+  detail::composed_backward_logits(r, plan, d_weights, coeff, d_logits, ws);
 }
 
 //! Convenience: routes x with `r` into an owning plan (sized here) and `losses`; allocates
@@ -85,6 +239,29 @@ void route_backward(const R& r, const matrix_view<const T>& x, const typename R:
   std::vector<std::byte> scratch(std::max<std::size_t>(1, router_workspace_size(r, x.extent(0), p)));
   workspace_arena ws({scratch.data(), scratch.size()});
   router_backward(r, x, p, plan.ref(), d_weights, coeff, dx, grads, ws);
+}
+
+//! Convenience: route_backward's d_logits [T, E] of a composed router, with no dx or grads
+//! (allocates the scratch).
+template <routing::ComposedRouter R>
+void route_backward_logits(const R& r, const routing::routing_plan& plan, const float* d_weights,
+                           const typename R::losses_type& coeff, float* d_logits) {
+  std::vector<std::byte> scratch(
+      detail::backward_logits_workspace_size(r, plan.num_tokens, plan.num_experts));
+  workspace_arena ws({scratch.data(), scratch.size()});
+  router_backward_logits(r, plan.ref(), d_weights, coeff, d_logits, ws);
+}
+
+//! Convenience: `route`, plus the router's diagnostics (DA-MoE: `r.token_importance(p, T,
+//! stats)`, the per-token importance that decided K).
+template <class R, ElementType T, class Stats>
+  requires requires(const R& r, const typename R::params_type& p, index_t t, Stats& s) {
+    r.token_importance(p, t, s);
+  }
+void route(const R& r, const matrix_view<const T>& x, const typename R::params_type& p,
+           routing::routing_plan& plan, typename R::losses_type& losses, Stats& stats) {
+  route(r, x, p, plan, losses);
+  r.token_importance(p, x.extent(0), stats);
 }
 
 }  // namespace switchyard::host

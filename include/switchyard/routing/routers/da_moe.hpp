@@ -10,14 +10,19 @@
 //! (rows = queries, each row sums to 1 within `attention_row_tolerance`) travel in
 //! `params_type::attention`; `importance::precomputed` reads `params_type::importance [T]`
 //! instead. Importance is stop-gradient: gradients reach the router only through the weights.
+//!
+//! A composition: linear-softmax scoring, per-token `topk_rule`s (`token_rules`, K_t from the
+//! importance, computed into the route's workspace), load balance and z-loss.
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/workspace.hpp"
 #include "switchyard/core/view.hpp"
+#include "switchyard/routing/composition.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/linear_softmax.hpp"
 #include "switchyard/routing/plan.hpp"
@@ -165,6 +170,18 @@ struct da_moe_importance {
   std::vector<float> relative;    //!< [T] r_j = I_j / max_i I_i (1 for every token when max I = 0)
 };
 
+//! DA-MoE's per-token rules: token t takes its top K_t = k_rule(relative[t]) experts.
+template <class KRule>
+struct da_moe_rules {
+  KRule k_rule{};
+  bool renormalize = true;
+  const float* relative = nullptr;  //!< [T] relative importance (caller / workspace memory)
+
+  [[nodiscard]] SWITCHYARD_HD topk_rule rule(index_t t) const {
+    return {k_rule(relative[t]), renormalize};
+  }
+};
+
 }  // namespace switchyard::routing
 
 namespace switchyard::routers {
@@ -190,15 +207,15 @@ struct DAMoE {
   //! Throws range_error for a K rule outside [1, E].
   void validate(index_t experts) const { k_rule.validate(experts); }
 
-  //! Writes I [T] and r = I / max I [T]; throws for bad attention / importance input.
-  void token_importance(const params_type& p, index_t tokens,
-                        routing::da_moe_importance& out) const {
-    out.importance.assign(static_cast<std::size_t>(tokens), 0.0f);
-    out.relative.assign(static_cast<std::size_t>(tokens), 1.0f);
-    importance(p, tokens, out.importance.data());
+  //! Writes I [T] to `imp` and r = I / max I [T] to `relative` (1 for every token when
+  //! max I = 0); throws for bad attention / importance input.
+  void token_importance(const params_type& p, index_t tokens, float* imp, float* relative) const {
+    for (index_t j = 0; j < tokens; ++j) imp[j] = 0.0f;
+    for (index_t j = 0; j < tokens; ++j) relative[j] = 1.0f;
+    importance(p, tokens, imp);
     float peak = 0.0f;
     for (index_t j = 0; j < tokens; ++j) {
-      const float v = out.importance[j];
+      const float v = imp[j];
       if (!std::isfinite(v)) {
         throw non_finite_error(
             "params.importance",
@@ -213,66 +230,38 @@ struct DAMoE {
       peak = std::max(peak, v);
     }
     if (peak > 0.0f)
-      for (index_t j = 0; j < tokens; ++j) out.relative[j] = out.importance[j] / peak;
+      for (index_t j = 0; j < tokens; ++j) relative[j] = imp[j] / peak;
   }
 
-  //! Scores x [T, d], derives K_t from the importance, selects, and computes the losses
-  //! (lb_switch, lb_topk, z); `stats` receives the importance. T = 0 is an empty batch.
-  template <ElementType T>
-  void forward(const matrix_view<const T>& x, const params_type& p, const routing::plan_ref& plan,
-               losses_type& losses, routing::da_moe_importance& stats,
-               [[maybe_unused]] workspace_arena& ws) const {
-    const routing::linear_router_params lin{p.w};
-    routing::detail::check_linear_router_inputs(x, lin);
-    validate(p.w.extent(0));
-    const index_t tokens = x.extent(0), experts = p.w.extent(0), w = width(p);
-    token_importance(p, tokens, stats);
-    routing::detail::require_plan(plan, tokens, w, experts);
-    routing::linear_softmax_scores(x, lin, plan);
-    for (index_t t = 0; t < tokens; ++t) {
-      const routing::topk_rule rule{k_rule(stats.relative[t]), renormalize};
-      plan.counts[t] =
-          rule.select(::cuda::std::span<const float>(plan.probs.data() + t * experts, experts),
-                      ::cuda::std::span<std::int32_t>(plan.expert_ids.data() + t * w, w),
-                      ::cuda::std::span<float>(plan.weights.data() + t * w, w));
-    }
-    losses.lb_switch = routing::load_balance_loss(plan, false);
-    losses.lb_topk = routing::load_balance_loss(plan, true);
-    losses.z = routing::z_loss(plan);
+  //! Diagnostics: I and r of T tokens into `out` (allocates its vectors).
+  void token_importance(const params_type& p, index_t tokens,
+                        routing::da_moe_importance& out) const {
+    out.importance.assign(static_cast<std::size_t>(tokens), 0.0f);
+    out.relative.assign(static_cast<std::size_t>(tokens), 1.0f);
+    token_importance(p, tokens, out.importance.data(), out.relative.data());
   }
 
-  //! As above, discarding the importance.
-  template <ElementType T>
-  void forward(const matrix_view<const T>& x, const params_type& p, const routing::plan_ref& plan,
-               losses_type& losses, [[maybe_unused]] workspace_arena& ws) const {
-    routing::da_moe_importance stats;
-    forward(x, p, plan, losses, stats, ws);
+  // ---- the composition (run by a backend's generic route) ---------------------------------
+  [[nodiscard]] routing::linear_softmax scoring() const { return {}; }
+  [[nodiscard]] bool renormalized() const { return renormalize; }
+  //! The rule of every token: I and r [T] from `ws` (computed, and the input validated, when
+  //! `ws` carves; a measuring arena only counts them). Importance is stop-gradient.
+  [[nodiscard]] routing::da_moe_rules<KRule> token_rules(const params_type& p, index_t tokens,
+                                                         workspace_arena& ws) const {
+    float* imp = ws.take<float>(tokens);
+    float* relative = ws.take<float>(tokens);
+    if (ws.carving()) token_importance(p, tokens, imp, relative);
+    return {k_rule, renormalize, relative};
   }
-
-  //! d_logits [T, E] = ∂/∂logits of ( Σ d_weights ⊙ weights + Σ coeff · loss ); K_t and the
-  //! importance carry no gradient. `d_weights` is [T, width] in plan-slot order.
-  void backward_logits(const routing::plan_ref& plan, const float* d_weights,
-                       const losses_type& coeff, float* d_logits) const {
-    const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
-    auto d_probs = routing::combine_weights_backward_rows(plan, d_weights, renormalize);
-    routing::load_balance_backward(plan, false, coeff.lb_switch, d_probs.data());
-    routing::load_balance_backward(plan, true, coeff.lb_topk, d_probs.data());
-    std::fill(d_logits, d_logits + tokens * e_count, 0.0f);
-    routing::softmax_backward_rows(plan, d_probs.data(), d_logits);
-    routing::z_loss_backward(plan, coeff.z, d_logits);
-  }
-
-  //! Full backward: dx += ∂/∂x, grads.w += ∂/∂w (either may be an empty view).
-  template <ElementType T>
-  void backward(const matrix_view<const T>& x, const params_type& p,
-                const routing::plan_ref& plan, const float* d_weights, const losses_type& coeff,
-                const matrix_view<float>& dx, const grads_type& grads, [[maybe_unused]] workspace_arena& ws) const {
-    std::vector<float> d_logits(static_cast<std::size_t>(plan.num_tokens * plan.num_experts));
-    backward_logits(plan, d_weights, coeff, d_logits.data());
-    routing::linear_backward(x, routing::linear_router_params{p.w}, d_logits.data(), dx, grads);
+  [[nodiscard]] auto loss_terms() const {
+    return std::tuple{routing::bind_loss<&losses_type::lb_switch>(routing::terms::load_balance{}),
+                      routing::bind_loss<&losses_type::lb_topk>(
+                          routing::terms::load_balance{.any_slot = true}),
+                      routing::bind_loss<&losses_type::z>(routing::terms::z_loss{})};
   }
 };
 
 static_assert(check_router<DAMoE<>>());
+static_assert(routing::ComposedRouter<DAMoE<>>);
 
 }  // namespace switchyard::routers

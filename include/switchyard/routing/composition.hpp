@@ -1,0 +1,103 @@
+#pragma once
+//! \file composition.hpp
+//! Routers as compositions (docs/design.md, "Routers are compositions"): a composed router
+//! names its parts and a backend's generic route runs them; it has no forward or backward of
+//! its own. The parts:
+//!
+//! - `scoring()`: how scores are made, e.g. `linear_softmax` (logits = x·Wᵀ, probs = softmax);
+//!   it maps the router's params to its own (`params(p)`), checks the input, scores a plan
+//!   and runs its backward from d_logits to dx and the weight gradient.
+//! - the selection: `rule()`, one SelectionRule for every token, or
+//!   `token_rules(params, T, workspace_arena&)`, an object whose `rule(t)` is token t's rule
+//!   (DA-MoE: K_t from the token's importance), computed into workspace memory.
+//! - `renormalized()`: whether the selected weights are P / Σ_selected P (backward goes
+//!   through that normalisation) or the raw probabilities.
+//! - `loss_terms()`: a tuple of `bound_loss<&losses_type::field, Term>` (loss_terms.hpp).
+//! - `validate(E)`: the checks of the router's own options.
+//!
+//! A router that is not a composition (DynMoE, a user's one-struct router) has
+//! `forward`/`backward` (and optionally `workspace_size`) instead; backends call those.
+
+#include <concepts>
+#include <cstdint>
+
+#include <cuda/std/span>
+
+#include "switchyard/core/config.hpp"
+#include "switchyard/core/workspace.hpp"
+#include "switchyard/routing/concepts.hpp"
+#include "switchyard/routing/linear_softmax.hpp"
+#include "switchyard/routing/loss_terms.hpp"
+#include "switchyard/routing/plan.hpp"
+
+namespace switchyard::routing {
+
+//! Scoring part: logits = x · Wᵀ (W [E, d], nn.Linear layout, float accumulation) and
+//! probs = softmax(logits) in float32. Any params with a `w [E, d]` member score this way.
+struct linear_softmax {
+  //! The scoring's own params from a router's params.
+  template <class P>
+  [[nodiscard]] static linear_router_params params(const P& p) {
+    return {p.w};
+  }
+  //! E.
+  [[nodiscard]] static index_t num_experts(const linear_router_params& p) { return p.w.extent(0); }
+  //! Throws for x [T, d] that does not match w [E, d] (or an unusable w).
+  template <ElementType T>
+  static void check(const matrix_view<const T>& x, const linear_router_params& p) {
+    detail::check_linear_router_inputs(x, p);
+  }
+  //! plan.logits, plan.probs of every token (non_finite_error on a non-finite logit).
+  template <ElementType T>
+  static void forward(const matrix_view<const T>& x, const linear_router_params& p,
+                      const plan_ref& plan) {
+    linear_softmax_scores(x, p, plan);
+  }
+  //! dx += d_logits · W, grads.w += d_logitsᵀ · x (either may be an empty view).
+  template <ElementType T>
+  static void backward(const matrix_view<const T>& x, const linear_router_params& p,
+                       const float* d_logits, const matrix_view<float>& dx,
+                       const linear_router_grads& g) {
+    linear_backward(x, p, d_logits, dx, g);
+  }
+};
+
+//! Per-token rules of a router with one rule for every token.
+template <SelectionRule Rule>
+struct same_rule {
+  Rule r;
+  [[nodiscard]] SWITCHYARD_HD Rule rule(index_t /*token*/) const { return r; }
+};
+
+namespace detail {
+template <class R>
+concept has_fixed_rule = requires(const R& r) {
+  { r.rule() } -> SelectionRule;
+};
+template <class R>
+concept has_token_rules = requires(const R& r, const typename R::params_type& p, index_t t,
+                                   workspace_arena& ws) { r.token_rules(p, t, ws).rule(t); };
+}  // namespace detail
+
+//! A router made of parts (see the file comment): the generic route of a backend runs it.
+template <class R>
+concept ComposedRouter = Router<R> && requires(const R& r) {
+  r.scoring();
+  r.loss_terms();
+  { r.renormalized() } -> std::convertible_to<bool>;
+} && (detail::has_fixed_rule<R> || detail::has_token_rules<R>);
+
+//! The per-token rules of a composed router for T tokens: `r.token_rules(p, T, ws)` when it
+//! has one (it takes its arrays from `ws`, and fills them only when `ws` carves), else
+//! `same_rule{r.rule()}`.
+template <class R>
+auto token_rules(const R& r, const typename R::params_type& p, index_t tokens,
+                 workspace_arena& ws) {
+  if constexpr (detail::has_token_rules<R>) {
+    return r.token_rules(p, tokens, ws);
+  } else {
+    return same_rule<decltype(r.rule())>{r.rule()};
+  }
+}
+
+}  // namespace switchyard::routing
