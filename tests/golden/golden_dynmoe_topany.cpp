@@ -1,6 +1,7 @@
 // Golden checker for `dynmoe_topany` (spec §3): the routing cases (forward plan, losses and
 // straight-through gradients) and op=adaptive_update (record in training mode, then remove /
 // add experts).
+#include <switchyard/backend/host/route.hpp>
 #include <switchyard/routing/routers/dynmoe.hpp>
 #include <switchyard/training/dynmoe_update.hpp>
 

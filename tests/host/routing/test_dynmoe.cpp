@@ -1,14 +1,20 @@
 // DynMoE top-any router (spec §3): plan properties on fresh random inputs, losses and
 // straight-through gradients against a float64 reference written here (central differences),
-// the adaptive expert update on crafted records, the record/update schedule, and every
-// bad-input error.
+// the adaptive expert update on crafted records, the record/update schedule, every
+// bad-input error, and that forward and backward given workspace_size bytes allocate nothing
+// (global operator new counts) and give the bits of the allocating conveniences.
 #include <boost/test/unit_test.hpp>
 
+#include <switchyard/backend/host/route.hpp>
 #include <switchyard/routing/routers/dynmoe.hpp>
 #include <switchyard/routing/selection/topany.hpp>
 #include <switchyard/training/dynmoe_update.hpp>
 
 #include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdlib>
+#include <new>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -17,6 +23,40 @@
 #include <vector>
 
 #include "support/random.hpp"
+
+// Global operator new/delete that count allocations while `counting` is set.
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<long> allocations{0};
+void* counted_alloc(std::size_t n, std::size_t align = 0) {
+  if (counting.load()) allocations.fetch_add(1);
+  if (n == 0) n = 1;
+  void* p = align > alignof(std::max_align_t) ? std::aligned_alloc(align, (n + align - 1) / align * align)
+                                              : std::malloc(n);
+  if (p == nullptr) throw std::bad_alloc();
+  return p;
+}
+}  // namespace
+void* operator new(std::size_t n) { return counted_alloc(n); }
+void* operator new[](std::size_t n) { return counted_alloc(n); }
+void* operator new(std::size_t n, std::align_val_t a) { return counted_alloc(n, static_cast<std::size_t>(a)); }
+void* operator new[](std::size_t n, std::align_val_t a) { return counted_alloc(n, static_cast<std::size_t>(a)); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  try {
+    return counted_alloc(n);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 
 namespace sy = switchyard;
 using sy::routing::routing_plan;
@@ -497,6 +537,103 @@ BOOST_AUTO_TEST_CASE(gradients_accumulate_and_empty_views_are_skipped) {
   switchyard::host::route_backward(r, p.xv(), p.params(), plan, slots.data(), losses_t::deepspeed(), sy::matrix_view<float>{},
              {sy::make_view(g2.data(), p.d, p.experts), {}});
   for (std::size_t i = 0; i < g1.size(); ++i) BOOST_TEST(g2[i] == 1.0f + g1[i]);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(dynmoe_workspace)
+
+// Forward and backward given workspace_size bytes (an arena over caller memory, a plan sized
+// beforehand) allocate nothing and give the bits of host::route / host::route_backward. The
+// large case runs the OpenMP loops in parallel.
+BOOST_AUTO_TEST_CASE(workspace_gives_the_same_bits_and_no_allocation) {
+  struct setting {
+    int tokens, d, experts;
+    bool training;
+    int masked;
+  };
+  for (const setting st : {setting{24, 8, 6, true, 1}, setting{19, 6, 5, false, 2},
+                           setting{700, 32, 8, true, 0}}) {
+    BOOST_TEST_CONTEXT("T=" << st.tokens << " training=" << st.training) {
+      const problem p(st.tokens, st.d, st.experts, sy::test::base_seed() + 900 + st.tokens, 0.0f,
+                      -0.5f, 0.4f, st.masked);
+      const sy::routers::DynMoE r{.training = st.training};
+      const auto params = p.params();
+      const losses_t coeff{.sim_loss = 0.7f, .simple_loss = 0.3f, .load_balance_loss = 1.3f,
+                           .efficiency_loss = 2.0f};
+      // Reference: the conveniences that allocate their scratch.
+      losses_t l_ref;
+      const auto plan_ref = route(r, p, &l_ref);
+      std::mt19937_64 gen(sy::test::base_seed() + 901);
+      const auto slots = sy::test::normal(gen, plan_ref.weights.size());
+      std::vector<float> gw_ref(p.w.size(), 0.0f), gg_ref(p.g.size(), 0.0f), dx_ref(p.x.size(), 0.0f);
+      switchyard::host::route_backward(r, p.xv(), params, plan_ref, slots.data(), coeff,
+                                       sy::make_view(dx_ref.data(), p.tokens, p.d),
+                                       {sy::make_view(gw_ref.data(), p.d, p.experts),
+                                        sy::make_view(gg_ref.data(), p.experts)});
+
+      const std::size_t size = r.workspace_size(p.tokens, params);
+      BOOST_TEST(size == sy::host::router_workspace_size(r, p.tokens, params));
+      std::vector<std::byte> bytes(size + 1);
+      // A workspace starting off alignment still suffices (workspace_size includes the slack).
+      const ::cuda::std::span<std::byte> ws_bytes(bytes.data() + 1, size);
+      routing_plan plan;
+      plan.resize(p.tokens, r.width(params), r.num_experts(params));
+      std::vector<float> gw(p.w.size()), gg(p.g.size()), dx(p.x.size());
+      const sy::routing::dynmoe_grads grads{sy::make_view(gw.data(), p.d, p.experts),
+                                            sy::make_view(gg.data(), p.experts)};
+      const auto dxv = sy::make_view(dx.data(), p.tokens, p.d);
+      losses_t l;
+      auto run = [&] {
+        std::fill(gw.begin(), gw.end(), 0.0f);
+        std::fill(gg.begin(), gg.end(), 0.0f);
+        std::fill(dx.begin(), dx.end(), 0.0f);
+        sy::workspace_arena ws_f(ws_bytes), ws_b(ws_bytes);
+        sy::host::router_forward(r, p.xv(), params, plan.ref(), l, ws_f);
+        sy::host::router_backward(r, p.xv(), params, plan.ref(), slots.data(), coeff, dxv, grads, ws_b);
+      };
+      run();  // warm-up (OpenMP's thread pool, ...)
+      allocations = 0;
+      counting = true;
+      run();
+      counting = false;
+      BOOST_TEST(allocations.load() == 0, allocations.load() << " allocations");
+      BOOST_TEST(plan.expert_ids == plan_ref.expert_ids);
+      BOOST_TEST(plan.weights == plan_ref.weights);
+      BOOST_TEST(plan.counts == plan_ref.counts);
+      BOOST_TEST(plan.logits == plan_ref.logits);
+      BOOST_TEST(plan.probs == plan_ref.probs);
+      BOOST_TEST(std::memcmp(&l, &l_ref, sizeof l) == 0);
+      BOOST_TEST(gw == gw_ref);
+      BOOST_TEST(gg == gg_ref);
+      BOOST_TEST(dx == dx_ref);
+    }
+  }
+}
+
+// A workspace one byte short of what forward and backward take is refused, naming it.
+BOOST_AUTO_TEST_CASE(a_short_workspace_is_a_shape_error) {
+  const problem p(12, 6, 4, sy::test::base_seed() + 950);
+  const sy::routers::DynMoE r;
+  const auto params = p.params();
+  sy::workspace_arena measure;
+  (void)sy::routing::detail::dynmoe_backward_scratch::take(measure, p.tokens, p.d, p.experts);
+  std::vector<std::byte> bytes(measure.used() - 1 + sy::workspace_arena::alignment);
+  routing_plan plan;
+  plan.resize(p.tokens, r.width(params), r.num_experts(params));
+  losses_t l;
+  sy::workspace_arena ws_f({bytes.data(), bytes.size()});
+  sy::host::router_forward(r, p.xv(), params, plan.ref(), l, ws_f);  // forward takes less
+  std::vector<float> slots(plan.weights.size(), 0.1f);
+  // An aligned start: the arena pads nothing, so `used() - 1` bytes are one short.
+  auto* aligned = reinterpret_cast<std::byte*>(
+      (reinterpret_cast<std::uintptr_t>(bytes.data()) + sy::workspace_arena::alignment - 1) /
+      sy::workspace_arena::alignment * sy::workspace_arena::alignment);
+  sy::workspace_arena ws_b({aligned, measure.used() - 1});
+  expect_error([&] {
+    sy::host::router_backward(r, p.xv(), params, plan.ref(), slots.data(), losses_t{},
+                              sy::matrix_view<float>{}, {}, ws_b);
+  }, "workspace", {"at least"});
 }
 
 BOOST_AUTO_TEST_SUITE_END()

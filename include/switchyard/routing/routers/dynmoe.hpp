@@ -11,9 +11,15 @@
 //!
 //! Plan fields: `logits [T, E_max]` = s·cos(x, w_e) (pre-sigmoid), `probs [T, E_max]` = the
 //! masked scores S the rule saw.
+//!
+//! The pieces: routing/dynmoe/params.hpp (params, grads, losses), routing/dynmoe/kernels.hpp
+//! (per-token rows, SWITCHYARD_HD, and the scratch layouts), routing/dynmoe/losses.hpp (the
+//! losses and the weight-side backward). Forward and backward take their scratch from the
+//! workspace (`workspace_size`) and allocate nothing.
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -21,91 +27,14 @@
 
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
-#include "switchyard/core/workspace.hpp"
 #include "switchyard/core/view.hpp"
+#include "switchyard/core/workspace.hpp"
 #include "switchyard/routing/concepts.hpp"
-#include "switchyard/routing/linear_softmax.hpp"
+#include "switchyard/routing/dynmoe/kernels.hpp"
+#include "switchyard/routing/dynmoe/losses.hpp"
+#include "switchyard/routing/dynmoe/params.hpp"
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/selection/topany.hpp"
-
-namespace switchyard::routing {
-
-//! Parameters of a DynMoE gate (views of caller memory). `E_max` slots, of which the experts
-//! with `experts_mask[e] != 0` are active.
-struct dynmoe_params {
-  matrix_view<const float> w_gate;                   //!< [d, E_max], one column per expert
-  vector_view<const float> thresholds;               //!< [E_max], threshold logits G
-  vector_view<const std::int32_t> experts_mask;      //!< [E_max], 1 = active, 0 = masked
-  float log_temperature = 0.0f;                      //!< log τ; scale s = exp(min(log τ, log 100))
-};
-
-//! Gradients of a DynMoE gate, accumulated (+=) into caller memory; an empty view skips it.
-//! (The temperature is not trainable in the DeepSpeed variant, so it has no gradient.)
-struct dynmoe_grads {
-  matrix_view<float> w_gate;      //!< [d, E_max]
-  vector_view<float> thresholds;  //!< [E_max]
-};
-
-//! The four auxiliary losses of DynMoE (DeepSpeed variant). Also the coefficient set of
-//! backward: each field multiplies the gradient of its loss (upstream uses 0.01 for all four,
-//! see `deepspeed()`; the golden files differentiate with 1 for each).
-struct dynmoe_losses {
-  float sim_loss = 0.0f;           //!< ‖(ŴᵀŴ − I) ⊙ m mᵀ‖_F (diversity of the active columns)
-  float simple_loss = 0.0f;        //!< mean_e ‖W[:, e]‖₂ over all E_max columns
-  float load_balance_loss = 0.0f;  //!< E_max · Σ_e me_e·ce_e over tokens with k > 0
-  float efficiency_loss = 0.0f;    //!< mean_{t,e} b_{t,e}
-
-  //! l_aux = the sum of the four parts (what upstream returns as `l_aux`).
-  [[nodiscard]] float aux_loss() const {
-    return sim_loss + simple_loss + load_balance_loss + efficiency_loss;
-  }
-  //! The same coefficient `c` for every part (as upstream: `loss = task + c·l_aux`).
-  [[nodiscard]] static dynmoe_losses uniform(float c) { return {c, c, c, c}; }
-  //! Upstream's coefficients: 0.01 for every part (`DY: Examples/DeepSpeed-MoE/train.py`).
-  [[nodiscard]] static dynmoe_losses deepspeed() { return uniform(0.01f); }
-};
-
-namespace detail {
-
-//! Normalisation floor of F.normalize (upstream eps).
-inline constexpr double dynmoe_norm_eps = 1e-12;
-
-//! Logistic sigmoid in float32, 1/(1+e^{-z}) as torch's CPU kernel computes it.
-inline float dynmoe_sigmoid(float z) { return 1.0f / (1.0f + std::exp(-z)); }
-
-//! Scale s = exp(min(log τ, log 100)).
-inline float dynmoe_scale(float log_temperature) {
-  return std::exp(std::min(log_temperature, std::log(100.0f)));
-}
-
-//! Column norms ‖W[:, e]‖ in double.
-inline std::vector<double> dynmoe_column_norms(const matrix_view<const float>& w) {
-  const index_t d = w.extent(0), e_count = w.extent(1);
-  std::vector<double> n(static_cast<std::size_t>(e_count), 0.0);
-  for (index_t e = 0; e < e_count; ++e) {
-    double s = 0.0;
-    for (index_t i = 0; i < d; ++i) s += static_cast<double>(w(i, e)) * w(i, e);
-    n[e] = std::sqrt(s);
-  }
-  return n;
-}
-
-//! Backward of u = v / max(‖v‖, eps) for one vector: given û (the normalised vector), the norm
-//! ‖v‖ and the cotangent du, returns dv into `out` (accumulated): (du − û⟨û, du⟩)/‖v‖, or
-//! du/eps when ‖v‖ <= eps (the clamp is then the active branch).
-template <class Get, class Add>
-void dynmoe_normalize_backward(index_t n, double norm, Get uhat, const double* du, Add add) {
-  if (norm > dynmoe_norm_eps) {
-    double dot = 0.0;
-    for (index_t i = 0; i < n; ++i) dot += uhat(i) * du[i];
-    for (index_t i = 0; i < n; ++i) add(i, (du[i] - uhat(i) * dot) / norm);
-  } else {
-    for (index_t i = 0; i < n; ++i) add(i, du[i] / dynmoe_norm_eps);
-  }
-}
-
-}  // namespace detail
-}  // namespace switchyard::routing
 
 namespace switchyard::routers {
 
@@ -182,12 +111,10 @@ struct DynMoE {
     return routing::detail::dynmoe_scale(p.log_temperature);
   }
 
-  //! Threshold probabilities θ_e = σ(s·G_e), E_max values.
+  //! Threshold probabilities θ_e = σ(s·G_e), E_max values (allocates; forward uses scratch).
   [[nodiscard]] static std::vector<float> threshold_probs(const params_type& p) {
-    const float s = scale(p);
     std::vector<float> theta(static_cast<std::size_t>(p.thresholds.extent(0)));
-    for (index_t e = 0; e < p.thresholds.extent(0); ++e)
-      theta[e] = routing::detail::dynmoe_sigmoid(s * p.thresholds(e));
+    routing::detail::dynmoe_threshold_probs(p.thresholds, scale(p), theta.data());
     return theta;
   }
 
@@ -198,12 +125,23 @@ struct DynMoE {
     return {theta, mask, training};
   }
 
+  //! Bytes forward or backward take from the workspace for T tokens (the most of the two):
+  //! backward's dz [T, E_max], dŴ [d, E_max] and A [E_max, E_max] in double, plus rows.
+  [[nodiscard]] std::size_t workspace_size(index_t tokens, const params_type& p) const {
+    const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
+    workspace_arena fwd, bwd;
+    (void)routing::detail::dynmoe_forward_scratch::take(fwd, e_max);
+    (void)routing::detail::dynmoe_backward_scratch::take(bwd, tokens, d, e_max);
+    return std::max(fwd.required(), bwd.required());
+  }
+
   //! Scores x [T, d] (cosine against every gate column), selects top-any, computes the four
-  //! losses. T = 0 is an empty batch (empty plan, all losses 0). Throws shape_error,
-  //! range_error or non_finite_error (see validate; non-finite x names the first bad token).
+  //! losses, with scratch from `ws` (workspace_size bytes). T = 0 is an empty batch (empty
+  //! plan, all losses 0). Throws shape_error, range_error or non_finite_error (see validate;
+  //! non-finite x names the first bad token).
   template <ElementType T>
   void forward(const matrix_view<const T>& x, const params_type& p, const routing::plan_ref& plan,
-               losses_type& losses, [[maybe_unused]] workspace_arena& ws) const {
+               losses_type& losses, workspace_arena& ws) const {
     validate(p);
     const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
     check_view("x", x, {-1, d}, "[T, d] with d = params.w_gate.extent(0)");
@@ -220,57 +158,35 @@ struct DynMoE {
     losses = {};
     if (tokens == 0) return;
 
+    const auto sc = routing::detail::dynmoe_forward_scratch::take(ws, e_max);
     const float s = scale(p);
-    const std::vector<float> theta = threshold_probs(p);
-    const std::vector<double> wn = routing::detail::dynmoe_column_norms(p.w_gate);
-    std::vector<std::int32_t> mask(static_cast<std::size_t>(e_max));
-    for (index_t e = 0; e < e_max; ++e) mask[e] = p.experts_mask(e);
+    routing::detail::dynmoe_threshold_probs(p.thresholds, s, sc.theta);
+    routing::detail::dynmoe_column_norms(p.w_gate, sc.wn);
+    for (index_t e = 0; e < e_max; ++e) sc.mask[e] = p.experts_mask(e);
 
 #pragma omp parallel for schedule(static) if (tokens * e_max * d > (1 << 16))
     for (index_t t = 0; t < tokens; ++t) {
-      double xn = 0.0;
-      for (index_t i = 0; i < d; ++i) xn += static_cast<double>(to_float(x(t, i))) * to_float(x(t, i));
-      xn = std::max(std::sqrt(xn), routing::detail::dynmoe_norm_eps);
-      for (index_t e = 0; e < e_max; ++e) {
-        double dot = 0.0;
-        for (index_t i = 0; i < d; ++i) dot += static_cast<double>(to_float(x(t, i))) * p.w_gate(i, e);
-        const float cos = static_cast<float>(dot / (xn * std::max(wn[e], routing::detail::dynmoe_norm_eps)));
-        const float z = cos * s;
-        plan.logits[t * e_max + e] = z;
-        plan.probs[t * e_max + e] =
-            routing::detail::dynmoe_sigmoid(z) * static_cast<float>(mask[e]);
-      }
+      routing::detail::dynmoe_score_row(x, t, p.w_gate, sc.wn, sc.mask, s,
+                                        plan.logits.data() + t * e_max,
+                                        plan.probs.data() + t * e_max);
     }
-    routing::select_all(rule(::cuda::std::span<const float>(theta.data(), theta.size()),
-                             ::cuda::std::span<const std::int32_t>(mask.data(), mask.size())),
-                        plan);
-
-    // Load balance over tokens with k > 0; efficiency over all T·E_max entries.
-    std::vector<double> me(static_cast<std::size_t>(e_max), 0.0), ce(static_cast<std::size_t>(e_max), 0.0);
-    index_t routed = 0, total = 0;
+    const routing::topany_rule r = rule(::cuda::std::span<const float>(sc.theta, e_max),
+                                        ::cuda::std::span<const std::int32_t>(sc.mask, e_max));
+#pragma omp parallel for schedule(static) if (tokens > 256)
     for (index_t t = 0; t < tokens; ++t) {
-      const index_t k = plan.counts[t];
-      total += k;
-      if (k == 0) continue;
-      ++routed;
-      for (index_t j = 0; j < k; ++j) {
-        me[plan.id(t, j)] += 1.0 / static_cast<double>(k);
-        ce[plan.id(t, j)] += 1.0;
-      }
+      plan.counts[t] = r.select(::cuda::std::span<const float>(plan.probs.data() + t * e_max, e_max),
+                                ::cuda::std::span<std::int32_t>(plan.expert_ids.data() + t * e_max, e_max),
+                                ::cuda::std::span<float>(plan.weights.data() + t * e_max, e_max));
     }
-    if (routed > 0) {
-      double lb = 0.0;
-      for (index_t e = 0; e < e_max; ++e) lb += (me[e] / routed) * (ce[e] / routed);
-      losses.load_balance_loss = static_cast<float>(lb * static_cast<double>(e_max));
-    }
-    losses.efficiency_loss = static_cast<float>(static_cast<double>(total) / (static_cast<double>(tokens) * e_max));
-    losses.sim_loss = static_cast<float>(sim_loss(p, nullptr));
-    double simple = 0.0;
-    for (index_t e = 0; e < e_max; ++e) simple += wn[e];
-    losses.simple_loss = static_cast<float>(simple / static_cast<double>(e_max));
+
+    routing::detail::dynmoe_plan_losses(plan, sc.me, sc.ce, losses);
+    losses.sim_loss = static_cast<float>(
+        routing::detail::dynmoe_sim_loss(p.w_gate, p.experts_mask, sc.wn, nullptr));
+    losses.simple_loss = routing::detail::dynmoe_simple_loss(sc.wn, e_max);
   }
 
   //! Dense gates b [T, E_max] of a plan (1 where an expert is used, eval fallbacks included).
+  //! Allocates (a convenience for tests and tools; forward and backward do not use it).
   [[nodiscard]] static std::vector<float> dense_gates(const routing::plan_ref& plan) {
     std::vector<float> b(static_cast<std::size_t>(plan.num_tokens * plan.num_experts), 0.0f);
     for (index_t t = 0; t < plan.num_tokens; ++t)
@@ -279,9 +195,10 @@ struct DynMoE {
   }
 
   //! Full backward of Σ d_weights ⊙ weights + Σ coeff · loss (straight-through, spec §3.4):
-  //! dx [T, d] += ∂/∂x, grads.w_gate [d, E_max] += ∂/∂W, grads.thresholds [E_max] += ∂/∂G.
-  //! `d_weights` is the cotangent of the combine weights in plan-slot order [T, E_max]
-  //! (routing::dense_to_slot_cotangent converts a dense one). Any output may be an empty view.
+  //! dx [T, d] += ∂/∂x, grads.w_gate [d, E_max] += ∂/∂W, grads.thresholds [E_max] += ∂/∂G,
+  //! with scratch from `ws` (workspace_size bytes). `d_weights` is the cotangent of the combine
+  //! weights in plan-slot order [T, E_max] (routing::dense_to_slot_cotangent converts a dense
+  //! one). Any output may be an empty view.
   //!
   //! Only entries that are on (S > θ) pass gradient; an eval fallback slot passes none. The
   //! combine weight b/k divides by an integer k (no gradient through k), the load-balance
@@ -289,7 +206,7 @@ struct DynMoE {
   template <ElementType T>
   void backward(const matrix_view<const T>& x, const params_type& p,
                 const routing::plan_ref& plan, const float* d_weights, const losses_type& coeff,
-                const matrix_view<float>& dx, const grads_type& grads, [[maybe_unused]] workspace_arena& ws) const {
+                const matrix_view<float>& dx, const grads_type& grads, workspace_arena& ws) const {
     validate(p);
     const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
     check_view("x", x, {-1, d}, "[T, d] with d = params.w_gate.extent(0)");
@@ -314,133 +231,43 @@ struct DynMoE {
     }
     if (tokens == 0) return;  // empty batch: zero losses, zero gradients
 
+    const auto sc = routing::detail::dynmoe_backward_scratch::take(ws, tokens, d, e_max);
     const float s = scale(p);
-    const std::vector<float> theta = threshold_probs(p);
-    const std::vector<double> wn = routing::detail::dynmoe_column_norms(p.w_gate);
-    auto what = [&](index_t i, index_t e) {
-      return static_cast<double>(p.w_gate(i, e)) / std::max(wn[e], routing::detail::dynmoe_norm_eps);
-    };
+    routing::detail::dynmoe_threshold_probs(p.thresholds, s, sc.theta);
+    routing::detail::dynmoe_column_norms(p.w_gate, sc.wn);
 
     // ---- ∂/∂b on entries that are on, then ∂/∂(S − θ) (straight-through) -----------------
-    auto on = [&](index_t t, index_t e) { return plan.probs[t * e_max + e] > theta[e]; };
-    std::vector<double> ce(static_cast<std::size_t>(e_max), 0.0);
-    index_t routed = 0;
-    for (index_t t = 0; t < tokens; ++t) {
-      if (plan.counts[t] == 0) continue;
-      ++routed;
-      for (index_t j = 0; j < plan.counts[t]; ++j) ce[plan.id(t, j)] += 1.0;
-    }
-    for (auto& c : ce) c /= std::max<index_t>(routed, 1);
-
-    std::vector<double> dz(static_cast<std::size_t>(tokens * e_max), 0.0);  // ∂/∂(s·cos)
-    std::vector<double> dtheta(static_cast<std::size_t>(e_max), 0.0);
+    const index_t routed = routing::detail::dynmoe_routed_share(plan, sc.ce);
+    const double lb_factor =
+        routed > 0 ? coeff.load_balance_loss * (static_cast<double>(e_max) / routed) : 0.0;
     const double c_eff = coeff.efficiency_loss / (static_cast<double>(tokens) * e_max);
-    for (index_t t = 0; t < tokens; ++t) {
-      const index_t k = plan.counts[t];
-      if (k == 0) continue;
-      double ce_dot_b = 0.0;  // Σ_e ce_e b_{t,e} (fallback entries count: b is 1 there)
-      for (index_t j = 0; j < k; ++j) ce_dot_b += ce[plan.id(t, j)];
-      const double kd = static_cast<double>(k);
-      for (index_t j = 0; j < k; ++j) {
-        const index_t e = plan.id(t, j);
-        if (!on(t, e)) continue;
-        double g = static_cast<double>(d_weights[t * e_max + j]) / kd;
-        g += coeff.load_balance_loss * (static_cast<double>(e_max) / routed) *
-             (ce[e] / kd - ce_dot_b / (kd * kd));
-        g += c_eff;
-        // S_e = σ(z)·m_e (m_e = 1 since e is on); b = sign(relu(S − θ)), identity backward.
-        const double sig = plan.probs[t * e_max + e];
-        dz[t * e_max + e] = g * sig * (1.0 - sig);
-        dtheta[e] -= g;
-      }
+    for (index_t e = 0; e < e_max; ++e) sc.dtheta[e] = 0.0;
+    for (index_t t = 0; t < tokens; ++t) {  // in token order: dθ sums over tokens
+      routing::detail::dynmoe_straight_through_row(
+          e_max, plan.counts[t], plan.expert_ids.data() + t * e_max, d_weights + t * e_max,
+          plan.probs.data() + t * e_max, sc.theta, sc.ce, lb_factor, c_eff, sc.dz + t * e_max,
+          sc.g);
+      for (index_t e = 0; e < e_max; ++e) sc.dtheta[e] -= sc.g[e];  // g = 0 where off
     }
-
     if (want_g) {
       for (index_t e = 0; e < e_max; ++e) {
-        const double th = theta[e];
-        grads.thresholds(e) += static_cast<float>(dtheta[e] * th * (1.0 - th) * s);
+        const double th = sc.theta[e];
+        grads.thresholds(e) += static_cast<float>(sc.dtheta[e] * th * (1.0 - th) * s);
       }
     }
 
-    // ---- through cos = ⟨x̂, ŵ⟩ ---------------------------------------------------------------
-    // dcos = s · dz.
-    std::vector<double> dwhat(static_cast<std::size_t>(d * e_max), 0.0);  // [d, E]
-    std::vector<double> xhat(static_cast<std::size_t>(d)), dxhat(static_cast<std::size_t>(d));
+    // ---- through cos = ⟨x̂, ŵ⟩ (dcos = s·dz), in token order: dŴ sums over tokens ---------
+    for (index_t i = 0; i < d * e_max; ++i) sc.dwhat[i] = 0.0;
+    const matrix_view<float> dx_or_none = want_dx ? dx : matrix_view<float>{};
     for (index_t t = 0; t < tokens; ++t) {
-      double xn = 0.0;
-      for (index_t i = 0; i < d; ++i) xn += static_cast<double>(to_float(x(t, i))) * to_float(x(t, i));
-      xn = std::sqrt(xn);
-      const double xden = std::max(xn, routing::detail::dynmoe_norm_eps);
-      for (index_t i = 0; i < d; ++i) xhat[i] = to_float(x(t, i)) / xden;
-      bool any = false;
-      for (index_t e = 0; e < e_max; ++e) any |= dz[t * e_max + e] != 0.0;
-      if (!any) continue;
-      std::fill(dxhat.begin(), dxhat.end(), 0.0);
-      for (index_t e = 0; e < e_max; ++e) {
-        const double dc = dz[t * e_max + e] * s;
-        if (dc == 0.0) continue;
-        for (index_t i = 0; i < d; ++i) {
-          dwhat[i * e_max + e] += dc * xhat[i];
-          dxhat[i] += dc * what(i, e);
-        }
-      }
-      if (want_dx) {
-        routing::detail::dynmoe_normalize_backward(
-            d, xn, [&](index_t i) { return xhat[i]; }, dxhat.data(),
-            [&](index_t i, double v) { dx(t, i) += static_cast<float>(v); });
-      }
+      const double* dz = sc.dz + t * e_max;
+      if (!routing::detail::dynmoe_cosine_backward_row(x, t, p.w_gate, sc.wn, dz, s, sc.xhat,
+                                                       sc.dxhat, dx_or_none))
+        continue;
+      routing::detail::dynmoe_cosine_weight_row(d, e_max, dz, s, sc.xhat, sc.dwhat);
     }
     if (!want_w) return;
-
-    // ---- L_sim: ∂‖A‖/∂ŵ_e = (2/‖A‖) Σ_f A_ef ŵ_f, A = (ŴᵀŴ − I) ⊙ m mᵀ ----------------------
-    if (coeff.sim_loss != 0.0f) {
-      std::vector<double> a(static_cast<std::size_t>(e_max * e_max), 0.0);
-      const double norm_a = sim_loss(p, &a);
-      if (norm_a > 0.0) {
-        for (index_t e = 0; e < e_max; ++e)
-          for (index_t f = 0; f < e_max; ++f) {
-            const double af = a[e * e_max + f];
-            if (af == 0.0) continue;
-            const double c = coeff.sim_loss * 2.0 * af / norm_a;
-            for (index_t i = 0; i < d; ++i) dwhat[i * e_max + e] += c * what(i, f);
-          }
-      }
-    }
-    // Through ŵ_e = w_e / max(‖w_e‖, eps), then L_simple = mean_e ‖w_e‖ on the raw columns.
-    std::vector<double> col(static_cast<std::size_t>(d)), dcol(static_cast<std::size_t>(d));
-    for (index_t e = 0; e < e_max; ++e) {
-      for (index_t i = 0; i < d; ++i) col[i] = dwhat[i * e_max + e];
-      std::fill(dcol.begin(), dcol.end(), 0.0);
-      routing::detail::dynmoe_normalize_backward(
-          d, wn[e], [&](index_t i) { return what(i, e); }, col.data(),
-          [&](index_t i, double v) { dcol[i] += v; });
-      if (coeff.simple_loss != 0.0f && wn[e] > 0.0) {
-        const double c = coeff.simple_loss / (static_cast<double>(e_max) * wn[e]);
-        for (index_t i = 0; i < d; ++i) dcol[i] += c * p.w_gate(i, e);
-      }
-      for (index_t i = 0; i < d; ++i) grads.w_gate(i, e) += static_cast<float>(dcol[i]);  // one +=
-    }
-  }
-
-  //! L_sim = ‖(ŴᵀŴ − I) ⊙ m mᵀ‖_F in double; writes A [E_max, E_max] when `a` is given.
-  [[nodiscard]] static double sim_loss(const params_type& p, std::vector<double>* a) {
-    const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
-    const std::vector<double> wn = routing::detail::dynmoe_column_norms(p.w_gate);
-    double sum = 0.0;
-    for (index_t e = 0; e < e_max; ++e) {
-      if (p.experts_mask(e) == 0) continue;
-      const double ne = std::max(wn[e], routing::detail::dynmoe_norm_eps);
-      for (index_t f = 0; f < e_max; ++f) {
-        if (p.experts_mask(f) == 0) continue;
-        const double nf = std::max(wn[f], routing::detail::dynmoe_norm_eps);
-        double dot = 0.0;
-        for (index_t i = 0; i < d; ++i) dot += static_cast<double>(p.w_gate(i, e)) * p.w_gate(i, f);
-        const double v = dot / (ne * nf) - (e == f ? 1.0 : 0.0);
-        if (a) (*a)[e * e_max + f] = v;
-        sum += v * v;
-      }
-    }
-    return std::sqrt(sum);
+    routing::detail::dynmoe_weight_backward(p, coeff, sc, grads.w_gate);
   }
 };
 
