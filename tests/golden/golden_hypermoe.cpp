@@ -22,6 +22,7 @@
 #include <vector>
 
 #include <switchyard/activation/functors.hpp>
+#include <switchyard/backend/host.hpp>
 #include <switchyard/dispatch/padded_capacity.hpp>
 #include <switchyard/layer/hypermoe_addon.hpp>
 #include <switchyard/layer/moe_layer.hpp>
