@@ -13,8 +13,9 @@
 //!   d_weights [T·width] float (+=), workspace_arena& ws)`: its gradients, including its share
 //!   of the combine weights' cotangent when its term depends on them (HyperMoE's does not);
 //! - optionally `std::size_t workspace_size(index_t tokens, index_t d, index_t width, index_t
-//!   experts) const`: the bytes its forward and backward take from `ws` (each takes at most
-//!   that much); without it the layer gives it an empty arena. With that workspace neither
+//!   experts, const params_type&) const`: the bytes its forward and backward take from `ws`
+//!   (each takes at most that much; the layer's size queries take the add-on params for it);
+//!   without it the layer gives it an empty arena. With that workspace neither
 //!   may allocate (the layer's no-allocation promise, docs/layer.md).
 //!
 //! `layer/hypermoe_addon.hpp` adapts `layer::hypermoe_module` to this hook.

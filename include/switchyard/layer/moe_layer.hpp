@@ -79,38 +79,41 @@ struct MoELayer {
   bool batch_invariant = false;
 
   // ---- workspace queries ----------------------------------------------------------------
+  // With an add-on, pass its params too: its scratch may depend on them (HyperMoE's does).
 
   //! Bytes of workspace `forward` needs for T tokens (router params give E and the width).
   template <ElementType T, class Context>
   [[nodiscard]] std::size_t workspace_size(const Context& ctx, index_t tokens,
-                                           const router_params& rp,
-                                           const expert_weights<T>& w) const {
-    return backend::executor<Context>::forward_workspace_size(ctx, *this, tokens, rp, w);
+                                           const router_params& rp, const expert_weights<T>& w,
+                                           const addon_params& ap = {}) const {
+    return backend::executor<Context>::forward_workspace_size(ctx, *this, tokens, rp, w, ap);
   }
 
   //! Bytes of workspace `forward_experts` needs for a plan of T tokens and `width` slots.
   template <ElementType T, class Context>
   [[nodiscard]] std::size_t experts_workspace_size(const Context& ctx, index_t tokens,
-                                                   index_t width,
-                                                   const expert_weights<T>& w) const {
-    return backend::executor<Context>::experts_workspace_size(ctx, *this, tokens, width, w);
+                                                   index_t width, const expert_weights<T>& w,
+                                                   const addon_params& ap = {}) const {
+    return backend::executor<Context>::experts_workspace_size(ctx, *this, tokens, width, w, ap);
   }
 
   //! Bytes of workspace `backward` needs (the same arguments as workspace_size).
   template <ElementType T, class Context>
   [[nodiscard]] std::size_t backward_workspace_size(const Context& ctx, index_t tokens,
                                                     const router_params& rp,
-                                                    const expert_weights<T>& w) const {
-    return backend::executor<Context>::backward_workspace_size(ctx, *this, tokens, rp, w);
+                                                    const expert_weights<T>& w,
+                                                    const addon_params& ap = {}) const {
+    return backend::executor<Context>::backward_workspace_size(ctx, *this, tokens, rp, w, ap);
   }
 
   //! Bytes of workspace `backward_experts` needs.
   template <ElementType T, class Context>
   [[nodiscard]] std::size_t experts_backward_workspace_size(const Context& ctx, index_t tokens,
                                                             index_t width,
-                                                            const expert_weights<T>& w) const {
+                                                            const expert_weights<T>& w,
+                                                            const addon_params& ap = {}) const {
     return backend::executor<Context>::experts_backward_workspace_size(ctx, *this, tokens, width,
-                                                                       w);
+                                                                       w, ap);
   }
 
   // ---- forward ----------------------------------------------------------------------------

@@ -127,8 +127,8 @@ void check_case(std::uint64_t seed, const D& dispatch) {
        {counts.data(), counts.size()}, {logits.data(), logits.size()}, {probs.data(), probs.size()}},
       &losses,
       {dropped.data(), dropped.size()}};
-  std::vector<std::byte> fws(layer.workspace_size(host, tokens, rp, w)),
-      bws(layer.backward_workspace_size(host, tokens, rp, w));
+  std::vector<std::byte> fws(layer.workspace_size(host, tokens, rp, w, ap)),
+      bws(layer.backward_workspace_size(host, tokens, rp, w, ap));
   auto forward = [&] { layer.forward(host, L.xv(), rp, w, yv, state, fws, ap); };
   auto backward = [&] {
     layer.backward(host, L.xv(), rp, w, state, dyv, coefficients<R>(), make_view(dx.data(), tokens, d),

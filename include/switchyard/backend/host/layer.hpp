@@ -50,9 +50,9 @@ void require_finite_tokens(const matrix_view<const T>& x) {
 //! Bytes the add-on takes from its workspace (0 when it declares none).
 template <class A>
 std::size_t addon_workspace_size(const A& a, index_t tokens, index_t d, index_t width,
-                                 index_t experts) {
-  if constexpr (requires { a.workspace_size(tokens, d, width, experts); }) {
-    return a.workspace_size(tokens, d, width, experts);
+                                 index_t experts, const typename A::params_type& p) {
+  if constexpr (requires { a.workspace_size(tokens, d, width, experts, p); }) {
+    return a.workspace_size(tokens, d, width, experts, p);
   } else {
     return 0;
   }
@@ -94,18 +94,20 @@ struct executor<host_context> {
   template <class Layer, ElementType T>
   static std::size_t experts_workspace_size(const host_context&, const Layer& layer,
                                             index_t tokens, index_t width,
-                                            const expert_weights<T>& w) {
+                                            const expert_weights<T>& w,
+                                            const typename Layer::addon_params& ap) {
     workspace_arena ws;
-    run_forward<T>(layer, {}, {}, w, {}, dims(layer, tokens, width, w), {}, ws, {});
+    run_forward<T>(layer, {}, {}, w, {}, dims(layer, tokens, width, w), {}, ws, ap);
     return ws.required();
   }
 
   template <class Layer, ElementType T>
   static std::size_t experts_backward_workspace_size(const host_context&, const Layer& layer,
                                                      index_t tokens, index_t width,
-                                                     const expert_weights<T>& w) {
+                                                     const expert_weights<T>& w,
+                                                     const typename Layer::addon_params& ap) {
     workspace_arena ws;
-    run_backward<T>(layer, {}, {}, w, {}, {}, {}, nullptr, dims(layer, tokens, width, w), ws, {},
+    run_backward<T>(layer, {}, {}, w, {}, {}, {}, nullptr, dims(layer, tokens, width, w), ws, ap,
                     {});
     return ws.required();
   }
@@ -113,11 +115,12 @@ struct executor<host_context> {
   template <class Layer, ElementType T>
   static std::size_t forward_workspace_size(const host_context&, const Layer& layer,
                                             index_t tokens, const typename Layer::router_params& rp,
-                                            const expert_weights<T>& w) {
+                                            const expert_weights<T>& w,
+                                            const typename Layer::addon_params& ap) {
     workspace_arena ws;
     (void)host::detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
     run_forward<T>(layer, {}, {}, w, {}, dims(layer, tokens, layer.router.width(rp), w), {}, ws,
-                   {});
+                   ap);
     return ws.required();
   }
 
@@ -125,12 +128,13 @@ struct executor<host_context> {
   static std::size_t backward_workspace_size(const host_context&, const Layer& layer,
                                              index_t tokens,
                                              const typename Layer::router_params& rp,
-                                             const expert_weights<T>& w) {
+                                             const expert_weights<T>& w,
+                                             const typename Layer::addon_params& ap) {
     workspace_arena ws;
     const index_t width = layer.router.width(rp);
     (void)ws.take<float>(tokens * width);
     (void)host::detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
-    run_backward<T>(layer, {}, {}, w, {}, {}, {}, nullptr, dims(layer, tokens, width, w), ws, {},
+    run_backward<T>(layer, {}, {}, w, {}, {}, {}, nullptr, dims(layer, tokens, width, w), ws, ap,
                     {});
     return ws.required();
   }
@@ -146,7 +150,7 @@ struct executor<host_context> {
     const index_t tokens = x.extent(0);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
-      owned.resize(forward_workspace_size(ctx, layer, tokens, rp, w));
+      owned.resize(forward_workspace_size(ctx, layer, tokens, rp, w, ap));
       workspace = {owned.data(), owned.size()};
     }
     workspace_arena ws(workspace);
@@ -169,7 +173,7 @@ struct executor<host_context> {
     const host::expert_dims dm = dims(layer, x.extent(0), plan.width(), w);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
-      owned.resize(experts_workspace_size(ctx, layer, dm.tokens, dm.width, w));
+      owned.resize(experts_workspace_size(ctx, layer, dm.tokens, dm.width, w, ap));
       workspace = {owned.data(), owned.size()};
     }
     workspace_arena ws(workspace);
@@ -189,7 +193,7 @@ struct executor<host_context> {
     const index_t tokens = state.plan.num_tokens, width = state.plan.width;
     std::vector<std::byte> owned;
     if (workspace.empty()) {
-      owned.resize(backward_workspace_size(ctx, layer, tokens, rp, w));
+      owned.resize(backward_workspace_size(ctx, layer, tokens, rp, w, ap));
       workspace = {owned.data(), owned.size()};
     }
     workspace_arena ws(workspace);
@@ -213,7 +217,7 @@ struct executor<host_context> {
     const host::expert_dims dm = dims(layer, x.extent(0), plan.width(), w);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
-      owned.resize(experts_backward_workspace_size(ctx, layer, dm.tokens, dm.width, w));
+      owned.resize(experts_backward_workspace_size(ctx, layer, dm.tokens, dm.width, w, ap));
       workspace = {owned.data(), owned.size()};
     }
     workspace_arena ws(workspace);
@@ -232,7 +236,7 @@ struct executor<host_context> {
     if constexpr (Layer::has_addon) {
       extra = ws.take<float>(dm.tokens * dm.d);  // [T, d]
       workspace_arena aws = host::detail::sub_arena(
-          ws, host::detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts));
+          ws, host::detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts, ap));
       if (ws.carving()) layer.addon.forward(x, plan, ap, make_view(extra, dm.tokens, dm.d), aws);
     }
     host::experts_forward(layer.dispatch, layer.activation, dm, x, plan, w, extra, y, dropped, ws);
@@ -251,7 +255,7 @@ struct executor<host_context> {
     if constexpr (Layer::has_addon) {
       float* dybuf = ws.take<float>(dm.tokens * dm.d);  // [T, d] dy as float
       workspace_arena aws = host::detail::sub_arena(
-          ws, host::detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts));
+          ws, host::detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts, ap));
       if (!ws.carving()) return;
       for (index_t t = 0; t < dm.tokens; ++t)
         for (index_t i = 0; i < dm.d; ++i) dybuf[t * dm.d + i] = to_float(dy(t, i));
