@@ -18,6 +18,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <switchyard/backend/host/route.hpp>
 #include <switchyard/routing/plan.hpp>
 #include <vector>
 
@@ -622,7 +623,7 @@ void check_plan(const golden_case& c, const Plan& plan, const tolerance& tol) {
 }
 
 //! Checks `grad_router_logits` = d(Σ cot ⊙ dense combine weights)/d(logits), with no aux
-//! losses, through the router's backward_logits. README: "Gradient cases carry an input
+//! losses, through the host backend's generic route (host::route_backward_logits). README: "Gradient cases carry an input
 //! `grad_combine_dense`", so a case with neither key is not a gradient case and has nothing to
 //! check; a case with one of the two fails (case_problems rejects it before the checker runs,
 //! and reading the missing key here fails the case too) instead of skipping the check.
@@ -635,7 +636,7 @@ void check_router_logit_gradient(const golden_case& c, const Router& router, con
   std::vector<float> d_slots(static_cast<std::size_t>(plan.num_tokens * plan.width));
   routing::dense_to_slot_cotangent(plan, cot.data.data(), d_slots.data());
   std::vector<float> d_logits(static_cast<std::size_t>(plan.num_tokens * plan.num_experts));
-  router.backward_logits(plan, d_slots.data(), {}, d_logits.data());  // no aux losses
+  host::route_backward_logits(router, plan, d_slots.data(), {}, d_logits.data());  // no aux losses
   check_close("grad_router_logits", d_logits, want.data, tol.atol, tol.loss_rtol);
 }
 

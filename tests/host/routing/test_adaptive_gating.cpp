@@ -15,37 +15,20 @@
 #include <string>
 #include <vector>
 
-#include "support/random.hpp"
+#include "support/router_testbed.hpp"
 
 namespace sy = switchyard;
 using sy::routing::routing_plan;
+using sy::test::expect_error;
+using sy::test::router_problem;
 
 namespace {
 
-struct problem {
-  int tokens, d, experts;
-  std::vector<float> x, w;
-  problem(int t, int dd, int e, std::uint64_t seed, float wscale = 0.5f)
-      : tokens(t), d(dd), experts(e) {
-    std::mt19937_64 g(seed);
-    x = sy::test::normal(g, static_cast<std::size_t>(t) * dd);
-    w = sy::test::normal(g, static_cast<std::size_t>(e) * dd, wscale);
-  }
-  [[nodiscard]] sy::matrix_view<const float> xv() const {
-    return sy::make_view(x.data(), tokens, d);
-  }
-  [[nodiscard]] sy::routing::linear_router_params params() const {
-    return {sy::make_view(w.data(), experts, d)};
-  }
-};
+sy::routing::linear_router_params params_of(const router_problem& p) { return {p.wv()}; }
 
-routing_plan route(const sy::routers::AdaptiveGating& r, const problem& p,
+routing_plan route(const sy::routers::AdaptiveGating& r, const router_problem& p,
                    sy::routing::adaptive_gating_losses* losses = nullptr) {
-  routing_plan plan;
-  sy::routing::adaptive_gating_losses l;
-  switchyard::host::route(r, p.xv(), p.params(), plan, l);
-  if (losses) *losses = l;
-  return plan;
+  return sy::test::route_plan(r, p.xv(), params_of(p), losses);
 }
 
 // float64 reference: Σ cot ⊙ weights + c.lb·E·Σ f¹·P̄ + c.z·z as a function of the logits, for
@@ -81,15 +64,6 @@ double objective_logits(const std::vector<double>& logits, const routing_plan& p
   return total + c.lb_loss * lb + c.z_loss * z;
 }
 
-std::vector<double> logits64(const std::vector<double>& x, const std::vector<double>& w, int tokens,
-                             int d, int e) {
-  std::vector<double> lg(static_cast<std::size_t>(tokens) * e, 0.0);
-  for (int t = 0; t < tokens; ++t)
-    for (int i = 0; i < e; ++i)
-      for (int q = 0; q < d; ++q) lg[t * e + i] += x[t * d + q] * w[i * d + q];
-  return lg;
-}
-
 }  // namespace
 
 BOOST_AUTO_TEST_CASE(plan_properties_on_random_inputs) {
@@ -97,7 +71,7 @@ BOOST_AUTO_TEST_CASE(plan_properties_on_random_inputs) {
   for (float thr : {0.0f, 0.05f, 0.1f, 0.3f, 1.0f}) {
     for (bool renorm : {true, false}) {
       BOOST_TEST_CONTEXT("threshold=" << thr << " renormalize=" << renorm) {
-        const problem p(96, 16, 8, seed + static_cast<int>(thr * 100) + renorm, 0.4f);
+        const router_problem p({96, 16, 8}, seed + static_cast<int>(thr * 100) + renorm, 0.4f);
         const sy::routers::AdaptiveGating r{.threshold = thr, .renormalize = renorm};
         sy::routing::adaptive_gating_losses l;
         const auto plan = route(r, p, &l);
@@ -145,11 +119,11 @@ BOOST_AUTO_TEST_CASE(exact_ties_use_two_experts_even_at_threshold_zero) {
   std::vector<float> w(3 * 4);
   for (int e = 0; e < 3; ++e)
     for (int q = 0; q < 4; ++q) w[e * 4 + q] = 0.2f * static_cast<float>(q + 1);
-  routing_plan plan;
   sy::routing::adaptive_gating_losses l;
-  sy::routers::AdaptiveGating{.threshold = 0.0f}.forward(
+  const auto plan = sy::test::route_plan(
+      sy::routers::AdaptiveGating{.threshold = 0.0f},
       sy::matrix_view<const float>(sy::make_view(x.data(), 1, 4)),
-      {sy::make_view<const float>(w.data(), 3, 4)}, plan, l);
+      {sy::make_view<const float>(w.data(), 3, 4)}, &l);
   BOOST_TEST(plan.counts[0] == 2);
   BOOST_TEST(plan.id(0, 0) == 0);
   BOOST_TEST(plan.id(0, 1) == 1);
@@ -158,16 +132,13 @@ BOOST_AUTO_TEST_CASE(exact_ties_use_two_experts_even_at_threshold_zero) {
 }
 
 BOOST_AUTO_TEST_CASE(deterministic_and_batch_invariant) {
-  const problem p(40, 16, 8, sy::test::base_seed() + 99);
+  const router_problem p({40, 16, 8}, sy::test::base_seed() + 99);
   const sy::routers::AdaptiveGating r{.threshold = 0.15f};
   const auto a = route(r, p), b = route(r, p);
   BOOST_TEST(a.expert_ids == b.expert_ids);
   BOOST_TEST(std::memcmp(a.weights.data(), b.weights.data(), a.weights.size() * 4) == 0);
   for (int tok : {0, 21, 39}) {
-    problem one = p;
-    one.tokens = 1;
-    one.x.assign(p.x.begin() + tok * p.d, p.x.begin() + (tok + 1) * p.d);
-    const auto s = route(r, one);
+    const auto s = route(r, p.token(tok));
     BOOST_TEST(s.counts[0] == a.counts[tok]);
     for (int j = 0; j < 2; ++j) {
       BOOST_TEST(s.id(0, j) == a.id(tok, j));
@@ -177,7 +148,7 @@ BOOST_AUTO_TEST_CASE(deterministic_and_batch_invariant) {
 }
 
 BOOST_AUTO_TEST_CASE(losses_match_float64_reference) {
-  const problem p(30, 12, 6, sy::test::base_seed() + 5, 0.3f);
+  const router_problem p({30, 12, 6}, sy::test::base_seed() + 5, 0.3f);
   sy::routing::adaptive_gating_losses l;
   const sy::routers::AdaptiveGating r{.threshold = 0.1f};
   const auto plan = route(r, p, &l);
@@ -190,7 +161,7 @@ BOOST_AUTO_TEST_CASE(losses_match_float64_reference) {
 }
 
 BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
-  const problem p(12, 7, 5, sy::test::base_seed() + 7, 0.25f);
+  const router_problem p({12, 7, 5}, sy::test::base_seed() + 7, 0.25f);
   for (bool renorm : {true, false}) {
     BOOST_TEST_CONTEXT("renormalize=" << renorm) {
       const sy::routers::AdaptiveGating r{.threshold = 0.2f, .renormalize = renorm};
@@ -201,78 +172,42 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
       const auto cot = sy::test::normal(g, plan.weights.size());
       const sy::routing::adaptive_gating_losses coeff{
           .lb_loss = 0.3f, .z_loss = 0.05f, .top2_fraction = 123.0f /*ignored*/};
-      std::vector<float> d_logits(plan.logits.size());
-      r.backward_logits(plan, cot.data(), coeff, d_logits.data());
-      std::vector<double> lg(plan.logits.begin(), plan.logits.end());
-      const double h = 1e-6;
-      for (std::size_t i = 0; i < lg.size(); ++i) {
-        auto up = lg, dn = lg;
-        up[i] += h;
-        dn[i] -= h;
-        const double fd = (objective_logits(up, plan, cot, renorm, coeff) -
-                           objective_logits(dn, plan, cot, renorm, coeff)) /
-                          (2 * h);
-        BOOST_TEST(std::abs(d_logits[i] - fd) <= 2e-5 + 1e-4 * std::abs(fd),
-                   "i=" << i << " fd=" << fd);
-      }
-      std::vector<float> dx(p.x.size(), 0.0f), dw(p.w.size(), 0.0f);
-      switchyard::host::route_backward(r, p.xv(), p.params(), plan, cot.data(), coeff,
-                 sy::make_view(dx.data(), p.tokens, p.d),
-                 {sy::make_view(dw.data(), p.experts, p.d)});
-      std::vector<double> x64(p.x.begin(), p.x.end()), w64(p.w.begin(), p.w.end());
-      auto f = [&](const std::vector<double>& xx, const std::vector<double>& ww) {
-        return objective_logits(logits64(xx, ww, p.tokens, p.d, p.experts), plan, cot, renorm,
-                                coeff);
+      const auto obj = [&](const std::vector<double>& lg) {
+        return objective_logits(lg, plan, cot, renorm, coeff);
       };
-      for (std::size_t i = 0; i < x64.size(); ++i) {
-        auto up = x64, dn = x64;
-        up[i] += h;
-        dn[i] -= h;
-        const double fd = (f(up, w64) - f(dn, w64)) / (2 * h);
-        BOOST_TEST(std::abs(dx[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd),
-                   "dx i=" << i << " fd=" << fd);
-      }
-      for (std::size_t i = 0; i < w64.size(); ++i) {
-        auto up = w64, dn = w64;
-        up[i] += h;
-        dn[i] -= h;
-        const double fd = (f(x64, up) - f(x64, dn)) / (2 * h);
-        BOOST_TEST(std::abs(dw[i] - fd) <= 5e-5 + 2e-4 * std::abs(fd),
-                   "dw i=" << i << " fd=" << fd);
-      }
+      sy::test::check_gradient("d_logits", sy::test::backward_logits(r, plan, cot, coeff), obj,
+                               sy::test::to64(plan.logits), 2e-5, 1e-4);
+      sy::test::check_linear_backward(r, p, params_of(p), plan, cot, coeff, obj);
     }
   }
 }
 
 BOOST_AUTO_TEST_CASE(empty_batch_and_bad_threshold) {
-  const problem p(0, 8, 4, 1);
+  const router_problem p({0, 8, 4}, 1);
   sy::routing::adaptive_gating_losses l{1, 1, 1};
-  routing_plan plan;
-  sy::routers::AdaptiveGating{}.forward(
+  const auto plan = sy::test::route_plan(
+      sy::routers::AdaptiveGating{},
       sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)),
-      p.params(), plan, l);
+      params_of(p), &l);
   BOOST_TEST(plan.num_tokens == 0);
   BOOST_TEST(l.lb_loss == 0.0f);
   BOOST_TEST(l.z_loss == 0.0f);
   BOOST_TEST(l.top2_fraction == 0.0f);
 
-  const problem q(4, 8, 4, 3);
+  const router_problem q({4, 8, 4}, 3);
+  const auto run = [&](sy::routers::AdaptiveGating r, sy::matrix_view<const float> x) {
+    return [&, r, x] { (void)sy::test::route_plan(r, x, params_of(q)); };
+  };
   for (float bad : {-0.01f, std::numeric_limits<float>::quiet_NaN()}) {
-    try {
-      sy::routers::AdaptiveGating{.threshold = bad}.forward(q.xv(), q.params(), plan, l);
-      BOOST_ERROR("no exception for threshold " << bad);
-    } catch (const sy::range_error& e) {
-      BOOST_TEST(e.argument() == "threshold");
-      BOOST_TEST(std::string(e.what()).find("threshold must be >= 0") != std::string::npos,
-                 e.what());
+    BOOST_TEST_CONTEXT("threshold=" << bad) {
+      expect_error<sy::range_error>(run({.threshold = bad}, q.xv()), "threshold",
+                                    "threshold must be >= 0");
     }
   }
   auto nan_x = q.x;
   nan_x[5] = std::numeric_limits<float>::infinity();
-  BOOST_CHECK_THROW(
-      sy::routers::AdaptiveGating{}.forward(
-          sy::matrix_view<const float>(sy::make_view(nan_x.data(), 4, 8)), q.params(), plan, l),
-      sy::non_finite_error);
+  expect_error<sy::non_finite_error>(run({}, sy::make_view<const float>(nan_x.data(), 4, 8)), "x",
+                                     "token 0");
 }
 
 // ---- curriculum ordering -----------------------------------------------------------------
@@ -340,39 +275,29 @@ BOOST_AUTO_TEST_CASE(curriculum_zero_vectors_and_bad_input) {
       sy::vector_view<const std::int32_t>(sy::make_view(len.data(), 0)));
   BOOST_TEST(empty.order.empty());
 
-  auto expect = [](auto&& fn, const std::string& arg, const std::string& fragment, auto type_tag) {
-    using E = decltype(type_tag);
-    try {
-      fn();
-      BOOST_ERROR("no exception for " << arg);
-    } catch (const E& e) {
-      BOOST_TEST(e.argument() == arg);
-      BOOST_TEST(std::string(e.what()).find(fragment) != std::string::npos, e.what());
-    }
-  };
   auto bad_len = len;
   bad_len[2] = 0;
-  expect(
+  expect_error<sy::range_error>(
       [&] {
         sy::training::curriculum_order(
             sy::matrix_view<const std::int32_t>(sy::make_view(counts.data(), 4, 2)),
             sy::vector_view<const std::int32_t>(sy::make_view(bad_len.data(), 4)));
       },
-      "seq_len", "seq_len[2] must be >= 1, got 0", sy::range_error("", ""));
+      "seq_len", "seq_len[2] must be >= 1, got 0");
   auto bad_counts = counts;
   bad_counts[5] = -1;
-  expect(
+  expect_error<sy::range_error>(
       [&] {
         sy::training::curriculum_order(
             sy::matrix_view<const std::int32_t>(sy::make_view(bad_counts.data(), 4, 2)),
             sy::vector_view<const std::int32_t>(sy::make_view(len.data(), 4)));
       },
-      "top2_counts", "top2_counts[2, 1] must be >= 0, got -1", sy::range_error("", ""));
-  expect(
+      "top2_counts", "top2_counts[2, 1] must be >= 0, got -1");
+  expect_error<sy::shape_error>(
       [&] {
         sy::training::curriculum_order(
             sy::matrix_view<const std::int32_t>(sy::make_view(counts.data(), 4, 2)),
             sy::vector_view<const std::int32_t>(sy::make_view(len.data(), 3)));
       },
-      "seq_len", "seq_len", sy::shape_error("", ""));
+      "seq_len", "seq_len");
 }

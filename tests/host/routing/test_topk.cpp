@@ -4,6 +4,8 @@
 
 #include <switchyard/routing/routers/topk.hpp>
 
+#include <cstring>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -12,36 +14,20 @@
 #include <string>
 #include <vector>
 
-#include "support/random.hpp"
+#include "support/router_testbed.hpp"
 
 namespace sy = switchyard;
 using sy::routing::routing_plan;
+using sy::test::expect_error;
+using sy::test::router_problem;
 
 namespace {
 
-struct problem {
-  int tokens, d, experts;
-  std::vector<float> x, w;
-  problem(int t, int dd, int e, std::uint64_t seed) : tokens(t), d(dd), experts(e) {
-    std::mt19937_64 g(seed);
-    x = sy::test::normal(g, static_cast<std::size_t>(t) * dd);
-    w = sy::test::normal(g, static_cast<std::size_t>(e) * dd, 0.5f);
-  }
-  [[nodiscard]] sy::matrix_view<const float> xv() const {
-    return sy::make_view(x.data(), tokens, d);
-  }
-  [[nodiscard]] sy::routing::linear_router_params params() const {
-    return {sy::make_view(w.data(), experts, d)};
-  }
-};
+sy::routing::linear_router_params params_of(const router_problem& p) { return {p.wv()}; }
 
-routing_plan route(const sy::routers::TopK& r, const problem& p,
+routing_plan route(const sy::routers::TopK& r, const router_problem& p,
                    sy::routing::softmax_router_losses* losses = nullptr) {
-  routing_plan plan;
-  sy::routing::softmax_router_losses l;
-  switchyard::host::route(r, p.xv(), p.params(), plan, l);
-  if (losses) *losses = l;
-  return plan;
+  return sy::test::route_plan(r, p.xv(), params_of(p), losses);
 }
 
 // float64 reference of Σ cot ⊙ w + c_sw·lb_switch + c_any·lb_topk + c_z·z as a function of
@@ -83,7 +69,7 @@ BOOST_AUTO_TEST_CASE(plan_properties_on_random_inputs) {
   for (int k : {1, 2, 3, 8}) {
     for (bool renorm : {true, false}) {
       BOOST_TEST_CONTEXT("k=" << k << " renormalize=" << renorm) {
-        const problem p(64, 24, 8, seed + k);
+        const router_problem p({64, 24, 8}, seed + k);
         const sy::routers::TopK r{.k = k, .renormalize = renorm};
         const auto plan = route(r, p);
         for (int t = 0; t < p.tokens; ++t) {
@@ -120,24 +106,20 @@ BOOST_AUTO_TEST_CASE(ties_go_to_the_lower_expert_index) {
   std::vector<float> w(4 * 4);
   for (int e = 0; e < 4; ++e)
     for (int i = 0; i < 4; ++i) w[e * 4 + i] = 0.25f * static_cast<float>(i + 1);
-  routing_plan plan;
-  sy::routing::softmax_router_losses l;
-  sy::routers::TopK{.k = 3}.forward(sy::matrix_view<const float>(sy::make_view(x.data(), 1, 4)),
-                                     {sy::make_view<const float>(w.data(), 4, 4)}, plan, l);
+  const auto plan = sy::test::route_plan(sy::routers::TopK{.k = 3},
+                                         sy::matrix_view<const float>(sy::make_view(x.data(), 1, 4)),
+                                         {sy::make_view<const float>(w.data(), 4, 4)});
   BOOST_TEST(plan.expert_ids == (std::vector<std::int32_t>{0, 1, 2}), boost::test_tools::per_element());
 }
 
 BOOST_AUTO_TEST_CASE(deterministic_and_batch_invariant) {
-  const problem p(40, 16, 8, sy::test::base_seed() + 99);
+  const router_problem p({40, 16, 8}, sy::test::base_seed() + 99);
   const sy::routers::TopK r{.k = 2};
   const auto a = route(r, p), b = route(r, p);
   BOOST_TEST(a.expert_ids == b.expert_ids);
   BOOST_TEST(std::memcmp(a.weights.data(), b.weights.data(), a.weights.size() * 4) == 0);
   // Token 17 alone gives the same plan row as inside the batch.
-  problem one = p;
-  one.tokens = 1;
-  one.x.assign(p.x.begin() + 17 * p.d, p.x.begin() + 18 * p.d);
-  const auto s = route(r, one);
+  const auto s = route(r, p.token(17));
   for (int j = 0; j < 2; ++j) {
     BOOST_TEST(s.id(0, j) == a.id(17, j));
     BOOST_TEST(s.weight(0, j) == a.weight(17, j));
@@ -145,7 +127,7 @@ BOOST_AUTO_TEST_CASE(deterministic_and_batch_invariant) {
 }
 
 BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
-  const problem p(12, 10, 6, sy::test::base_seed() + 7);
+  const router_problem p({12, 10, 6}, sy::test::base_seed() + 7);
   for (bool renorm : {true, false}) {
     BOOST_TEST_CONTEXT("renormalize=" << renorm) {
       const sy::routers::TopK r{.k = 2, .renormalize = renorm};
@@ -153,45 +135,23 @@ BOOST_AUTO_TEST_CASE(gradients_match_float64_central_differences) {
       std::mt19937_64 g(sy::test::base_seed() + 8);
       const auto cot = sy::test::normal(g, plan.weights.size());
       const sy::routing::softmax_router_losses coeff{.lb_switch = 0.3f, .lb_topk = 0.2f, .z = 0.05f};
-      // d_logits from the library
-      std::vector<float> d_logits(plan.logits.size());
-      r.backward_logits(plan, cot.data(), coeff, d_logits.data());
-      std::vector<double> lg(plan.logits.begin(), plan.logits.end());
-      const double h = 1e-6;
-      for (std::size_t i = 0; i < lg.size(); ++i) {
-        auto up = lg, dn = lg;
-        up[i] += h;
-        dn[i] -= h;
-        const double fd = (objective(up, plan, cot, renorm, coeff) -
-                           objective(dn, plan, cot, renorm, coeff)) / (2 * h);
-        BOOST_TEST(std::abs(d_logits[i] - fd) <= 2e-5 + 1e-4 * std::abs(fd), "i=" << i << " fd=" << fd);
-      }
-      // dx, dw through the linear map: compare with the chain rule in float64.
-      std::vector<float> dx(p.x.size(), 0.0f), dw(p.w.size(), 0.0f);
-      switchyard::host::route_backward(r, p.xv(), p.params(), plan, cot.data(), coeff, sy::make_view(dx.data(), p.tokens, p.d),
-                 {sy::make_view(dw.data(), p.experts, p.d)});
-      for (int t = 0; t < p.tokens; ++t)
-        for (int i = 0; i < p.d; ++i) {
-          double ref = 0;
-          for (int e = 0; e < p.experts; ++e) ref += double(d_logits[t * p.experts + e]) * p.w[e * p.d + i];
-          BOOST_TEST(std::abs(dx[t * p.d + i] - ref) <= 1e-5 + 1e-4 * std::abs(ref));
-        }
-      for (int e = 0; e < p.experts; ++e)
-        for (int i = 0; i < p.d; ++i) {
-          double ref = 0;
-          for (int t = 0; t < p.tokens; ++t) ref += double(d_logits[t * p.experts + e]) * p.x[t * p.d + i];
-          BOOST_TEST(std::abs(dw[e * p.d + i] - ref) <= 1e-5 + 1e-4 * std::abs(ref));
-        }
+      const auto obj = [&](const std::vector<double>& lg) {
+        return objective(lg, plan, cot, renorm, coeff);
+      };
+      sy::test::check_gradient("d_logits", sy::test::backward_logits(r, plan, cot, coeff), obj,
+                               sy::test::to64(plan.logits), 2e-5, 1e-4);
+      sy::test::check_linear_backward(r, p, params_of(p), plan, cot, coeff, obj);
     }
   }
 }
 
 BOOST_AUTO_TEST_CASE(empty_batch_is_not_an_error) {
-  const problem p(0, 8, 4, 1);
+  const router_problem p({0, 8, 4}, 1);
   sy::routing::softmax_router_losses l{1, 1, 1};
-  routing_plan plan;
-  sy::routers::TopK{.k = 2}.forward(sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)),
-                                    p.params(), plan, l);
+  const auto plan = sy::test::route_plan(
+      sy::routers::TopK{.k = 2},
+      sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 0, 8)),
+      params_of(p), &l);
   BOOST_TEST(plan.num_tokens == 0);
   BOOST_TEST(plan.counts.empty());
   BOOST_TEST(l.lb_switch == 0.0f);
@@ -199,38 +159,19 @@ BOOST_AUTO_TEST_CASE(empty_batch_is_not_an_error) {
 }
 
 BOOST_AUTO_TEST_CASE(bad_input_is_rejected_with_named_arguments) {
-  const problem p(4, 8, 4, 3);
-  routing_plan plan;
-  sy::routing::softmax_router_losses l;
-  auto expect = [&](auto&& fn, const std::string& arg, const std::string& fragment) {
-    try {
-      fn();
-      BOOST_ERROR("no exception for " << arg);
-    } catch (const sy::invalid_argument& e) {
-      BOOST_TEST(e.argument() == arg);
-      BOOST_TEST(std::string(e.what()).find(fragment) != std::string::npos, e.what());
-    }
+  const router_problem p({4, 8, 4}, 3);
+  const auto run = [&](sy::routers::TopK r, sy::matrix_view<const float> x) {
+    return [&, r, x] { (void)sy::test::route_plan(r, x, params_of(p)); };
   };
-  expect([&] { sy::routers::TopK{.k = 0}.forward(p.xv(), p.params(), plan, l); }, "k", "got 0");
-  expect([&] { sy::routers::TopK{.k = 5}.forward(p.xv(), p.params(), plan, l); }, "k",
-         "[1, E] = [1, 4], got 5");
+  expect_error<sy::range_error>(run({.k = 0}, p.xv()), "k", "got 0");
+  expect_error<sy::range_error>(run({.k = 5}, p.xv()), "k", "[1, E] = [1, 4], got 5");
   std::vector<float> x7(4 * 7, 1.0f);
-  expect([&] {
-    sy::routers::TopK{.k = 2}.forward(sy::matrix_view<const float>(sy::make_view(x7.data(), 4, 7)),
-                                      p.params(), plan, l);
-  }, "x", "[4, 7]");
-  expect([&] {
-    sy::routers::TopK{.k = 2}.forward(
-        sy::matrix_view<const float>(sy::make_view(static_cast<const float*>(nullptr), 4, 8)),
-        p.params(), plan, l);
-  }, "x", "null");
+  expect_error<sy::shape_error>(run({.k = 2}, sy::make_view<const float>(x7.data(), 4, 7)), "x",
+                                "[4, 7]");
+  expect_error<sy::invalid_argument>(
+      run({.k = 2}, sy::make_view(static_cast<const float*>(nullptr), 4, 8)), "x", "null");
   auto nan_x = p.x;
   nan_x[2 * 8 + 3] = std::numeric_limits<float>::quiet_NaN();
-  expect([&] {
-    sy::routers::TopK{.k = 2}.forward(sy::matrix_view<const float>(sy::make_view(nan_x.data(), 4, 8)),
-                                      p.params(), plan, l);
-  }, "x", "token 2");
-  BOOST_CHECK_THROW(sy::routers::TopK{.k = 2}.forward(
-                        sy::matrix_view<const float>(sy::make_view(nan_x.data(), 4, 8)), p.params(), plan, l),
-                    sy::non_finite_error);
+  expect_error<sy::non_finite_error>(run({.k = 2}, sy::make_view<const float>(nan_x.data(), 4, 8)),
+                                     "x", "token 2");
 }
