@@ -245,7 +245,8 @@ struct MoELayer {
                                        ", E = ", experts, ", got T = ", s.plan.num_tokens,
                                        ", width = ", s.plan.width, ", E = ", s.plan.num_experts));
     }
-    s.plan.check(detail::concat(argument, ".plan"));
+    if (argument == "state") s.plan.check("state.plan");  // no allocation on success
+    else s.plan.check(detail::concat(argument, ".plan"));
     if (s.losses == nullptr) {
       throw null_pointer_error(detail::concat(argument, ".losses"),
                                detail::concat(argument, ".losses: pointer is null"));
@@ -255,7 +256,9 @@ struct MoELayer {
                         detail::concat(argument, ".dropped: expected E = ", experts,
                                        " elements, got ", s.dropped.size()));
     }
-    detail::require_data(detail::concat(argument, ".dropped"), s.dropped.data(), experts);
+    if (s.dropped.data() == nullptr && experts != 0) {
+      detail::require_data(detail::concat(argument, ".dropped"), s.dropped.data(), experts);
+    }
   }
 
   //! x, the weights and the plan's extents (its contents are the backend's to check).

@@ -54,14 +54,18 @@ struct plan_ref {
   //! Throws shape_error naming `argument.<array>` unless every array holds its size.
   void check(std::string_view argument) const {
     const sizes n = required(num_tokens, width, num_experts);
+    // Names are built only on failure: a valid plan costs no allocation.
     auto need = [&](std::string_view name, const void* data, std::size_t got, index_t want) {
-      const std::string arg = ::switchyard::detail::concat(argument, ".", name);
       if (static_cast<index_t>(got) != want) {
+        const std::string arg = ::switchyard::detail::concat(argument, ".", name);
         throw shape_error(arg, ::switchyard::detail::concat(arg, ": expected ", want, " elements (T = ",
                                                             num_tokens, ", width = ", width, ", E = ",
                                                             num_experts, "), got ", got));
       }
-      ::switchyard::detail::require_data(arg, data, want);
+      if (data == nullptr && want != 0) {
+        ::switchyard::detail::require_data(::switchyard::detail::concat(argument, ".", name), data,
+                                           want);
+      }
     };
     need("expert_ids", expert_ids.data(), expert_ids.size(), n.slots);
     need("weights", weights.data(), weights.size(), n.slots);
@@ -202,9 +206,19 @@ inline void dense_to_slot_cotangent(const plan_ref& plan, const float* d_dense,
 template <class Id, class W>
 void validate_plan(std::string_view argument, const plan_view<Id, W>& plan, index_t t,
                    index_t e) {
-  check_view(::switchyard::detail::concat(argument, ".expert_ids"), plan.expert_ids, {t, -1});
-  check_view(::switchyard::detail::concat(argument, ".weights"), plan.weights, {t, plan.width()});
-  check_view(::switchyard::detail::concat(argument, ".counts"), plan.counts, {t});
+  // Argument names are built only when a check fails (a valid plan costs no allocation).
+  const auto name = [&](std::string_view part) {
+    return ::switchyard::detail::concat(argument, part);
+  };
+  const bool null_data = (plan.expert_ids.data_handle() == nullptr && plan.expert_ids.size() != 0) ||
+                         (plan.weights.data_handle() == nullptr && plan.weights.size() != 0) ||
+                         (plan.counts.data_handle() == nullptr && plan.counts.size() != 0);
+  if (null_data || plan.expert_ids.extent(0) != t || plan.weights.extent(0) != t ||
+      plan.weights.extent(1) != plan.width() || plan.counts.extent(0) != t) {
+    check_view(name(".expert_ids"), plan.expert_ids, {t, -1});
+    check_view(name(".weights"), plan.weights, {t, plan.width()});
+    check_view(name(".counts"), plan.counts, {t});
+  }
   for (index_t i = 0; i < t; ++i) {
     const index_t c = plan.counts(i);
     if (c < 0 || c > plan.width()) {

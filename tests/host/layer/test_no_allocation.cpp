@@ -101,6 +101,7 @@ void check_case(std::uint64_t seed, const D& dispatch) {
     ag = hp.grads(hgs);
   }
   MoELayer<R, activation::swiglu, D, AddOn> layer{.router = rs.router, .dispatch = dispatch};
+  if constexpr (hyper) layer.addon = {.hyper = {.layer_idx = 1, .adapter_dim = 3}};
   const host_context host{};
   const auto rp = rs.params(d);
   const auto w = L.weights();
