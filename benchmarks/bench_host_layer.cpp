@@ -54,18 +54,18 @@ void BM_expert_gemm_phase(benchmark::State& state) {
   Layer layer{.router = {.k = static_cast<int>(K)}};
   layer.batch_invariant = state.range(0) != 0;
   Layer::result_type res;
-  layer.forward<float>(switchyard::host_context{}, sy::make_view<const float>(f.x.data(), T, D), f.params(), f.weights(),
+  layer.forward<float>(sy::host_context{}, sy::make_view<const float>(f.x.data(), T, D), f.params(), f.weights(),
                        sy::make_view(f.y.data(), T, D), res);
   const auto plan = std::as_const(res.plan).view();
   const index_t rows = res.plan.total_assignments();
   std::vector<index_t> dropped(E);
-  std::vector<std::byte> ws(layer.experts_workspace_size<float>(switchyard::host_context{}, T, K, f.weights()));
+  std::vector<std::byte> ws(layer.experts_workspace_size<float>(sy::host_context{}, T, K, f.weights()));
   // Dense sgemm of equal FLOPs: [rows, D] × [D, P + F].
   std::vector<float> a(rows * D, 0.5f), b(D * (P + F), 0.01f), c(rows * (P + F));
   double phase_s = 0.0, dense_s = 0.0;
   for (auto _ : state) {
     auto t0 = std::chrono::steady_clock::now();
-    layer.forward_experts<float>(switchyard::host_context{}, sy::make_view<const float>(f.x.data(), T, D), plan, f.weights(),
+    layer.forward_experts<float>(sy::host_context{}, sy::make_view<const float>(f.x.data(), T, D), plan, f.weights(),
                                  sy::make_view(f.y.data(), T, D), {dropped.data(), dropped.size()},
                                  {ws.data(), ws.size()});
     auto t1 = std::chrono::steady_clock::now();
@@ -94,9 +94,9 @@ void BM_layer_forward(benchmark::State& state) {
   fixture f;
   const Layer layer{.router = {.k = static_cast<int>(K)}};
   Layer::result_type res;
-  std::vector<std::byte> ws(layer.workspace_size<float>(switchyard::host_context{}, T, f.params(), f.weights()));
+  std::vector<std::byte> ws(layer.workspace_size<float>(sy::host_context{}, T, f.params(), f.weights()));
   for (auto _ : state) {
-    layer.forward<float>(switchyard::host_context{}, sy::make_view<const float>(f.x.data(), T, D), f.params(), f.weights(),
+    layer.forward<float>(sy::host_context{}, sy::make_view<const float>(f.x.data(), T, D), f.params(), f.weights(),
                          sy::make_view(f.y.data(), T, D), res, {ws.data(), ws.size()});
     benchmark::DoNotOptimize(f.y.data());
   }

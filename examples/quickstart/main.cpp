@@ -51,11 +51,13 @@ int main() {
   const sy::routing::linear_router_params params{sy::make_view<const float>(gate.data(), experts, d)};
   const sy::matrix_view<const float> xv = sy::make_view<const float>(x.data(), tokens, d);
 
-  // Workspace from the size query: forward itself then allocates nothing.
-  std::vector<std::byte> workspace(layer.workspace_size<float>(switchyard::host_context{}, tokens, params, weights));
+  // The execution context picks the backend: the host here (a CUDA stream + cuBLAS handle
+  // would run the same calls on the GPU). Workspace from the size query: forward itself then
+  // allocates nothing.
+  const sy::host_context host{};
+  std::vector<std::byte> workspace(layer.workspace_size(host, tokens, params, weights));
   Layer::result_type result;
-  layer.forward<float>(switchyard::host_context{}, xv, params, weights, sy::make_view(y.data(), tokens, d), result,
-                       {workspace.data(), workspace.size()});
+  layer.forward(host, xv, params, weights, sy::make_view(y.data(), tokens, d), result, workspace);
 
   std::printf("Switchyard %d.%d.%d quickstart: top-p (p = %.2f) over %d experts, %d tokens, "
               "d = %d, d_ff = %d, SwiGLU, GEMMs: %s\n",
@@ -158,7 +160,7 @@ int main() {
   // One backward pass: dy = y (the gradient of ½‖y‖²), aux-loss coefficients chosen here.
   std::vector<float> dx(tokens * d), dgate(gate.size()), dw1(w1.size()), dw2(w2.size());
   const sy::routing::topp_losses coeffs{.dynamic_loss = 1e-4f, .lb_loss = 1e-2f, .z_loss = 1e-3f};
-  layer.backward<float>(switchyard::host_context{}, xv, params, weights, result, sy::make_view<const float>(y.data(), tokens, d),
+  layer.backward(host, xv, params, weights, result, sy::make_view<const float>(y.data(), tokens, d),
                         coeffs, sy::make_view(dx.data(), tokens, d),
                         {sy::make_view(dw1.data(), experts, 2 * d_ff, d), {},
                          sy::make_view(dw2.data(), experts, d, d_ff), {}},
@@ -189,7 +191,7 @@ int main() {
     for (std::size_t i = 0; i < w2.size(); ++i) w2s[i] = w2[i] + s * v[i];
     const sy::expert_weights<float> ws{weights.w1, {}, sy::make_view<const float>(w2s.data(), experts, d, d_ff), {}};
     Layer::result_type r;
-    layer.forward<float>(switchyard::host_context{}, xv, params, ws, sy::make_view(ys.data(), tokens, d), r);
+    layer.forward(host, xv, params, ws, sy::make_view(ys.data(), tokens, d), r);
     double n2 = 0.0;
     for (float a : ys) n2 += 0.5 * static_cast<double>(a) * a;
     return n2;

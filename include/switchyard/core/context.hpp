@@ -10,7 +10,7 @@
 //! | context                      | header of its executor                 | compiler      |
 //! |------------------------------|----------------------------------------|---------------|
 //! | `switchyard::host_context`   | `switchyard/backend/host.hpp`          | any C++20     |
-//! | `switchyard::cuda::context`  | `switchyard/backend/cuda/layer.cuh`    | nvcc (C++20)  |
+//! | `switchyard::cuda::context`  | backend/cuda (the CUDA layer, #11)     | nvcc (C++20)  |
 //!
 //! (`switchyard/switchyard.hpp` includes the host backend.) Headers under core/, routing/,
 //! dispatch/, activation/ and layer/ never include a backend: the dependency points from the
@@ -33,10 +33,20 @@ inline constexpr bool no_executor_for = false;
 template <class Context>
 struct executor {
   static_assert(no_executor_for<Context>,
-                "switchyard: no backend executes this execution context: include "
-                "\"switchyard/backend/host.hpp\" (or switchyard/switchyard.hpp) for "
-                "switchyard::host_context, or \"switchyard/backend/cuda/layer.cuh\" from a .cu "
-                "file for switchyard::cuda::context");
+                "switchyard: no backend executes this execution context in this translation "
+                "unit: include \"switchyard/backend/host.hpp\" (or switchyard/switchyard.hpp) "
+                "for switchyard::host_context; another context needs its backend's header, "
+                "which specialises switchyard::backend::executor (docs/design.md, "
+                "execution-context seam)");
+  // Stand-ins so that the sentence above is the only diagnostic (never run).
+  template <class... A> static void forward(const A&...) {}
+  template <class... A> static void backward(const A&...) {}
+  template <class... A> static void forward_experts(const A&...) {}
+  template <class... A> static void backward_experts(const A&...) {}
+  template <class... A> static unsigned long forward_workspace_size(const A&...) { return 0; }
+  template <class... A> static unsigned long backward_workspace_size(const A&...) { return 0; }
+  template <class... A> static unsigned long experts_workspace_size(const A&...) { return 0; }
+  template <class... A> static unsigned long experts_backward_workspace_size(const A&...) { return 0; }
 };
 
 //! True when Context has a backend included in this translation unit.
