@@ -5,6 +5,7 @@
 // custom router gives finite gradients; a failed check is named on stderr and exits non-zero.
 #include <switchyard/switchyard.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -59,6 +60,9 @@ struct confident_topk {
 static_assert(sy::check_selection_rule<confident_topk>());  // the one-line check
 
 // ---- a router around it: linear + softmax scoring, the rule, Mixtral's load balance ------
+// A custom router is one struct with forward/backward (the host backend calls them); state in
+// the caller's plan_ref, scratch from the workspace arena (sized by workspace_size), so
+// neither allocates. It reuses the library's row functions and the `terms::load_balance` part.
 struct ConfidentRouter {
   using policy_kind = sy::router_tag;
   using params_type = sy::routing::linear_router_params;
@@ -69,31 +73,57 @@ struct ConfidentRouter {
   sy::index_t num_experts(const params_type& p) const { return p.w.extent(0); }
   sy::index_t width(const params_type&) const { return rule.k; }
 
-  template <sy::ElementType T>
-  void forward(const sy::matrix_view<const T>& x, const params_type& p, sy::routing::routing_plan& plan,
-               losses_type& losses) const {
-    plan.resize(x.extent(0), rule.k, p.w.extent(0));
-    sy::routing::linear_softmax_scores(x, p, plan);
-    sy::routing::select_all(rule, plan);
-    losses.lb_topk = sy::routing::load_balance_loss(plan, true);
+  // Bytes forward/backward take from the workspace: the same carving, measured.
+  std::size_t workspace_size(sy::index_t tokens, const params_type& p) const {
+    sy::workspace_arena ws;
+    (void)carve(ws, tokens, p.w.extent(0));
+    return ws.required();
   }
 
   template <sy::ElementType T>
-  void backward(const sy::matrix_view<const T>& x, const params_type& p, const sy::routing::routing_plan& plan,
+  void forward(const sy::matrix_view<const T>& x, const params_type& p, const sy::routing::plan_ref& plan,
+               losses_type& losses, sy::workspace_arena& ws) const {
+    sy::routing::detail::check_linear_router_inputs(x, p);
+    sy::routing::detail::require_plan(plan, x.extent(0), rule.k, p.w.extent(0));
+    const scratch s = carve(ws, x.extent(0), p.w.extent(0));
+    sy::routing::linear_softmax_scores(x, p, plan);
+    sy::routing::select_all(rule, plan);
+    losses.lb_topk = lb.value(plan, s.lb);
+  }
+
+  template <sy::ElementType T>
+  void backward(const sy::matrix_view<const T>& x, const params_type& p, const sy::routing::plan_ref& plan,
                 const float* d_weights, const losses_type& coeffs, const sy::matrix_view<float>& dx,
-                const grads_type& grads) const {
+                const grads_type& grads, sy::workspace_arena& ws) const {
     const sy::index_t tokens = plan.num_tokens, e = plan.num_experts, w = plan.width;
-    std::vector<float> d_probs(tokens * e, 0.0f), d_logits(tokens * e, 0.0f);
+    const scratch s = carve(ws, tokens, e);
+    std::fill(s.d_probs, s.d_probs + tokens * e, 0.0f);
+    std::fill(s.d_logits, s.d_logits + tokens * e, 0.0f);
     for (sy::index_t t = 0; t < tokens; ++t)  // renormalised weights: w_j = P_j / Σ_selected P
       sy::routing::combine_weights_backward_accumulate(
           {plan.probs.data() + t * e, static_cast<std::size_t>(e)},
           {plan.expert_ids.data() + t * w, static_cast<std::size_t>(w)},
           {plan.weights.data() + t * w, static_cast<std::size_t>(w)},
           {d_weights + t * w, static_cast<std::size_t>(w)}, plan.counts[t], true,
-          {d_probs.data() + t * e, static_cast<std::size_t>(e)});
-    sy::routing::load_balance_backward(plan, true, coeffs.lb_topk, d_probs.data());
-    sy::routing::softmax_backward_rows(plan, d_probs.data(), d_logits.data());
-    sy::routing::linear_backward(x, p, d_logits.data(), dx, grads);
+          {s.d_probs + t * e, static_cast<std::size_t>(e)});
+    lb.backward(plan, coeffs.lb_topk, s.d_probs, s.lb);
+    sy::routing::softmax_backward_rows(plan, s.d_probs, s.d_logits);
+    sy::routing::linear_backward(x, p, s.d_logits, dx, grads);
+  }
+
+ private:
+  static constexpr sy::routing::terms::load_balance lb{.any_slot = true};
+  struct scratch {
+    float* d_probs;   // [T, E]
+    float* d_logits;  // [T, E]
+    double* lb;       // the load-balance term's scratch
+  };
+  static scratch carve(sy::workspace_arena& ws, sy::index_t tokens, sy::index_t experts) {
+    scratch s{};
+    s.d_probs = ws.take<float>(tokens * experts);
+    s.d_logits = ws.take<float>(tokens * experts);
+    s.lb = ws.take<double>(lb.scratch_doubles(experts));
+    return s;
   }
 };
 static_assert(sy::check_router<ConfidentRouter>());
