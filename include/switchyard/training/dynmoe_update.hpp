@@ -12,7 +12,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <utility>
 #include <vector>
 
 #include "switchyard/core/element_type.hpp"
@@ -43,8 +42,9 @@ struct dynmoe_recorder {
   //! Sizes the records on first use; throws shape_error when x or the plan disagree with them
   //! (or the plan's arrays with its T and width), range_error when the plan fails
   //! routing::validate_plan (a count outside [0, width], an id outside [0, E), a repeat).
+  //! Takes a plan in caller memory (a layer's plan_ref) or a routing_plan (converts).
   template <ElementType T>
-  void record(const routing::routing_plan& plan, const matrix_view<const T>& x) {
+  void record(const routing::plan_ref& plan, const matrix_view<const T>& x) {
     const index_t e_max = plan.num_experts, d = x.extent(1);
     if (e_max < 0) {
       throw range_error("plan.num_experts", ::switchyard::detail::concat(
@@ -67,7 +67,7 @@ struct dynmoe_recorder {
     require_size("plan.weights", plan.weights.size(), slots, "[T·width]");
     require_size("plan.counts", plan.counts.size(), static_cast<std::size_t>(plan.num_tokens),
                  "[T]");
-    routing::validate_plan("plan", std::as_const(plan).view(), plan.num_tokens, e_max);
+    routing::validate_plan("plan", plan.const_view(), plan.num_tokens, e_max);
     // Every check before the first mutation: a rejected call leaves the records unchanged.
     const bool fresh = routing_records.empty() && sample_records.empty();
     ::switchyard::detail::require_extent(

@@ -671,7 +671,7 @@ BOOST_AUTO_TEST_CASE(recorder_counts_routed_tokens_and_sums_unrouted_ones) {
   const auto plan = route(sy::routers::DynMoE{.training = true}, p);
   dynmoe_recorder rec;
   rec.record(plan, p.xv());
-  rec.record(plan, p.xv());  // accumulates
+  rec.record(plan.ref(), p.xv());  // accumulates; a plan in caller memory (plan_ref) as well
   std::vector<double> want_r(p.experts, 0), want_s(p.d, 0);
   int empty = 0;
   for (int t = 0; t < p.tokens; ++t) {
