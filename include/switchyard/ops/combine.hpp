@@ -27,16 +27,21 @@ struct combine_slots {
   matrix_view<T> y;              //!< [T, d] output
 
   SWITCHYARD_HD void operator()(index_t t) const {
-    const index_t c = counts(t);
-    for (index_t i = 0; i < d; ++i) {
+    // Members as locals: the loops below then keep them in registers.
+    const index_t c = counts(t), n = d, slots = width;
+    const index_t* rows_of = pair_row;
+    const float* in = rows;
+    const float* add = extra;
+    const bool pass = pass_through;
+    for (index_t i = 0; i < n; ++i) {
       float s = 0.0f;
       for (index_t j = 0; j < c; ++j) {
-        const index_t row = pair_row[dispatch::pair_index(t, j, width)];
+        const index_t row = rows_of[dispatch::pair_index(t, j, slots)];
         const float wt = weights(t, j);
-        if (row >= 0) s += wt * rows[row * d + i];
-        else if (row == dispatch::dropped_pair && pass_through) s += wt * to_float(x(t, i));
+        if (row >= 0) s += wt * in[row * n + i];
+        else if (row == dispatch::dropped_pair && pass) s += wt * to_float(x(t, i));
       }
-      if (extra != nullptr) s += extra[t * d + i];
+      if (add != nullptr) s += add[t * n + i];
       y(t, i) = from_float<T>(s);
     }
   }
@@ -61,24 +66,32 @@ struct combine_backward_slots {
   bool has_dx = false;           //!< dx is present
 
   SWITCHYARD_HD void operator()(index_t t) const {
-    const index_t c = counts(t);
+    // Members as locals: the loops below then keep them in registers.
+    const index_t c = counts(t), n = d, slots = width;
+    const index_t* rows_of = pair_row;
+    const float* in = dx_rows;
+    const bool pass = pass_through;
     for (index_t j = 0; j < c; ++j) {
-      const index_t pr = dispatch::pair_index(t, j, width), row = pair_row[pr];
-      if (row == dispatch::dropped_pair && pass_through) {
-        float s = 0.0f;
-        for (index_t i = 0; i < d; ++i) s += to_float(dy(t, i)) * to_float(x(t, i));
-        d_weights[pr] = s;
-      }
+      const index_t pr = dispatch::pair_index(t, j, slots), row = rows_of[pr];
+      if (row == dispatch::dropped_pair && pass) d_weights[pr] = dot_x(t);
     }
-    for (index_t i = 0; i < d && has_dx; ++i) {
+    if (!has_dx) return;
+    for (index_t i = 0; i < n; ++i) {
       float s = 0.0f;
       for (index_t j = 0; j < c; ++j) {
-        const index_t row = pair_row[dispatch::pair_index(t, j, width)];
-        if (row >= 0) s += dx_rows[row * d + i];
-        else if (row == dispatch::dropped_pair && pass_through) s += weights(t, j) * to_float(dy(t, i));
+        const index_t row = rows_of[dispatch::pair_index(t, j, slots)];
+        if (row >= 0) s += in[row * n + i];
+        else if (row == dispatch::dropped_pair && pass) s += weights(t, j) * to_float(dy(t, i));
       }
       dx(t, i) += s;
     }
+  }
+
+  //! ⟨dy_t, x_t⟩ summed in column order in float.
+  SWITCHYARD_HD float dot_x(index_t t) const {
+    float s = 0.0f;
+    for (index_t i = 0; i < d; ++i) s += to_float(dy(t, i)) * to_float(x(t, i));
+    return s;
   }
 };
 
@@ -105,16 +118,17 @@ struct grouped_dy_rows {
   float* d_weights;           //!< [T·width] combine-weight cotangent
 
   SWITCHYARD_HD void operator()(index_t r) const {
-    float* out = dys + r * d;
+    const index_t n = d;
+    float* out = dys + r * n;
     const index_t pr = row_pair[r];
     if (pr < 0) {
-      for (index_t i = 0; i < d; ++i) out[i] = 0.0f;
+      for (index_t i = 0; i < n; ++i) out[i] = 0.0f;
       return;
     }
     const index_t t = pr / width, j = pr % width;
     const float wt = weights(t, j);
-    for (index_t i = 0; i < d; ++i) out[i] = wt * to_float(dy(t, i));
-    d_weights[pr] = dot_row(dy, t, ys + r * d, d);
+    for (index_t i = 0; i < n; ++i) out[i] = wt * to_float(dy(t, i));
+    d_weights[pr] = dot_row(dy, t, ys + r * n, n);
   }
 };
 
@@ -136,18 +150,20 @@ struct dense_dy_rows {
   float* d_weights;            //!< [T·width] combine-weight cotangent
 
   SWITCHYARD_HD void operator()(index_t t) const {
-    float* out = dys + t * d;
+    const index_t n = d;
+    float* out = dys + t * n;
     if (t >= tokens) {
-      for (index_t i = 0; i < d; ++i) out[i] = 0.0f;
+      for (index_t i = 0; i < n; ++i) out[i] = 0.0f;
       return;
     }
     float wt = 0.0f;
-    for (index_t j = 0; j < counts(t); ++j) {
+    const index_t c = counts(t);
+    for (index_t j = 0; j < c; ++j) {
       if (expert_ids(t, j) != expert) continue;
       wt += weights(t, j);
-      d_weights[dispatch::pair_index(t, j, width)] = dot_row(dy, t, ys + t * d, d);
+      d_weights[dispatch::pair_index(t, j, width)] = dot_row(dy, t, ys + t * n, n);
     }
-    for (index_t i = 0; i < d; ++i) out[i] = wt * to_float(dy(t, i));
+    for (index_t i = 0; i < n; ++i) out[i] = wt * to_float(dy(t, i));
   }
 };
 

@@ -4,6 +4,9 @@
 //! `f(i)` for every row i, on host threads or as a device kernel (`cub::DeviceFor::Bulk`).
 //! Each functor holds raw pointers and sizes (or views) only, and writes row i alone.
 
+#include <cstddef>
+#include <cstring>
+
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/view.hpp"
@@ -23,14 +26,15 @@ struct gather_rows {
   float* rows = nullptr;     //!< [rows, d] output
 
   SWITCHYARD_HD void operator()(index_t r) const {
-    float* out = rows + r * d;
+    const index_t n = d;
+    float* out = rows + r * n;
     const index_t pair = row_pair[r];
     if (pair < 0) {
-      for (index_t i = 0; i < d; ++i) out[i] = 0.0f;
+      for (index_t i = 0; i < n; ++i) out[i] = 0.0f;
       return;
     }
     const index_t t = pair / width;
-    for (index_t i = 0; i < d; ++i) out[i] = to_float(x(t, i));
+    for (index_t i = 0; i < n; ++i) out[i] = to_float(x(t, i));
   }
 };
 
@@ -44,8 +48,9 @@ struct load_rows {
   float* rows = nullptr;   //!< [padded rows, d] output
 
   SWITCHYARD_HD void operator()(index_t t) const {
-    float* out = rows + t * d;
-    for (index_t i = 0; i < d; ++i) out[i] = t < tokens ? to_float(x(t, i)) : 0.0f;
+    const index_t n = d;
+    float* out = rows + t * n;
+    for (index_t i = 0; i < n; ++i) out[i] = t < tokens ? to_float(x(t, i)) : 0.0f;
   }
 };
 
@@ -62,12 +67,16 @@ struct keep_dense_slots {
   float* pair_out = nullptr;    //!< [T·width, d]
 
   SWITCHYARD_HD void operator()(index_t t) const {
-    const index_t c = counts(t);
+    const index_t c = counts(t), n = d;
     for (index_t j = 0; j < c; ++j) {
       if (expert_ids(t, j) != expert) continue;
-      const float* in = rows + t * d;
-      float* out = pair_out + dispatch::pair_index(t, j, width) * d;
-      for (index_t i = 0; i < d; ++i) out[i] = in[i];
+      const float* in = rows + t * n;
+      float* out = pair_out + dispatch::pair_index(t, j, width) * n;
+#if defined(__CUDA_ARCH__)
+      for (index_t i = 0; i < n; ++i) out[i] = in[i];
+#else
+      std::memcpy(out, in, static_cast<std::size_t>(n) * sizeof(float));  // the host's fast copy
+#endif
     }
   }
 };
