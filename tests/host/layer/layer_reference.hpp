@@ -68,6 +68,18 @@ struct layer_data {
     return w;
   }
   matrix_view<const T> xv() const { return make_view<const T>(x.data(), tokens, d); }
+  //! The weight views passed through `to_context` (a context fixture's).
+  template <class Map>
+  expert_weights<T> weights(const Map& to_context) const {
+    expert_weights<T> w = weights();
+    w.w1 = to_context(w.w1);
+    w.w2 = to_context(w.w2);
+    if (bias) {
+      w.b1 = to_context(w.b1);
+      w.b2 = to_context(w.b2);
+    }
+    return w;
+  }
 };
 
 inline double dbl(float v) { return v; }
@@ -176,6 +188,11 @@ struct router_setup {
   typename R::params_type params(index_t d) const {
     return {make_view<const float>(w.data(), experts, d)};
   }
+  //! The parameter views passed through `to_context` (a context fixture's).
+  template <class Map>
+  typename R::params_type params(index_t d, const Map& to_context) const {
+    return {to_context(make_view<const float>(w.data(), experts, d))};
+  }
   //! Experts no plan can route to (none for these routers).
   bool masked(index_t) const { return false; }
 };
@@ -197,6 +214,13 @@ struct router_setup<routers::DAMoE<I, K>> {
     typename R::params_type p;
     p.w = make_view<const float>(w.data(), experts, d);
     p.importance = make_view<const float>(importance.data(), tokens);
+    return p;
+  }
+  template <class Map>
+  typename R::params_type params(index_t d, const Map& to_context) const {
+    typename R::params_type p = params(d);
+    p.w = to_context(p.w);
+    p.importance = to_context(p.importance);
     return p;
   }
   bool masked(index_t) const { return false; }
@@ -223,6 +247,14 @@ struct router_setup<routers::DynMoE> {
     p.w_gate = make_view<const float>(w_gate.data(), d, experts);
     p.thresholds = make_view<const float>(thresholds.data(), experts);
     p.experts_mask = make_view<const std::int32_t>(mask.data(), experts);
+    return p;
+  }
+  template <class Map>
+  typename R::params_type params(index_t d, const Map& to_context) const {
+    typename R::params_type p = params(d);
+    p.w_gate = to_context(p.w_gate);
+    p.thresholds = to_context(p.thresholds);
+    p.experts_mask = to_context(p.experts_mask);
     return p;
   }
   bool masked(index_t e) const { return mask[e] == 0; }

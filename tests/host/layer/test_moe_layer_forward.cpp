@@ -10,6 +10,7 @@
 #include <switchyard/switchyard.hpp>
 
 #include "host/layer/layer_reference.hpp"
+#include "support/contexts.hpp"
 #include "support/random.hpp"
 
 namespace sy = switchyard;
@@ -79,51 +80,59 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(forward_matches_float64_reference, C, configs) {
     for (index_t i = 0; i < L.p * d; ++i) L.w1[e * L.p * d + i] = from_float<T>(NAN);
   }
   MoELayer<R, A, D> layer{.router = rs.router, .dispatch = make_dispatch<D>()};
-  std::vector<T> y(static_cast<std::size_t>(tokens * d));
-  typename decltype(layer)::result_type res;
-  layer.template forward<T>(switchyard::host_context{}, L.xv(), rs.params(d), L.weights(), make_view(y.data(), tokens, d), res);
+  // One body for every execution context (tests/support/contexts.hpp).
+  test::for_each_context([&](auto& f) {
+    const auto to_context = [&](const auto& v) { return f.to_context(v); };
+    std::vector<T> y(static_cast<std::size_t>(tokens * d), from_float<T>(-7.0f));  // poisoned
+    const auto y_ctx = f.to_context(make_view(y.data(), tokens, d));
+    const auto rp = rs.params(d, to_context);
+    auto state = f.template make_state<typename R::losses_type>(tokens, layer.router.width(rp), experts);
+    layer.forward(f.context(), f.to_context(L.xv()), rp, L.weights(to_context), y_ctx, state.view());
+    f.to_host(y_ctx, y.data());
+    const auto& res = state.download();
 
-  BOOST_TEST_REQUIRE(res.plan.num_tokens == tokens);
-  for (index_t t = 0; t < tokens; ++t)
-    for (index_t j = 0; j < res.plan.counts[t]; ++j) BOOST_TEST_REQUIRE(!rs.masked(res.plan.id(t, j)));
+    BOOST_TEST_REQUIRE(res.plan.num_tokens == tokens);
+    for (index_t t = 0; t < tokens; ++t)
+      for (index_t j = 0; j < res.plan.counts[t]; ++j) BOOST_TEST_REQUIRE(!rs.masked(res.plan.id(t, j)));
 
-  std::vector<char> keep;
-  bool pass_through = false;
-  index_t expected_dropped = 0;
-  if constexpr (std::is_same_v<D, dispatch::padded_capacity>) {
-    const auto disp = make_dispatch<D>();
-    // C by the documented formula, written out here from the spec.
-    const double raw = std::ceil(static_cast<double>(disp.capacity_factor) *
-                                 res.plan.total_assignments() / experts);
-    index_t cap = std::max<index_t>(static_cast<index_t>(raw), disp.min_capacity);
-    cap = (cap + disp.capacity_multiple - 1) / disp.capacity_multiple * disp.capacity_multiple;
-    keep = test::ref_capacity_keep(res.plan, cap);
-    pass_through = true;
-    BOOST_TEST_MESSAGE("capacity " << cap);
-    for (index_t p = 0; p < tokens * res.plan.width; ++p)
-      if (p % res.plan.width < res.plan.counts[p / res.plan.width] && !keep[p]) ++expected_dropped;
-  }
-  BOOST_TEST(res.total_dropped() == expected_dropped);
-  if constexpr (std::is_same_v<D, dispatch::padded_capacity>) BOOST_TEST(expected_dropped > 0);  // the case exercises drops
-  for (index_t e = 0; e < experts && std::is_same_v<D, dispatch::padded_capacity>; ++e) {
-    index_t n = 0;  // per-expert drops: routed pairs beyond the kept ones
-    for (index_t p = 0; p < tokens * res.plan.width; ++p)
-      if (p % res.plan.width < res.plan.counts[p / res.plan.width] && res.plan.id(p / res.plan.width, p % res.plan.width) == e && !keep[p]) ++n;
-    BOOST_TEST(res.dropped[e] == n);
-  }
+    std::vector<char> keep;
+    bool pass_through = false;
+    index_t expected_dropped = 0;
+    if constexpr (std::is_same_v<D, dispatch::padded_capacity>) {
+      const auto disp = make_dispatch<D>();
+      // C by the documented formula, written out here from the spec.
+      const double raw = std::ceil(static_cast<double>(disp.capacity_factor) *
+                                   res.plan.total_assignments() / experts);
+      index_t cap = std::max<index_t>(static_cast<index_t>(raw), disp.min_capacity);
+      cap = (cap + disp.capacity_multiple - 1) / disp.capacity_multiple * disp.capacity_multiple;
+      keep = test::ref_capacity_keep(res.plan, cap);
+      pass_through = true;
+      BOOST_TEST_MESSAGE("capacity " << cap);
+      for (index_t p = 0; p < tokens * res.plan.width; ++p)
+        if (p % res.plan.width < res.plan.counts[p / res.plan.width] && !keep[p]) ++expected_dropped;
+    }
+    BOOST_TEST(res.total_dropped() == expected_dropped);
+    if constexpr (std::is_same_v<D, dispatch::padded_capacity>) BOOST_TEST(expected_dropped > 0);  // the case exercises drops
+    for (index_t e = 0; e < experts && std::is_same_v<D, dispatch::padded_capacity>; ++e) {
+      index_t n = 0;  // per-expert drops: routed pairs beyond the kept ones
+      for (index_t p = 0; p < tokens * res.plan.width; ++p)
+        if (p % res.plan.width < res.plan.counts[p / res.plan.width] && res.plan.id(p / res.plan.width, p % res.plan.width) == e && !keep[p]) ++n;
+      BOOST_TEST(res.dropped[e] == n);
+    }
 
-  std::vector<double> scale;
-  const auto ref = test::ref_layer<A>(L, res.plan, keep, pass_through, &scale);
-  const double u = unit_roundoff<T>();
-  int bad = 0;
-  for (index_t i = 0; i < tokens * d; ++i) {
-    const double got = test::dbl(y[i]);
-    const double tol = 2.0 * u * std::abs(ref[i]) + 2e-6 * (scale[i] + 1.0);
-    if (!(std::abs(got - ref[i]) <= tol) && bad++ < 5)
-      BOOST_ERROR("y[" << i / d << ", " << i % d << "] = " << got << ", reference " << ref[i]
-                       << ", tolerance " << tol);
-  }
-  BOOST_TEST(bad == 0);
+    std::vector<double> scale;
+    const auto ref = test::ref_layer<A>(L, res.plan, keep, pass_through, &scale);
+    const double u = unit_roundoff<T>();
+    int bad = 0;
+    for (index_t i = 0; i < tokens * d; ++i) {
+      const double got = test::dbl(y[i]);
+      const double tol = 2.0 * u * std::abs(ref[i]) + 2e-6 * (scale[i] + 1.0);
+      if (!(std::abs(got - ref[i]) <= tol) && bad++ < 5)
+        BOOST_ERROR("y[" << i / d << ", " << i % d << "] = " << got << ", reference " << ref[i]
+                         << ", tolerance " << tol);
+    }
+    BOOST_TEST(bad == 0);
+  });
 }
 
 // With a capacity that drops nothing, all three dispatches give the same y (to float
