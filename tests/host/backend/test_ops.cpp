@@ -1,0 +1,97 @@
+// The backend-neutral functors of switchyard/ops/ run one index at a time on the host, against
+// plainly written expectations: gather with padding rows, in-place gated activation, bias
+// gradient, combine with a dropped pass-through pair, an unused slot and the add-on term, and
+// its backward.
+#include <boost/test/unit_test.hpp>
+
+#include <cstdint>
+#include <vector>
+
+#include <switchyard/activation/functors.hpp>
+#include <switchyard/dispatch/groups.hpp>
+#include <switchyard/ops/activate.hpp>
+#include <switchyard/ops/bias.hpp>
+#include <switchyard/ops/combine.hpp>
+#include <switchyard/ops/drops.hpp>
+#include <switchyard/ops/gather.hpp>
+
+using namespace switchyard;
+
+namespace {
+template <class F>
+void run(index_t n, const F& f) {
+  for (index_t i = 0; i < n; ++i) f(i);
+}
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(gather_rows_reads_the_pairs_token_and_zeroes_padding) {
+  const index_t d = 3, width = 2;
+  std::vector<float> x = {1, 2, 3, 4, 5, 6};  // T = 2
+  std::vector<index_t> row_pair = {3, dispatch::unused_pair, 0};  // pair 3 = token 1, pair 0 = token 0
+  std::vector<float> rows(3 * d, -1.0f);
+  run(3, ops::gather_rows<float>{make_view<const float>(x.data(), 2, d), row_pair.data(), width, d, rows.data()});
+  BOOST_TEST(rows == (std::vector<float>{4, 5, 6, 0, 0, 0, 1, 2, 3}), boost::test_tools::per_element());
+}
+
+BOOST_AUTO_TEST_CASE(gated_activation_in_place_writes_the_gate_half) {
+  const index_t f = 2, p = 2 * f;
+  std::vector<float> h = {1, -1, 3, 4, 0.5f, 2, -2, 1};  // two rows of [gate | up]
+  const activation::gated<activation::relu> act{};
+  run(2, ops::activate_rows<activation::gated<activation::relu>>{act, h.data(), p, h.data(), p, f});
+  BOOST_TEST(h[0] == 3.0f);   // relu(1) · 3
+  BOOST_TEST(h[1] == 0.0f);   // relu(-1) · 4
+  BOOST_TEST(h[4] == -1.0f);  // relu(0.5) · -2
+  BOOST_TEST(h[5] == 2.0f);   // relu(2) · 1
+}
+
+BOOST_AUTO_TEST_CASE(bias_add_and_gradient) {
+  std::vector<float> m = {1, 2, 3, 4};  // [2, 2]
+  std::vector<float> bias = {10, 20};
+  run(2, ops::add_bias_rows<float>{bias.data(), 1, m.data(), 2, 2});
+  BOOST_TEST(m == (std::vector<float>{11, 22, 13, 24}), boost::test_tools::per_element());
+  std::vector<float> db = {1, 0, 2, 0};  // strided: columns 2 apart
+  run(2, ops::bias_grad_columns{m.data(), 2, 2, db.data(), 2});
+  BOOST_TEST(db == (std::vector<float>{25, 0, 48, 0}), boost::test_tools::per_element());
+}
+
+BOOST_AUTO_TEST_CASE(combine_gathers_slots_in_order_with_pass_through_and_extra) {
+  // T = 2, width = 3, d = 2. Token 0: slot 0 -> row 1, slot 1 dropped, slot 2 unused.
+  // Token 1: slot 0 -> row 0.
+  const index_t d = 2, width = 3;
+  std::vector<std::int32_t> counts = {2, 1};
+  std::vector<float> weights = {0.5f, 0.25f, 0, 2, 0, 0};
+  std::vector<index_t> pair_row = {1, dispatch::dropped_pair, dispatch::unused_pair, 0,
+                                   dispatch::unused_pair, dispatch::unused_pair};
+  std::vector<float> rows = {1, 2, 3, 4};
+  std::vector<float> x = {8, 16, 1, 1}, extra = {100, 200, 300, 400}, y(4);
+  ops::combine_slots<float, const std::int32_t, const float> f{
+      make_view<const float>(weights.data(), 2, width), make_view<const std::int32_t>(counts.data(), 2),
+      pair_row.data(), width, d, rows.data(), make_view<const float>(x.data(), 2, d), true, extra.data(),
+      make_view(y.data(), 2, d)};
+  run(2, f);
+  BOOST_TEST(y == (std::vector<float>{0.5f * 3 + 0.25f * 8 + 100, 0.5f * 4 + 0.25f * 16 + 200, 2 * 1 + 300,
+                                      2 * 2 + 400}),
+             boost::test_tools::per_element());
+  f.pass_through = false;
+  f.extra = nullptr;
+  run(2, f);
+  BOOST_TEST(y == (std::vector<float>{1.5f, 2, 2, 4}), boost::test_tools::per_element());
+
+  // Backward: dx += dX rows of the slots (+ w · dy for the dropped pass-through pair), and
+  // d_weights of the dropped pair = <dy, x>.
+  std::vector<float> dy = {1, 2, 3, 4}, dx(4, 1.0f), d_weights(6, -1.0f);
+  run(2, ops::combine_backward_slots<float, const std::int32_t, const float>{
+             make_view<const float>(weights.data(), 2, width), make_view<const std::int32_t>(counts.data(), 2),
+             pair_row.data(), width, d, rows.data(), make_view<const float>(x.data(), 2, d),
+             make_view<const float>(dy.data(), 2, d), true, d_weights.data(), make_view(dx.data(), 2, d), true});
+  BOOST_TEST(dx == (std::vector<float>{1 + 3 + 0.25f * 1, 1 + 4 + 0.25f * 2, 1 + 1, 1 + 2}),
+             boost::test_tools::per_element());
+  BOOST_TEST(d_weights[1] == 1 * 8 + 2 * 16);
+  BOOST_TEST(d_weights[0] == -1.0f);  // used slots' cotangents come from the expert rows
+}
+
+BOOST_AUTO_TEST_CASE(report_drops_copies_the_per_expert_counts) {
+  std::vector<index_t> planned = {0, 3, 1}, dropped(3, -1);
+  run(3, ops::report_drops{planned.data(), dropped.data()});
+  BOOST_TEST(dropped == planned, boost::test_tools::per_element());
+}
