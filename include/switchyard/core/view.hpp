@@ -51,11 +51,12 @@ tensor_view<T, R> make_strided_view(T* p, const ::cuda::std::array<index_t, R>& 
 }
 
 namespace detail {
-//! True when an optional view is present: it refers to memory and has elements (an absent
-//! gradient, bias or output is passed as an empty view `{}`).
+//! True when an optional view is present, i.e. is anything but the empty view `{}` (how an
+//! absent gradient, bias or output is passed). The one test of the library: a present view is
+//! then validated (`check_view`), so a null pointer with extents is an error, never skipped.
 template <class V>
 SWITCHYARD_HD bool present(const V& v) {
-  return v.data_handle() != nullptr && v.size() != 0;
+  return v.data_handle() != nullptr || v.size() != 0;
 }
 }  // namespace detail
 

@@ -41,9 +41,9 @@ struct expert_weights {
   //! P = w1.extent(1): d_ff, or 2·d_ff for gated experts.
   [[nodiscard]] index_t projection_width() const { return w1.extent(1); }
   //! True when b1 holds data.
-  [[nodiscard]] bool has_b1() const { return b1.data_handle() != nullptr && b1.size() != 0; }
+  [[nodiscard]] bool has_b1() const { return detail::present(b1); }
   //! True when b2 holds data.
-  [[nodiscard]] bool has_b2() const { return b2.data_handle() != nullptr && b2.size() != 0; }
+  [[nodiscard]] bool has_b2() const { return detail::present(b2); }
 };
 
 //! Gradients of the expert parameters, float, accumulated (+=) into caller memory; an empty
@@ -89,8 +89,8 @@ void validate_expert_weights(const expert_weights<T>& w, index_t d, bool gated) 
              gated ? "[E, 2·d_ff, d] (gated activation: fused [gate | up]) with E, d_ff from "
                      "weights.w2 and d = x.extent(1)"
                    : "[E, d_ff, d] with E, d_ff from weights.w2 and d = x.extent(1)");
-  if (w.b1.data_handle() != nullptr) check_view("weights.b1", w.b1, {e, p}, "[E, P] (P = w1.extent(1))");
-  if (w.b2.data_handle() != nullptr) check_view("weights.b2", w.b2, {e, d}, "[E, d]");
+  if (detail::present(w.b1)) check_view("weights.b1", w.b1, {e, p}, "[E, P] (P = w1.extent(1))");
+  if (detail::present(w.b2)) check_view("weights.b2", w.b2, {e, d}, "[E, d]");
 }
 
 //! Checks the gradient views that are present against the weights' extents.

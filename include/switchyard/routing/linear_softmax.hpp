@@ -161,7 +161,7 @@ void linear_backward(const matrix_view<const T>& x, const linear_router_params& 
                      const float* d_logits, const matrix_view<float>& dx,
                      const linear_router_grads& g) {
   const index_t tokens = x.extent(0), d = x.extent(1), e_count = p.w.extent(0);
-  if (dx.data_handle() != nullptr) {
+  if (::switchyard::detail::present(dx)) {
     check_view("dx", dx, {tokens, d}, "[T, d]");
 #pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
     for (index_t t = 0; t < tokens; ++t)
@@ -171,7 +171,7 @@ void linear_backward(const matrix_view<const T>& x, const linear_router_params& 
         dx(t, i) += acc;
       }
   }
-  if (g.w.data_handle() != nullptr) {
+  if (::switchyard::detail::present(g.w)) {
     check_view("grads.w", g.w, {e_count, d}, "[E, d]");
 #pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
     for (index_t e = 0; e < e_count; ++e)

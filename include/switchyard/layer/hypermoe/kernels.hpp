@@ -22,10 +22,7 @@
 
 namespace switchyard::layer::detail {
 
-template <class V>
-bool present(const V& v) {
-  return v.data_handle() != nullptr;
-}
+using ::switchyard::detail::present;  // the library's one optional-view test (core/view.hpp)
 
 //! max(0, v) with std::max(0.0, v)'s result for every input (NaN and -0 give +0).
 SWITCHYARD_HD SWITCHYARD_FORCEINLINE double relu(double v) { return 0.0 < v ? v : 0.0; }

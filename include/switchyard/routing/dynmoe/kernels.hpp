@@ -148,7 +148,7 @@ SWITCHYARD_HD bool dynmoe_cosine_backward_row(const matrix_view<const T>& x, ind
   bool any = false;
   for (index_t e = 0; e < e_max; ++e) any |= dz[e] != 0.0;
   if (!any) return false;
-  if (dx.data_handle() == nullptr) return true;
+  if (!::switchyard::detail::present(dx)) return true;
   for (index_t i = 0; i < d; ++i) dxhat[i] = 0.0;
   for (index_t e = 0; e < e_max; ++e) {
     const double dc = dz[e] * s;

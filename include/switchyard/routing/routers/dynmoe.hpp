@@ -218,9 +218,9 @@ struct DynMoE {
                                     plan.num_tokens, ", width ", plan.width, ", E ",
                                     plan.num_experts));
     }
-    const bool want_dx = dx.data_handle() != nullptr || element_count(dx) != 0;
-    const bool want_w = grads.w_gate.data_handle() != nullptr || element_count(grads.w_gate) != 0;
-    const bool want_g = grads.thresholds.data_handle() != nullptr || element_count(grads.thresholds) != 0;
+    const bool want_dx = ::switchyard::detail::present(dx);
+    const bool want_w = ::switchyard::detail::present(grads.w_gate);
+    const bool want_g = ::switchyard::detail::present(grads.thresholds);
     if (want_dx) check_view("dx", dx, {tokens, d}, "[T, d]");
     if (want_w) check_view("grads.w_gate", grads.w_gate, {d, e_max}, "[d, E_max]");
     if (want_g) check_view("grads.thresholds", grads.thresholds, {e_max}, "[E_max]");
