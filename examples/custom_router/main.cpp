@@ -83,8 +83,8 @@ struct ConfidentRouter {
   template <sy::ElementType T>
   void forward(const sy::matrix_view<const T>& x, const params_type& p, const sy::routing::plan_ref& plan,
                losses_type& losses, sy::workspace_arena& ws) const {
-    sy::routing::detail::check_linear_router_inputs(x, p);
-    sy::routing::detail::require_plan(plan, x.extent(0), rule.k, p.w.extent(0));
+    sy::detail::check_linear_router_inputs(x, p);
+    sy::detail::require_plan(plan, x.extent(0), rule.k, p.w.extent(0));
     const scratch s = carve(ws, x.extent(0), p.w.extent(0));
     sy::routing::linear_softmax_scores(x, p, plan);
     sy::routing::select_all(rule, plan);

@@ -54,7 +54,7 @@ class workspace_arena {
     U* p = base_ != nullptr ? reinterpret_cast<U*>(base_ + used_) : nullptr;
     used_ += bytes;
     if (base_ != nullptr && used_ > capacity_) {
-      throw shape_error("workspace", ::switchyard::detail::concat(
+      throw shape_error("workspace", detail::concat(
                                          "workspace: expected at least ", used_,
                                          " bytes (see workspace_size), got ", capacity_));
     }

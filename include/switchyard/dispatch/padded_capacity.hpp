@@ -38,16 +38,16 @@ struct padded_capacity {
   void validate() const {
     if (!(capacity_factor > 0.0f) || !std::isfinite(capacity_factor)) {
       throw range_error("capacity_factor",
-                        ::switchyard::detail::concat("capacity_factor must be a finite value > 0, got ",
+                        detail::concat("capacity_factor must be a finite value > 0, got ",
                                                      capacity_factor));
     }
     if (min_capacity < 0) {
-      throw range_error("min_capacity", ::switchyard::detail::concat(
+      throw range_error("min_capacity", detail::concat(
                                             "min_capacity must be >= 0, got ", min_capacity));
     }
     if (capacity_multiple < 1) {
       throw range_error("capacity_multiple",
-                        ::switchyard::detail::concat("capacity_multiple must be >= 1, got ",
+                        detail::concat("capacity_multiple must be >= 1, got ",
                                                      capacity_multiple));
     }
   }

@@ -76,12 +76,12 @@ void validate_expert_weights(const expert_weights<T>& w, index_t d, bool gated) 
   check_view("weights.w2", w.w2, {-1, d, -1}, "[E, d, d_ff] with d = x.extent(1)");
   const index_t e = w.w2.extent(0), d_ff = w.w2.extent(2);
   if (e < 1) {
-    throw shape_error("weights.w2", ::switchyard::detail::concat(
+    throw shape_error("weights.w2", detail::concat(
                                         "weights.w2: expected at least one expert (extent 0 "
                                         ">= 1), got ", e));
   }
   if (d_ff < 1) {
-    throw shape_error("weights.w2", ::switchyard::detail::concat(
+    throw shape_error("weights.w2", detail::concat(
                                         "weights.w2: expected d_ff = extent 2 >= 1, got ", d_ff));
   }
   const index_t p = gated ? 2 * d_ff : d_ff;

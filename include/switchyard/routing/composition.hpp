@@ -69,7 +69,10 @@ struct same_rule {
   [[nodiscard]] SWITCHYARD_HD Rule rule(index_t /*token*/) const { return r; }
 };
 
-namespace detail {
+}  // namespace switchyard::routing
+
+namespace switchyard::detail {
+using namespace ::switchyard::routing;  // this block's helpers use switchyard::routing's names
 template <class R>
 concept has_fixed_rule = requires(const R& r) {
   { r.rule() } -> SelectionRule;
@@ -77,7 +80,9 @@ concept has_fixed_rule = requires(const R& r) {
 template <class R>
 concept has_token_rules = requires(const R& r, const typename R::params_type& p, index_t t,
                                    workspace_arena& ws) { r.token_rules(p, t, ws).rule(t); };
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::routing {
 
 //! A router made of parts (see the file comment): the generic route of a backend runs it.
 template <class R>

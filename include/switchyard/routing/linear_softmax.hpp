@@ -40,20 +40,25 @@ struct softmax_router_losses {
   float z = 0.0f;          //!< mean_t logsumexp(logits_t)²  (ST-MoE)
 };
 
-namespace detail {
+}  // namespace switchyard::routing
+
+namespace switchyard::detail {
+using namespace ::switchyard::routing;  // this block's helpers use switchyard::routing's names
 
 //! Checks x [T, d] against w [E, d] and that w is usable.
 template <class T>
 void check_linear_router_inputs(const matrix_view<const T>& x, const linear_router_params& p) {
   check_view("params.w", p.w, {-1, -1}, "[E, d]");
   if (p.w.extent(0) < 1) {
-    throw shape_error("params.w", ::switchyard::detail::concat("params.w: expected at least one expert (extent 0 >= 1), got ",
+    throw shape_error("params.w", detail::concat("params.w: expected at least one expert (extent 0 >= 1), got ",
                                          p.w.extent(0)));
   }
   check_view("x", x, {-1, p.w.extent(1)}, "[T, d] with d = params.w.extent(1)");
 }
 
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::routing {
 
 //! logits[t, e] = Σ_i x[t, i] · w[e, i] (float accumulation), probs = softmax(logits),
 //! written to plan.logits / plan.probs (plan must be sized). Throws non_finite_error on a
@@ -82,7 +87,7 @@ void linear_softmax_scores(const matrix_view<const T>& x, const linear_router_pa
     }
   }
   if (bad) {
-    throw non_finite_error("x", ::switchyard::detail::concat("x: router logits of token ", bad_t,
+    throw non_finite_error("x", detail::concat("x: router logits of token ", bad_t,
                                                " are not finite (NaN or Inf in x or params.w); "
                                                "Switchyard refuses to route non-finite tokens"));
   }
@@ -161,7 +166,7 @@ void linear_backward(const matrix_view<const T>& x, const linear_router_params& 
                      const float* d_logits, const matrix_view<float>& dx,
                      const linear_router_grads& g) {
   const index_t tokens = x.extent(0), d = x.extent(1), e_count = p.w.extent(0);
-  if (::switchyard::detail::present(dx)) {
+  if (detail::present(dx)) {
     check_view("dx", dx, {tokens, d}, "[T, d]");
 #pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
     for (index_t t = 0; t < tokens; ++t)
@@ -171,7 +176,7 @@ void linear_backward(const matrix_view<const T>& x, const linear_router_params& 
         dx(t, i) += acc;
       }
   }
-  if (::switchyard::detail::present(g.w)) {
+  if (detail::present(g.w)) {
     check_view("grads.w", g.w, {e_count, d}, "[E, d]");
 #pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
     for (index_t e = 0; e < e_count; ++e)

@@ -91,7 +91,10 @@ SWITCHYARD_HD inline void entropy_backward_row(::cuda::std::span<const float> lo
 //! Where a loss term's gradient lands.
 enum class loss_target { probs, logits, none };
 
-namespace detail {
+}  // namespace switchyard::routing
+
+namespace switchyard::detail {
+using namespace ::switchyard::routing;  // this block's helpers use switchyard::routing's names
 inline ::cuda::std::span<const float> row(span<float> a, index_t t, index_t n) {
   return {a.data() + t * n, static_cast<std::size_t>(n)};
 }
@@ -104,7 +107,9 @@ inline ::cuda::std::span<const std::int32_t> id_row(const plan_ref& plan, index_
 inline void zero(double* a, index_t n) {
   for (index_t i = 0; i < n; ++i) a[i] = 0.0;
 }
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::routing {
 
 namespace terms {
 

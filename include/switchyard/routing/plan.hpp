@@ -57,13 +57,13 @@ struct plan_ref {
     // Names are built only on failure: a valid plan costs no allocation.
     auto need = [&](std::string_view name, const void* data, std::size_t got, index_t want) {
       if (static_cast<index_t>(got) != want) {
-        const std::string arg = ::switchyard::detail::concat(argument, ".", name);
-        throw shape_error(arg, ::switchyard::detail::concat(arg, ": expected ", want, " elements (T = ",
+        const std::string arg = detail::concat(argument, ".", name);
+        throw shape_error(arg, detail::concat(arg, ": expected ", want, " elements (T = ",
                                                             num_tokens, ", width = ", width, ", E = ",
                                                             num_experts, "), got ", got));
       }
       if (data == nullptr && want != 0) {
-        ::switchyard::detail::require_data(::switchyard::detail::concat(argument, ".", name), data,
+        detail::require_data(detail::concat(argument, ".", name), data,
                                            want);
       }
     };
@@ -105,12 +105,15 @@ struct plan_ref {
   }
 };
 
-namespace detail {
+}  // namespace switchyard::routing
+
+namespace switchyard::detail {
+using namespace ::switchyard::routing;  // this block's helpers use switchyard::routing's names
 //! A router's forward entry check: `plan` is sized for T tokens, `width` slots and E experts
 //! (shape_error naming "plan" otherwise); its selection is reset to unused slots.
 inline void require_plan(const plan_ref& plan, index_t t, index_t width, index_t e) {
   if (plan.num_tokens != t || plan.width != width || plan.num_experts != e) {
-    throw shape_error("plan", ::switchyard::detail::concat(
+    throw shape_error("plan", detail::concat(
                                   "plan: expected T = ", t, ", width = ", width, ", E = ", e,
                                   " (from x and the router's params), got T = ", plan.num_tokens,
                                   ", width = ", plan.width, ", E = ", plan.num_experts));
@@ -118,7 +121,9 @@ inline void require_plan(const plan_ref& plan, index_t t, index_t width, index_t
   plan.check("plan");
   plan.reset_selection();
 }
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::routing {
 
 //! Host-owning routing plan (the convenience owner of a plan_ref's arrays).
 struct routing_plan {
@@ -208,7 +213,7 @@ void validate_plan(std::string_view argument, const plan_view<Id, W>& plan, inde
                    index_t e) {
   // Argument names are built only when a check fails (a valid plan costs no allocation).
   const auto name = [&](std::string_view part) {
-    return ::switchyard::detail::concat(argument, part);
+    return detail::concat(argument, part);
   };
   const bool null_data = (plan.expert_ids.data_handle() == nullptr && plan.expert_ids.size() != 0) ||
                          (plan.weights.data_handle() == nullptr && plan.weights.size() != 0) ||
@@ -222,23 +227,23 @@ void validate_plan(std::string_view argument, const plan_view<Id, W>& plan, inde
   for (index_t i = 0; i < t; ++i) {
     const index_t c = plan.counts(i);
     if (c < 0 || c > plan.width()) {
-      throw range_error(::switchyard::detail::concat(argument, ".counts"),
-                        ::switchyard::detail::concat(argument, ".counts[", i, "] must be in [0, ", plan.width(),
+      throw range_error(detail::concat(argument, ".counts"),
+                        detail::concat(argument, ".counts[", i, "] must be in [0, ", plan.width(),
                                "], got ", c));
     }
     for (index_t j = 0; j < plan.width(); ++j) {
       const index_t id = plan.expert_ids(i, j);
       const bool used = j < c;
       if ((used && (id < 0 || id >= e)) || (!used && id != unused_slot)) {
-        throw range_error(::switchyard::detail::concat(argument, ".expert_ids"),
-                          ::switchyard::detail::concat(argument, ".expert_ids[", i, ", ", j, "] must be ",
-                                 used ? ::switchyard::detail::concat("in [0, ", e, ")") : std::string("-1 (unused)"),
+        throw range_error(detail::concat(argument, ".expert_ids"),
+                          detail::concat(argument, ".expert_ids[", i, ", ", j, "] must be ",
+                                 used ? detail::concat("in [0, ", e, ")") : std::string("-1 (unused)"),
                                  ", got ", id));
       }
       for (index_t first = 0; used && first < j; ++first) {
         if (static_cast<index_t>(plan.expert_ids(i, first)) != id) continue;
-        throw range_error(::switchyard::detail::concat(argument, ".expert_ids"),
-                          ::switchyard::detail::concat(argument, ".expert_ids[", i, ", ", j,
+        throw range_error(detail::concat(argument, ".expert_ids"),
+                          detail::concat(argument, ".expert_ids[", i, ", ", j,
                                                        "] repeats expert ", id, " (also in slot ",
                                                        first, "); a token's used slots must name "
                                                        "distinct experts"));

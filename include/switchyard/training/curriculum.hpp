@@ -36,13 +36,13 @@ inline curriculum_result curriculum_order(const matrix_view<const std::int32_t>&
   check_view("seq_len", seq_len, {n}, "[N] with N = top2_counts.extent(0)");
   for (index_t d = 0; d < n; ++d) {
     if (seq_len(d) < 1) {
-      throw range_error("seq_len", ::switchyard::detail::concat(
+      throw range_error("seq_len", detail::concat(
                                        "seq_len[", d, "] must be >= 1, got ", seq_len(d)));
     }
     for (index_t l = 0; l < layers; ++l) {
       if (top2_counts(d, l) < 0) {
         throw range_error("top2_counts",
-                          ::switchyard::detail::concat("top2_counts[", d, ", ", l,
+                          detail::concat("top2_counts[", d, ", ", l,
                                                        "] must be >= 0, got ", top2_counts(d, l)));
       }
     }

@@ -47,19 +47,19 @@ struct dynmoe_recorder {
   void record(const routing::plan_ref& plan, const matrix_view<const T>& x) {
     const index_t e_max = plan.num_experts, d = x.extent(1);
     if (e_max < 0) {
-      throw range_error("plan.num_experts", ::switchyard::detail::concat(
+      throw range_error("plan.num_experts", detail::concat(
                                                 "plan.num_experts must be >= 0, got ", e_max));
     }
     if (plan.num_tokens < 0 || plan.width < 0) {
       throw range_error(plan.num_tokens < 0 ? "plan.num_tokens" : "plan.width",
-                        ::switchyard::detail::concat("plan: num_tokens and width must be >= 0, got ",
+                        detail::concat("plan: num_tokens and width must be >= 0, got ",
                                                      plan.num_tokens, " and ", plan.width));
     }
     const auto slots = static_cast<std::size_t>(plan.num_tokens * plan.width);
     const auto require_size = [](const char* name, std::size_t got, std::size_t want,
                                  const char* meaning) {
       if (got != want) {
-        throw shape_error(name, ::switchyard::detail::concat(name, ": expected ", want,
+        throw shape_error(name, detail::concat(name, ": expected ", want,
                                                              " elements ", meaning, ", got ", got));
       }
     };
@@ -70,7 +70,7 @@ struct dynmoe_recorder {
     routing::validate_plan("plan", plan.const_view(), plan.num_tokens, e_max);
     // Every check before the first mutation: a rejected call leaves the records unchanged.
     const bool fresh = routing_records.empty() && sample_records.empty();
-    ::switchyard::detail::require_extent(
+    detail::require_extent(
         "plan.num_experts", 0, e_max,
         fresh ? e_max : static_cast<index_t>(routing_records.size()),
         "E_max of the recorded experts");
@@ -123,9 +123,9 @@ inline dynmoe_update_result adaptive_update(const dynmoe_recorder& records,
     r.num_active_experts = count_active();
     return r;
   }
-  ::switchyard::detail::require_extent("records.routing_records", 0,
+  detail::require_extent("records.routing_records", 0,
                          static_cast<index_t>(records.routing_records.size()), e_max, "E_max");
-  ::switchyard::detail::require_extent("records.sample_records", 0,
+  detail::require_extent("records.sample_records", 0,
                          static_cast<index_t>(records.sample_records.size()), d, "d");
   // 1. remove every expert that received no token
   for (index_t e = 0; e < e_max; ++e) {
@@ -180,14 +180,14 @@ struct dynmoe_schedule {
   //! in [0, phases).
   void validate() const {
     if (period < 1)
-      throw range_error("period", ::switchyard::detail::concat("period must be >= 1, got ", period));
+      throw range_error("period", detail::concat("period must be >= 1, got ", period));
     if (phases < 2)
-      throw range_error("phases", ::switchyard::detail::concat("phases must be >= 2, got ", phases));
-    ::switchyard::detail::require_in_range<index_t>("record_phase", record_phase, 0, phases - 1);
-    ::switchyard::detail::require_in_range<index_t>("update_phase", update_phase, 0, phases - 1);
+      throw range_error("phases", detail::concat("phases must be >= 2, got ", phases));
+    detail::require_in_range<index_t>("record_phase", record_phase, 0, phases - 1);
+    detail::require_in_range<index_t>("update_phase", update_phase, 0, phases - 1);
     if (record_phase == update_phase)
       throw range_error("update_phase",
-                        ::switchyard::detail::concat("update_phase must differ from record_phase = ",
+                        detail::concat("update_phase must differ from record_phase = ",
                                                      record_phase, ", got ", update_phase));
   }
 

@@ -280,7 +280,7 @@ BOOST_AUTO_TEST_CASE(gemm_matches_float64_for_every_transpose) {
       const host::op oa = ta ? host::op::transpose : host::op::none;
       const host::op ob = tb ? host::op::transpose : host::op::none;
       host::sgemm(oa, ob, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, 0.25f, c1.data(), n);
-      host::detail::sgemm_blocked(oa, ob, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, 0.25f, c2.data(), n);
+      ::switchyard::detail::sgemm_blocked(oa, ob, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, 0.25f, c2.data(), n);
       for (index_t i = 0; i < m; ++i)
         for (index_t j = 0; j < n; ++j) {
           double s = 0, abs_s = 0;

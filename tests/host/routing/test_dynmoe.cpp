@@ -617,7 +617,7 @@ BOOST_AUTO_TEST_CASE(a_short_workspace_is_a_shape_error) {
   const sy::routers::DynMoE r;
   const auto params = p.params();
   sy::workspace_arena measure;
-  (void)sy::routing::detail::dynmoe_backward_scratch::take(measure, p.tokens, p.d, p.experts);
+  (void)sy::detail::dynmoe_backward_scratch::take(measure, p.tokens, p.d, p.experts);
   std::vector<std::byte> bytes(measure.used() - 1 + sy::workspace_arena::alignment);
   routing_plan plan;
   plan.resize(p.tokens, r.width(params), r.num_experts(params));

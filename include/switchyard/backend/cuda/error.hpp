@@ -14,18 +14,23 @@
 
 namespace switchyard::cuda {
 
-namespace detail {
+}  // namespace switchyard::cuda
+
+namespace switchyard::detail {
+using namespace ::switchyard::cuda;  // this block's helpers use switchyard::cuda's names
 inline std::string where(const std::source_location& loc) {
-  return ::switchyard::detail::concat(loc.file_name(), ":", loc.line());
+  return detail::concat(loc.file_name(), ":", loc.line());
 }
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::cuda {
 
 //! Throws cuda_error unless `status == cudaSuccess`.
 inline void check(cudaError_t status, const char* what,
                   std::source_location loc = std::source_location::current()) {
   if (status != cudaSuccess) {
     throw cuda_error(static_cast<int>(status),
-                     ::switchyard::detail::concat(what, " failed: ", cudaGetErrorName(status), " (",
+                     detail::concat(what, " failed: ", cudaGetErrorName(status), " (",
                                                   cudaGetErrorString(status), ") at ",
                                                   detail::where(loc)));
   }
@@ -36,7 +41,7 @@ inline void check(cublasStatus_t status, const char* what,
                   std::source_location loc = std::source_location::current()) {
   if (status != CUBLAS_STATUS_SUCCESS) {
     throw cuda_error(static_cast<int>(status),
-                     ::switchyard::detail::concat(what, " failed: ", cublasGetStatusName(status),
+                     detail::concat(what, " failed: ", cublasGetStatusName(status),
                                                   " (", cublasGetStatusString(status), ") at ",
                                                   detail::where(loc)));
   }

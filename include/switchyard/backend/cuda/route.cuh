@@ -51,11 +51,16 @@ __global__ void select(Rule rule, const float* __restrict__ scores,  // [T, E]
 
 }  // namespace kernels
 
-namespace detail {
+}  // namespace switchyard::cuda
+
+namespace switchyard::detail {
+using namespace ::switchyard::cuda;  // this block's helpers use switchyard::cuda's names
 inline unsigned grid_for(index_t tokens, int block) {
   return static_cast<unsigned>((tokens + block - 1) / block);
 }
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::cuda {
 
 //! Launches the selection rule over precomputed scores of T tokens on `stream`. Device
 //! pointers; any span the rule holds (e.g. top-any thresholds) must be device memory.

@@ -25,18 +25,23 @@
 
 namespace switchyard::host {
 
-namespace detail {
+}  // namespace switchyard::host
+
+namespace switchyard::detail {
+using namespace ::switchyard::host;  // this block's helpers use switchyard::host's names
 
 //! db(e, c) += Σ_{r < n} m[r, c] for c < cols (rows of leading dimension ld), column by
 //! column; nothing when db is absent.
 inline void add_bias_grad(const matrix_view<float>& db, index_t e, const float* m, index_t n,
                           index_t ld, index_t cols) {
-  if (!::switchyard::detail::present(db)) return;
+  if (!detail::present(db)) return;
   run_range(0, cols,
             ops::bias_grad_columns{m, n, ld, db.data_handle() + e * db.stride(0), db.stride(1)});
 }
 
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::host {
 
 //! Backward of `experts_forward` (recomputing the hidden activations):
 //! dx [T, d] += ∂/∂x, grads += ∂/∂weights (present views only), d_weights [T·width] =
@@ -67,8 +72,8 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
   float* pair_dx = grouped ? nullptr : ws.take<float>(dm.tokens * dm.width * dm.d);
   float* w1_buf = detail::needs_panel(w.w1) ? ws.take<float>(dm.p * dm.d) : nullptr;
   float* w2_buf = detail::needs_panel(w.w2) ? ws.take<float>(dm.d * dm.d_ff) : nullptr;
-  const bool gw1_direct = !::switchyard::detail::present(grads.w1) || detail::blas_layout(grads.w1);
-  const bool gw2_direct = !::switchyard::detail::present(grads.w2) || detail::blas_layout(grads.w2);
+  const bool gw1_direct = !detail::present(grads.w1) || detail::blas_layout(grads.w1);
+  const bool gw2_direct = !detail::present(grads.w2) || detail::blas_layout(grads.w2);
   // One expert's dW1 [P, d] / dW2 [d, d_ff] for gradient views BLAS cannot write (always
   // reserved: the size query does not see the gradient views).
   float* gw1 = ws.take<float>(dm.p * dm.d);
@@ -97,7 +102,7 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
   auto accumulate_weight_grad = [&](const tensor_view<float, 3>& grad, bool direct, float* tmp,
                                     index_t e, index_t n, const float* l, index_t ldl,
                                     const float* r, index_t ldr) {
-    if (!::switchyard::detail::present(grad)) return;
+    if (!detail::present(grad)) return;
     const index_t rows = grad.extent(1), cols = grad.extent(2);
     if (direct) {
       detail::gemm_rows(rp, op::transpose, op::none, rows, cols, n, l, ldl, r, ldr,
@@ -129,7 +134,7 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
   const blas_single_thread_scope single_threaded_blas;
   const bool panels = w1_buf != nullptr || w2_buf != nullptr;
   const bool parallel = !panels && gw1_direct && gw2_direct &&
-                        ::switchyard::detail::openmp_parallel_available();
+                        detail::openmp_parallel_available();
   if (grouped) {
     detail::pad_groups(l, rp, dm.experts);
     detail::gather_groups(x, g, rp, dm.experts, width, xs);
@@ -149,7 +154,7 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
       run_expert(e, n, m, xe, he, ae, dye, da + r0 * f, w1, w2);
     };
     if (!panels) {
-      ::switchyard::detail::parallel_for(dm.experts, parallel, [&](index_t e) {
+      detail::parallel_for(dm.experts, parallel, [&](index_t e) {
         one(e, detail::expert_panel(w.w1, e, nullptr), detail::expert_panel(w.w2, e, nullptr));
       });
     } else {
@@ -180,7 +185,7 @@ void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dim
   const ops::combine_backward_slots<T, Id, W> combine{
       plan.weights, plan.counts, g.pair_row.data(), width, d, grouped ? dys : pair_dx, x, dy,
       g.drop == dispatch::dropped_output::scaled_input, d_weights, dx,
-      ::switchyard::detail::present(dx)};
+      detail::present(dx)};
   detail::run_static(tokens, tokens * width * d > (1 << 15), combine);
 }
 

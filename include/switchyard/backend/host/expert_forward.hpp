@@ -28,7 +28,10 @@
 
 namespace switchyard::host {
 
-namespace detail {
+}  // namespace switchyard::host
+
+namespace switchyard::detail {
+using namespace ::switchyard::host;  // this block's helpers use switchyard::host's names
 
 //! m[r, c] += bias(e, c) for n rows of width `cols` (leading dimension ld), row by row.
 template <ElementType T>
@@ -76,14 +79,14 @@ void run_work_items(const Act& act, const row_panels& rp, const expert_weights<T
   auto one = [&](index_t i, float_panel w1, float_panel w2) {
     const work_item& it = items[i];
     expert_forward(act, rp, w, dm, it.expert, it.rows,
-                   xs + ::switchyard::detail::row_offset(it.row, dm.d),
-                   h + ::switchyard::detail::row_offset(it.row, dm.p),
-                   ys + ::switchyard::detail::row_offset(it.row, dm.d), w1, w2);
+                   xs + detail::row_offset(it.row, dm.d),
+                   h + detail::row_offset(it.row, dm.p),
+                   ys + detail::row_offset(it.row, dm.d), w1, w2);
   };
   const bool panels = w1_buf != nullptr || w2_buf != nullptr;
   if (!panels) {
-    ::switchyard::detail::parallel_for(
-        n_items, ::switchyard::detail::openmp_parallel_available(), [&](index_t i) {
+    detail::parallel_for(
+        n_items, detail::openmp_parallel_available(), [&](index_t i) {
           one(i, expert_panel(w.w1, items[i].expert, nullptr),
               expert_panel(w.w2, items[i].expert, nullptr));
         });
@@ -101,7 +104,9 @@ void run_work_items(const Act& act, const row_panels& rp, const expert_weights<T
   }
 }
 
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::host {
 
 //! Runs the experts of a plan: y [T, d] = Σ_j w_tj · FFN_{e_tj}(x_t) (+ `extra` [T, d] float
 //! when non-null, the add-on module's term). Fills `dropped` [E] per expert. With a

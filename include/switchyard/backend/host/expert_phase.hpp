@@ -35,7 +35,10 @@ inline row_panels panels_for(const expert_dims& dm) {
   return dm.batch_invariant ? row_panels::batch_invariant() : row_panels::for_shape(dm.d, dm.d_ff);
 }
 
-namespace detail {
+}  // namespace switchyard::host
+
+namespace switchyard::detail {
+using namespace ::switchyard::host;  // this block's helpers use switchyard::host's names
 
 //! One GEMM call's worth of an expert's rows: rows [row, row + rows) of the padded layout.
 struct work_item {
@@ -146,6 +149,8 @@ inline void check_gemm_dims(const expert_dims& dm, index_t rows) {
   detail::blas_int("expert rows", rows);
 }
 
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::host {
 
 }  // namespace switchyard::host

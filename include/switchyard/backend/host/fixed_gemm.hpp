@@ -45,7 +45,10 @@
 
 namespace switchyard::host {
 
-namespace detail {
+}  // namespace switchyard::host
+
+namespace switchyard::detail {
+using namespace ::switchyard::host;  // this block's helpers use switchyard::host's names
 
 //! Four float lanes (GCC/Clang vector extension: one SSE register on baseline x86-64).
 typedef float lanes4 __attribute__((vector_size(16)));
@@ -66,7 +69,9 @@ SWITCHYARD_NO_CONTRACT_ATTR inline float reduce4(lanes4 v) {
   return (v[0] + v[2]) + (v[1] + v[3]);
 }
 
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::host {
 
 //! C[m, n] = A[m, k] · B[n, k]ᵀ (or C += that when `accumulate`), fixed per-element order
 //! (portable 4-lane code; `gemm_nt_fixed` may run the AVX version, which gives the same bits).

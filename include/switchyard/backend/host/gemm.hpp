@@ -64,7 +64,10 @@ class blas_single_thread_scope {
   int previous_ = 1;
 };
 
-namespace detail {
+}  // namespace switchyard::host
+
+namespace switchyard::detail {
+using namespace ::switchyard::host;  // this block's helpers use switchyard::host's names
 
 //! Element (i, j) of op(M) for a row-major M with leading dimension ld.
 SWITCHYARD_FORCEINLINE float op_at(const float* m, index_t ld, op o, index_t i, index_t j) {
@@ -110,14 +113,16 @@ inline void sgemm_blocked(op ta, op tb, index_t m, index_t n, index_t k, float a
 
 inline int blas_int(const char* what, index_t v) {
   if (v < 0 || v > INT_MAX) {
-    throw range_error(what, ::switchyard::detail::concat(
+    throw range_error(what, detail::concat(
                                 what, ": a BLAS dimension must fit in a 32-bit int (<= ",
                                 INT_MAX, "), got ", v));
   }
   return static_cast<int>(v);
 }
 
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::host {
 
 //! Row-major `C[m, n] = alpha · op(A) · op(B) + beta · C`; op(A) is [m, k], op(B) is [k, n].
 //! Empty products (m, n or k = 0) leave C scaled by beta.

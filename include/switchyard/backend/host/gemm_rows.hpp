@@ -13,7 +13,8 @@
 #include "switchyard/core/view.hpp"
 #include "switchyard/layer/expert_weights.hpp"
 
-namespace switchyard::host::detail {
+namespace switchyard::detail {
+using namespace ::switchyard::host;  // this block's helpers use switchyard::host's names
 
 //! A float matrix in memory the GEMM can read: pointer and leading dimension.
 struct float_panel {
@@ -45,7 +46,7 @@ float_panel expert_panel(const tensor_view<const T, 3>& w, index_t e, float* buf
   const index_t rows = w.extent(1), cols = w.extent(2);
   if (!needs_panel(w)) {
     if constexpr (std::is_same_v<T, float>) {
-      return {w.data_handle() + ::switchyard::detail::offset3(e, 0, 0, w.stride(0), w.stride(1), w.stride(2)),
+      return {w.data_handle() + detail::offset3(e, 0, 0, w.stride(0), w.stride(1), w.stride(2)),
               w.stride(1)};
     }
   }
@@ -68,4 +69,4 @@ inline void gemm_rows(const row_panels& rp, op ta, op tb, index_t m, index_t n, 
   else if (m > 0 && n > 0) detail::sgemm_blocked(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
 }
 
-}  // namespace switchyard::host::detail
+}  // namespace switchyard::detail

@@ -27,7 +27,7 @@
 #include "switchyard/routing/plan.hpp"
 
 namespace switchyard {
-namespace host::detail {
+namespace detail {
 
 //! Throws non_finite_error naming the first (in row-major order) non-finite element of x.
 template <ElementType T>
@@ -40,7 +40,7 @@ void require_finite_tokens(const matrix_view<const T>& x) {
       if (!std::isfinite(to_float(x(t, i)))) first = std::min(first, t * d + i);
   if (first < tokens * d) {
     throw non_finite_error(
-        "x", ::switchyard::detail::concat(
+        "x", detail::concat(
                  "x: every element must be finite, got ", to_float(x(first / d, first % d)),
                  " at x[", first / d, ", ", first % d,
                  "] (Switchyard refuses non-finite tokens; see docs/layer.md, NaN policy)"));
@@ -64,7 +64,7 @@ inline workspace_arena sub_arena(workspace_arena& ws, std::size_t bytes) {
   return ws.carving() ? workspace_arena({p, bytes}) : workspace_arena();
 }
 
-}  // namespace host::detail
+}  // namespace detail
 
 namespace backend {
 
@@ -118,7 +118,7 @@ struct executor<host_context> {
                                             const expert_weights<T>& w,
                                             const typename Layer::addon_params& ap) {
     workspace_arena ws;
-    (void)host::detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
+    (void)detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
     run_forward<T>(layer, {}, {}, w, {}, dims(layer, tokens, layer.router.width(rp), w), {}, ws,
                    ap);
     return ws.required();
@@ -133,7 +133,7 @@ struct executor<host_context> {
     workspace_arena ws;
     const index_t width = layer.router.width(rp);
     (void)ws.take<float>(tokens * width);
-    (void)host::detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
+    (void)detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
     run_backward<T>(layer, {}, {}, w, {}, {}, {}, nullptr, dims(layer, tokens, width, w), ws, ap,
                     {});
     return ws.required();
@@ -146,7 +146,7 @@ struct executor<host_context> {
                       const typename Layer::router_params& rp, const expert_weights<T>& w,
                       const matrix_view<T>& y, const typename Layer::state_type& state,
                       span<std::byte> workspace, const typename Layer::addon_params& ap) {
-    host::detail::require_finite_tokens<T>(x);
+    detail::require_finite_tokens<T>(x);
     const index_t tokens = x.extent(0);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
@@ -155,7 +155,7 @@ struct executor<host_context> {
     }
     workspace_arena ws(workspace);
     workspace_arena rws =
-        host::detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
+        detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
     host::router_forward(layer.router, x, rp, state.plan, *state.losses, rws);
     const auto plan = state.plan.const_view();
     routing::validate_plan("plan", plan, tokens, w.num_experts());
@@ -199,7 +199,7 @@ struct executor<host_context> {
     workspace_arena ws(workspace);
     float* d_weights = ws.take<float>(tokens * width);
     workspace_arena rws =
-        host::detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
+        detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
     run_backward<T>(layer, x, plan, w, dy, dx, grads, d_weights, dims(layer, tokens, width, w), ws,
                     ap, ag);
     host::router_backward(layer.router, x, rp, state.plan, d_weights, coeffs, dx, rgrads, rws);
@@ -235,8 +235,8 @@ struct executor<host_context> {
     float* extra = nullptr;
     if constexpr (Layer::has_addon) {
       extra = ws.take<float>(dm.tokens * dm.d);  // [T, d]
-      workspace_arena aws = host::detail::sub_arena(
-          ws, host::detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts, ap));
+      workspace_arena aws = detail::sub_arena(
+          ws, detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts, ap));
       if (ws.carving()) layer.addon.forward(x, plan, ap, make_view(extra, dm.tokens, dm.d), aws);
     }
     host::experts_forward(layer.dispatch, layer.activation, dm, x, plan, w, extra, y, dropped, ws);
@@ -254,8 +254,8 @@ struct executor<host_context> {
                            d_weights, ws);
     if constexpr (Layer::has_addon) {
       float* dybuf = ws.take<float>(dm.tokens * dm.d);  // [T, d] dy as float
-      workspace_arena aws = host::detail::sub_arena(
-          ws, host::detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts, ap));
+      workspace_arena aws = detail::sub_arena(
+          ws, detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts, ap));
       if (!ws.carving()) return;
       for (index_t t = 0; t < dm.tokens; ++t)
         for (index_t i = 0; i < dm.d; ++i) dybuf[t * dm.d + i] = to_float(dy(t, i));

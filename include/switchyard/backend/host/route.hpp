@@ -26,7 +26,10 @@
 
 namespace switchyard::host {
 
-namespace detail {
+}  // namespace switchyard::host
+
+namespace switchyard::detail {
+using namespace ::switchyard::host;  // this block's helpers use switchyard::host's names
 
 //! Calls f(bound_loss) for every loss term of a composed router, in the router's order.
 template <class Terms, class F>
@@ -71,7 +74,7 @@ void composed_forward(const R& r, const matrix_view<const T>& x, const typename 
   const auto rules = routing::token_rules(r, p, tokens, ws);
   const auto terms = r.loss_terms();
   const auto scratch = carve_term_scratch(terms, experts, ws);
-  routing::detail::require_plan(plan, tokens, r.width(p), experts);
+  detail::require_plan(plan, tokens, r.width(p), experts);
   scoring.forward(x, sp, plan);
   select_tokens(rules, plan);
   std::size_t i = 0;
@@ -151,7 +154,9 @@ std::size_t composed_workspace_size(const R& r, index_t tokens, const typename R
   return std::max(fwd.required(), bwd.required());
 }
 
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::host {
 
 //! Bytes router `r` takes from its workspace in forward or backward for T tokens (the most
 //! of the two); 0 for a custom router that declares no `workspace_size`.

@@ -7,7 +7,10 @@
 
 #include "switchyard/core/config.hpp"
 
-namespace switchyard::host::detail {
+namespace switchyard::host {}  // (declared for the using-directive below)
+
+namespace switchyard::detail {
+using namespace ::switchyard::host;  // this block's helpers use switchyard::host's names
 
 //! f(i) for i in [begin, end), in order, on the calling thread.
 template <class F>
@@ -23,4 +26,4 @@ void run_static(index_t n, bool parallel, const F& f) {
   for (index_t i = 0; i < n; ++i) f(i);
 }
 
-}  // namespace switchyard::host::detail
+}  // namespace switchyard::detail

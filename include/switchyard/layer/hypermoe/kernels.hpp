@@ -20,9 +20,10 @@
 #include "switchyard/layer/hypermoe/params.hpp"
 #include "switchyard/routing/plan.hpp"
 
-namespace switchyard::layer::detail {
+namespace switchyard::detail {
+using namespace ::switchyard::layer;  // this block's helpers use switchyard::layer's names
 
-using ::switchyard::detail::present;  // the library's one optional-view test (core/view.hpp)
+using detail::present;  // the library's one optional-view test (core/view.hpp)
 
 //! max(0, v) with std::max(0.0, v)'s result for every input (NaN and -0 give +0).
 SWITCHYARD_HD SWITCHYARD_FORCEINLINE double relu(double v) { return 0.0 < v ? v : 0.0; }
@@ -303,4 +304,4 @@ struct hyper_backward_scratch {
   }
 };
 
-}  // namespace switchyard::layer::detail
+}  // namespace switchyard::detail

@@ -48,11 +48,11 @@ struct hypermoe_module {
   //! the sizes.
   [[nodiscard]] hypermoe_dims validate(const hypermoe_params& p, index_t d) const {
     if (adapter_dim < 1) {
-      throw range_error("adapter_dim", ::switchyard::detail::concat(
+      throw range_error("adapter_dim", detail::concat(
                                            "adapter_dim must be >= 1, got ", adapter_dim));
     }
     if (group_slots < 1) {
-      throw range_error("group_slots", ::switchyard::detail::concat(
+      throw range_error("group_slots", detail::concat(
                                            "group_slots must be >= 1, got ", group_slots));
     }
     hypermoe_dims s;
@@ -64,7 +64,7 @@ struct hypermoe_module {
     s.layer_emb = p.generator.layer_embed.extent(1);
     if (layer_idx < 0 || layer_idx >= s.layers) {
       throw range_error("layer_idx",
-                        ::switchyard::detail::concat(
+                        detail::concat(
                             "layer_idx must be in [0, L) = [0, ", s.layers,
                             ") (L = params.generator.layer_embed.extent(0)), got ", layer_idx));
     }
@@ -148,8 +148,8 @@ struct hypermoe_module {
     detail::embedding_total(p.expert_emb, w.all);
     const index_t items = std::min(w.slots, groups.count);
     const index_t slot_doubles = forward_slot_doubles(s);
-    ::switchyard::detail::parallel_for(
-        items, ::switchyard::detail::openmp_parallel_available(), [&](index_t item) {
+    detail::parallel_for(
+        items, detail::openmp_parallel_available(), [&](index_t item) {
           double* slot = w.slot_base + item * slot_doubles;
           const auto g = detail::generated_adapter::bind(slot, s);
           double* m = slot + detail::generated_adapter::doubles(s);
@@ -361,7 +361,7 @@ struct hypermoe_module {
     check_view("x", x, {-1, -1}, "[T, d]");
     const auto s = validate(p, x.extent(1));
     if (plan.num_experts != s.experts) {
-      throw shape_error("plan", ::switchyard::detail::concat(
+      throw shape_error("plan", detail::concat(
                                     "plan: num_experts must equal params.expert_emb.extent(0) = ",
                                     s.experts, ", got ", plan.num_experts));
     }

@@ -27,12 +27,12 @@ namespace switchyard::layer {
 inline index_t switch_capacity_drop(const routing::routing_plan& plan, index_t expert_capacity,
                                     ::cuda::std::span<std::int32_t> dropped) {
   if (expert_capacity < 0) {
-    throw range_error("expert_capacity", ::switchyard::detail::concat(
+    throw range_error("expert_capacity", detail::concat(
                                              "expert_capacity must be >= 0, got ", expert_capacity));
   }
   const auto need = static_cast<std::size_t>(plan.num_tokens * plan.width);
   if (dropped.size() != need) {
-    throw shape_error("dropped", ::switchyard::detail::concat("dropped: expected ", need,
+    throw shape_error("dropped", detail::concat("dropped: expected ", need,
                                                               " elements [T·width], got ",
                                                               dropped.size()));
   }
@@ -67,13 +67,13 @@ inline float switch_hf_load_balance_loss(const routing::routing_plan& plan,
   const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
   const auto probs_need = static_cast<std::size_t>(tokens * e_count);
   if (plan.probs.size() != probs_need) {
-    throw shape_error("plan.probs", ::switchyard::detail::concat(
+    throw shape_error("plan.probs", detail::concat(
                                         "plan.probs: expected ", probs_need,
                                         " elements [T·E], got ", plan.probs.size()));
   }
   const auto dropped_need = static_cast<std::size_t>(tokens * plan.width);
   if (dropped.size() != dropped_need) {
-    throw shape_error("dropped", ::switchyard::detail::concat("dropped: expected ", dropped_need,
+    throw shape_error("dropped", detail::concat("dropped: expected ", dropped_need,
                                                               " elements [T·width], got ",
                                                               dropped.size()));
   }
@@ -99,7 +99,7 @@ inline float switch_hf_load_balance_loss(const routing::routing_plan& plan,
 template <class Rng>
 void switch_router_jitter(const matrix_view<float>& x_router_copy, float epsilon, Rng& rng) {
   if (!(epsilon >= 0.0f)) {
-    throw range_error("epsilon", ::switchyard::detail::concat("epsilon must be >= 0, got ", epsilon));
+    throw range_error("epsilon", detail::concat("epsilon must be >= 0, got ", epsilon));
   }
   if (epsilon == 0.0f) return;
   std::uniform_real_distribution<float> u(1.0f - epsilon, 1.0f + epsilon);

@@ -17,7 +17,10 @@
 #include "switchyard/core/view.hpp"
 #include "switchyard/core/workspace.hpp"
 
-namespace switchyard::routing::detail {
+namespace switchyard::routing {}  // (declared for the using-directive below)
+
+namespace switchyard::detail {
+using namespace ::switchyard::routing;  // this block's helpers use switchyard::routing's names
 
 //! Normalisation floor of F.normalize (upstream eps).
 inline constexpr double dynmoe_norm_eps = 1e-12;
@@ -148,7 +151,7 @@ SWITCHYARD_HD bool dynmoe_cosine_backward_row(const matrix_view<const T>& x, ind
   bool any = false;
   for (index_t e = 0; e < e_max; ++e) any |= dz[e] != 0.0;
   if (!any) return false;
-  if (!::switchyard::detail::present(dx)) return true;
+  if (!detail::present(dx)) return true;
   for (index_t i = 0; i < d; ++i) dxhat[i] = 0.0;
   for (index_t e = 0; e < e_max; ++e) {
     const double dc = dz[e] * s;
@@ -227,4 +230,4 @@ struct dynmoe_backward_scratch {
   }
 };
 
-}  // namespace switchyard::routing::detail
+}  // namespace switchyard::detail

@@ -13,7 +13,8 @@
 #include "switchyard/routing/dynmoe/params.hpp"
 #include "switchyard/routing/plan.hpp"
 
-namespace switchyard::routing::detail {
+namespace switchyard::detail {
+using namespace ::switchyard::routing;  // this block's helpers use switchyard::routing's names
 
 //! Load balance over tokens with k > 0 and efficiency over all T·E_max entries, from a
 //! selected plan (T > 0); `me`, `ce` [E_max] are scratch.
@@ -126,4 +127,4 @@ inline void dynmoe_weight_backward(const dynmoe_params& p, const dynmoe_losses& 
   }
 }
 
-}  // namespace switchyard::routing::detail
+}  // namespace switchyard::detail

@@ -49,7 +49,7 @@ struct AdaptiveGating {
     if (!(threshold >= 0.0f)) {
       throw range_error(
           "threshold",
-          ::switchyard::detail::concat(
+          detail::concat(
               "threshold must be >= 0 (top-2 iff p1 - p2 <= threshold), got ", threshold));
     }
   }

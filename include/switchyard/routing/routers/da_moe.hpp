@@ -40,14 +40,17 @@ struct da_moe_params {
   vector_view<const float> importance;  //!< [T] caller importance (only `importance::precomputed`)
 };
 
-namespace detail {
+}  // namespace switchyard::routing
+
+namespace switchyard::detail {
+using namespace ::switchyard::routing;  // this block's helpers use switchyard::routing's names
 
 //! Checks `params.attention` is [H >= 1, T, T], finite, non-negative, rows summing to 1.
 inline void check_attention(const tensor_view<const float, 3>& a, index_t tokens) {
   check_view("params.attention", a, {-1, tokens, tokens}, "[H, T, T] with T = x.extent(0)");
   if (tokens > 0 && a.extent(0) < 1) {
     throw shape_error("params.attention",
-                      ::switchyard::detail::concat("params.attention: expected at least one head "
+                      detail::concat("params.attention: expected at least one head "
                                                    "(extent 0 = H >= 1), got ",
                                                    a.extent(0)));
   }
@@ -58,11 +61,11 @@ inline void check_attention(const tensor_view<const float, 3>& a, index_t tokens
         const float v = a(h, i, j);
         if (!std::isfinite(v)) {
           throw non_finite_error("params.attention",
-                                 ::switchyard::detail::concat("params.attention[", h, ", ", i, ", ",
+                                 detail::concat("params.attention[", h, ", ", i, ", ",
                                                               j, "] must be finite, got ", v));
         }
         if (v < 0.0f) {
-          throw range_error("params.attention", ::switchyard::detail::concat(
+          throw range_error("params.attention", detail::concat(
                                                     "params.attention[", h, ", ", i, ", ", j,
                                                     "] must be >= 0 (a probability), got ", v));
         }
@@ -70,7 +73,7 @@ inline void check_attention(const tensor_view<const float, 3>& a, index_t tokens
       }
       if (!(std::abs(s - 1.0) <= attention_row_tolerance)) {
         throw range_error("params.attention",
-                          ::switchyard::detail::concat("params.attention row [", h, ", ", i,
+                          detail::concat("params.attention row [", h, ", ", i,
                                                        ", :] must sum to 1 (within ",
                                                        attention_row_tolerance, "), got ", s));
       }
@@ -78,7 +81,9 @@ inline void check_attention(const tensor_view<const float, 3>& a, index_t tokens
   }
 }
 
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::routing {
 
 //! Token-importance policies: `void operator()(const da_moe_params&, index_t T, float* out)`
 //! writes I [T] (validating the input it reads).
@@ -139,16 +144,16 @@ struct ceil_relative_to_max {
   void validate(index_t experts) const {
     if (k_min < 1) {
       throw range_error("k_rule.k_min",
-                        ::switchyard::detail::concat("k_rule.k_min must be >= 1, got ", k_min));
+                        detail::concat("k_rule.k_min must be >= 1, got ", k_min));
     }
     if (k_min > k_max) {
       throw range_error("k_rule.k_min",
-                        ::switchyard::detail::concat(
+                        detail::concat(
                             "k_rule.k_min must be <= k_rule.k_max = ", k_max, ", got ", k_min));
     }
     if (k_max > experts) {
       throw range_error("k_rule.k_max",
-                        ::switchyard::detail::concat("k_rule.k_max must be in [k_min, E] = [",
+                        detail::concat("k_rule.k_max must be in [k_min, E] = [",
                                                      k_min, ", ", experts, "], got ", k_max));
     }
   }
@@ -219,11 +224,11 @@ struct DAMoE {
       if (!std::isfinite(v)) {
         throw non_finite_error(
             "params.importance",
-            ::switchyard::detail::concat("params.importance[", j,
+            detail::concat("params.importance[", j,
                                          "] (token importance) must be finite, got ", v));
       }
       if (v < 0.0f) {
-        throw range_error("params.importance", ::switchyard::detail::concat(
+        throw range_error("params.importance", detail::concat(
                                                    "params.importance[", j,
                                                    "] (token importance) must be >= 0, got ", v));
       }

@@ -61,7 +61,7 @@ struct DynMoE {
     const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
     if (e_max < 1) {
       throw shape_error("params.w_gate",
-                        ::switchyard::detail::concat(
+                        detail::concat(
                             "params.w_gate: expected [d, E_max] with E_max >= 1, got [", d, ", ",
                             e_max, "]"));
     }
@@ -70,14 +70,14 @@ struct DynMoE {
                "[E_max] with E_max = params.w_gate.extent(1)");
     if (!std::isfinite(p.log_temperature)) {
       throw non_finite_error("params.log_temperature",
-                             ::switchyard::detail::concat(
+                             detail::concat(
                                  "params.log_temperature must be finite, got ", p.log_temperature));
     }
     for (index_t e = 0; e < e_max; ++e)
       for (index_t i = 0; i < d; ++i)
         if (!std::isfinite(p.w_gate(i, e))) {
           throw non_finite_error("params.w_gate",
-                                 ::switchyard::detail::concat("params.w_gate[", i, ", ", e,
+                                 detail::concat("params.w_gate[", i, ", ", e,
                                                               "] must be finite, got ",
                                                               p.w_gate(i, e)));
         }
@@ -85,21 +85,21 @@ struct DynMoE {
     for (index_t e = 0; e < e_max; ++e) {
       if (!std::isfinite(p.thresholds(e))) {
         throw non_finite_error("params.thresholds",
-                               ::switchyard::detail::concat("params.thresholds[", e,
+                               detail::concat("params.thresholds[", e,
                                                             "] must be finite, got ",
                                                             p.thresholds(e)));
       }
       const std::int32_t m = p.experts_mask(e);
       if (m != 0 && m != 1) {
         throw range_error("params.experts_mask",
-                          ::switchyard::detail::concat("params.experts_mask[", e,
+                          detail::concat("params.experts_mask[", e,
                                                        "] must be 0 or 1, got ", m));
       }
       active += m;
     }
     if (active == 0) {
       throw range_error("params.experts_mask",
-                        ::switchyard::detail::concat(
+                        detail::concat(
                             "params.experts_mask must have at least one active expert (a 1) in "
                             "[1, E_max = ",
                             e_max, "] active, got 0 of ", e_max));
@@ -108,13 +108,13 @@ struct DynMoE {
 
   //! Scale s = exp(min(log τ, log 100)).
   [[nodiscard]] static float scale(const params_type& p) {
-    return routing::detail::dynmoe_scale(p.log_temperature);
+    return detail::dynmoe_scale(p.log_temperature);
   }
 
   //! Threshold probabilities θ_e = σ(s·G_e), E_max values (allocates; forward uses scratch).
   [[nodiscard]] static std::vector<float> threshold_probs(const params_type& p) {
     std::vector<float> theta(static_cast<std::size_t>(p.thresholds.extent(0)));
-    routing::detail::dynmoe_threshold_probs(p.thresholds, scale(p), theta.data());
+    detail::dynmoe_threshold_probs(p.thresholds, scale(p), theta.data());
     return theta;
   }
 
@@ -130,8 +130,8 @@ struct DynMoE {
   [[nodiscard]] std::size_t workspace_size(index_t tokens, const params_type& p) const {
     const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
     workspace_arena fwd, bwd;
-    (void)routing::detail::dynmoe_forward_scratch::take(fwd, e_max);
-    (void)routing::detail::dynmoe_backward_scratch::take(bwd, tokens, d, e_max);
+    (void)detail::dynmoe_forward_scratch::take(fwd, e_max);
+    (void)detail::dynmoe_backward_scratch::take(bwd, tokens, d, e_max);
     return std::max(fwd.required(), bwd.required());
   }
 
@@ -150,23 +150,23 @@ struct DynMoE {
       for (index_t i = 0; i < d; ++i)
         if (!std::isfinite(to_float(x(t, i)))) {
           throw non_finite_error(
-              "x", ::switchyard::detail::concat("x: token ", t, " has a non-finite value at x[", t,
+              "x", detail::concat("x: token ", t, " has a non-finite value at x[", t,
                                                 ", ", i, "] = ", to_float(x(t, i)),
                                                 "; Switchyard refuses to route non-finite tokens"));
         }
-    routing::detail::require_plan(plan, tokens, e_max, e_max);
+    detail::require_plan(plan, tokens, e_max, e_max);
     losses = {};
     if (tokens == 0) return;
 
-    const auto sc = routing::detail::dynmoe_forward_scratch::take(ws, e_max);
+    const auto sc = detail::dynmoe_forward_scratch::take(ws, e_max);
     const float s = scale(p);
-    routing::detail::dynmoe_threshold_probs(p.thresholds, s, sc.theta);
-    routing::detail::dynmoe_column_norms(p.w_gate, sc.wn);
+    detail::dynmoe_threshold_probs(p.thresholds, s, sc.theta);
+    detail::dynmoe_column_norms(p.w_gate, sc.wn);
     for (index_t e = 0; e < e_max; ++e) sc.mask[e] = p.experts_mask(e);
 
 #pragma omp parallel for schedule(static) if (tokens * e_max * d > (1 << 16))
     for (index_t t = 0; t < tokens; ++t) {
-      routing::detail::dynmoe_score_row(x, t, p.w_gate, sc.wn, sc.mask, s,
+      detail::dynmoe_score_row(x, t, p.w_gate, sc.wn, sc.mask, s,
                                         plan.logits.data() + t * e_max,
                                         plan.probs.data() + t * e_max);
     }
@@ -179,10 +179,10 @@ struct DynMoE {
                                 ::cuda::std::span<float>(plan.weights.data() + t * e_max, e_max));
     }
 
-    routing::detail::dynmoe_plan_losses(plan, sc.me, sc.ce, losses);
+    detail::dynmoe_plan_losses(plan, sc.me, sc.ce, losses);
     losses.sim_loss = static_cast<float>(
-        routing::detail::dynmoe_sim_loss(p.w_gate, p.experts_mask, sc.wn, nullptr));
-    losses.simple_loss = routing::detail::dynmoe_simple_loss(sc.wn, e_max);
+        detail::dynmoe_sim_loss(p.w_gate, p.experts_mask, sc.wn, nullptr));
+    losses.simple_loss = detail::dynmoe_simple_loss(sc.wn, e_max);
   }
 
   //! Dense gates b [T, E_max] of a plan (1 where an expert is used, eval fallbacks included).
@@ -212,38 +212,38 @@ struct DynMoE {
     check_view("x", x, {-1, d}, "[T, d] with d = params.w_gate.extent(0)");
     const index_t tokens = x.extent(0);
     if (plan.num_tokens != tokens || plan.num_experts != e_max || plan.width != e_max) {
-      throw shape_error("plan", ::switchyard::detail::concat(
+      throw shape_error("plan", detail::concat(
                                     "plan: expected ", tokens, " tokens and width = E = ", e_max,
                                     " (the forward of this x and params), got T = ",
                                     plan.num_tokens, ", width ", plan.width, ", E ",
                                     plan.num_experts));
     }
-    const bool want_dx = ::switchyard::detail::present(dx);
-    const bool want_w = ::switchyard::detail::present(grads.w_gate);
-    const bool want_g = ::switchyard::detail::present(grads.thresholds);
+    const bool want_dx = detail::present(dx);
+    const bool want_w = detail::present(grads.w_gate);
+    const bool want_g = detail::present(grads.thresholds);
     if (want_dx) check_view("dx", dx, {tokens, d}, "[T, d]");
     if (want_w) check_view("grads.w_gate", grads.w_gate, {d, e_max}, "[d, E_max]");
     if (want_g) check_view("grads.thresholds", grads.thresholds, {e_max}, "[E_max]");
     if (tokens > 0 && d_weights == nullptr) {
-      throw null_pointer_error("d_weights", ::switchyard::detail::concat(
+      throw null_pointer_error("d_weights", detail::concat(
                                                 "d_weights: null, expected [T, E_max] = [", tokens,
                                                 ", ", e_max, "] cotangents"));
     }
     if (tokens == 0) return;  // empty batch: zero losses, zero gradients
 
-    const auto sc = routing::detail::dynmoe_backward_scratch::take(ws, tokens, d, e_max);
+    const auto sc = detail::dynmoe_backward_scratch::take(ws, tokens, d, e_max);
     const float s = scale(p);
-    routing::detail::dynmoe_threshold_probs(p.thresholds, s, sc.theta);
-    routing::detail::dynmoe_column_norms(p.w_gate, sc.wn);
+    detail::dynmoe_threshold_probs(p.thresholds, s, sc.theta);
+    detail::dynmoe_column_norms(p.w_gate, sc.wn);
 
     // ---- ∂/∂b on entries that are on, then ∂/∂(S − θ) (straight-through) -----------------
-    const index_t routed = routing::detail::dynmoe_routed_share(plan, sc.ce);
+    const index_t routed = detail::dynmoe_routed_share(plan, sc.ce);
     const double lb_factor =
         routed > 0 ? coeff.load_balance_loss * (static_cast<double>(e_max) / routed) : 0.0;
     const double c_eff = coeff.efficiency_loss / (static_cast<double>(tokens) * e_max);
     for (index_t e = 0; e < e_max; ++e) sc.dtheta[e] = 0.0;
     for (index_t t = 0; t < tokens; ++t) {  // in token order: dθ sums over tokens
-      routing::detail::dynmoe_straight_through_row(
+      detail::dynmoe_straight_through_row(
           e_max, plan.counts[t], plan.expert_ids.data() + t * e_max, d_weights + t * e_max,
           plan.probs.data() + t * e_max, sc.theta, sc.ce, lb_factor, c_eff, sc.dz + t * e_max,
           sc.g);
@@ -261,13 +261,13 @@ struct DynMoE {
     const matrix_view<float> dx_or_none = want_dx ? dx : matrix_view<float>{};
     for (index_t t = 0; t < tokens; ++t) {
       const double* dz = sc.dz + t * e_max;
-      if (!routing::detail::dynmoe_cosine_backward_row(x, t, p.w_gate, sc.wn, dz, s, sc.xhat,
+      if (!detail::dynmoe_cosine_backward_row(x, t, p.w_gate, sc.wn, dz, s, sc.xhat,
                                                        sc.dxhat, dx_or_none))
         continue;
-      routing::detail::dynmoe_cosine_weight_row(d, e_max, dz, s, sc.xhat, sc.dwhat);
+      detail::dynmoe_cosine_weight_row(d, e_max, dz, s, sc.xhat, sc.dwhat);
     }
     if (!want_w) return;
-    routing::detail::dynmoe_weight_backward(p, coeff, sc, grads.w_gate);
+    detail::dynmoe_weight_backward(p, coeff, sc, grads.w_gate);
   }
 };
 

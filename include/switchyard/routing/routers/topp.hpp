@@ -46,11 +46,11 @@ struct TopP {
   //! Throws range_error unless 0 < p <= 1 and 0 <= max_k <= E.
   void validate(index_t experts) const {
     if (!(p > 0.0f && p <= 1.0f)) {
-      throw range_error("p", ::switchyard::detail::concat("p must be in (0, 1], got ", p));
+      throw range_error("p", detail::concat("p must be in (0, 1], got ", p));
     }
     if (max_k < 0 || max_k > experts) {
       throw range_error("max_k",
-                        ::switchyard::detail::concat("max_k must be 0 (no cap) or in [1, E] = [1, ",
+                        detail::concat("max_k must be 0 (no cap) or in [1, E] = [1, ",
                                                      experts, "], got ", max_k));
     }
   }
