@@ -7,6 +7,7 @@
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/context.hpp"
 #include "switchyard/core/policy.hpp"
+#include "switchyard/core/span.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/view.hpp"

@@ -9,13 +9,10 @@
 #include <cuda/std/span>
 
 #include "switchyard/core/config.hpp"
+#include "switchyard/core/span.hpp"
 #include "switchyard/core/error.hpp"
 
 namespace switchyard {
-
-//! The one span of the library (libcu++'s, usable on host and device alike).
-template <class T>
-using span = ::cuda::std::span<T>;
 
 //! Extents of a rank-R view, 64-bit.
 template <std::size_t R>

@@ -11,6 +11,7 @@
 
 #include <cuda/std/span>
 
+#include "switchyard/core/span.hpp"
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/error.hpp"
 
@@ -25,7 +26,7 @@ class workspace_arena {
   //! Measuring arena: `take` returns null and only counts bytes.
   workspace_arena() = default;
   //! Carving arena over the caller's bytes (any alignment; arrays are aligned inside).
-  explicit workspace_arena(::cuda::std::span<std::byte> bytes)
+  explicit workspace_arena(span<std::byte> bytes)
       : base_(bytes.data()), capacity_(bytes.size()) {
     if (base_ == nullptr && capacity_ != 0) {
       throw null_pointer_error("workspace", "workspace: pointer is null but its size is non-zero");

@@ -10,6 +10,7 @@
 
 #include <cuda/std/span>
 
+#include "switchyard/core/span.hpp"
 #include "switchyard/core/config.hpp"
 
 namespace switchyard::dispatch {
@@ -39,11 +40,11 @@ SWITCHYARD_HD constexpr index_t pair_index(index_t t, index_t j, index_t width) 
 //! The dispatch's result over a plan of T tokens, `width` slots and E experts (spans into
 //! the caller's workspace).
 struct expert_groups {
-  ::cuda::std::span<index_t> row_begin;  //!< [E] first row of expert e
-  ::cuda::std::span<index_t> row_count;  //!< [E] rows expert e computes (pairs it keeps)
-  ::cuda::std::span<index_t> dropped;    //!< [E] pairs routed to e but dropped (capacity)
-  ::cuda::std::span<index_t> pair_row;   //!< [T·width] row of pair p, unused_pair or dropped_pair
-  ::cuda::std::span<index_t> row_pair;   //!< [num_rows] pair held by each row (grouped_rows)
+  span<index_t> row_begin;  //!< [E] first row of expert e
+  span<index_t> row_count;  //!< [E] rows expert e computes (pairs it keeps)
+  span<index_t> dropped;    //!< [E] pairs routed to e but dropped (capacity)
+  span<index_t> pair_row;   //!< [T·width] row of pair p, unused_pair or dropped_pair
+  span<index_t> row_pair;   //!< [num_rows] pair held by each row (grouped_rows)
   index_t num_rows = 0;                  //!< rows of the expert buffers (grouped_rows)
   dropped_output drop = dropped_output::zero;  //!< what a dropped pair contributes
 

@@ -13,6 +13,7 @@
 
 #include <cuda/std/span>
 
+#include "switchyard/core/span.hpp"
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/policy.hpp"
 
@@ -25,8 +26,8 @@ concept has_width = requires(const R& r, int num_experts) {
 };
 
 template <class R>
-concept has_select = requires(const R& r, ::cuda::std::span<const float> scores,
-                              ::cuda::std::span<std::int32_t> ids, ::cuda::std::span<float> weights) {
+concept has_select = requires(const R& r, span<const float> scores,
+                              span<std::int32_t> ids, span<float> weights) {
   { r.select(scores, ids, weights) } -> std::convertible_to<int>;
 };
 
@@ -52,8 +53,8 @@ consteval bool check_selection_rule() {
                 "returning the most experts one token may use");
   static_assert(detail::has_select<R>,
                 "switchyard: a selection rule must have `SWITCHYARD_HD int select("
-                "::cuda::std::span<const float> scores, ::cuda::std::span<std::int32_t> ids, "
-                "::cuda::std::span<float> weights) const` returning the number of slots used");
+                "span<const float> scores, span<std::int32_t> ids, "
+                "span<float> weights) const` returning the number of slots used");
   static_assert(std::is_trivially_copyable_v<R>,
                 "switchyard: a selection rule must be trivially copyable (it is passed to "
                 "CUDA kernels by value)");

@@ -75,8 +75,8 @@ void linear_softmax_scores(const matrix_view<const T>& x, const linear_router_pa
       for (index_t i = 0; i < d; ++i) acc += to_float(x(t, i)) * p.w(e, i);
       lg[e] = acc;
     }
-    softmax(::cuda::std::span<const float>(lg, e_count),
-            ::cuda::std::span<float>(plan.probs.data() + t * e_count, e_count));
+    softmax(span<const float>(lg, e_count),
+            span<float>(plan.probs.data() + t * e_count, e_count));
   }
   bool bad = false;
   index_t bad_t = 0;
@@ -99,9 +99,9 @@ void select_all(const Rule& rule, const plan_ref& plan) {
   const index_t tokens = plan.num_tokens, e = plan.num_experts, w = plan.width;
 #pragma omp parallel for schedule(static) if (tokens > 256)
   for (index_t t = 0; t < tokens; ++t) {
-    plan.counts[t] = rule.select(::cuda::std::span<const float>(plan.probs.data() + t * e, e),
-                                 ::cuda::std::span<std::int32_t>(plan.expert_ids.data() + t * w, w),
-                                 ::cuda::std::span<float>(plan.weights.data() + t * w, w));
+    plan.counts[t] = rule.select(span<const float>(plan.probs.data() + t * e, e),
+                                 span<std::int32_t>(plan.expert_ids.data() + t * w, w),
+                                 span<float>(plan.weights.data() + t * w, w));
   }
 }
 
@@ -141,11 +141,11 @@ inline void combine_weights_backward_rows(const plan_ref& plan, const float* d_w
   std::fill(d_probs, d_probs + tokens * e_count, 0.0f);
   for (index_t t = 0; t < tokens; ++t) {
     combine_weights_backward_accumulate(
-        ::cuda::std::span<const float>(plan.probs.data() + t * e_count, e_count),
-        ::cuda::std::span<const std::int32_t>(plan.expert_ids.data() + t * w, w),
-        ::cuda::std::span<const float>(plan.weights.data() + t * w, w),
-        ::cuda::std::span<const float>(d_weights + t * w, w), plan.counts[t], renormalized,
-        ::cuda::std::span<float>(d_probs + t * e_count, e_count));
+        span<const float>(plan.probs.data() + t * e_count, e_count),
+        span<const std::int32_t>(plan.expert_ids.data() + t * w, w),
+        span<const float>(plan.weights.data() + t * w, w),
+        span<const float>(d_weights + t * w, w), plan.counts[t], renormalized,
+        span<float>(d_probs + t * e_count, e_count));
   }
 }
 
@@ -153,9 +153,9 @@ inline void combine_weights_backward_rows(const plan_ref& plan, const float* d_w
 inline void softmax_backward_rows(const plan_ref& plan, const float* d_probs, float* d_logits) {
   const index_t e_count = plan.num_experts;
   for (index_t t = 0; t < plan.num_tokens; ++t) {
-    softmax_backward_accumulate(::cuda::std::span<const float>(plan.probs.data() + t * e_count, e_count),
-                                ::cuda::std::span<const float>(d_probs + t * e_count, e_count),
-                                ::cuda::std::span<float>(d_logits + t * e_count, e_count));
+    softmax_backward_accumulate(span<const float>(plan.probs.data() + t * e_count, e_count),
+                                span<const float>(d_probs + t * e_count, e_count),
+                                span<float>(d_logits + t * e_count, e_count));
   }
 }
 

@@ -19,6 +19,7 @@
 
 #include <cuda/std/span>
 
+#include "switchyard/core/span.hpp"
 #include "switchyard/core/config.hpp"
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/softmax.hpp"
@@ -28,13 +29,13 @@ namespace switchyard::routing {
 // ---- rows: one token ---------------------------------------------------------------------
 
 //! Load balance counts: f[id_j] += 1 for the token's first `slots` slots.
-SWITCHYARD_HD inline void load_balance_count_row(::cuda::std::span<const std::int32_t> ids,
+SWITCHYARD_HD inline void load_balance_count_row(span<const std::int32_t> ids,
                                                  int slots, double* f) {
   for (int j = 0; j < slots; ++j) f[ids[j]] += 1.0;
 }
 
 //! pbar[e] += probs[e] (the running sum behind the mean probability P̄).
-SWITCHYARD_HD inline void probability_sum_row(::cuda::std::span<const float> probs, double* pbar) {
+SWITCHYARD_HD inline void probability_sum_row(span<const float> probs, double* pbar) {
   const int n = static_cast<int>(probs.size());
   for (int e = 0; e < n; ++e) pbar[e] += probs[e];
 }
@@ -50,15 +51,15 @@ SWITCHYARD_HD inline float load_balance_value(const double* f, const double* pba
 //! Load-balance backward row: d_probs[e] += scale · f_e (f is piecewise constant in P; scale
 //! = coeff · E / (f_count · T)).
 SWITCHYARD_HD inline void load_balance_backward_row(const double* f, double scale,
-                                                    ::cuda::std::span<float> d_probs) {
+                                                    span<float> d_probs) {
   const int n = static_cast<int>(d_probs.size());
   for (int e = 0; e < n; ++e) d_probs[e] += static_cast<float>(scale * f[e]);
 }
 
 //! z-loss backward row: d_logits[e] += coeff · 2·lse·P_e / T (lse = logsumexp of the row).
-SWITCHYARD_HD inline void z_loss_backward_row(::cuda::std::span<const float> probs, double lse,
+SWITCHYARD_HD inline void z_loss_backward_row(span<const float> probs, double lse,
                                               float coeff, index_t tokens,
-                                              ::cuda::std::span<float> d_logits) {
+                                              span<float> d_logits) {
   const int n = static_cast<int>(probs.size());
   for (int e = 0; e < n; ++e)
     d_logits[e] += static_cast<float>(coeff * 2.0 * lse * probs[e] / tokens);
@@ -66,18 +67,18 @@ SWITCHYARD_HD inline void z_loss_backward_row(::cuda::std::span<const float> pro
 
 //! Entropy row: s −= Σ_e P_e · (logit_e − lse), accumulated into `s` term by term
 //! (log P = logit − lse, so a P that underflows to 0 adds 0, not NaN).
-SWITCHYARD_HD inline void entropy_accumulate_row(::cuda::std::span<const float> logits,
-                                                 ::cuda::std::span<const float> probs, double lse,
+SWITCHYARD_HD inline void entropy_accumulate_row(span<const float> logits,
+                                                 span<const float> probs, double lse,
                                                  double& s) {
   const int n = static_cast<int>(logits.size());
   for (int e = 0; e < n; ++e) s -= probs[e] * (logits[e] - lse);
 }
 
 //! Entropy backward row: d_logits[e] += −coeff/T · P_e · (log P_e + H) with H the row entropy.
-SWITCHYARD_HD inline void entropy_backward_row(::cuda::std::span<const float> logits,
-                                               ::cuda::std::span<const float> probs, double lse,
+SWITCHYARD_HD inline void entropy_backward_row(span<const float> logits,
+                                               span<const float> probs, double lse,
                                                float coeff, index_t tokens,
-                                               ::cuda::std::span<float> d_logits) {
+                                               span<float> d_logits) {
   const int n = static_cast<int>(logits.size());
   double h = 0.0;
   entropy_accumulate_row(logits, probs, lse, h);
@@ -95,13 +96,13 @@ enum class loss_target { probs, logits, none };
 
 namespace switchyard::detail {
 using namespace ::switchyard::routing;  // this block's helpers use switchyard::routing's names
-inline ::cuda::std::span<const float> row(span<float> a, index_t t, index_t n) {
+inline span<const float> row(span<float> a, index_t t, index_t n) {
   return {a.data() + t * n, static_cast<std::size_t>(n)};
 }
-inline ::cuda::std::span<float> mutable_row(float* a, index_t t, index_t n) {
+inline span<float> mutable_row(float* a, index_t t, index_t n) {
   return {a + t * n, static_cast<std::size_t>(n)};
 }
-inline ::cuda::std::span<const std::int32_t> id_row(const plan_ref& plan, index_t t) {
+inline span<const std::int32_t> id_row(const plan_ref& plan, index_t t) {
   return {plan.expert_ids.data() + t * plan.width, static_cast<std::size_t>(plan.width)};
 }
 inline void zero(double* a, index_t n) {

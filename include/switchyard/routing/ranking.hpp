@@ -6,6 +6,7 @@
 
 #include <cuda/std/span>
 
+#include "switchyard/core/span.hpp"
 #include "switchyard/core/config.hpp"
 
 namespace switchyard::routing {
@@ -18,7 +19,7 @@ SWITCHYARD_HD SWITCHYARD_FORCEINLINE bool ranks_before(float va, int a, float vb
 //! Yields expert indices of `scores` in stable descending order, one per `next()`.
 class ranked_cursor {
  public:
-  SWITCHYARD_HD explicit ranked_cursor(::cuda::std::span<const float> scores) : scores_(scores) {}
+  SWITCHYARD_HD explicit ranked_cursor(span<const float> scores) : scores_(scores) {}
 
   //! The next expert in order, or -1 when all have been yielded.
   SWITCHYARD_HD int next() {
@@ -41,7 +42,7 @@ class ranked_cursor {
   }
 
  private:
-  ::cuda::std::span<const float> scores_;
+  span<const float> scores_;
   int last_ = -1;
   float last_v_ = 0.0f;
 };

@@ -8,12 +8,13 @@
 
 #include <cuda/std/span>
 
+#include "switchyard/core/span.hpp"
 #include "switchyard/core/config.hpp"
 
 namespace switchyard::routing {
 
 //! probs = softmax(logits) in float32 (max-shifted `expf`, float sum, one division each).
-SWITCHYARD_HD inline void softmax(::cuda::std::span<const float> logits, ::cuda::std::span<float> probs) {
+SWITCHYARD_HD inline void softmax(span<const float> logits, span<float> probs) {
   const int n = static_cast<int>(logits.size());
   float m = logits[0];
   for (int e = 1; e < n; ++e) m = logits[e] > m ? logits[e] : m;
@@ -28,7 +29,7 @@ SWITCHYARD_HD inline void softmax(::cuda::std::span<const float> logits, ::cuda:
 //! logsumexp(logits) in double: m = the float maximum (first on ties), then
 //! m + log Σ_e exp(double(logits_e − m)) with each difference taken in float. The one
 //! logsumexp of the library (z-loss, entropy and their backward rows use it).
-SWITCHYARD_HD inline double logsumexp(::cuda::std::span<const float> logits) {
+SWITCHYARD_HD inline double logsumexp(span<const float> logits) {
   const int n = static_cast<int>(logits.size());
   float m = logits[0];
   for (int e = 1; e < n; ++e) m = m < logits[e] ? logits[e] : m;  // std::max(m, logits[e])
@@ -38,9 +39,9 @@ SWITCHYARD_HD inline double logsumexp(::cuda::std::span<const float> logits) {
 }
 
 //! d_logits = J_softmaxᵀ d_probs = P ⊙ (d_probs − ⟨P, d_probs⟩), accumulated into d_logits.
-SWITCHYARD_HD inline void softmax_backward_accumulate(::cuda::std::span<const float> probs,
-                                                      ::cuda::std::span<const float> d_probs,
-                                                      ::cuda::std::span<float> d_logits) {
+SWITCHYARD_HD inline void softmax_backward_accumulate(span<const float> probs,
+                                                      span<const float> d_probs,
+                                                      span<float> d_logits) {
   const int n = static_cast<int>(probs.size());
   float dot = 0.0f;
   for (int e = 0; e < n; ++e) dot += probs[e] * d_probs[e];
@@ -51,9 +52,9 @@ SWITCHYARD_HD inline void softmax_backward_accumulate(::cuda::std::span<const fl
 //! d_probs [E]: raw weights pass d_w through; renormalised w_j = P_j/S give
 //! dP_{e_j} = (d_w_j − Σ_i d_w_i w_i) / S. Accumulates into d_probs.
 SWITCHYARD_HD inline void combine_weights_backward_accumulate(
-    ::cuda::std::span<const float> probs, ::cuda::std::span<const std::int32_t> ids,
-    ::cuda::std::span<const float> weights, ::cuda::std::span<const float> d_weights, int count,
-    bool renormalized, ::cuda::std::span<float> d_probs) {
+    span<const float> probs, span<const std::int32_t> ids,
+    span<const float> weights, span<const float> d_weights, int count,
+    bool renormalized, span<float> d_probs) {
   if (!renormalized) {
     for (int j = 0; j < count; ++j) d_probs[ids[j]] += d_weights[j];
     return;

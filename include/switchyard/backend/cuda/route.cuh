@@ -8,6 +8,7 @@
 
 #include <cuda/std/span>
 
+#include "switchyard/core/span.hpp"
 #include "switchyard/backend/cuda/error.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/softmax.hpp"
@@ -28,10 +29,10 @@ __global__ void softmax_select(Rule rule, const float* __restrict__ logits,  // 
   if (t >= tokens) return;
   const float* lg = logits + t * experts;
   float* p = probs + t * experts;
-  routing::softmax(::cuda::std::span<const float>(lg, experts), ::cuda::std::span<float>(p, experts));
-  counts[t] = rule.select(::cuda::std::span<const float>(p, experts),
-                          ::cuda::std::span<std::int32_t>(ids + t * width, width),
-                          ::cuda::std::span<float>(weights + t * width, width));
+  routing::softmax(span<const float>(lg, experts), span<float>(p, experts));
+  counts[t] = rule.select(span<const float>(p, experts),
+                          span<std::int32_t>(ids + t * width, width),
+                          span<float>(weights + t * width, width));
 }
 
 //! rule.select(scores[t]) -> ids[t], weights[t], counts[t] over scores computed elsewhere
@@ -44,9 +45,9 @@ __global__ void select(Rule rule, const float* __restrict__ scores,  // [T, E]
                        index_t tokens, int experts, int width) {
   const index_t t = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
-  counts[t] = rule.select(::cuda::std::span<const float>(scores + t * experts, experts),
-                          ::cuda::std::span<std::int32_t>(ids + t * width, width),
-                          ::cuda::std::span<float>(weights + t * width, width));
+  counts[t] = rule.select(span<const float>(scores + t * experts, experts),
+                          span<std::int32_t>(ids + t * width, width),
+                          span<float>(weights + t * width, width));
 }
 
 }  // namespace kernels

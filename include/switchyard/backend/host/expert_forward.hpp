@@ -115,7 +115,7 @@ template <class Dispatch, class Act, ElementType T, class Id, class W>
 void experts_forward(const Dispatch& dispatch, const Act& act, const expert_dims& dm,
                      const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
                      const expert_weights<T>& w, const float* extra, const matrix_view<T>& y,
-                     ::cuda::std::span<index_t> dropped, workspace_arena& ws) {
+                     span<index_t> dropped, workspace_arena& ws) {
   const bool grouped = Dispatch::layout == dispatch::dispatch_layout::grouped_rows;
   const row_panels rp = panels_for(dm);
   detail::phase_layout l = detail::carve_layout(ws, dm, rp, grouped);

@@ -53,9 +53,9 @@ void select_tokens(const Rules& rules, const routing::plan_ref& plan) {
 #pragma omp parallel for schedule(static) if (tokens > 256)
   for (index_t t = 0; t < tokens; ++t) {
     plan.counts[t] = rules.rule(t).select(
-        ::cuda::std::span<const float>(plan.probs.data() + t * e, e),
-        ::cuda::std::span<std::int32_t>(plan.expert_ids.data() + t * w, w),
-        ::cuda::std::span<float>(plan.weights.data() + t * w, w));
+        span<const float>(plan.probs.data() + t * e, e),
+        span<std::int32_t>(plan.expert_ids.data() + t * w, w),
+        span<float>(plan.weights.data() + t * w, w));
   }
 }
 

@@ -17,7 +17,7 @@ namespace switchyard::layer {
 
 //! `cv²(v) = var(v)/(mean(v)² + 1e-10)` with the unbiased variance; 0 when v has < 2 entries
 //! (upstream's `x.shape[0] == 1` guard).
-inline double cv_squared(::cuda::std::span<const double> v) {
+inline double cv_squared(span<const double> v) {
   const auto n = static_cast<index_t>(v.size());
   if (n < 2) return 0.0;
   double mean = 0.0;

@@ -25,7 +25,7 @@ namespace switchyard::layer {
 //! itself (ids, weights, counts) is left as the router made it. Throws range_error for a
 //! negative capacity or a plan that fails routing::validate_plan, shape_error for `dropped`.
 inline index_t switch_capacity_drop(const routing::routing_plan& plan, index_t expert_capacity,
-                                    ::cuda::std::span<std::int32_t> dropped) {
+                                    span<std::int32_t> dropped) {
   if (expert_capacity < 0) {
     throw range_error("expert_capacity", detail::concat(
                                              "expert_capacity must be >= 0, got ", expert_capacity));
@@ -62,7 +62,7 @@ inline index_t switch_capacity_drop(const routing::routing_plan& plan, index_t e
 //! 0 for an empty batch. Throws shape_error when plan.probs is not [T·E] or `dropped` not
 //! [T·width], range_error when the plan fails routing::validate_plan.
 inline float switch_hf_load_balance_loss(const routing::routing_plan& plan,
-                                         ::cuda::std::span<const std::int32_t> dropped) {
+                                         span<const std::int32_t> dropped) {
   detail::validate_owned_plan(plan);
   const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
   const auto probs_need = static_cast<std::size_t>(tokens * e_count);

@@ -120,8 +120,8 @@ struct DynMoE {
 
   //! The per-token rule over `theta` (θ_e = σ(s·G_e), see threshold_probs) and `mask`, for
   //! backends that run the selection themselves. The spans must outlive the rule's use.
-  [[nodiscard]] routing::topany_rule rule(::cuda::std::span<const float> theta,
-                                          ::cuda::std::span<const std::int32_t> mask) const {
+  [[nodiscard]] routing::topany_rule rule(span<const float> theta,
+                                          span<const std::int32_t> mask) const {
     return {theta, mask, training};
   }
 
@@ -170,13 +170,13 @@ struct DynMoE {
                                         plan.logits.data() + t * e_max,
                                         plan.probs.data() + t * e_max);
     }
-    const routing::topany_rule r = rule(::cuda::std::span<const float>(sc.theta, e_max),
-                                        ::cuda::std::span<const std::int32_t>(sc.mask, e_max));
+    const routing::topany_rule r = rule(span<const float>(sc.theta, e_max),
+                                        span<const std::int32_t>(sc.mask, e_max));
 #pragma omp parallel for schedule(static) if (tokens > 256)
     for (index_t t = 0; t < tokens; ++t) {
-      plan.counts[t] = r.select(::cuda::std::span<const float>(plan.probs.data() + t * e_max, e_max),
-                                ::cuda::std::span<std::int32_t>(plan.expert_ids.data() + t * e_max, e_max),
-                                ::cuda::std::span<float>(plan.weights.data() + t * e_max, e_max));
+      plan.counts[t] = r.select(span<const float>(plan.probs.data() + t * e_max, e_max),
+                                span<std::int32_t>(plan.expert_ids.data() + t * e_max, e_max),
+                                span<float>(plan.weights.data() + t * e_max, e_max));
     }
 
     detail::dynmoe_plan_losses(plan, sc.me, sc.ce, losses);

@@ -13,6 +13,7 @@
 
 #include <cuda/std/span>
 
+#include "switchyard/core/span.hpp"
 #include "switchyard/core/config.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/ranking.hpp"
@@ -31,11 +32,11 @@ struct topany_rule {
   using policy_kind = selection_rule_tag;
 
   //! θ_e = σ(s·G_e) for every expert, length E (the scores' length).
-  ::cuda::std::span<const float> thresholds{};
+  span<const float> thresholds{};
   //! Optional expert mask (0 = inactive), length E; empty means every expert is active.
   //! Only consulted by the eval fallback: masked scores are already 0 and can never beat a
   //! threshold σ(·) > 0, but an all-zero score row must not fall back to a masked expert.
-  ::cuda::std::span<const std::int32_t> experts_mask{};
+  span<const std::int32_t> experts_mask{};
   //! Training (no expert for an empty token) or eval (argmax fallback).
   bool training = true;
 
@@ -49,8 +50,8 @@ struct topany_rule {
 
   //! Selects the experts of one token. `scores` and `thresholds` have length E; `ids` and
   //! `weights` have length >= the number selected (normally E). Returns the count.
-  SWITCHYARD_HD int select(::cuda::std::span<const float> scores, ::cuda::std::span<std::int32_t> ids,
-                           ::cuda::std::span<float> weights) const {
+  SWITCHYARD_HD int select(span<const float> scores, span<std::int32_t> ids,
+                           span<float> weights) const {
     const int n = static_cast<int>(scores.size());
     int k = 0;
     for (int e = 0; e < n; ++e) k += scores[e] > thresholds[e] ? 1 : 0;

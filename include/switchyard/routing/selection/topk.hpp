@@ -6,6 +6,7 @@
 
 #include <cuda/std/span>
 
+#include "switchyard/core/span.hpp"
 #include "switchyard/core/config.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/ranking.hpp"
@@ -20,8 +21,8 @@ struct topk_rule {
 
   [[nodiscard]] SWITCHYARD_HD int width(int /*num_experts*/) const { return k; }
 
-  SWITCHYARD_HD int select(::cuda::std::span<const float> probs, ::cuda::std::span<std::int32_t> ids,
-                           ::cuda::std::span<float> weights) const {
+  SWITCHYARD_HD int select(span<const float> probs, span<std::int32_t> ids,
+                           span<float> weights) const {
     ranked_cursor order(probs);
     float sum = 0.0f;
     int n = 0;

@@ -8,6 +8,7 @@
 
 #include <cuda/std/span>
 
+#include "switchyard/core/span.hpp"
 #include "switchyard/core/config.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/ranking.hpp"
@@ -26,9 +27,9 @@ struct topp_rule {
   }
 
   //! Writes the kept experts (descending P, ties to the lower id) and their raw P; pads -1/0.
-  SWITCHYARD_HD int select(::cuda::std::span<const float> probs,
-                           ::cuda::std::span<std::int32_t> ids,
-                           ::cuda::std::span<float> weights) const {
+  SWITCHYARD_HD int select(span<const float> probs,
+                           span<std::int32_t> ids,
+                           span<float> weights) const {
     const int experts = static_cast<int>(probs.size());
     int cap = width(experts);
     if (cap > static_cast<int>(ids.size())) cap = static_cast<int>(ids.size());
