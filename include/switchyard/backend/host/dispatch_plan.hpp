@@ -122,10 +122,10 @@ void plan_groups(const dispatch::dense& /*policy*/, const routing::plan_view<Id,
 }
 
 //! A user-defined policy: planned by its own `plan_groups(plan, groups)` member.
-template <class Dispatch, class Id, class W>
-  requires requires(const Dispatch& d, const routing::plan_view<Id, W>& plan,
+template <class DispatchPolicy, class Id, class W>
+  requires requires(const DispatchPolicy& d, const routing::plan_view<Id, W>& plan,
                     dispatch::expert_groups& g) { d.plan_groups(plan, g); }
-void plan_groups(const Dispatch& policy, const routing::plan_view<Id, W>& plan,
+void plan_groups(const DispatchPolicy& policy, const routing::plan_view<Id, W>& plan,
                  dispatch::expert_groups& g) {
   policy.plan_groups(plan, g);
 }

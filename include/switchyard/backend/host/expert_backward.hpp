@@ -53,13 +53,13 @@ namespace switchyard::host {
 //! weight-gradient views are BLAS-writable (the GEMMs then accumulate into them directly);
 //! otherwise in order through one shared panel / gradient buffer. Which of the two is decided
 //! by the layouts alone, never by the thread count.
-template <class Dispatch, class Act, ElementType T, class Id, class W>
-void experts_backward(const Dispatch& dispatch, const Act& act, const expert_dims& dm,
+template <class DispatchPolicy, class Act, ElementType T, class Id, class W>
+void experts_backward(const DispatchPolicy& dispatch, const Act& act, const expert_dims& dm,
                       const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
                       const expert_weights<T>& w, const matrix_view<const T>& dy,
                       const matrix_view<float>& dx, const expert_grads& grads,
                       float* d_weights, workspace_arena& ws) {
-  const bool grouped = Dispatch::layout == dispatch::dispatch_layout::grouped_rows;
+  const bool grouped = DispatchPolicy::layout == dispatch::dispatch_layout::grouped_rows;
   const row_panels rp = panels_for(dm);
   detail::phase_layout l = detail::carve_layout(ws, dm, rp, grouped);
   const index_t rows = l.padded_rows;

@@ -111,12 +111,12 @@ namespace switchyard::host {
 //! Runs the experts of a plan: y [T, d] = Σ_j w_tj · FFN_{e_tj}(x_t) (+ `extra` [T, d] float
 //! when non-null, the add-on module's term). Fills `dropped` [E] per expert. With a
 //! measuring arena it only counts the workspace (x, y, plan may then be empty).
-template <class Dispatch, class Act, ElementType T, class Id, class W>
-void experts_forward(const Dispatch& dispatch, const Act& act, const expert_dims& dm,
+template <class DispatchPolicy, class Act, ElementType T, class Id, class W>
+void experts_forward(const DispatchPolicy& dispatch, const Act& act, const expert_dims& dm,
                      const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
                      const expert_weights<T>& w, const float* extra, const matrix_view<T>& y,
                      span<index_t> dropped, workspace_arena& ws) {
-  const bool grouped = Dispatch::layout == dispatch::dispatch_layout::grouped_rows;
+  const bool grouped = DispatchPolicy::layout == dispatch::dispatch_layout::grouped_rows;
   const row_panels rp = panels_for(dm);
   detail::phase_layout l = detail::carve_layout(ws, dm, rp, grouped);
   const index_t rows = l.padded_rows;
