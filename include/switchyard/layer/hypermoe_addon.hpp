@@ -7,10 +7,10 @@
 //!
 //! Workspace: the module's arrays are sized by its hypernetwork too (d_emb, p, h_in, b, d_le
 //! come from the params), so `workspace_size` takes the params after the hook's four sizes.
-//! Forward and backward take `workspace_size(..., params)` bytes from their arena and then do
-//! not allocate; when the arena cannot supply them (a measuring arena, or one sized without
-//! the params, such as the empty arena a layer gives an add-on whose size it does not query)
-//! they allocate their own workspace instead.
+//! Forward and backward take `workspace_size(..., params)` bytes from their arena (the layer
+//! sizes it with the params its size queries take) and then do not allocate; a carving arena
+//! that is too small throws shape_error("workspace"); a measuring arena (a direct call without
+//! a workspace) makes them allocate their own.
 
 #include <cstddef>
 #include <cstdint>
@@ -66,16 +66,13 @@ struct hypermoe_addon {
   }
 
  private:
-  //! `need` bytes of `ws` as an arena, or a measuring arena when `ws` cannot supply them
-  //! (then the module allocates its own workspace).
+  //! `need` bytes of `ws` as an arena; a measuring `ws` (an add-on called outside a layer
+  //! without a workspace) gives a measuring arena, and the module then allocates its own. A
+  //! carving `ws` too small for `need` throws shape_error("workspace") (see workspace_size).
   static workspace_arena module_arena(workspace_arena& ws, std::size_t need) {
     if (!ws.carving()) return {};
-    try {
-      std::byte* bytes = ws.take<std::byte>(static_cast<index_t>(need));
-      return workspace_arena({bytes, need});
-    } catch (const shape_error&) {  // too small: sized without the params
-      return {};
-    }
+    std::byte* bytes = ws.take<std::byte>(static_cast<index_t>(need));
+    return workspace_arena({bytes, need});
   }
 };
 
