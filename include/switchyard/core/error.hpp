@@ -45,6 +45,12 @@ class null_pointer_error : public invalid_argument {
   using invalid_argument::invalid_argument;
 };
 
+//! A pointer is not in the memory the execution context reads: a host pointer given to the
+//! CUDA backend, memory of another device than the stream's, a misaligned array.
+class memory_space_error : public invalid_argument {
+  using invalid_argument::invalid_argument;
+};
+
 //! A requested combination (method, parameter, dtype) is not implemented.
 class unsupported_error : public std::logic_error {
   using std::logic_error::logic_error;

@@ -23,8 +23,6 @@
 namespace switchyard::detail {
 using namespace ::switchyard::layer;  // this block's helpers use switchyard::layer's names
 
-using detail::present;  // the library's one optional-view test (core/view.hpp)
-
 //! max(0, v) with std::max(0.0, v)'s result for every input (NaN and -0 give +0).
 SWITCHYARD_HD SWITCHYARD_FORCEINLINE double relu(double v) { return 0.0 < v ? v : 0.0; }
 

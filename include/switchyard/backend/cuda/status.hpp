@@ -1,0 +1,98 @@
+#pragma once
+//! \file status.hpp
+//! The device status word: what the kernels found wrong in the *data* (a non-finite token or
+//! logit, an invalid plan entry), recorded on the device and thrown on the host as the same
+//! typed exception the host backend throws, at the one synchronisation point of
+//! `sorted_grouped` or at an explicit `cuda::check_status` on the sync-free paths
+//! (docs/cuda.md). Kernels stay memory safe on bad data: a flagged token routes to no expert.
+//!
+//! Each kind keeps the smallest flat index it was seen at (row-major, so x[t, i] is t·d + i,
+//! the element the host names first). Host-testable: `record` is `__host__ __device__`.
+
+#include <climits>
+#include <cstdint>
+#include <string>
+
+#include "switchyard/core/config.hpp"
+#include "switchyard/core/error.hpp"
+
+namespace switchyard::cuda {
+
+//! What the device status word can hold.
+enum class status_kind : int {
+  non_finite_x = 0,       //!< x[t, i] is NaN or Inf (index t·d + i)
+  non_finite_logits = 1,  //!< the router's logit [t, e] is NaN or Inf (index t·E + e)
+  invalid_counts = 2,     //!< plan.counts[t] outside [0, width] (index t)
+  invalid_ids = 3,        //!< plan.expert_ids[t, j] outside [0, E), repeated, or not -1 when unused (index t·width + j)
+};
+inline constexpr int status_kinds = 4;
+
+//! The status word, in device memory (the first bytes of the workspace). All bits set
+//! (memset 0xFF) means "nothing recorded".
+struct device_status {
+  unsigned long long first[status_kinds];  //!< smallest flat index per kind, or ULLONG_MAX
+
+  static constexpr unsigned long long none = ULLONG_MAX;
+
+  //! Records `index` for `kind` (the smallest index wins; atomic on the device).
+  SWITCHYARD_HD void record(status_kind kind, index_t index) {
+    unsigned long long* slot = &first[static_cast<int>(kind)];
+    const auto v = static_cast<unsigned long long>(index);
+#if defined(__CUDA_ARCH__)
+    atomicMin(slot, v);
+#else
+    if (v < *slot) *slot = v;
+#endif
+  }
+  //! Whether anything was recorded.
+  [[nodiscard]] SWITCHYARD_HD bool ok() const {
+    for (int k = 0; k < status_kinds; ++k)
+      if (first[k] != none) return false;
+    return true;
+  }
+};
+
+//! The sizes the messages need to turn flat indices into coordinates.
+struct status_shape {
+  index_t d = 0;        //!< columns of x
+  index_t experts = 0;  //!< E
+  index_t width = 0;    //!< plan slots per token
+  const char* plan_argument = "plan";  //!< "state.plan" (routed) or "plan" (forward_experts)
+};
+
+//! Throws the typed exception for the first recorded kind (in enum order); nothing when ok.
+inline void throw_status(const device_status& s, const status_shape& shape) {
+  if (s.ok()) return;
+  const auto at = [&](status_kind k) { return static_cast<index_t>(s.first[static_cast<int>(k)]); };
+  if (s.first[0] != device_status::none) {
+    const index_t i = at(status_kind::non_finite_x);
+    const index_t d = shape.d > 0 ? shape.d : 1;
+    throw non_finite_error(
+        "x", detail::concat("x: every element must be finite, got a non-finite value at x[", i / d,
+                            ", ", i % d,
+                            "] (found on the device; Switchyard refuses non-finite tokens, see "
+                            "docs/layer.md, NaN policy)"));
+  }
+  if (s.first[1] != device_status::none) {
+    const index_t i = at(status_kind::non_finite_logits);
+    const index_t e = shape.experts > 0 ? shape.experts : 1;
+    throw non_finite_error(
+        "logits", detail::concat("logits: the router's logit [", i / e, ", ", i % e,
+                                 "] is not finite (found on the device; check the router weights)"));
+  }
+  if (s.first[2] != device_status::none) {
+    const std::string arg = detail::concat(shape.plan_argument, ".counts");
+    throw range_error(arg, detail::concat(arg, "[", at(status_kind::invalid_counts),
+                                          "] must be in [0, ", shape.width,
+                                          "] (found on the device)"));
+  }
+  const index_t i = at(status_kind::invalid_ids);
+  const index_t w = shape.width > 0 ? shape.width : 1;
+  const std::string arg = detail::concat(shape.plan_argument, ".expert_ids");
+  throw range_error(arg, detail::concat(arg, "[", i / w, ", ", i % w, "] must be in [0, ",
+                                        shape.experts,
+                                        ") and distinct among the token's used slots, and -1 "
+                                        "when unused (found on the device)"));
+}
+
+}  // namespace switchyard::cuda

@@ -1,0 +1,28 @@
+#pragma once
+//! \file tuning.hpp
+//! The CUDA backend's tuning values as data: block sizes, the decode threshold of the
+//! permutation, the host scratch per expert. Launches name these, never a literal.
+
+#include <cstddef>
+
+#include "switchyard/core/config.hpp"
+
+namespace switchyard::cuda::tuning {
+
+//! Threads per block of the per-row and per-element functor launches (gather, activation,
+//! combine, bias).
+inline constexpr int rows_block = 256;
+//! Threads per block of the per-token routing kernels (one thread per token).
+inline constexpr int tokens_block = 128;
+//! Most blocks a grid-stride launch asks for (the loop covers the rest).
+inline constexpr unsigned max_grid = 65535u * 4u;
+//! T·width at or below which the permutation sorts in one block (`cub::BlockRadixSort`,
+//! decode) instead of `cub::DeviceRadixSort` (prefill).
+inline constexpr index_t block_sort_max_pairs = 2048;
+//! Host bytes (pinned when the context has them) the backend takes per expert for the
+//! per-expert counts and the grouped GEMM's host argument arrays.
+inline constexpr std::size_t host_bytes_per_expert = 256;
+//! Host bytes taken besides the per-expert ones (status word, alignment).
+inline constexpr std::size_t host_bytes_fixed = 4096;
+
+}  // namespace switchyard::cuda::tuning
