@@ -1,0 +1,124 @@
+// The CUDA backend's device status word and the NaN scan run on the host (the very code the
+// kernels run): the smallest index wins whatever the order of the records, each kind becomes
+// the host backend's typed exception naming the argument and the coordinates, and the row
+// scan finds the first non-finite column of every element type.
+#include <boost/test/unit_test.hpp>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <switchyard/backend/cuda/status.hpp>
+#include <switchyard/core/element_type.hpp>
+#include <switchyard/ops/finite.hpp>
+
+#include "support/random.hpp"
+
+namespace sy = switchyard;
+using sy::index_t;
+
+namespace {
+sy::cuda::device_status fresh() {
+  sy::cuda::device_status s;
+  std::memset(&s, 0xFF, sizeof s);  // what the executor's cudaMemsetAsync writes
+  return s;
+}
+
+template <class E>
+std::string message_of(const sy::cuda::device_status& s, const sy::cuda::status_shape& shape,
+                       std::string& argument) {
+  try {
+    sy::cuda::throw_status(s, shape);
+  } catch (const E& e) {
+    argument = e.argument();
+    return e.what();
+  }
+  return "(nothing thrown)";
+}
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(a_fresh_status_is_ok_and_throws_nothing) {
+  const auto s = fresh();
+  BOOST_TEST(s.ok());
+  BOOST_CHECK_NO_THROW(sy::cuda::throw_status(s, {}));
+}
+
+BOOST_AUTO_TEST_CASE(the_smallest_index_wins_in_any_record_order) {
+  std::mt19937_64 g(sy::test::base_seed());
+  std::vector<index_t> idx(50);
+  for (auto& v : idx) v = static_cast<index_t>(g() % 100000) + 7;
+  const index_t smallest = *std::min_element(idx.begin(), idx.end());
+  for (int round = 0; round < 3; ++round) {
+    std::shuffle(idx.begin(), idx.end(), g);
+    auto s = fresh();
+    for (index_t v : idx) s.record(sy::cuda::status_kind::non_finite_x, v);
+    BOOST_TEST(!s.ok());
+    BOOST_TEST(s.first[0] == static_cast<unsigned long long>(smallest));
+    BOOST_TEST(s.first[1] == sy::cuda::device_status::none);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(each_kind_becomes_the_typed_error_naming_the_element) {
+  const sy::cuda::status_shape shape{/*d=*/8, /*experts=*/6, /*width=*/3, "state.plan"};
+  std::string arg;
+  auto s = fresh();
+  s.record(sy::cuda::status_kind::non_finite_x, 3 * 8 + 5);
+  std::string msg = message_of<sy::non_finite_error>(s, shape, arg);
+  BOOST_TEST(arg == "x");
+  BOOST_TEST(msg.find("x[3, 5]") != std::string::npos, msg);
+
+  s = fresh();
+  s.record(sy::cuda::status_kind::non_finite_logits, 2 * 6 + 4);
+  msg = message_of<sy::non_finite_error>(s, shape, arg);
+  BOOST_TEST(arg == "logits");
+  BOOST_TEST(msg.find("[2, 4]") != std::string::npos, msg);
+
+  s = fresh();
+  s.record(sy::cuda::status_kind::invalid_counts, 9);
+  msg = message_of<sy::range_error>(s, shape, arg);
+  BOOST_TEST(arg == "state.plan.counts");
+  BOOST_TEST(msg.find("[9]") != std::string::npos, msg);
+  BOOST_TEST(msg.find("[0, 3]") != std::string::npos, msg);
+
+  s = fresh();
+  s.record(sy::cuda::status_kind::invalid_ids, 4 * 3 + 2);
+  msg = message_of<sy::range_error>(s, {8, 6, 3, "plan"}, arg);
+  BOOST_TEST(arg == "plan.expert_ids");
+  BOOST_TEST(msg.find("[4, 2]") != std::string::npos, msg);
+  BOOST_TEST(msg.find("[0, 6)") != std::string::npos, msg);
+}
+
+BOOST_AUTO_TEST_CASE(non_finite_tokens_are_reported_before_plan_errors) {
+  auto s = fresh();
+  s.record(sy::cuda::status_kind::invalid_ids, 0);
+  s.record(sy::cuda::status_kind::non_finite_x, 40);
+  std::string arg;
+  (void)message_of<sy::non_finite_error>(s, {8, 6, 3, "plan"}, arg);
+  BOOST_TEST(arg == "x");
+}
+
+template <class T>
+void check_scan() {
+  std::mt19937_64 g(sy::test::base_seed() + 11);
+  const index_t tokens = 7, d = 13;
+  const auto vals = sy::test::normal(g, static_cast<std::size_t>(tokens * d));
+  std::vector<T> x(vals.size());
+  for (std::size_t i = 0; i < vals.size(); ++i) x[i] = sy::from_float<T>(vals[i]);
+  x[2 * d + 9] = sy::from_float<T>(std::numeric_limits<float>::quiet_NaN());
+  x[2 * d + 11] = sy::from_float<T>(std::numeric_limits<float>::infinity());
+  x[5 * d + 0] = sy::from_float<T>(-std::numeric_limits<float>::infinity());
+  const sy::ops::first_non_finite<T> scan{sy::make_view<const T>(x.data(), tokens, d)};
+  for (index_t t = 0; t < tokens; ++t) {
+    const index_t want = t == 2 ? 9 : t == 5 ? 0 : -1;
+    BOOST_TEST(scan(t) == want, "row " << t);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(the_row_scan_finds_the_first_non_finite_column) {
+  check_scan<float>();
+  check_scan<sy::half>();
+  check_scan<sy::bfloat16>();
+}
