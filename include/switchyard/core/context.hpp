@@ -10,7 +10,7 @@
 //! | context                      | header of its executor                 | compiler      |
 //! |------------------------------|----------------------------------------|---------------|
 //! | `switchyard::host_context`   | `switchyard/backend/host.hpp`          | any C++20     |
-//! | `switchyard::cuda::context`  | backend/cuda (the CUDA layer, #11)     | nvcc (C++20)  |
+//! | `switchyard::cuda::context`  | `switchyard/backend/cuda.cuh`          | nvcc (C++20)  |
 //!
 //! (`switchyard/switchyard.hpp` includes the host backend.) Headers under core/, routing/,
 //! dispatch/, activation/ and layer/ never include a backend: the dependency points from the
