@@ -12,12 +12,7 @@
 
 #include "switchyard/core/error.hpp"
 
-namespace switchyard::cuda {
-
-}  // namespace switchyard::cuda
-
 namespace switchyard::detail {
-using namespace ::switchyard::cuda;  // this block's helpers use switchyard::cuda's names
 inline std::string where(const std::source_location& loc) {
   return detail::concat(loc.file_name(), ":", loc.line());
 }

@@ -75,8 +75,9 @@ inline void check_status(const context& ctx, span<const std::byte> workspace,
 
 }  // namespace switchyard::cuda
 
+// No using-directive for switchyard::cuda here: the host backend's detail blocks see
+// switchyard::host's names, and names both backends define (expert_dims, ...) would clash.
 namespace switchyard::detail {
-using namespace ::switchyard::cuda;  // this block's helpers use switchyard::cuda's names
 
 //! A sub-arena of `bytes` bytes carved from `ws` (measuring while `ws` measures).
 inline workspace_arena cuda_sub_arena(workspace_arena& ws, std::size_t bytes) {
@@ -105,7 +106,7 @@ void require_gemm_layout(std::string_view argument, const V& v) {
 struct host_scratch {
   std::vector<std::byte> owned;
   span<std::byte> bytes;
-  host_scratch(const context& ctx, std::size_t need) {
+  host_scratch(const cuda::context& ctx, std::size_t need) {
     if (ctx.host_workspace.size() >= need) {
       bytes = ctx.host_workspace;
     } else {
@@ -117,12 +118,12 @@ struct host_scratch {
 
 //! Device workspace: the caller's bytes, or an owned stream-ordered allocation.
 struct device_scratch {
-  device_array<std::byte> owned;
+  cuda::device_array<std::byte> owned;
   span<std::byte> bytes;
   bool is_owned = false;
-  device_scratch(const context& ctx, span<std::byte> given, std::size_t need) {
+  device_scratch(const cuda::context& ctx, span<std::byte> given, std::size_t need) {
     if (given.empty()) {
-      owned = device_array<std::byte>(need, ctx.stream);
+      owned = cuda::device_array<std::byte>(need, ctx.stream);
       bytes = owned.bytes();
       is_owned = true;
     } else {
