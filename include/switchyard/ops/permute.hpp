@@ -94,9 +94,9 @@ struct plan_sort_keys {
 //! Per pair i: the "sort" when there is nothing to sort (E == 0: every key is the
 //! sentinel), keys copied and pairs in order.
 struct unsorted_pairs {
-  const sort_key* keys = nullptr;  //!< [N]
-  sort_key* sorted_keys = nullptr; //!< [N] output
-  index_t* sorted_pairs = nullptr; //!< [N] output
+  const sort_key* keys = nullptr;   //!< [N]
+  sort_key* sorted_keys = nullptr;  //!< [N] output
+  index_t* sorted_pairs = nullptr;  //!< [N] output
 
   SWITCHYARD_HD void operator()(index_t i) const {
     sorted_keys[i] = keys[i];
@@ -224,7 +224,8 @@ struct capacity_rows {
 
   SWITCHYARD_HD void operator()(index_t r) const {
     const index_t e = r / block, rank = r - e * block;
-    row_pair[r] = rank < row_count[e] ? sorted_pairs[sorted_begin[e] + rank] : dispatch::unused_pair;
+    row_pair[r] =
+        rank < row_count[e] ? sorted_pairs[sorted_begin[e] + rank] : dispatch::unused_pair;
   }
 };
 

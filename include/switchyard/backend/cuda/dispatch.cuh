@@ -102,9 +102,9 @@ struct record_plan_fault {
   device_status* status = nullptr;
   SWITCHYARD_HD void operator()(ops::plan_fault fault, index_t index) const {
     if (status == nullptr) return;
-    status->record(fault == ops::plan_fault::counts ? status_kind::invalid_counts
-                                                    : status_kind::invalid_ids,
-                   index);
+    status->record(
+        fault == ops::plan_fault::counts ? status_kind::invalid_counts : status_kind::invalid_ids,
+        index);
   }
 };
 
@@ -115,8 +115,8 @@ namespace kernels {
 //! (the sentinel, the largest key) and sort after every real one (stability).
 template <int Threads, int Items>
 __global__ void __launch_bounds__(Threads)
-    block_sort_pairs(const ops::sort_key* keys, ops::sort_key* sorted_keys,
-                     index_t* sorted_pairs, index_t n, int end_bit, ops::sort_key pad) {
+    block_sort_pairs(const ops::sort_key* keys, ops::sort_key* sorted_keys, index_t* sorted_pairs,
+                     index_t n, int end_bit, ops::sort_key pad) {
   using block_sort = cub::BlockRadixSort<ops::sort_key, Threads, Items, int>;
   __shared__ typename block_sort::TempStorage temp;
   ops::sort_key k[Items];
@@ -140,11 +140,11 @@ __global__ void __launch_bounds__(Threads)
 
 }  // namespace switchyard::cuda
 
+// No using-directive for switchyard::cuda here (layer.cuh says why): its names are qualified.
 namespace switchyard::detail {
-using namespace ::switchyard::cuda;  // this block's helpers use switchyard::cuda's names
 
 //! The pairs sorted by key (device arrays of N entries).
-struct sorted_plan_pairs {
+struct cuda_sorted_pairs {
   const ops::sort_key* keys = nullptr;  //!< [N] ascending
   const index_t* pairs = nullptr;       //!< [N] pair index at each sorted position
 };
@@ -152,11 +152,11 @@ struct sorted_plan_pairs {
 //! Host checks before any launch: sizes in range and, when carving, a plan of T tokens and
 //! `width` slots.
 template <class Id, class W>
-void check_dispatch_args(const routing::plan_view<Id, W>& plan, index_t tokens, index_t width,
-                         index_t experts, bool carving) {
+void cuda_check_dispatch_args(const routing::plan_view<Id, W>& plan, index_t tokens, index_t width,
+                              index_t experts, bool carving) {
   if (tokens < 0 || width < 0) {
-    throw shape_error("plan", concat("plan: T and width must be >= 0, got T = ", tokens,
-                                     ", width = ", width));
+    throw shape_error(
+        "plan", concat("plan: T and width must be >= 0, got T = ", tokens, ", width = ", width));
   }
   if (experts < 0 || experts >= INT32_MAX) {
     throw range_error("experts", concat("experts: the CUDA dispatch needs E in [0, 2^31 - 1) "
@@ -172,12 +172,13 @@ void check_dispatch_args(const routing::plan_view<Id, W>& plan, index_t tokens, 
 //! Validates the plan and writes its sort keys (`ops::plan_sort_keys`, one thread per token)
 //! into `keys` [N]; `pairs` [N] gets 0..N-1 when non-null.
 template <class Id, class W>
-void make_sort_keys(const context& ctx, const routing::plan_view<Id, W>& plan, index_t tokens,
-                    index_t width, index_t experts, device_status* status, ops::sort_key* keys,
-                    index_t* pairs) {
-  const ops::plan_sort_keys<Id, record_plan_fault> f{
-      plan.expert_ids, plan.counts, width, experts, keys, pairs, record_plan_fault{status}};
-  cuda::for_each<tuning::tokens_block>(ctx.stream, tokens, f, "switchyard::ops::plan_sort_keys");
+void cuda_sort_keys(const cuda::context& ctx, const routing::plan_view<Id, W>& plan, index_t tokens,
+                    index_t width, index_t experts, cuda::device_status* status,
+                    ops::sort_key* keys, index_t* pairs) {
+  const ops::plan_sort_keys<Id, cuda::record_plan_fault> f{
+      plan.expert_ids, plan.counts, width, experts, keys, pairs, cuda::record_plan_fault{status}};
+  cuda::for_each<cuda::tuning::tokens_block>(ctx.stream, tokens, f,
+                                             "switchyard::ops::plan_sort_keys");
 }
 
 //! Steps 1 and 2 of the permutation: keys, then the stable sort by key over bit_width(E)
@@ -185,13 +186,14 @@ void make_sort_keys(const context& ctx, const routing::plan_view<Id, W>& plan, i
 //! pair indices [N] and CUB's temporary storage (sized by CUB's null-pointer query, which
 //! launches nothing and depends on N and E only). Measuring: only takes.
 template <class Id, class W>
-sorted_plan_pairs sort_plan_pairs(const context& ctx, const routing::plan_view<Id, W>& plan,
-                                  index_t tokens, index_t width, index_t experts,
-                                  device_status* status, workspace_arena& ws) {
+cuda_sorted_pairs cuda_sort_plan_pairs(const cuda::context& ctx,
+                                       const routing::plan_view<Id, W>& plan, index_t tokens,
+                                       index_t width, index_t experts, cuda::device_status* status,
+                                       workspace_arena& ws) {
   const index_t n = tokens * width;
   const int end_bit = static_cast<int>(std::bit_width(static_cast<std::uint64_t>(experts)));
   const bool sorts = n > 0 && end_bit > 0;  // begin_bit == end_bit (E == 0): all sentinels
-  const bool one_block = n <= tuning::block_sort_max_pairs;
+  const bool one_block = n <= cuda::tuning::block_sort_max_pairs;
   auto* keys = ws.take<ops::sort_key>(n);
   auto* sorted_keys = ws.take<ops::sort_key>(n);
   auto* sorted_pairs = ws.take<index_t>(n);
@@ -200,35 +202,35 @@ sorted_plan_pairs sort_plan_pairs(const context& ctx, const routing::plan_view<I
   std::size_t temp_bytes = 0;
   if (sorts && !one_block) {
     pairs = ws.take<index_t>(n);
-    check(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys, sorted_keys, pairs,
-                                          sorted_pairs, n, 0, end_bit, ctx.stream),
-          "cub::DeviceRadixSort::SortPairs (temporary storage size)");
+    cuda::check(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys, sorted_keys, pairs,
+                                                sorted_pairs, n, 0, end_bit, ctx.stream),
+                "cub::DeviceRadixSort::SortPairs (temporary storage size)");
     temp = ws.take<std::byte>(static_cast<index_t>(temp_bytes));
   }
-  const sorted_plan_pairs out{sorted_keys, sorted_pairs};
+  const cuda_sorted_pairs out{sorted_keys, sorted_pairs};
   if (!ws.carving() || n == 0) return out;
-  make_sort_keys(ctx, plan, tokens, width, experts, status, keys, pairs);
+  cuda_sort_keys(ctx, plan, tokens, width, experts, status, keys, pairs);
   if (!sorts) {
     cuda::for_each(ctx.stream, n, ops::unsorted_pairs{keys, sorted_keys, sorted_pairs},
                    "switchyard::ops::unsorted_pairs");
   } else if (one_block) {
-    kernels::block_sort_pairs<block_sort_threads, block_sort_items>
-        <<<1, block_sort_threads, 0, ctx.stream>>>(keys, sorted_keys, sorted_pairs, n, end_bit,
-                                                   static_cast<ops::sort_key>(experts));
-    check_launch("switchyard::cuda::kernels::block_sort_pairs");
+    cuda::kernels::block_sort_pairs<cuda::block_sort_threads, cuda::block_sort_items>
+        <<<1, cuda::block_sort_threads, 0, ctx.stream>>>(
+            keys, sorted_keys, sorted_pairs, n, end_bit, static_cast<ops::sort_key>(experts));
+    cuda::check_launch("switchyard::cuda::kernels::block_sort_pairs");
   } else {
-    check(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys, sorted_keys, pairs,
-                                          sorted_pairs, n, 0, end_bit, ctx.stream),
-          "cub::DeviceRadixSort::SortPairs");
+    cuda::check(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys, sorted_keys, pairs,
+                                                sorted_pairs, n, 0, end_bit, ctx.stream),
+                "cub::DeviceRadixSort::SortPairs");
   }
   return out;
 }
 
 //! The arrays every policy returns: row_begin, row_count, dropped [E], pair_row [N],
 //! row_pair [row_pairs].
-inline device_groups take_groups(workspace_arena& ws, index_t experts, index_t pairs,
-                                 index_t row_pairs) {
-  device_groups g;
+inline cuda::device_groups cuda_take_groups(workspace_arena& ws, index_t experts, index_t pairs,
+                                            index_t row_pairs) {
+  cuda::device_groups g;
   g.row_begin = ws.take<index_t>(experts);
   g.row_count = ws.take<index_t>(experts);
   g.dropped = ws.take<index_t>(experts);
@@ -239,26 +241,28 @@ inline device_groups take_groups(workspace_arena& ws, index_t experts, index_t p
 
 //! sorted_grouped: rows = N; the counts are copied to `host_ws` right after they exist.
 template <class Id, class W>
-device_groups plan_sorted_grouped(const context& ctx, const routing::plan_view<Id, W>& plan,
-                                  index_t tokens, index_t width, index_t experts,
-                                  device_status* status, workspace_arena& ws,
-                                  workspace_arena& host_ws) {
+cuda::device_groups cuda_plan_sorted_grouped(const cuda::context& ctx,
+                                             const routing::plan_view<Id, W>& plan, index_t tokens,
+                                             index_t width, index_t experts,
+                                             cuda::device_status* status, workspace_arena& ws,
+                                             workspace_arena& host_ws) {
   const index_t n = tokens * width;
-  device_groups g = take_groups(ws, experts, n, n);
+  cuda::device_groups g = cuda_take_groups(ws, experts, n, n);
   g.rows = n;
   g.capacity = 0;
   g.drop = dispatch::dropped_output::zero;
   index_t* host_counts = host_ws.take<index_t>(experts);
   g.host_row_count = host_counts;
-  const sorted_plan_pairs s = sort_plan_pairs(ctx, plan, tokens, width, experts, status, ws);
+  const cuda_sorted_pairs s = cuda_sort_plan_pairs(ctx, plan, tokens, width, experts, status, ws);
   if (!ws.carving()) return g;
   cuda::for_each(ctx.stream, experts,
                  ops::grouped_counts{s.keys, n, g.row_begin, g.row_count, g.dropped},
                  "switchyard::ops::grouped_counts");
   if (experts > 0) {
-    check(cudaMemcpyAsync(host_counts, g.row_count, sizeof(index_t) * static_cast<std::size_t>(experts),
-                          cudaMemcpyDeviceToHost, ctx.stream),
-          "cudaMemcpyAsync (per-expert counts to the host)");
+    cuda::check(cudaMemcpyAsync(host_counts, g.row_count,
+                                sizeof(index_t) * static_cast<std::size_t>(experts),
+                                cudaMemcpyDeviceToHost, ctx.stream),
+                "cudaMemcpyAsync (per-expert counts to the host)");
   }
   cuda::for_each(ctx.stream, n,
                  ops::grouped_placement{s.keys, s.pairs, experts, g.pair_row, g.row_pair},
@@ -268,18 +272,19 @@ device_groups plan_sorted_grouped(const context& ctx, const routing::plan_view<I
 
 //! padded_capacity: blocks of C_max rows, C on the device, no copy to the host.
 template <class Id, class W>
-device_groups plan_padded_capacity(const context& ctx, const dispatch::padded_capacity& policy,
-                                   const routing::plan_view<Id, W>& plan, index_t tokens,
-                                   index_t width, index_t experts, device_status* status,
-                                   workspace_arena& ws) {
+cuda::device_groups cuda_plan_padded_capacity(const cuda::context& ctx,
+                                              const dispatch::padded_capacity& policy,
+                                              const routing::plan_view<Id, W>& plan, index_t tokens,
+                                              index_t width, index_t experts,
+                                              cuda::device_status* status, workspace_arena& ws) {
   const index_t n = tokens * width;
   const index_t block = experts > 0 ? policy.capacity(tokens, n, experts) : 0;
-  device_groups g = take_groups(ws, experts, n, experts * block);
+  cuda::device_groups g = cuda_take_groups(ws, experts, n, experts * block);
   g.rows = experts * block;
   g.capacity = block;
   g.drop = policy.drop;
   auto* sorted_begin = ws.take<index_t>(experts + 1);
-  const sorted_plan_pairs s = sort_plan_pairs(ctx, plan, tokens, width, experts, status, ws);
+  const cuda_sorted_pairs s = cuda_sort_plan_pairs(ctx, plan, tokens, width, experts, status, ws);
   if (!ws.carving()) return g;
   cuda::for_each(ctx.stream, experts + 1,
                  ops::capacity_counts{policy, s.keys, n, tokens, experts, block, sorted_begin,
@@ -298,12 +303,12 @@ device_groups plan_padded_capacity(const context& ctx, const dispatch::padded_ca
 //! dense: no sort; the counts by a histogram of the keys over [0, E) (the sentinel E falls
 //! outside and is not counted).
 template <class Id, class W>
-device_groups plan_dense(const context& ctx, const routing::plan_view<Id, W>& plan,
-                         index_t tokens, index_t width, index_t experts, device_status* status,
-                         workspace_arena& ws) {
+cuda::device_groups cuda_plan_dense(const cuda::context& ctx, const routing::plan_view<Id, W>& plan,
+                                    index_t tokens, index_t width, index_t experts,
+                                    cuda::device_status* status, workspace_arena& ws) {
   using counter = unsigned long long;  // CUB's shared-memory atomics take it; 64-bit counts
   const index_t n = tokens * width;
-  device_groups g = take_groups(ws, experts, n, n);
+  cuda::device_groups g = cuda_take_groups(ws, experts, n, n);
   g.rows = tokens;
   g.capacity = tokens;
   g.drop = dispatch::dropped_output::zero;
@@ -315,22 +320,22 @@ device_groups plan_dense(const context& ctx, const routing::plan_view<Id, W>& pl
   const int levels = static_cast<int>(experts) + 1;
   if (counts) {
     histogram = ws.take<counter>(experts);
-    check(cub::DeviceHistogram::HistogramEven(nullptr, temp_bytes, keys, histogram, levels, 0,
-                                              static_cast<int>(experts), n, ctx.stream),
-          "cub::DeviceHistogram::HistogramEven (temporary storage size)");
+    cuda::check(cub::DeviceHistogram::HistogramEven(nullptr, temp_bytes, keys, histogram, levels, 0,
+                                                    static_cast<int>(experts), n, ctx.stream),
+                "cub::DeviceHistogram::HistogramEven (temporary storage size)");
     temp = ws.take<std::byte>(static_cast<index_t>(temp_bytes));
   }
   if (!ws.carving()) return g;
-  make_sort_keys(ctx, plan, tokens, width, experts, status, keys, nullptr);
+  cuda_sort_keys(ctx, plan, tokens, width, experts, status, keys, nullptr);
   if (counts) {
-    check(cub::DeviceHistogram::HistogramEven(temp, temp_bytes, keys, histogram, levels, 0,
-                                              static_cast<int>(experts), n, ctx.stream),
-          "cub::DeviceHistogram::HistogramEven");
+    cuda::check(cub::DeviceHistogram::HistogramEven(temp, temp_bytes, keys, histogram, levels, 0,
+                                                    static_cast<int>(experts), n, ctx.stream),
+                "cub::DeviceHistogram::HistogramEven");
   }
-  cuda::for_each(ctx.stream, experts,
-                 ops::dense_counts<counter>{counts ? histogram : nullptr, g.row_begin,
-                                            g.row_count, g.dropped},
-                 "switchyard::ops::dense_counts");
+  cuda::for_each(
+      ctx.stream, experts,
+      ops::dense_counts<counter>{counts ? histogram : nullptr, g.row_begin, g.row_count, g.dropped},
+      "switchyard::ops::dense_counts");
   cuda::for_each(ctx.stream, n, ops::dense_placement{keys, experts, g.pair_row, g.row_pair},
                  "switchyard::ops::dense_placement");
   return g;
@@ -351,17 +356,17 @@ device_groups plan_groups(const context& ctx, const D& policy,
                           const routing::plan_view<Id, W>& plan, index_t tokens, index_t width,
                           index_t experts, device_status* status, workspace_arena& ws,
                           workspace_arena& host_ws) {
-  detail::check_dispatch_args(plan, tokens, width, experts, ws.carving());
+  detail::cuda_check_dispatch_args(plan, tokens, width, experts, ws.carving());
   if constexpr (std::is_same_v<D, dispatch::sorted_grouped>) {
     (void)policy;
-    return detail::plan_sorted_grouped(ctx, plan, tokens, width, experts, status, ws, host_ws);
+    return detail::cuda_plan_sorted_grouped(ctx, plan, tokens, width, experts, status, ws, host_ws);
   } else if constexpr (std::is_same_v<D, dispatch::padded_capacity>) {
     (void)host_ws;
-    return detail::plan_padded_capacity(ctx, policy, plan, tokens, width, experts, status, ws);
+    return detail::cuda_plan_padded_capacity(ctx, policy, plan, tokens, width, experts, status, ws);
   } else if constexpr (std::is_same_v<D, dispatch::dense>) {
     (void)policy;
     (void)host_ws;
-    return detail::plan_dense(ctx, plan, tokens, width, experts, status, ws);
+    return detail::cuda_plan_dense(ctx, plan, tokens, width, experts, status, ws);
   } else {
     (void)ctx, (void)policy, (void)status, (void)host_ws;
     throw unsupported_error(
