@@ -1,24 +1,48 @@
 #pragma once
 //! \file router.cuh
 //! How the CUDA backend runs a router: a composed router (TopK, TopP, Adaptive Gating,
-//! DA-MoE: routing::ComposedRouter) through the generic device route (logits, the router's
-//! own `__host__ __device__` selection rule per token, loss terms by fixed-order reductions);
-//! any other router through `device_router<R>`, which a backend file specialises (DynMoE:
+//! DA-MoE: routing::ComposedRouter) through the generic device route; any other router
+//! through `device_router<R>`, which a backend file specialises (DynMoE:
 //! backend/cuda/dynmoe.cuh) and a user may specialise for their own router.
 //!
-//! PLACEHOLDER (contract only): the bodies are written by the routing work of issue #11.
+//! The generic device route (the host's backend/host/route.hpp, step by step):
+//! - checks, before any launch, what the host checks without reading data: shapes, the
+//!   router's options, the plan's sizes, and that the params are device memory of the
+//!   stream's device;
+//! - logits [T, E] = x · Wᵀ: cuBLAS (`cublasGemmEx`, CUBLAS_COMPUTE_32F) when x is float and
+//!   both operands have unit stride along a row, else `ops::router_logits` (float
+//!   accumulation in index order, the host's loop);
+//! - then the steps of ops/route_steps.hpp on kernels: the per-token rules (DA-MoE's
+//!   importance pass on the device), softmax and the router's own `__host__ __device__`
+//!   selection rule per token (a token with a non-finite logit is recorded in the status word
+//!   and routes to no expert), each loss term by fixed-order reductions into its field of the
+//!   device losses struct;
+//! - backward: the fused per-token d_logits, then dx += d_logits · W and grads.w +=
+//!   d_logitsᵀ · x (cuBLAS with beta = 1 where the operands allow it, else per-element
+//!   kernels summing in index order). No atomics on floats anywhere: run to run bitwise.
+//!
+//! Stream-ordered on ctx.stream, no synchronisation, no allocation (scratch from the arena).
 
+#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <type_traits>
 
 #include "switchyard/backend/cuda/context.hpp"
+#include "switchyard/backend/cuda/error.hpp"
+#include "switchyard/backend/cuda/launch.cuh"
+#include "switchyard/backend/cuda/memory.hpp"
 #include "switchyard/backend/cuda/status.hpp"
+#include "switchyard/backend/cuda/tuning.hpp"
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/core/workspace.hpp"
+#include "switchyard/ops/route_rows.hpp"
+#include "switchyard/ops/route_steps.hpp"
 #include "switchyard/routing/composition.hpp"
 #include "switchyard/routing/plan.hpp"
 
@@ -43,12 +67,234 @@ struct device_router {
                 "(docs/cuda.md, custom routers)");
 };
 
+//! The launcher of the route's steps (ops/route_steps.hpp): `cuda::for_each` on a stream,
+//! per-token work in blocks of tuning::tokens_block, per-element work of tuning::rows_block.
+struct kernel_launcher {
+  cudaStream_t stream = nullptr;
+
+  template <class F>
+  void tokens(index_t n, const F& f, const char* name) const {
+    for_each<tuning::tokens_block>(stream, n, f, name);
+  }
+  template <class F>
+  void elements(index_t n, const F& f, const char* name) const {
+    for_each<tuning::rows_block>(stream, n, f, name);
+  }
+};
+
+//! Records a non-finite logit's flat index t·E + e in the status word (none when null).
+struct record_non_finite_logit {
+  device_status* status = nullptr;
+  SWITCHYARD_HD void operator()(index_t flat) const {
+    if (status != nullptr) status->record(status_kind::non_finite_logits, flat);
+  }
+};
+
+}  // namespace switchyard::cuda
+
+namespace switchyard::detail {
+using namespace ::switchyard::cuda;  // this block's helpers use switchyard::cuda's names
+
+//! Binds the context's cuBLAS handle for the router's GEMMs: its stream, host scalars, no
+//! atomics (throws null_pointer_error without a handle).
+inline void bind_router_blas(const context& ctx) {
+  if (ctx.blas == nullptr) {
+    throw null_pointer_error("ctx.blas",
+                             "ctx.blas: the CUDA router runs its float GEMMs with cuBLAS and "
+                             "needs a handle, got null");
+  }
+  check(cublasSetStream(ctx.blas, ctx.stream), "cublasSetStream");
+  check(cublasSetPointerMode(ctx.blas, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+  check(cublasSetAtomicsMode(ctx.blas, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
+}
+
+//! Runs a column-major GEMM description (alpha 1, float operands, float compute).
+inline void run_router_gemm(const context& ctx, const ops::gemm_desc& g, const float* a,
+                            const float* b, float* c, const char* what) {
+  const float alpha = 1.0f;
+  const float beta = g.beta;
+  check(cublasGemmEx(ctx.blas, g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                     g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(g.m),
+                     static_cast<int>(g.n), static_cast<int>(g.k), &alpha, a, CUDA_R_32F,
+                     static_cast<int>(g.lda), b, CUDA_R_32F, static_cast<int>(g.ldb), &beta, c,
+                     CUDA_R_32F, static_cast<int>(g.ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        what);
+}
+
+//! logits [T, E] = x · wᵀ on the stream (see the file comment for the choice of path).
+template <ElementType T>
+void device_router_logits(const context& ctx, const matrix_view<const T>& x,
+                          const matrix_view<const float>& w, float* logits) {
+  const index_t tokens = x.extent(0), d = x.extent(1), experts = w.extent(0);
+  if (tokens == 0 || experts == 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    const index_t ld_x = ops::row_major_ld(x), ld_w = ops::row_major_ld(w);
+    const ops::gemm_desc g = ops::logits_gemm(tokens, d, experts, ld_x, ld_w);
+    if (ld_x > 0 && ld_w > 0 && g.valid()) {
+      bind_router_blas(ctx);
+      run_router_gemm(ctx, g, w.data_handle(), x.data_handle(), logits,
+                      "cublasGemmEx (router logits)");
+      return;
+    }
+  }
+  for_each<tuning::rows_block>(ctx.stream, tokens * experts, ops::router_logits<T>{x, w, logits},
+                               "switchyard::ops::router_logits");
+}
+
+//! dx += d_logits · w and grad_w += d_logitsᵀ · x on the stream (either may be absent).
+template <ElementType T>
+void device_router_linear_backward(const context& ctx, const matrix_view<const T>& x,
+                                   const matrix_view<const float>& w, const float* d_logits,
+                                   const matrix_view<float>& dx,
+                                   const matrix_view<float>& grad_w) {
+  const index_t tokens = x.extent(0), d = x.extent(1), experts = w.extent(0);
+  if (present(dx) && tokens * d > 0) {
+    const index_t ld_w = ops::row_major_ld(w), ld_dx = ops::row_major_ld(dx);
+    const ops::gemm_desc g = ops::dx_gemm(tokens, d, experts, ld_w, ld_dx);
+    if (ld_w > 0 && ld_dx > 0 && g.valid()) {
+      bind_router_blas(ctx);
+      run_router_gemm(ctx, g, w.data_handle(), d_logits, dx.data_handle(),
+                      "cublasGemmEx (router dx)");
+    } else {
+      for_each<tuning::rows_block>(ctx.stream, tokens * d, ops::linear_dx_elements{d_logits, w, dx},
+                                   "switchyard::ops::linear_dx_elements");
+    }
+  }
+  if (present(grad_w) && experts * d > 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      const index_t ld_x = ops::row_major_ld(x), ld_g = ops::row_major_ld(grad_w);
+      const ops::gemm_desc g = ops::dw_gemm(tokens, d, experts, ld_x, ld_g);
+      if (ld_x > 0 && ld_g > 0 && g.valid()) {
+        bind_router_blas(ctx);
+        run_router_gemm(ctx, g, x.data_handle(), d_logits, grad_w.data_handle(),
+                        "cublasGemmEx (router grads.w)");
+        return;
+      }
+    }
+    for_each<tuning::rows_block>(ctx.stream, experts * d,
+                                 ops::linear_dw_elements<T>{d_logits, x, grad_w},
+                                 "switchyard::ops::linear_dw_elements");
+  }
+}
+
+//! The plan's sizes against T, width and E (the host's `require_plan` without its reset: the
+//! route writes every slot).
+inline void require_device_plan(const routing::plan_ref& plan, index_t t, index_t width,
+                                index_t e) {
+  if (plan.num_tokens != t || plan.width != width || plan.num_experts != e) {
+    throw shape_error("plan", concat("plan: expected T = ", t, ", width = ", width, ", E = ", e,
+                                     " (from x and the router's params), got T = ",
+                                     plan.num_tokens, ", width = ", plan.width, ", E = ",
+                                     plan.num_experts));
+  }
+  plan.check("plan");
+}
+
+//! The composed router's params that the device route reads must be device memory.
+template <class R>
+void require_router_params(const R& r, const typename R::params_type& p, int dev) {
+  require_device_memory("params.w", r.scoring().params(p).w.data_handle(), dev, alignof(float));
+  using rules = ops::device_token_rules<R>;
+  if constexpr (requires { rules::reads_attention; }) {
+    if constexpr (rules::reads_attention)
+      require_device_memory("params.attention", p.attention.data_handle(), dev, alignof(float));
+    if constexpr (rules::reads_importance)
+      require_device_memory("params.importance", p.importance.data_handle(), dev, alignof(float));
+  }
+}
+
+template <class R>
+void require_linear_scoring(const R& r) {
+  static_assert(std::is_same_v<std::remove_cvref_t<decltype(r.scoring())>, routing::linear_softmax>,
+                "switchyard: the CUDA backend's generic route runs the linear-softmax scoring; a "
+                "composed router with another scoring needs a device_router<R> specialisation");
+}
+
+//! Device bytes of the generic route: the most of forward's and backward's carving.
+template <routing::ComposedRouter R>
+std::size_t composed_device_workspace_size(const R& r, index_t tokens,
+                                           const typename R::params_type& p) {
+  const index_t experts = r.num_experts(p);
+  workspace_arena fwd;
+  const ops::forward_route<R> forward_steps(tokens, experts, fwd);
+  workspace_arena bwd;
+  (void)bwd.take<float>(tokens * experts);  // d_logits
+  const ops::backward_route<R> backward_steps(tokens, experts, bwd);
+  return std::max(fwd.required(), bwd.required());
+}
+
+template <routing::ComposedRouter R, ElementType T>
+void composed_device_forward(const context& ctx, const R& r, const matrix_view<const T>& x,
+                             const typename R::params_type& p, const routing::plan_ref& plan,
+                             typename R::losses_type* losses, device_status* status,
+                             workspace_arena& ws) {
+  require_linear_scoring(r);
+  const index_t tokens = x.extent(0), experts = r.num_experts(p);
+  const ops::forward_route<R> steps(tokens, experts, ws);
+  if (!ws.carving()) return;
+  const auto scoring = r.scoring();
+  const auto sp = scoring.params(p);
+  scoring.check(x, sp);
+  r.validate(scoring.num_experts(sp));
+  ops::device_token_rules<R>::check(r, p, tokens);
+  require_device_plan(plan, tokens, r.width(p), experts);
+  const int dev = stream_device(ctx.stream);
+  require_router_params(r, p, dev);
+  if (losses == nullptr) {
+    throw null_pointer_error("losses", "losses: the router's forward writes its losses to device "
+                                       "memory, got null");
+  }
+  require_device_memory("losses", losses, dev, alignof(float));
+  device_router_logits(ctx, x, sp.w, plan.logits.data());
+  steps.run(kernel_launcher{ctx.stream}, r, p, plan, losses, record_non_finite_logit{status});
+}
+
+template <routing::ComposedRouter R, ElementType T>
+void composed_device_backward(const context& ctx, const R& r, const matrix_view<const T>& x,
+                              const typename R::params_type& p, const routing::plan_ref& plan,
+                              const float* d_weights, const typename R::losses_type& coeff,
+                              const matrix_view<float>& dx, const typename R::grads_type& grads,
+                              workspace_arena& ws) {
+  require_linear_scoring(r);
+  const index_t tokens = plan.num_tokens, experts = plan.num_experts;
+  float* d_logits = ws.take<float>(tokens * experts);  // [T, E]
+  const ops::backward_route<R> steps(tokens, experts, ws);
+  if (!ws.carving()) return;
+  const auto scoring = r.scoring();
+  const auto sp = scoring.params(p);
+  scoring.check(x, sp);
+  require_device_plan(plan, x.extent(0), r.width(p), r.num_experts(p));
+  const index_t d = x.extent(1);
+  const int dev = stream_device(ctx.stream);
+  require_device_memory("params.w", sp.w.data_handle(), dev, alignof(float));
+  if (present(dx)) {
+    check_view("dx", dx, {tokens, d}, "[T, d]");
+    require_device_memory("dx", dx.data_handle(), dev, alignof(float));
+  }
+  if (present(grads.w)) {
+    check_view("grads.w", grads.w, {experts, d}, "[E, d]");
+    require_device_memory("grads.w", grads.w.data_handle(), dev, alignof(float));
+  }
+  if (d_weights == nullptr && tokens * plan.width > 0) {
+    throw null_pointer_error("d_weights", "d_weights: expected T·width device floats, got null");
+  }
+  steps.run(kernel_launcher{ctx.stream}, r, plan, d_weights, coeff, d_logits);
+  device_router_linear_backward(ctx, x, sp.w, d_logits, dx, grads.w);
+}
+
+}  // namespace switchyard::detail
+
+namespace switchyard::cuda {
+
 //! Device bytes router `r` takes from its workspace for T tokens (the most of forward's and
-//! backward's carving).
+//! backward's carving, measured by the same carving code).
 template <class R>
 std::size_t router_workspace_size(const R& r, index_t tokens, const typename R::params_type& p) {
-  (void)r; (void)tokens; (void)p;
-  return 0;
+  if constexpr (routing::ComposedRouter<R>) {
+    return detail::composed_device_workspace_size(r, tokens, p);
+  } else {
+    return device_router<R>::workspace_size(r, tokens, p);
+  }
 }
 
 //! Forward of router `r` over x [T, d] (device): overwrites `plan` (device arrays sized T ×
@@ -58,8 +304,11 @@ template <class R, ElementType T>
 void router_forward(const context& ctx, const R& r, const matrix_view<const T>& x,
                     const typename R::params_type& p, const routing::plan_ref& plan,
                     typename R::losses_type* losses, device_status* status, workspace_arena& ws) {
-  (void)ctx; (void)r; (void)x; (void)p; (void)plan; (void)losses; (void)status; (void)ws;
-  throw unsupported_error("switchyard::cuda::router_forward: not implemented yet (issue #11)");
+  if constexpr (routing::ComposedRouter<R>) {
+    detail::composed_device_forward(ctx, r, x, p, plan, losses, status, ws);
+  } else {
+    device_router<R>::forward(ctx, r, x, p, plan, losses, status, ws);
+  }
 }
 
 //! Backward of router `r`: dx += ∂/∂x (when present) and grads += ∂/∂params of Σ d_weights ⊙
@@ -70,9 +319,11 @@ void router_backward(const context& ctx, const R& r, const matrix_view<const T>&
                      const float* d_weights, const typename R::losses_type& coeff,
                      const matrix_view<float>& dx, const typename R::grads_type& grads,
                      workspace_arena& ws) {
-  (void)ctx; (void)r; (void)x; (void)p; (void)plan; (void)d_weights; (void)coeff; (void)dx;
-  (void)grads; (void)ws;
-  throw unsupported_error("switchyard::cuda::router_backward: not implemented yet (issue #11)");
+  if constexpr (routing::ComposedRouter<R>) {
+    detail::composed_device_backward(ctx, r, x, p, plan, d_weights, coeff, dx, grads, ws);
+  } else {
+    device_router<R>::backward(ctx, r, x, p, plan, d_weights, coeff, dx, grads, ws);
+  }
 }
 
 }  // namespace switchyard::cuda
