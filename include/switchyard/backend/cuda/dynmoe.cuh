@@ -1,6 +1,167 @@
 #pragma once
 //! \file dynmoe.cuh
-//! PLACEHOLDER (contract only): the device route of the dynmoe work of issue #11.
+//! The device route of `routers::DynMoE` (`device_router<routers::DynMoE>`, contract in
+//! router.cuh): the functors of routing/dynmoe/device_rows.hpp launched with `cuda::for_each`
+//! in the order of `detail::dynmoe_forward_pipeline` / `dynmoe_backward_pipeline`, which the
+//! host tests run on the host against `routers::DynMoE` bit for bit.
+//!
+//! - Forward: cosine scores per (token, expert), the top-any rule per token, then the four
+//!   losses: every reduction over tokens is one thread per expert looping over the tokens in
+//!   token order (deterministic, no atomics); a token with a non-finite logit is recorded in
+//!   the status word (`status_kind::non_finite_logits`) and routed to no expert. Writes the
+//!   plan's ids, weights, counts, logits (s·cos) and probs (the masked scores) and `*losses`.
+//! - Backward: the straight-through rows per token, then dθ (one thread per expert), dx (one
+//!   thread per element after a per-token dot) and dW (one thread per element looping over
+//!   the tokens in order), with the L_sim / L_simple terms as the host adds them.
+//! - Checks before any launch: shapes, pointer kinds (device memory of the stream's device),
+//!   a finite log-temperature (a host value). The values of the device-resident parameters
+//!   are not checked on the host (that would need a copy and a wait): non-finite gate weights
+//!   show up as non-finite logits (recorded); a non-finite threshold or a mask entry other
+//!   than 0/1 is not reported (the kernels stay memory safe: such an expert is never on).
+//! - No synchronisation, no allocation: scratch from the router's workspace arena.
+//!
+//! Device arithmetic is the host's expressions in the host's order; nvcc's default FMA
+//! contraction and CUDA's expf/logf (within 2 ulp) can still move the last bits, so device
+//! results match the host's within a tolerance, and run to run bit for bit.
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
 
 #include "switchyard/backend/cuda/addon.cuh"
+#include "switchyard/backend/cuda/context.hpp"
+#include "switchyard/backend/cuda/launch.cuh"
+#include "switchyard/backend/cuda/memory.hpp"
 #include "switchyard/backend/cuda/router.cuh"
+#include "switchyard/backend/cuda/status.hpp"
+#include "switchyard/core/element_type.hpp"
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/view.hpp"
+#include "switchyard/core/workspace.hpp"
+#include "switchyard/routing/dynmoe/device_rows.hpp"
+#include "switchyard/routing/plan.hpp"
+#include "switchyard/routing/routers/dynmoe.hpp"
+
+namespace switchyard::detail {
+using namespace ::switchyard::cuda;  // this block's helpers use switchyard::cuda's names
+
+//! The launcher the DynMoE pipelines take: cuda::for_each on `stream`.
+struct dynmoe_cuda_runner {
+  cudaStream_t stream;
+  template <class F>
+  void operator()(index_t n, const F& f, const char* name) const {
+    cuda::for_each<cuda::tuning::tokens_block>(stream, n, f, name);
+  }
+};
+
+//! The shape and value checks the device route runs on the host before any launch.
+inline void dynmoe_device_check_params(const routing::dynmoe_params& p, int device) {
+  check_view("params.w_gate", p.w_gate, {-1, -1}, "[d, E_max]");
+  const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
+  if (e_max < 1) {
+    throw shape_error("params.w_gate",
+                      concat("params.w_gate: expected [d, E_max] with E_max >= 1, got [", d, ", ",
+                             e_max, "]"));
+  }
+  check_view("params.thresholds", p.thresholds, {e_max},
+             "[E_max] with E_max = params.w_gate.extent(1)");
+  check_view("params.experts_mask", p.experts_mask, {e_max},
+             "[E_max] with E_max = params.w_gate.extent(1)");
+  if (!std::isfinite(p.log_temperature)) {
+    throw non_finite_error("params.log_temperature",
+                           concat("params.log_temperature must be finite, got ", p.log_temperature));
+  }
+  require_device_memory("params.w_gate", p.w_gate.data_handle(), device, alignof(float));
+  require_device_memory("params.thresholds", p.thresholds.data_handle(), device, alignof(float));
+  require_device_memory("params.experts_mask", p.experts_mask.data_handle(), device,
+                        alignof(std::int32_t));
+}
+
+}  // namespace switchyard::detail
+
+namespace switchyard::cuda {
+
+//! DynMoE on the device (see the file comment).
+template <>
+struct device_router<routers::DynMoE> {
+  using router = routers::DynMoE;
+
+  //! Device bytes forward or backward take for T tokens (the most of the two).
+  static std::size_t workspace_size(const router& r, index_t tokens,
+                                    const router::params_type& p) {
+    (void)r;
+    return detail::dynmoe_device_workspace_size(tokens, p.w_gate.extent(0), p.w_gate.extent(1));
+  }
+
+  //! Scores x [T, d] (device), selects top-any, writes `plan` (device arrays) and `*losses`
+  //! (device); a non-finite logit is recorded in `status` and its token routed to no expert.
+  template <ElementType T>
+  static void forward(const context& ctx, const router& r, const matrix_view<const T>& x,
+                      const router::params_type& p, const routing::plan_ref& plan,
+                      router::losses_type* losses, device_status* status, workspace_arena& ws) {
+    const int dev = stream_device(ctx.stream);
+    detail::dynmoe_device_check_params(p, dev);
+    const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
+    check_view("x", x, {-1, d}, "[T, d] with d = params.w_gate.extent(0)");
+    const index_t tokens = x.extent(0);
+    if (plan.num_tokens != tokens || plan.width != e_max || plan.num_experts != e_max) {
+      throw shape_error("plan", detail::concat("plan: expected T = ", tokens, ", width = ", e_max,
+                                               ", E = ", e_max,
+                                               " (from x and the router's params), got T = ",
+                                               plan.num_tokens, ", width = ", plan.width,
+                                               ", E = ", plan.num_experts));
+    }
+    plan.check("plan");
+    if (losses == nullptr) throw null_pointer_error("losses", "losses: pointer is null");
+    require_device_memory("x", x.data_handle(), dev, alignof(T));
+    require_device_memory("losses", losses, dev, alignof(float));
+    const auto sc = detail::dynmoe_device_scratch::take(ws, tokens, d, e_max, false);
+    if (!ws.carving()) return;
+    detail::dynmoe_forward_pipeline(detail::dynmoe_cuda_runner{ctx.stream}, x, p, r.training,
+                                    plan, losses, status, sc);
+  }
+
+  //! Backward of Σ d_weights ⊙ weights + Σ coeff · loss (straight-through; d_weights [T·E_max]
+  //! device, coeff on the host): dx += ∂/∂x, grads += ∂/∂params (empty views skipped).
+  template <ElementType T>
+  static void backward(const context& ctx, const router& r, const matrix_view<const T>& x,
+                       const router::params_type& p, const routing::plan_ref& plan,
+                       const float* d_weights, const router::losses_type& coeff,
+                       const matrix_view<float>& dx, const router::grads_type& grads,
+                       workspace_arena& ws) {
+    (void)r;
+    const int dev = stream_device(ctx.stream);
+    detail::dynmoe_device_check_params(p, dev);
+    const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
+    check_view("x", x, {-1, d}, "[T, d] with d = params.w_gate.extent(0)");
+    const index_t tokens = x.extent(0);
+    if (plan.num_tokens != tokens || plan.num_experts != e_max || plan.width != e_max) {
+      throw shape_error("plan", detail::concat("plan: expected ", tokens,
+                                               " tokens and width = E = ", e_max,
+                                               " (the forward of this x and params), got T = ",
+                                               plan.num_tokens, ", width ", plan.width, ", E ",
+                                               plan.num_experts));
+    }
+    plan.check("plan");
+    if (detail::present(dx)) check_view("dx", dx, {tokens, d}, "[T, d]");
+    if (detail::present(grads.w_gate))
+      check_view("grads.w_gate", grads.w_gate, {d, e_max}, "[d, E_max]");
+    if (detail::present(grads.thresholds))
+      check_view("grads.thresholds", grads.thresholds, {e_max}, "[E_max]");
+    if (tokens > 0 && d_weights == nullptr) {
+      throw null_pointer_error("d_weights", detail::concat("d_weights: null, expected [T, E_max] = [",
+                                                           tokens, ", ", e_max, "] cotangents"));
+    }
+    require_device_memory("x", x.data_handle(), dev, alignof(T));
+    require_device_memory("d_weights", d_weights, dev, alignof(float));
+    require_device_memory("dx", dx.data_handle(), dev, alignof(float));
+    require_device_memory("grads.w_gate", grads.w_gate.data_handle(), dev, alignof(float));
+    require_device_memory("grads.thresholds", grads.thresholds.data_handle(), dev, alignof(float));
+    const auto sc = detail::dynmoe_device_scratch::take(ws, tokens, d, e_max, true);
+    if (!ws.carving()) return;
+    detail::dynmoe_backward_pipeline(detail::dynmoe_cuda_runner{ctx.stream}, x, p, plan,
+                                     d_weights, coeff, dx, grads, sc);
+  }
+};
+
+}  // namespace switchyard::cuda
