@@ -35,8 +35,10 @@ struct grouped_row_expert {
     index_t lo = 0, hi = experts;  // first e with row_begin[e] > r
     while (lo < hi) {
       const index_t mid = lo + (hi - lo) / 2;
-      if (row_begin[mid] <= r) lo = mid + 1;
-      else hi = mid;
+      if (row_begin[mid] <= r)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     const index_t e = lo - 1;
     if (e < 0 || r - row_begin[e] >= row_count[e]) return -1;
@@ -55,11 +57,11 @@ struct dense_row_expert {
 //! row_pair[r] = t · width + j, zeros for a padding row (negative pair).
 template <ElementType T>
 struct gather_rows_as {
-  matrix_view<const T> x;    //!< [T, d] tokens
-  const index_t* row_pair;   //!< [rows] pair of each row, negative for padding
-  index_t width = 0;         //!< plan slots per token
-  index_t d = 0;             //!< model width
-  T* rows = nullptr;         //!< [rows, d] output
+  matrix_view<const T> x;   //!< [T, d] tokens
+  const index_t* row_pair;  //!< [rows] pair of each row, negative for padding
+  index_t width = 0;        //!< plan slots per token
+  index_t d = 0;            //!< model width
+  T* rows = nullptr;        //!< [rows, d] output
 
   SWITCHYARD_HD void operator()(index_t r) const {
     const index_t n = d;
@@ -94,15 +96,15 @@ struct load_rows_as {
 //! (`add_bias_rows` then `activate_rows`).
 template <ElementType T, class Act, class RowExpert>
 struct bias_activate_rows {
-  Act act{};                 //!< the activation
-  RowExpert expert_of;       //!< row -> expert (-1: padding)
-  float* h;                  //!< [rows, ld_h] H (P columns)
-  index_t ld_h = 0;          //!< P
-  matrix_view<const T> b1;   //!< [E, P] or empty
-  T* a;                      //!< [rows, ld_a] A
-  index_t ld_a = 0;          //!< leading dimension of A
-  index_t d_ff = 0;          //!< columns of A
-  bool store_h = false;      //!< write the biased H back
+  Act act{};                //!< the activation
+  RowExpert expert_of;      //!< row -> expert (-1: padding)
+  float* h;                 //!< [rows, ld_h] H (P columns)
+  index_t ld_h = 0;         //!< P
+  matrix_view<const T> b1;  //!< [E, P] or empty
+  T* a;                     //!< [rows, ld_a] A
+  index_t ld_a = 0;         //!< leading dimension of A
+  index_t d_ff = 0;         //!< columns of A
+  bool store_h = false;     //!< write the biased H back
 
   SWITCHYARD_HD void operator()(index_t r) const {
     const index_t e = expert_of(r), f = d_ff;
@@ -290,9 +292,9 @@ struct bias_grad_segments {
 //! element i = (e·rows + r)·cols + c: the dense layout's weight gradients, computed for every
 //! expert, reach only the used experts' gradients (as the host, which skips the others).
 struct add_used_expert_grads {
-  const float* part;             //!< [E, rows, cols]
-  const index_t* row_count;      //!< [E] pairs routed to e
-  tensor_view<float, 3> grad;    //!< [E, rows, cols]
+  const float* part;           //!< [E, rows, cols]
+  const index_t* row_count;    //!< [E] pairs routed to e
+  tensor_view<float, 3> grad;  //!< [E, rows, cols]
 
   SWITCHYARD_HD void operator()(index_t i) const {
     const index_t rows = grad.extent(1), cols = grad.extent(2);

@@ -36,8 +36,9 @@ inline constexpr int max_group_operands = 18;
 
 //! cuBLAS's data type of a storage element type.
 template <ElementType T>
-inline constexpr cudaDataType_t blas_type =
-    std::is_same_v<T, float> ? CUDA_R_32F : std::is_same_v<T, half> ? CUDA_R_16F : CUDA_R_16BF;
+inline constexpr cudaDataType_t blas_type = std::is_same_v<T, float>  ? CUDA_R_32F
+                                            : std::is_same_v<T, half> ? CUDA_R_16F
+                                                                      : CUDA_R_16BF;
 
 //! cuBLAS's operation of a gemm_op.
 constexpr cublasOperation_t blas_op(gemm_op o) {
@@ -102,13 +103,18 @@ class expert_gemm_runner {
   expert_gemm_runner(cublasHandle_t blas, cudaStream_t stream, bool grouped,
                      const expert_gemm_rows& rows, index_t experts,
                      group_args<cublasOperation_t>* args, void** pointers)
-      : blas_(blas), stream_(stream), grouped_(grouped), rows_(rows),
-        experts_(experts), args_(args), pointers_(pointers) {}
+      : blas_(blas),
+        stream_(stream),
+        grouped_(grouped),
+        rows_(rows),
+        experts_(experts),
+        args_(args),
+        pointers_(pointers) {}
 
   //! Sets the GEMMs' operands; grouped: builds their device pointer arrays (one launch) and
   //! the groups from the host row counts `host_row_count` [E].
-  void prepare(const gemm_operand_table& table, const index_t* row_begin,
-               const index_t* row_count, const index_t* host_row_count) {
+  void prepare(const gemm_operand_table& table, const index_t* row_begin, const index_t* row_count,
+               const index_t* host_row_count) {
     table_ = table;
     if (!grouped_) return;
     args_->reset(host_row_count, experts_);
@@ -128,25 +134,28 @@ class expert_gemm_runner {
       if (gemm_is_noop(b) || experts_ == 0) return;
       const auto ab = column_major_operands(static_cast<const void*>(op.a.base),
                                             static_cast<const void*>(op.b.base));
-      check(cublasGemmStridedBatchedEx(blas_, blas_op(b.trans_a), blas_op(b.trans_b), b.m, b.n,
-                                       b.k, &b.alpha, ab.a, blas_type<T>, b.lda, b.stride_a,
-                                       ab.b, blas_type<T>, b.ldb, b.stride_b, &b.beta,
-                                       const_cast<std::byte*>(op.c.base), CUDA_R_32F, b.ldc,
-                                       b.stride_c, static_cast<int>(experts_),
-                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      check(cublasGemmStridedBatchedEx(
+                blas_, blas_op(b.trans_a), blas_op(b.trans_b), b.m, b.n, b.k, &b.alpha, ab.a,
+                blas_type<T>, b.lda, b.stride_a, ab.b, blas_type<T>, b.ldb, b.stride_b, &b.beta,
+                const_cast<std::byte*>(op.c.base), CUDA_R_32F, b.ldc, b.stride_c,
+                static_cast<int>(experts_), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             what);
       return;
     }
     const grouped_call<cublasOperation_t> c = make_grouped_call(
-        *args_, [&](index_t n) { return describe(expert_gemm_rows{n, 0, 0}); }, what);
+        *args_,
+        [&](index_t n) {
+          return describe(expert_gemm_rows{n, 0, 0});
+        },
+        what);
     if (c.groups == 0) return;
     void** base = pointers_ + static_cast<index_t>(3 * i) * experts_;
     const auto ab = column_major_operands(const_cast<const void* const*>(base),
                                           const_cast<const void* const*>(base + experts_));
     check(cublasGemmGroupedBatchedEx(blas_, c.trans_a, c.trans_b, c.m, c.n, c.k, c.alpha, ab.a,
                                      blas_type<T>, c.lda, ab.b, blas_type<T>, c.ldb, c.beta,
-                                     base + 2 * experts_, CUDA_R_32F, c.ldc, c.groups,
-                                     c.group_size, CUBLAS_COMPUTE_32F),
+                                     base + 2 * experts_, CUDA_R_32F, c.ldc, c.groups, c.group_size,
+                                     CUBLAS_COMPUTE_32F),
           what);
   }
 

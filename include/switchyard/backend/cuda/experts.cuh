@@ -79,44 +79,46 @@ struct expert_dims {
 
 }  // namespace switchyard::cuda
 
+// No using-directive for switchyard::cuda here (names both backends define would clash in
+// switchyard::detail): names are qualified, helpers prefixed cuda_.
 namespace switchyard::detail {
-using namespace ::switchyard::cuda;  // this block's helpers use switchyard::cuda's names
 
 //! How the device runs a dispatch's experts.
-enum class expert_layout {
+enum class cuda_expert_layout {
   grouped_gemm,  //!< sorted_grouped: grouped GEMM over the real rows
   strided,       //!< padded_capacity: strided-batched over E blocks of C rows
   dense,         //!< dense: strided-batched over E blocks of all T rows
 };
 
 template <class D>
-inline constexpr bool cuda_expert_dispatch = std::is_same_v<D, dispatch::sorted_grouped> ||
-                                             std::is_same_v<D, dispatch::padded_capacity> ||
-                                             std::is_same_v<D, dispatch::dense>;
+inline constexpr bool cuda_expert_dispatch =
+    std::is_same_v<D, dispatch::sorted_grouped> || std::is_same_v<D, dispatch::padded_capacity> ||
+    std::is_same_v<D, dispatch::dense>;
 
 template <class D>
-inline constexpr expert_layout expert_layout_of =
-    std::is_same_v<D, dispatch::sorted_grouped>    ? expert_layout::grouped_gemm
-    : std::is_same_v<D, dispatch::padded_capacity> ? expert_layout::strided
-                                                   : expert_layout::dense;
+inline constexpr cuda_expert_layout cuda_expert_layout_of =
+    std::is_same_v<D, dispatch::sorted_grouped>    ? cuda_expert_layout::grouped_gemm
+    : std::is_same_v<D, dispatch::padded_capacity> ? cuda_expert_layout::strided
+                                                   : cuda_expert_layout::dense;
 
 //! Rows of the expert buffers as the size query knows them (no data): R, the rows between
 //! expert blocks, and the rows of Xs.
-struct expert_row_bounds {
+struct cuda_expert_rows {
   index_t rows = 0;
   index_t block = 0;
   index_t x_rows = 0;
 };
 
 template <class D>
-expert_row_bounds expert_rows_bound(const D& policy, const expert_dims& dm) {
-  constexpr expert_layout k = expert_layout_of<D>;
-  if constexpr (k == expert_layout::grouped_gemm) {
+cuda_expert_rows cuda_expert_rows_bound(const D& policy, const cuda::expert_dims& dm) {
+  constexpr cuda_expert_layout k = cuda_expert_layout_of<D>;
+  if constexpr (k == cuda_expert_layout::grouped_gemm) {
     (void)policy;
     const index_t r = dm.tokens * dm.width;
     return {r, 0, r};
-  } else if constexpr (k == expert_layout::strided) {
-    const index_t c = dm.experts > 0 ? policy.capacity(dm.tokens, dm.tokens * dm.width, dm.experts) : 0;
+  } else if constexpr (k == cuda_expert_layout::strided) {
+    const index_t c =
+        dm.experts > 0 ? policy.capacity(dm.tokens, dm.tokens * dm.width, dm.experts) : 0;
     return {dm.experts * c, c, dm.experts * c};
   } else {
     (void)policy;
@@ -128,68 +130,73 @@ expert_row_bounds expert_rows_bound(const D& policy, const expert_dims& dm) {
 //! groups (carving only); throws unsupported_error when the groups break the bounds the
 //! workspace was measured for (a dispatch bug, never user input).
 template <class D>
-expert_row_bounds expert_rows_in_use(const expert_dims& dm, const device_groups& g,
-                                     const expert_row_bounds& bound) {
-  constexpr expert_layout k = expert_layout_of<D>;
-  expert_row_bounds u = bound;
-  if constexpr (k == expert_layout::grouped_gemm) {
+cuda_expert_rows cuda_expert_rows_in_use(const cuda::expert_dims& dm, const cuda::device_groups& g,
+                                         const cuda_expert_rows& bound) {
+  constexpr cuda_expert_layout k = cuda_expert_layout_of<D>;
+  cuda_expert_rows u = bound;
+  if constexpr (k == cuda_expert_layout::grouped_gemm) {
     if (g.host_row_count == nullptr) {
-      throw unsupported_error("switchyard::cuda::experts: sorted_grouped needs the host copy of "
-                              "the row counts (device_groups::host_row_count)");
+      throw unsupported_error(
+          "switchyard::cuda::experts: sorted_grouped needs the host copy of "
+          "the row counts (cuda::device_groups::host_row_count)");
     }
     index_t n = 0;
     for (index_t e = 0; e < dm.experts; ++e) n += g.host_row_count[e];
     u.rows = n;
-  } else if constexpr (k == expert_layout::strided) {
+  } else if constexpr (k == cuda_expert_layout::strided) {
     u.block = g.capacity;
     u.rows = dm.experts * g.capacity;
   }
   if (u.rows < 0 || u.rows > bound.rows || u.block < 0) {
-    throw unsupported_error(detail::concat(
-        "switchyard::cuda::experts: the dispatch's groups hold ", u.rows, " rows (blocks of ",
-        u.block, "), past the ", bound.rows, " the workspace was measured for"));
+    throw unsupported_error(detail::concat("switchyard::cuda::experts: the dispatch's groups hold ",
+                                           u.rows, " rows (blocks of ", u.block, "), past the ",
+                                           bound.rows, " the workspace was measured for"));
   }
   return u;
 }
 
 //! The row -> expert map of layout K.
-template <expert_layout K>
-auto row_expert_of(const device_groups& g, const expert_dims& dm) {
-  if constexpr (K == expert_layout::dense) return ops::dense_row_expert{dm.tokens};
-  else return ops::grouped_row_expert{g.row_begin, g.row_count, dm.experts};
+template <cuda_expert_layout K>
+auto cuda_row_expert_of(const cuda::device_groups& g, const cuda::expert_dims& dm) {
+  if constexpr (K == cuda_expert_layout::dense)
+    return ops::dense_row_expert{dm.tokens};
+  else
+    return ops::grouped_row_expert{g.row_begin, g.row_count, dm.experts};
 }
 
 //! Each expert's real rows, as the bias gradients sum them.
-template <expert_layout K>
-auto expert_segments_of(const device_groups& g, const expert_dims& dm) {
-  if constexpr (K == expert_layout::dense) return ops::dense_segments{dm.tokens, g.row_count};
-  else return ops::grouped_segments{g.row_begin, g.row_count};
+template <cuda_expert_layout K>
+auto cuda_expert_segments_of(const cuda::device_groups& g, const cuda::expert_dims& dm) {
+  if constexpr (K == cuda_expert_layout::dense)
+    return ops::dense_segments{dm.tokens, g.row_count};
+  else
+    return ops::grouped_segments{g.row_begin, g.row_count};
 }
 
 //! A row buffer as a GEMM operand (grouped: offset by the expert's first row).
 template <class U>
-group_operand rows_operand(const U* base, index_t ld) {
+cuda::group_operand cuda_rows_operand(const U* base, index_t ld) {
   return {reinterpret_cast<const std::byte*>(base), ld * static_cast<index_t>(sizeof(U)), true};
 }
 
 //! A per-expert tensor as a GEMM operand (offset by e · stride(0)).
 template <class V>
-group_operand expert_operand(const V& v) {
+cuda::group_operand cuda_expert_operand(const V& v) {
   using U = typename V::element_type;
   return {reinterpret_cast<const std::byte*>(v.data_handle()),
           v.stride(0) * static_cast<index_t>(sizeof(U)), false};
 }
 
 //! An expert-strided float buffer as a GEMM operand.
-inline group_operand expert_operand(const float* base, index_t stride) {
+inline cuda::group_operand cuda_expert_operand(const float* base, index_t stride) {
   return {reinterpret_cast<const std::byte*>(base), stride * static_cast<index_t>(sizeof(float)),
           false};
 }
 
 //! The weights' part of the GEMM layout (gradients: see experts_backward).
 template <ElementType T>
-expert_gemm_layout gemm_layout(const expert_dims& dm, const expert_weights<T>& w) {
-  expert_gemm_layout l;
+cuda::expert_gemm_layout cuda_gemm_layout(const cuda::expert_dims& dm, const expert_weights<T>& w) {
+  cuda::expert_gemm_layout l;
   l.d = dm.d, l.d_ff = dm.d_ff, l.p = dm.p;
   l.ld_w1 = w.w1.stride(1), l.stride_w1 = w.w1.stride(0);
   l.ld_w2 = w.w2.stride(1), l.stride_w2 = w.w2.stride(0);
@@ -199,15 +206,16 @@ expert_gemm_layout gemm_layout(const expert_dims& dm, const expert_weights<T>& w
 }
 
 //! Slots of the grouped GEMM's device pointer arrays for `gemms` GEMMs.
-inline index_t group_pointer_slots(expert_layout k, int gemms, index_t experts) {
-  return k == expert_layout::grouped_gemm ? 3 * gemms * experts : 0;
+inline index_t cuda_group_pointer_slots(cuda_expert_layout k, int gemms, index_t experts) {
+  return k == cuda_expert_layout::grouped_gemm ? 3 * gemms * experts : 0;
 }
 
 //! The grouped GEMM's host arguments (sorted_grouped only).
-inline group_args<cublasOperation_t> take_group_args(expert_layout k, workspace_arena& host_ws,
-                                                     index_t experts) {
-  if (k != expert_layout::grouped_gemm) return {};
-  return group_args<cublasOperation_t>(host_ws, experts, CUBLAS_OP_N, CUBLAS_OP_T);
+inline cuda::group_args<cublasOperation_t> cuda_take_group_args(cuda_expert_layout k,
+                                                                workspace_arena& host_ws,
+                                                                index_t experts) {
+  if (k != cuda_expert_layout::grouped_gemm) return {};
+  return cuda::group_args<cublasOperation_t>(host_ws, experts, CUBLAS_OP_N, CUBLAS_OP_T);
 }
 
 }  // namespace switchyard::detail
@@ -228,60 +236,63 @@ void experts_forward(const context& ctx, const D& policy, const Act& act, const 
   static_assert(detail::cuda_expert_dispatch<D>,
                 "The CUDA backend runs the dispatch policies sorted_grouped, padded_capacity and "
                 "dense.");
-  using detail::expert_layout;
-  constexpr expert_layout K = detail::expert_layout_of<D>;
+  using detail::cuda_expert_layout;
+  constexpr cuda_expert_layout K = detail::cuda_expert_layout_of<D>;
   const index_t tokens = dm.tokens, width = dm.width, E = dm.experts, d = dm.d, f = dm.d_ff,
                 p = dm.p;
-  const detail::expert_row_bounds bound = detail::expert_rows_bound(policy, dm);
-  T* xs = ws.take<T>(bound.x_rows * d);      // [R, d] gathered rows (dense: [T, d])
-  float* h = ws.take<float>(bound.rows * p);  // [R, P] H
-  T* a = ws.take<T>(bound.rows * f);          // [R, d_ff] A
+  const detail::cuda_expert_rows bound = detail::cuda_expert_rows_bound(policy, dm);
+  T* xs = ws.take<T>(bound.x_rows * d);        // [R, d] gathered rows (dense: [T, d])
+  float* h = ws.take<float>(bound.rows * p);   // [R, P] H
+  T* a = ws.take<T>(bound.rows * f);           // [R, d_ff] A
   float* ys = ws.take<float>(bound.rows * d);  // [R, d] Y
-  float* pair_out = K == expert_layout::dense ? ws.take<float>(tokens * width * d) : nullptr;
-  void** pointers = ws.take<void*>(detail::group_pointer_slots(K, 2, E));
-  group_args<cublasOperation_t> args = detail::take_group_args(K, host_ws, E);
+  float* pair_out = K == cuda_expert_layout::dense ? ws.take<float>(tokens * width * d) : nullptr;
+  void** pointers = ws.take<void*>(detail::cuda_group_pointer_slots(K, 2, E));
+  group_args<cublasOperation_t> args = detail::cuda_take_group_args(K, host_ws, E);
   if (!ws.carving()) return;
 
   const cudaStream_t s = ctx.stream;
   check(cublasSetPointerMode(ctx.blas, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
-  const detail::expert_row_bounds u = detail::expert_rows_in_use<D>(dm, g, bound);
+  const detail::cuda_expert_rows u = detail::cuda_expert_rows_in_use<D>(dm, g, bound);
   if (dropped != nullptr)
     for_each(s, E, ops::report_drops{g.dropped, dropped}, "switchyard::ops::report_drops");
 
-  if constexpr (K == expert_layout::dense)
+  if constexpr (K == cuda_expert_layout::dense)
     for_each(s, tokens, ops::load_rows_as<T>{x, d, xs}, "switchyard::ops::load_rows_as");
   else
     for_each(s, u.rows, ops::gather_rows_as<T>{x, g.row_pair, width, d, xs},
              "switchyard::ops::gather_rows_as");
 
-  const expert_gemm_layout l = detail::gemm_layout(dm, w);
-  expert_gemm_runner<T> gemm(ctx.blas, s, K == expert_layout::grouped_gemm,
-                             {u.block, u.block, K == expert_layout::dense ? 0 : u.block}, E, &args,
-                             pointers);
+  const expert_gemm_layout l = detail::cuda_gemm_layout(dm, w);
+  expert_gemm_runner<T> gemm(ctx.blas, s, K == cuda_expert_layout::grouped_gemm,
+                             {u.block, u.block, K == cuda_expert_layout::dense ? 0 : u.block}, E,
+                             &args, pointers);
   gemm_operand_table table;
   table.count = 2;
-  table.gemm[0] = {detail::rows_operand(xs, d), detail::expert_operand(w.w1),
-                   detail::rows_operand(h, p)};
-  table.gemm[1] = {detail::rows_operand(a, f), detail::expert_operand(w.w2),
-                   detail::rows_operand(ys, d)};
+  table.gemm[0] = {detail::cuda_rows_operand(xs, d), detail::cuda_expert_operand(w.w1),
+                   detail::cuda_rows_operand(h, p)};
+  table.gemm[1] = {detail::cuda_rows_operand(a, f), detail::cuda_expert_operand(w.w2),
+                   detail::cuda_rows_operand(ys, d)};
   gemm.prepare(table, g.row_begin, g.row_count, g.host_row_count);
 
-  const auto rx = detail::row_expert_of<K>(g, dm);
-  gemm.run(0, [&](const expert_gemm_rows& r) { return expert_gemm::up(l, r); },
-           "switchyard::cuda::experts_forward: H = Xs·W1ᵀ");
-  for_each(s, u.rows, ops::bias_activate_rows<T, Act, decltype(rx)>{act, rx, h, p, w.b1, a, f, f, false},
+  const auto rx = detail::cuda_row_expert_of<K>(g, dm);
+  gemm.run(
+      0, [&](const expert_gemm_rows& r) { return expert_gemm::up(l, r); },
+      "switchyard::cuda::experts_forward: H = Xs·W1ᵀ");
+  for_each(s, u.rows,
+           ops::bias_activate_rows<T, Act, decltype(rx)>{act, rx, h, p, w.b1, a, f, f, false},
            "switchyard::ops::bias_activate_rows");
-  gemm.run(1, [&](const expert_gemm_rows& r) { return expert_gemm::down(l, r); },
-           "switchyard::cuda::experts_forward: Y = A·W2ᵀ");
+  gemm.run(
+      1, [&](const expert_gemm_rows& r) { return expert_gemm::down(l, r); },
+      "switchyard::cuda::experts_forward: Y = A·W2ᵀ");
   if (w.has_b2())
     for_each(s, u.rows, ops::add_expert_bias_rows<T, decltype(rx)>{rx, w.b2, ys, d, d},
              "switchyard::ops::add_expert_bias_rows");
 
   const float* rows = ys;
-  if constexpr (K == expert_layout::dense) {
+  if constexpr (K == cuda_expert_layout::dense) {
     for_each(s, E * tokens,
-             ops::keep_dense_slots_all<Id>{{plan.expert_ids, plan.counts, 0, width, d, ys, pair_out},
-                                           tokens},
+             ops::keep_dense_slots_all<Id>{
+                 {plan.expert_ids, plan.counts, 0, width, d, ys, pair_out}, tokens},
              "switchyard::ops::keep_dense_slots_all");
     rows = pair_out;
   }
@@ -304,12 +315,12 @@ void experts_backward(const context& ctx, const D& policy, const Act& act, const
   static_assert(detail::cuda_expert_dispatch<D>,
                 "The CUDA backend runs the dispatch policies sorted_grouped, padded_capacity and "
                 "dense.");
-  using detail::expert_layout;
-  constexpr expert_layout K = detail::expert_layout_of<D>;
-  constexpr bool dense = K == expert_layout::dense;
+  using detail::cuda_expert_layout;
+  constexpr cuda_expert_layout K = detail::cuda_expert_layout_of<D>;
+  constexpr bool dense = K == cuda_expert_layout::dense;
   const index_t tokens = dm.tokens, width = dm.width, E = dm.experts, d = dm.d, f = dm.d_ff,
                 p = dm.p;
-  const detail::expert_row_bounds bound = detail::expert_rows_bound(policy, dm);
+  const detail::cuda_expert_rows bound = detail::cuda_expert_rows_bound(policy, dm);
   const index_t R = bound.rows;
   T* xs = ws.take<T>(bound.x_rows * d);  // [R, d] gathered rows (dense: [T, d])
   float* h = ws.take<float>(R * p);      // [R, P] H (biased), then dH
@@ -324,13 +335,13 @@ void experts_backward(const context& ctx, const D& policy, const Act& act, const
   // added (always reserved: the size query does not see the gradient views).
   float* gw1_part = dense ? ws.take<float>(E * p * d) : nullptr;
   float* gw2_part = dense ? ws.take<float>(E * d * f) : nullptr;
-  void** pointers = ws.take<void*>(detail::group_pointer_slots(K, 6, E));
-  group_args<cublasOperation_t> args = detail::take_group_args(K, host_ws, E);
+  void** pointers = ws.take<void*>(detail::cuda_group_pointer_slots(K, 6, E));
+  group_args<cublasOperation_t> args = detail::cuda_take_group_args(K, host_ws, E);
   if (!ws.carving()) return;
 
   const cudaStream_t s = ctx.stream;
   check(cublasSetPointerMode(ctx.blas, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
-  const detail::expert_row_bounds u = detail::expert_rows_in_use<D>(dm, g, bound);
+  const detail::cuda_expert_rows u = detail::cuda_expert_rows_in_use<D>(dm, g, bound);
   const bool has_gw1 = detail::present(grads.w1), has_gw2 = detail::present(grads.w2);
   const bool has_dx = detail::present(dx);
 
@@ -340,7 +351,7 @@ void experts_backward(const context& ctx, const D& policy, const Act& act, const
     for_each(s, u.rows, ops::gather_rows_as<T>{x, g.row_pair, width, d, xs},
              "switchyard::ops::gather_rows_as");
 
-  expert_gemm_layout l = detail::gemm_layout(dm, w);
+  expert_gemm_layout l = detail::cuda_gemm_layout(dm, w);
   const float* gw1_base = gw1_part;
   const float* gw2_base = gw2_part;
   if (!dense && has_gw1) {
@@ -351,32 +362,35 @@ void experts_backward(const context& ctx, const D& policy, const Act& act, const
     l.ld_gw2 = grads.w2.stride(1), l.stride_gw2 = grads.w2.stride(0);
     gw2_base = grads.w2.data_handle();
   }
-  expert_gemm_runner<T> gemm(ctx.blas, s, K == expert_layout::grouped_gemm,
+  expert_gemm_runner<T> gemm(ctx.blas, s, K == cuda_expert_layout::grouped_gemm,
                              {u.block, u.block, dense ? 0 : u.block}, E, &args, pointers);
   gemm_operand_table table;
   table.count = 6;
-  table.gemm[0] = {detail::rows_operand(xs, d), detail::expert_operand(w.w1),
-                   detail::rows_operand(h, p)};
-  table.gemm[1] = {detail::rows_operand(a, f), detail::expert_operand(w.w2),
-                   detail::rows_operand(ys, d)};
-  table.gemm[2] = {detail::rows_operand(dys_t, d), detail::expert_operand(w.w2),
-                   detail::rows_operand(da, f)};
-  table.gemm[3] = {detail::rows_operand(dys_t, d), detail::rows_operand(a, f),
-                   detail::expert_operand(gw2_base, l.stride_gw2)};
-  table.gemm[4] = {detail::rows_operand(dh_t, p), detail::rows_operand(xs, d),
-                   detail::expert_operand(gw1_base, l.stride_gw1)};
-  table.gemm[5] = {detail::rows_operand(dh_t, p), detail::expert_operand(w.w1),
-                   detail::rows_operand(ys, d)};
+  table.gemm[0] = {detail::cuda_rows_operand(xs, d), detail::cuda_expert_operand(w.w1),
+                   detail::cuda_rows_operand(h, p)};
+  table.gemm[1] = {detail::cuda_rows_operand(a, f), detail::cuda_expert_operand(w.w2),
+                   detail::cuda_rows_operand(ys, d)};
+  table.gemm[2] = {detail::cuda_rows_operand(dys_t, d), detail::cuda_expert_operand(w.w2),
+                   detail::cuda_rows_operand(da, f)};
+  table.gemm[3] = {detail::cuda_rows_operand(dys_t, d), detail::cuda_rows_operand(a, f),
+                   detail::cuda_expert_operand(gw2_base, l.stride_gw2)};
+  table.gemm[4] = {detail::cuda_rows_operand(dh_t, p), detail::cuda_rows_operand(xs, d),
+                   detail::cuda_expert_operand(gw1_base, l.stride_gw1)};
+  table.gemm[5] = {detail::cuda_rows_operand(dh_t, p), detail::cuda_expert_operand(w.w1),
+                   detail::cuda_rows_operand(ys, d)};
   gemm.prepare(table, g.row_begin, g.row_count, g.host_row_count);
 
   // Recompute: Xs -> H (biased, kept) -> A -> Y.
-  const auto rx = detail::row_expert_of<K>(g, dm);
-  gemm.run(0, [&](const expert_gemm_rows& r) { return expert_gemm::up(l, r); },
-           "switchyard::cuda::experts_backward: H = Xs·W1ᵀ");
-  for_each(s, u.rows, ops::bias_activate_rows<T, Act, decltype(rx)>{act, rx, h, p, w.b1, a, f, f, true},
+  const auto rx = detail::cuda_row_expert_of<K>(g, dm);
+  gemm.run(
+      0, [&](const expert_gemm_rows& r) { return expert_gemm::up(l, r); },
+      "switchyard::cuda::experts_backward: H = Xs·W1ᵀ");
+  for_each(s, u.rows,
+           ops::bias_activate_rows<T, Act, decltype(rx)>{act, rx, h, p, w.b1, a, f, f, true},
            "switchyard::ops::bias_activate_rows");
-  gemm.run(1, [&](const expert_gemm_rows& r) { return expert_gemm::down(l, r); },
-           "switchyard::cuda::experts_backward: Y = A·W2ᵀ");
+  gemm.run(
+      1, [&](const expert_gemm_rows& r) { return expert_gemm::down(l, r); },
+      "switchyard::cuda::experts_backward: Y = A·W2ᵀ");
   if (w.has_b2())
     for_each(s, u.rows, ops::add_expert_bias_rows<T, decltype(rx)>{rx, w.b2, ys, d, d},
              "switchyard::ops::add_expert_bias_rows");
@@ -390,21 +404,23 @@ void experts_backward(const context& ctx, const D& policy, const Act& act, const
              "switchyard::ops::dense_dy_rows_as");
   } else {
     for_each(s, u.rows,
-             ops::grouped_dy_rows_as<T, W>{{plan.weights, g.row_pair, width, d, dy, ys, dys, d_weights},
-                                           dys_t},
+             ops::grouped_dy_rows_as<T, W>{
+                 {plan.weights, g.row_pair, width, d, dy, ys, dys, d_weights}, dys_t},
              "switchyard::ops::grouped_dy_rows_as");
   }
-  const auto segments = detail::expert_segments_of<K>(g, dm);
+  const auto segments = detail::cuda_expert_segments_of<K>(g, dm);
   if (detail::present(grads.b2))
     for_each(s, E * d, ops::bias_grad_segments<decltype(segments)>{segments, dys, d, d, grads.b2},
              "switchyard::ops::bias_grad_segments");
 
   // dA = dY·W2; grads.w2 += dYᵀ·A.
-  gemm.run(2, [&](const expert_gemm_rows& r) { return expert_gemm::d_act(l, r); },
-           "switchyard::cuda::experts_backward: dA = dY·W2");
+  gemm.run(
+      2, [&](const expert_gemm_rows& r) { return expert_gemm::d_act(l, r); },
+      "switchyard::cuda::experts_backward: dA = dY·W2");
   if (has_gw2) {
-    gemm.run(3, [&](const expert_gemm_rows& r) { return expert_gemm::grad_w2(l, r, !dense); },
-             "switchyard::cuda::experts_backward: dW2 += dYᵀ·A");
+    gemm.run(
+        3, [&](const expert_gemm_rows& r) { return expert_gemm::grad_w2(l, r, !dense); },
+        "switchyard::cuda::experts_backward: dW2 += dYᵀ·A");
     if constexpr (dense)
       for_each(s, E * d * f, ops::add_used_expert_grads{gw2_part, g.row_count, grads.w2},
                "switchyard::ops::add_used_expert_grads");
@@ -418,8 +434,9 @@ void experts_backward(const context& ctx, const D& policy, const Act& act, const
     for_each(s, E * p, ops::bias_grad_segments<decltype(segments)>{segments, h, p, p, grads.b1},
              "switchyard::ops::bias_grad_segments");
   if (has_gw1) {
-    gemm.run(4, [&](const expert_gemm_rows& r) { return expert_gemm::grad_w1(l, r, !dense); },
-             "switchyard::cuda::experts_backward: dW1 += dHᵀ·Xs");
+    gemm.run(
+        4, [&](const expert_gemm_rows& r) { return expert_gemm::grad_w1(l, r, !dense); },
+        "switchyard::cuda::experts_backward: dW1 += dHᵀ·Xs");
     if constexpr (dense)
       for_each(s, E * p * d, ops::add_used_expert_grads{gw1_part, g.row_count, grads.w1},
                "switchyard::ops::add_used_expert_grads");
@@ -428,21 +445,21 @@ void experts_backward(const context& ctx, const D& policy, const Act& act, const
   // dXs = dH·W1 (over Y), then each token sums its slots' rows in slot order.
   const float* dx_rows = ys;
   if (has_dx) {
-    gemm.run(5, [&](const expert_gemm_rows& r) { return expert_gemm::d_x(l, r); },
-             "switchyard::cuda::experts_backward: dXs = dH·W1");
+    gemm.run(
+        5, [&](const expert_gemm_rows& r) { return expert_gemm::d_x(l, r); },
+        "switchyard::cuda::experts_backward: dXs = dH·W1");
     if constexpr (dense) {
       for_each(s, E * tokens,
-               ops::keep_dense_slots_all<Id>{{plan.expert_ids, plan.counts, 0, width, d, ys, pair_dx},
-                                             tokens},
+               ops::keep_dense_slots_all<Id>{
+                   {plan.expert_ids, plan.counts, 0, width, d, ys, pair_dx}, tokens},
                "switchyard::ops::keep_dense_slots_all");
       dx_rows = pair_dx;
     }
   }
   for_each(s, tokens,
-           ops::combine_backward_slots<T, Id, W>{plan.weights, plan.counts, g.pair_row, width, d,
-                                                 dx_rows, x, dy,
-                                                 g.drop == dispatch::dropped_output::scaled_input,
-                                                 d_weights, dx, has_dx},
+           ops::combine_backward_slots<T, Id, W>{
+               plan.weights, plan.counts, g.pair_row, width, d, dx_rows, x, dy,
+               g.drop == dispatch::dropped_output::scaled_input, d_weights, dx, has_dx},
            "switchyard::ops::combine_backward_slots");
 }
 

@@ -38,6 +38,26 @@
 #include "switchyard/core/span.hpp"
 #include "switchyard/core/workspace.hpp"
 
+namespace switchyard::detail {
+//! A GEMM dimension as cuBLAS's int; range_error naming the GEMM otherwise.
+inline int cuda_blas_dim(std::string_view what, std::string_view field, index_t v) {
+  if (v < 0 || v > std::numeric_limits<int>::max()) {
+    throw range_error(std::string(what),
+                      detail::concat(what, ": GEMM ", field, " must be in [0, 2^31), got ", v));
+  }
+  return static_cast<int>(v);
+}
+//! Throws shape_error unless a leading dimension covers the stored row (and is >= 1).
+inline void cuda_require_ld(std::string_view what, std::string_view field, index_t ld,
+                            index_t cols) {
+  if (ld < std::max<index_t>(cols, 1)) {
+    throw shape_error(std::string(what),
+                      detail::concat(what, ": GEMM ", field, " = ", ld,
+                                     " is below the stored row length ", cols, " (or 1)"));
+  }
+}
+}  // namespace switchyard::detail
+
 namespace switchyard::cuda {
 
 //! op(X) of a GEMM operand.
@@ -104,39 +124,22 @@ constexpr blas_operand_pair<P> column_major_operands(P intent_a, P intent_b) {
   return {intent_b, intent_a};
 }
 
-namespace detail_gemm {
-inline int blas_dim(std::string_view what, std::string_view field, index_t v) {
-  if (v < 0 || v > std::numeric_limits<int>::max()) {
-    throw range_error(std::string(what),
-                      detail::concat(what, ": GEMM ", field, " must be in [0, 2^31), got ", v));
-  }
-  return static_cast<int>(v);
-}
-inline void require_ld(std::string_view what, std::string_view field, index_t ld, index_t cols) {
-  if (ld < std::max<index_t>(cols, 1)) {
-    throw shape_error(std::string(what),
-                      detail::concat(what, ": GEMM ", field, " = ", ld,
-                                     " is below the stored row length ", cols, " (or 1)"));
-  }
-}
-}  // namespace detail_gemm
-
 //! Validates `g` (extents >= 0, leading dimensions >= the stored row lengths, 32-bit
 //! dimensions; `what` names the GEMM in errors) and maps it to cuBLAS's column-major call:
 //! Cᵀ[N, M] = op(B)ᵀ[N, K] · op(A)ᵀ[K, M].
 inline blas_gemm to_column_major(const gemm_desc& g, std::string_view what) {
-  detail_gemm::require_ld(what, "lda", g.lda, g.a_cols());
-  detail_gemm::require_ld(what, "ldb", g.ldb, g.b_cols());
-  detail_gemm::require_ld(what, "ldc", g.ldc, g.n);
+  detail::cuda_require_ld(what, "lda", g.lda, g.a_cols());
+  detail::cuda_require_ld(what, "ldb", g.ldb, g.b_cols());
+  detail::cuda_require_ld(what, "ldc", g.ldc, g.n);
   blas_gemm b;
   b.trans_a = g.op_b;
   b.trans_b = g.op_a;
-  b.m = detail_gemm::blas_dim(what, "n", g.n);
-  b.n = detail_gemm::blas_dim(what, "m", g.m);
-  b.k = detail_gemm::blas_dim(what, "k", g.k);
-  b.lda = detail_gemm::blas_dim(what, "ldb", g.ldb);
-  b.ldb = detail_gemm::blas_dim(what, "lda", g.lda);
-  b.ldc = detail_gemm::blas_dim(what, "ldc", g.ldc);
+  b.m = detail::cuda_blas_dim(what, "n", g.n);
+  b.n = detail::cuda_blas_dim(what, "m", g.m);
+  b.k = detail::cuda_blas_dim(what, "k", g.k);
+  b.lda = detail::cuda_blas_dim(what, "ldb", g.ldb);
+  b.ldb = detail::cuda_blas_dim(what, "lda", g.lda);
+  b.ldc = detail::cuda_blas_dim(what, "ldc", g.ldc);
   b.stride_a = g.stride_b;
   b.stride_b = g.stride_a;
   b.stride_c = g.stride_c;
@@ -167,9 +170,9 @@ struct expert_gemm_layout {
 
 //! The rows of one problem and how far apart the batch's row buffers lie (in rows).
 struct expert_gemm_rows {
-  index_t rows = 0;       //!< n: rows of one expert's problem
-  index_t block = 0;      //!< rows between experts in the row buffers (H, A, Y, dY, dH, dXs)
-  index_t x_block = 0;    //!< rows between experts in Xs (0: every expert reads the same rows)
+  index_t rows = 0;     //!< n: rows of one expert's problem
+  index_t block = 0;    //!< rows between experts in the row buffers (H, A, Y, dY, dH, dXs)
+  index_t x_block = 0;  //!< rows between experts in Xs (0: every expert reads the same rows)
 };
 
 //! The expert phase's GEMMs (file comment), row-major intents.
@@ -291,7 +294,8 @@ class group_args {
   //! the order the device's pointer arrays use) and forgets every array's contents.
   void reset(const index_t* counts, index_t experts) {
     if (experts < 0 || experts > max_) {
-      throw range_error("experts", detail::concat("experts: expected [0, ", max_, "], got ", experts));
+      throw range_error("experts",
+                        detail::concat("experts: expected [0, ", max_, "], got ", experts));
     }
     groups_ = 0;
     for (index_t e = 0; e < experts; ++e)
@@ -312,8 +316,9 @@ class group_args {
     for (int s = 0; s < used_ints_; ++s)
       if (std::memcmp(ints_[s], values, bytes) == 0) return ints_[s];
     if (used_ints_ == int_slots) {
-      throw unsupported_error("switchyard::cuda::group_args: more distinct argument arrays than "
-                              "its slots (a bug of the expert phase)");
+      throw unsupported_error(
+          "switchyard::cuda::group_args: more distinct argument arrays than "
+          "its slots (a bug of the expert phase)");
     }
     int* s = ints_[used_ints_++];
     if (bytes != 0) std::memcpy(s, values, bytes);
@@ -324,8 +329,9 @@ class group_args {
     for (int s = 0; s < used_floats_; ++s)
       if (groups_ == 0 || floats_[s][0] == value) return floats_[s];
     if (used_floats_ == float_slots) {
-      throw unsupported_error("switchyard::cuda::group_args: more distinct scalars than its "
-                              "slots (a bug of the expert phase)");
+      throw unsupported_error(
+          "switchyard::cuda::group_args: more distinct scalars than its "
+          "slots (a bug of the expert phase)");
     }
     float* s = floats_[used_floats_++];
     std::fill(s, s + groups_, value);
@@ -356,18 +362,18 @@ class group_args {
 //! The host arrays of one grouped GEMM: per group (expert with rows), its `blas_gemm` fields.
 template <class Op>
 struct grouped_call {
-  const Op* trans_a = nullptr;   //!< [groups]
-  const Op* trans_b = nullptr;   //!< [groups]
-  const int* m = nullptr;        //!< [groups]
-  const int* n = nullptr;        //!< [groups]
-  const int* k = nullptr;        //!< [groups]
-  const int* lda = nullptr;      //!< [groups]
-  const int* ldb = nullptr;      //!< [groups]
-  const int* ldc = nullptr;      //!< [groups]
-  const float* alpha = nullptr;  //!< [groups]
-  const float* beta = nullptr;   //!< [groups]
+  const Op* trans_a = nullptr;      //!< [groups]
+  const Op* trans_b = nullptr;      //!< [groups]
+  const int* m = nullptr;           //!< [groups]
+  const int* n = nullptr;           //!< [groups]
+  const int* k = nullptr;           //!< [groups]
+  const int* lda = nullptr;         //!< [groups]
+  const int* ldb = nullptr;         //!< [groups]
+  const int* ldc = nullptr;         //!< [groups]
+  const float* alpha = nullptr;     //!< [groups]
+  const float* beta = nullptr;      //!< [groups]
   const int* group_size = nullptr;  //!< [groups], all 1
-  int groups = 0;                //!< group count
+  int groups = 0;                   //!< group count
 };
 
 //! Fills the grouped call of the GEMM `describe(n_g)` over the current groups of `args` (n_g:
@@ -388,7 +394,8 @@ grouped_call<Op> make_grouped_call(group_args<Op>& args, const Describe& describ
   c.alpha = args.floats(first.alpha);
   c.beta = args.floats(first.beta);
   auto field = [&](int blas_gemm::*member) {
-    for (index_t i = 0; i < groups; ++i) scratch[i] = to_column_major(describe(rows[i]), what).*member;
+    for (index_t i = 0; i < groups; ++i)
+      scratch[i] = to_column_major(describe(rows[i]), what).*member;
     return args.ints(scratch);
   };
   c.m = field(&blas_gemm::m);
