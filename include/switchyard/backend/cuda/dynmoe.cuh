@@ -42,11 +42,12 @@
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/routers/dynmoe.hpp"
 
+// No using-directive for switchyard::cuda here (layer.cuh says why): names are qualified,
+// helpers prefixed cuda_.
 namespace switchyard::detail {
-using namespace ::switchyard::cuda;  // this block's helpers use switchyard::cuda's names
 
 //! The launcher the DynMoE pipelines take: cuda::for_each on `stream`.
-struct dynmoe_cuda_runner {
+struct cuda_dynmoe_runner {
   cudaStream_t stream;
   template <class F>
   void operator()(index_t n, const F& f, const char* name) const {
@@ -55,7 +56,7 @@ struct dynmoe_cuda_runner {
 };
 
 //! The shape and value checks the device route runs on the host before any launch.
-inline void dynmoe_device_check_params(const routing::dynmoe_params& p, int device) {
+inline void cuda_dynmoe_check_params(const routing::dynmoe_params& p, int device) {
   check_view("params.w_gate", p.w_gate, {-1, -1}, "[d, E_max]");
   const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
   if (e_max < 1) {
@@ -71,9 +72,9 @@ inline void dynmoe_device_check_params(const routing::dynmoe_params& p, int devi
     throw non_finite_error("params.log_temperature",
                            concat("params.log_temperature must be finite, got ", p.log_temperature));
   }
-  require_device_memory("params.w_gate", p.w_gate.data_handle(), device, alignof(float));
-  require_device_memory("params.thresholds", p.thresholds.data_handle(), device, alignof(float));
-  require_device_memory("params.experts_mask", p.experts_mask.data_handle(), device,
+  cuda::require_device_memory("params.w_gate", p.w_gate.data_handle(), device, alignof(float));
+  cuda::require_device_memory("params.thresholds", p.thresholds.data_handle(), device, alignof(float));
+  cuda::require_device_memory("params.experts_mask", p.experts_mask.data_handle(), device,
                         alignof(std::int32_t));
 }
 
@@ -100,7 +101,7 @@ struct device_router<routers::DynMoE> {
                       const router::params_type& p, const routing::plan_ref& plan,
                       router::losses_type* losses, device_status* status, workspace_arena& ws) {
     const int dev = stream_device(ctx.stream);
-    detail::dynmoe_device_check_params(p, dev);
+    detail::cuda_dynmoe_check_params(p, dev);
     const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
     check_view("x", x, {-1, d}, "[T, d] with d = params.w_gate.extent(0)");
     const index_t tokens = x.extent(0);
@@ -117,7 +118,7 @@ struct device_router<routers::DynMoE> {
     require_device_memory("losses", losses, dev, alignof(float));
     const auto sc = detail::dynmoe_device_scratch::take(ws, tokens, d, e_max, false);
     if (!ws.carving()) return;
-    detail::dynmoe_forward_pipeline(detail::dynmoe_cuda_runner{ctx.stream}, x, p, r.training,
+    detail::dynmoe_forward_pipeline(detail::cuda_dynmoe_runner{ctx.stream}, x, p, r.training,
                                     plan, losses, status, sc);
   }
 
@@ -131,7 +132,7 @@ struct device_router<routers::DynMoE> {
                        workspace_arena& ws) {
     (void)r;
     const int dev = stream_device(ctx.stream);
-    detail::dynmoe_device_check_params(p, dev);
+    detail::cuda_dynmoe_check_params(p, dev);
     const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
     check_view("x", x, {-1, d}, "[T, d] with d = params.w_gate.extent(0)");
     const index_t tokens = x.extent(0);
@@ -159,7 +160,7 @@ struct device_router<routers::DynMoE> {
     require_device_memory("grads.thresholds", grads.thresholds.data_handle(), dev, alignof(float));
     const auto sc = detail::dynmoe_device_scratch::take(ws, tokens, d, e_max, true);
     if (!ws.carving()) return;
-    detail::dynmoe_backward_pipeline(detail::dynmoe_cuda_runner{ctx.stream}, x, p, plan,
+    detail::dynmoe_backward_pipeline(detail::cuda_dynmoe_runner{ctx.stream}, x, p, plan,
                                      d_weights, coeff, dx, grads, sc);
   }
 };

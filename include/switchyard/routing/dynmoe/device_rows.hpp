@@ -451,8 +451,9 @@ struct dynmoe_gate_grad {
 
 }  // namespace switchyard::ops
 
+// No using-directive for switchyard::ops here (docs/design.md: detail blocks of the two
+// backends share one namespace): the functors are named ops::.
 namespace switchyard::detail {
-using namespace ::switchyard::ops;  // this block's helpers use switchyard::ops's names
 
 //! The device route's scratch (null arrays while the arena measures); forward takes the
 //! first block, backward all of it.
@@ -514,31 +515,31 @@ void dynmoe_forward_pipeline(const Run& run, const matrix_view<const T>& x,
                              cuda::device_status* status, const dynmoe_device_scratch& sc) {
   const index_t tokens = x.extent(0), e_max = p.w_gate.extent(1);
   if (tokens == 0) {
-    run(1, dynmoe_losses_zero{losses}, "switchyard::ops::dynmoe_losses_zero");
+    run(1, ops::dynmoe_losses_zero{losses}, "switchyard::ops::dynmoe_losses_zero");
     return;
   }
   const float s = dynmoe_scale(p.log_temperature);
-  run(e_max, dynmoe_prepare_expert{p.w_gate, p.thresholds, p.experts_mask, s, sc.theta, sc.wn, sc.mask},
+  run(e_max, ops::dynmoe_prepare_expert{p.w_gate, p.thresholds, p.experts_mask, s, sc.theta, sc.wn, sc.mask},
       "switchyard::ops::dynmoe_prepare_expert");
-  run(tokens, dynmoe_token_norm<T>{x, sc.xn}, "switchyard::ops::dynmoe_token_norm");
+  run(tokens, ops::dynmoe_token_norm<T>{x, sc.xn}, "switchyard::ops::dynmoe_token_norm");
   run(tokens * e_max,
-      dynmoe_score_entry<T>{x, p.w_gate, sc.xn, sc.wn, sc.mask, s, plan.logits.data(),
+      ops::dynmoe_score_entry<T>{x, p.w_gate, sc.xn, sc.wn, sc.mask, s, plan.logits.data(),
                             plan.probs.data()},
       "switchyard::ops::dynmoe_score_entry");
   const routing::topany_rule rule{span<const float>(sc.theta, static_cast<std::size_t>(e_max)),
                                   span<const std::int32_t>(sc.mask, static_cast<std::size_t>(e_max)),
                                   training};
   run(tokens,
-      dynmoe_select_token{rule, e_max, plan.logits.data(), plan.probs.data(),
+      ops::dynmoe_select_token{rule, e_max, plan.logits.data(), plan.probs.data(),
                           plan.expert_ids.data(), plan.weights.data(), plan.counts.data(), status},
       "switchyard::ops::dynmoe_select_token");
   run(e_max,
-      dynmoe_usage_column{tokens, e_max, plan.expert_ids.data(), plan.counts.data(), sc.me, sc.ce,
+      ops::dynmoe_usage_column{tokens, e_max, plan.expert_ids.data(), plan.counts.data(), sc.me, sc.ce,
                           sc.counters, sc.counters + 1, false},
       "switchyard::ops::dynmoe_usage_column");
-  run(e_max * e_max, dynmoe_sim_entry{p.w_gate, sc.mask, sc.wn, sc.a},
+  run(e_max * e_max, ops::dynmoe_sim_entry{p.w_gate, sc.mask, sc.wn, sc.a},
       "switchyard::ops::dynmoe_sim_entry");
-  run(1, dynmoe_losses_finish{tokens, e_max, sc.me, sc.ce, sc.counters, sc.counters + 1, sc.a, sc.wn, losses},
+  run(1, ops::dynmoe_losses_finish{tokens, e_max, sc.me, sc.ce, sc.counters, sc.counters + 1, sc.a, sc.wn, losses},
       "switchyard::ops::dynmoe_losses_finish");
 }
 
@@ -555,44 +556,44 @@ void dynmoe_backward_pipeline(const Run& run, const matrix_view<const T>& x,
   const bool want_dx = present(dx), want_w = present(grads.w_gate),
              want_g = present(grads.thresholds);
   const float s = dynmoe_scale(p.log_temperature);
-  run(e_max, dynmoe_prepare_expert{p.w_gate, p.thresholds, p.experts_mask, s, sc.theta, sc.wn, sc.mask},
+  run(e_max, ops::dynmoe_prepare_expert{p.w_gate, p.thresholds, p.experts_mask, s, sc.theta, sc.wn, sc.mask},
       "switchyard::ops::dynmoe_prepare_expert");
   run(e_max,
-      dynmoe_usage_column{tokens, e_max, plan.expert_ids.data(), plan.counts.data(), nullptr,
+      ops::dynmoe_usage_column{tokens, e_max, plan.expert_ids.data(), plan.counts.data(), nullptr,
                           sc.ce, sc.counters, nullptr, true},
       "switchyard::ops::dynmoe_usage_column");
   const double c_eff = coeff.efficiency_loss / (static_cast<double>(tokens) * e_max);
   run(tokens,
-      dynmoe_straight_through_token{e_max, plan.expert_ids.data(), plan.counts.data(), d_weights,
+      ops::dynmoe_straight_through_token{e_max, plan.expert_ids.data(), plan.counts.data(), d_weights,
                                     plan.probs.data(), sc.theta, sc.ce, sc.counters,
                                     coeff.load_balance_loss, c_eff, sc.dz, sc.g},
       "switchyard::ops::dynmoe_straight_through_token");
   if (want_g) {
-    run(e_max, dynmoe_threshold_grad{tokens, e_max, sc.g, sc.theta, s, grads.thresholds},
+    run(e_max, ops::dynmoe_threshold_grad{tokens, e_max, sc.g, sc.theta, s, grads.thresholds},
         "switchyard::ops::dynmoe_threshold_grad");
   }
   if (!want_dx && !want_w) return;
   run(tokens,
-      dynmoe_cosine_token<T>{x, p.w_gate, sc.wn, sc.dz, s, want_dx, sc.xn, sc.dot, sc.any},
+      ops::dynmoe_cosine_token<T>{x, p.w_gate, sc.wn, sc.dz, s, want_dx, sc.xn, sc.dot, sc.any},
       "switchyard::ops::dynmoe_cosine_token");
   if (want_dx) {
     run(tokens * d,
-        dynmoe_input_grad<T>{x, p.w_gate, sc.wn, sc.dz, s, sc.xn, sc.dot, sc.any, dx},
+        ops::dynmoe_input_grad<T>{x, p.w_gate, sc.wn, sc.dz, s, sc.xn, sc.dot, sc.any, dx},
         "switchyard::ops::dynmoe_input_grad");
   }
   if (!want_w) return;
   if (coeff.sim_loss != 0.0f) {
-    run(e_max * e_max, dynmoe_sim_entry{p.w_gate, sc.mask, sc.wn, sc.a},
+    run(e_max * e_max, ops::dynmoe_sim_entry{p.w_gate, sc.mask, sc.wn, sc.a},
         "switchyard::ops::dynmoe_sim_entry");
-    run(1, dynmoe_sim_norm{sc.a, e_max, sc.norm_a}, "switchyard::ops::dynmoe_sim_norm");
+    run(1, ops::dynmoe_sim_norm{sc.a, e_max, sc.norm_a}, "switchyard::ops::dynmoe_sim_norm");
   }
   run(d * e_max,
-      dynmoe_gate_dwhat<T>{x, p.w_gate, sc.wn, sc.dz, s, sc.xn, sc.a, sc.norm_a, coeff.sim_loss,
+      ops::dynmoe_gate_dwhat<T>{x, p.w_gate, sc.wn, sc.dz, s, sc.xn, sc.a, sc.norm_a, coeff.sim_loss,
                            sc.dwhat},
       "switchyard::ops::dynmoe_gate_dwhat");
-  run(e_max, dynmoe_gate_column_dot{p.w_gate, sc.wn, sc.dwhat, sc.col_dot},
+  run(e_max, ops::dynmoe_gate_column_dot{p.w_gate, sc.wn, sc.dwhat, sc.col_dot},
       "switchyard::ops::dynmoe_gate_column_dot");
-  run(d * e_max, dynmoe_gate_grad{p.w_gate, sc.wn, sc.dwhat, sc.col_dot, coeff.simple_loss, grads.w_gate},
+  run(d * e_max, ops::dynmoe_gate_grad{p.w_gate, sc.wn, sc.dwhat, sc.col_dot, coeff.simple_loss, grads.w_gate},
       "switchyard::ops::dynmoe_gate_grad");
 }
 
