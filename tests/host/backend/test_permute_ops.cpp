@@ -152,8 +152,8 @@ groups_arrays device_plan(const dispatch::sorted_grouped&, const sy::routing::ro
   a.rows = n;
   run(e, ops::grouped_counts{s.sorted_keys.data(), n, a.row_begin.data(), a.row_count.data(),
                              a.dropped.data()});
-  run(n, ops::grouped_placement{s.sorted_keys.data(), s.sorted_pairs.data(), e,
-                                a.pair_row.data(), a.row_pair.data()});
+  run(n, ops::grouped_placement{s.sorted_keys.data(), s.sorted_pairs.data(), e, a.pair_row.data(),
+                                a.row_pair.data()});
   return a;
 }
 
@@ -168,9 +168,8 @@ groups_arrays device_plan(const dispatch::padded_capacity& policy,
   a.capacity = block;
   a.drop = policy.drop;
   std::vector<index_t> sorted_begin(static_cast<std::size_t>(e + 1), -7);
-  run(e + 1, ops::capacity_counts{policy, s.sorted_keys.data(), n, t, e, block,
-                                  sorted_begin.data(), a.row_begin.data(), a.row_count.data(),
-                                  a.dropped.data()});
+  run(e + 1, ops::capacity_counts{policy, s.sorted_keys.data(), n, t, e, block, sorted_begin.data(),
+                                  a.row_begin.data(), a.row_count.data(), a.dropped.data()});
   run(n, ops::capacity_placement{policy, s.sorted_keys.data(), s.sorted_pairs.data(),
                                  sorted_begin.data(), t, e, block, a.pair_row.data()});
   run(a.rows, ops::capacity_rows{s.sorted_pairs.data(), sorted_begin.data(), a.row_count.data(),
@@ -192,9 +191,9 @@ groups_arrays device_plan(const dispatch::dense&, const sy::routing::routing_pla
   groups_arrays a = device_arrays(e, n, n);
   a.rows = t;
   a.capacity = t;
-  run(e, ops::dense_counts<unsigned long long>{n > 0 ? histogram.data() : nullptr,
-                                               a.row_begin.data(), a.row_count.data(),
-                                               a.dropped.data()});
+  run(e,
+      ops::dense_counts<unsigned long long>{n > 0 ? histogram.data() : nullptr, a.row_begin.data(),
+                                            a.row_count.data(), a.dropped.data()});
   run(n, ops::dense_placement{keys.data(), e, a.pair_row.data(), a.row_pair.data()});
   return a;
 }
@@ -275,7 +274,7 @@ groups_arrays check_policy(const D& policy, const sy::routing::routing_plan& pla
 struct shape {
   index_t tokens, width, experts;
 };
-const shape shapes[] = {{0, 2, 4}, {1, 1, 1}, {1, 4, 3}, {7, 2, 8}, {33, 1, 5},
+const shape shapes[] = {{0, 2, 4},  {1, 1, 1},    {1, 4, 3},   {7, 2, 8},    {33, 1, 5},
                         {64, 2, 8}, {129, 4, 16}, {300, 3, 7}, {517, 2, 64}, {40, 8, 8}};
 
 }  // namespace
@@ -299,8 +298,8 @@ BOOST_AUTO_TEST_CASE(padded_capacity_matches_the_host_plan) {
         policy.capacity_factor = cf;
         policy.min_capacity = multiple == 1 ? 0 : 4;
         policy.capacity_multiple = multiple;
-        policy.drop = multiple == 1 ? dispatch::dropped_output::scaled_input
-                                    : dispatch::dropped_output::zero;
+        policy.drop =
+            multiple == 1 ? dispatch::dropped_output::scaled_input : dispatch::dropped_output::zero;
         for (bool full : {true, false}) {
           const auto plan = random_plan(g, s.tokens, s.width, s.experts, full);
           const groups_arrays dev = check_policy(policy, plan);
@@ -364,10 +363,18 @@ BOOST_AUTO_TEST_CASE(check_token_follows_validate_plan) {
     auto& id = plan.expert_ids[static_cast<std::size_t>(t * width + j)];
     auto& count = plan.counts[static_cast<std::size_t>(t)];
     switch (round % 5) {
-      case 0: count = static_cast<std::int32_t>(width + 1 + static_cast<index_t>(g() % 3)); break;
-      case 1: count = -1 - static_cast<std::int32_t>(g() % 3); break;
-      case 2: id = static_cast<std::int32_t>(j < count ? experts + static_cast<index_t>(g() % 3) : 2); break;
-      case 3: id = j < count ? -1 : -2; break;
+      case 0:
+        count = static_cast<std::int32_t>(width + 1 + static_cast<index_t>(g() % 3));
+        break;
+      case 1:
+        count = -1 - static_cast<std::int32_t>(g() % 3);
+        break;
+      case 2:
+        id = static_cast<std::int32_t>(j < count ? experts + static_cast<index_t>(g() % 3) : 2);
+        break;
+      case 3:
+        id = j < count ? -1 : -2;
+        break;
       default:
         if (j > 0 && j < count) id = plan.expert_ids[static_cast<std::size_t>(t * width)];
         break;  // a repeat (no fault when the slot cannot repeat an earlier one)
@@ -392,11 +399,10 @@ BOOST_AUTO_TEST_CASE(check_token_follows_validate_plan) {
     }
     BOOST_TEST(threw == (first_token >= 0), "round " << round);
     if (!threw || first_token < 0) continue;
-    const std::string where =
-        first.kind == ops::plan_fault::counts
-            ? sy::detail::concat("plan.counts[", first.index, "]")
-            : sy::detail::concat("plan.expert_ids[", first.index / width, ", ", first.index % width,
-                                 "]");
+    const std::string where = first.kind == ops::plan_fault::counts
+                                  ? sy::detail::concat("plan.counts[", first.index, "]")
+                                  : sy::detail::concat("plan.expert_ids[", first.index / width,
+                                                       ", ", first.index % width, "]");
     BOOST_TEST(message.find(where) != std::string::npos, message << " vs " << where);
   }
 }
@@ -468,7 +474,8 @@ BOOST_AUTO_TEST_CASE(ids_out_of_every_range_stay_in_bounds) {
   const index_t tokens = 40, width = 4, experts = 6;
   sy::routing::routing_plan plan;
   plan.resize(tokens, width, experts);
-  for (auto& id : plan.expert_ids) id = static_cast<std::int32_t>(static_cast<index_t>(g() % 20) - 10);
+  for (auto& id : plan.expert_ids)
+    id = static_cast<std::int32_t>(static_cast<index_t>(g() % 20) - 10);
   for (auto& c : plan.counts) c = static_cast<std::int32_t>(static_cast<index_t>(g() % 9) - 2);
   auto st = fresh_status();
   const sorted_on_host s = sort_on_host(plan, st);
@@ -477,9 +484,26 @@ BOOST_AUTO_TEST_CASE(ids_out_of_every_range_stay_in_bounds) {
   const groups_arrays sorted = device_plan(dispatch::sorted_grouped{}, plan, st);
   index_t used = 0;
   for (index_t c : sorted.row_count) used += c;
-  for (index_t r : sorted.pair_row) BOOST_TEST((r == dispatch::unused_pair || (r >= 0 && r < used)));
+  for (index_t r : sorted.pair_row)
+    BOOST_TEST((r == dispatch::unused_pair || (r >= 0 && r < used)));
   dispatch::padded_capacity policy;
   const groups_arrays padded = device_plan(policy, plan, st);
   for (index_t r : padded.pair_row) BOOST_TEST(r < padded.rows);
   for (index_t p : padded.row_pair) BOOST_TEST(p < tokens * width);
+}
+
+BOOST_AUTO_TEST_CASE(no_experts_routes_every_pair_nowhere) {
+  // E == 0: bit_width(E) == 0 bits to sort (the device copies the keys instead), every slot
+  // unused, and a used slot is a fault.
+  std::mt19937_64 g(sy::test::base_seed() + 7);
+  const auto plan = random_plan(g, 5, 2, 0, true);
+  check_policy(dispatch::sorted_grouped{}, plan);
+  check_policy(dispatch::dense{}, plan);
+  auto bad = plan;
+  bad.counts[3] = 1;
+  bad.expert_ids[6] = 0;
+  auto st = fresh_status();
+  const groups_arrays dev = device_plan(dispatch::sorted_grouped{}, bad, st);
+  BOOST_TEST(st.first[static_cast<int>(sy::cuda::status_kind::invalid_ids)] == 6u);
+  for (index_t r : dev.pair_row) BOOST_TEST(r == dispatch::unused_pair);
 }
