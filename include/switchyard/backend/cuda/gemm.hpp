@@ -258,9 +258,13 @@ struct group_operand {
   index_t stride_bytes = 0;         //!< bytes per row (by_row) or per expert
   bool by_row = false;              //!< offset by the expert's first row, else by e
 
+  //! Byte offset of expert e's operand (64-bit).
+  SWITCHYARD_HD index_t offset(index_t e, const index_t* row_begin) const {
+    return (by_row ? row_begin[e] : e) * stride_bytes;
+  }
   //! The operand's address for expert e.
   SWITCHYARD_HD const std::byte* at(index_t e, const index_t* row_begin) const {
-    return base + (by_row ? row_begin[e] : e) * stride_bytes;
+    return base + offset(e, row_begin);
   }
 };
 
