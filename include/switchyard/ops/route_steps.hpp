@@ -100,19 +100,18 @@ using terms_of = std::remove_cvref_t<decltype(std::declval<const R&>().loss_term
 }  // namespace switchyard::ops
 
 namespace switchyard::detail {
-using namespace ::switchyard::ops;  // this block's helpers use switchyard::ops's names
 
 //! Forward scratch of every term, carved in the router's order (braced: evaluated in order).
 template <class Terms, std::size_t... I>
 auto carve_forward_terms(workspace_arena& ws, index_t tokens, index_t experts,
                          std::index_sequence<I...>) {
-  return std::tuple{device_loss_term<term_of<std::tuple_element_t<I, Terms>>>::carve_forward(
+  return std::tuple{ops::device_loss_term<ops::term_of<std::tuple_element_t<I, Terms>>>::carve_forward(
       ws, tokens, experts)...};
 }
 template <class Terms, std::size_t... I>
 auto carve_backward_terms(workspace_arena& ws, index_t tokens, index_t experts,
                           std::index_sequence<I...>) {
-  return std::tuple{device_loss_term<term_of<std::tuple_element_t<I, Terms>>>::carve_backward(
+  return std::tuple{ops::device_loss_term<ops::term_of<std::tuple_element_t<I, Terms>>>::carve_backward(
       ws, tokens, experts)...};
 }
 

@@ -92,28 +92,29 @@ struct record_non_finite_logit {
 
 }  // namespace switchyard::cuda
 
+// No using-directive for switchyard::cuda here (layer.cuh says why): names are qualified,
+// helpers prefixed cuda_.
 namespace switchyard::detail {
-using namespace ::switchyard::cuda;  // this block's helpers use switchyard::cuda's names
 
 //! Binds the context's cuBLAS handle for the router's GEMMs: its stream, host scalars, no
 //! atomics (throws null_pointer_error without a handle).
-inline void bind_router_blas(const context& ctx) {
+inline void cuda_bind_router_blas(const cuda::context& ctx) {
   if (ctx.blas == nullptr) {
     throw null_pointer_error("ctx.blas",
                              "ctx.blas: the CUDA router runs its float GEMMs with cuBLAS and "
                              "needs a handle, got null");
   }
-  check(cublasSetStream(ctx.blas, ctx.stream), "cublasSetStream");
-  check(cublasSetPointerMode(ctx.blas, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
-  check(cublasSetAtomicsMode(ctx.blas, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
+  cuda::check(cublasSetStream(ctx.blas, ctx.stream), "cublasSetStream");
+  cuda::check(cublasSetPointerMode(ctx.blas, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+  cuda::check(cublasSetAtomicsMode(ctx.blas, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
 }
 
 //! Runs a column-major GEMM description (alpha 1, float operands, float compute).
-inline void run_router_gemm(const context& ctx, const ops::gemm_desc& g, const float* a,
+inline void cuda_router_gemm(const cuda::context& ctx, const ops::gemm_desc& g, const float* a,
                             const float* b, float* c, const char* what) {
   const float alpha = 1.0f;
   const float beta = g.beta;
-  check(cublasGemmEx(ctx.blas, g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+  cuda::check(cublasGemmEx(ctx.blas, g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
                      g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(g.m),
                      static_cast<int>(g.n), static_cast<int>(g.k), &alpha, a, CUDA_R_32F,
                      static_cast<int>(g.lda), b, CUDA_R_32F, static_cast<int>(g.ldb), &beta, c,
@@ -123,7 +124,7 @@ inline void run_router_gemm(const context& ctx, const ops::gemm_desc& g, const f
 
 //! logits [T, E] = x · wᵀ on the stream (see the file comment for the choice of path).
 template <ElementType T>
-void device_router_logits(const context& ctx, const matrix_view<const T>& x,
+void cuda_router_logits(const cuda::context& ctx, const matrix_view<const T>& x,
                           const matrix_view<const float>& w, float* logits) {
   const index_t tokens = x.extent(0), d = x.extent(1), experts = w.extent(0);
   if (tokens == 0 || experts == 0) return;
@@ -131,19 +132,19 @@ void device_router_logits(const context& ctx, const matrix_view<const T>& x,
     const index_t ld_x = ops::row_major_ld(x), ld_w = ops::row_major_ld(w);
     const ops::gemm_desc g = ops::logits_gemm(tokens, d, experts, ld_x, ld_w);
     if (ld_x > 0 && ld_w > 0 && g.valid()) {
-      bind_router_blas(ctx);
-      run_router_gemm(ctx, g, w.data_handle(), x.data_handle(), logits,
+      cuda_bind_router_blas(ctx);
+      cuda_router_gemm(ctx, g, w.data_handle(), x.data_handle(), logits,
                       "cublasGemmEx (router logits)");
       return;
     }
   }
-  for_each<tuning::rows_block>(ctx.stream, tokens * experts, ops::router_logits<T>{x, w, logits},
+  cuda::for_each<cuda::tuning::rows_block>(ctx.stream, tokens * experts, ops::router_logits<T>{x, w, logits},
                                "switchyard::ops::router_logits");
 }
 
 //! dx += d_logits · w and grad_w += d_logitsᵀ · x on the stream (either may be absent).
 template <ElementType T>
-void device_router_linear_backward(const context& ctx, const matrix_view<const T>& x,
+void cuda_router_linear_backward(const cuda::context& ctx, const matrix_view<const T>& x,
                                    const matrix_view<const float>& w, const float* d_logits,
                                    const matrix_view<float>& dx,
                                    const matrix_view<float>& grad_w) {
@@ -152,11 +153,11 @@ void device_router_linear_backward(const context& ctx, const matrix_view<const T
     const index_t ld_w = ops::row_major_ld(w), ld_dx = ops::row_major_ld(dx);
     const ops::gemm_desc g = ops::dx_gemm(tokens, d, experts, ld_w, ld_dx);
     if (ld_w > 0 && ld_dx > 0 && g.valid()) {
-      bind_router_blas(ctx);
-      run_router_gemm(ctx, g, w.data_handle(), d_logits, dx.data_handle(),
+      cuda_bind_router_blas(ctx);
+      cuda_router_gemm(ctx, g, w.data_handle(), d_logits, dx.data_handle(),
                       "cublasGemmEx (router dx)");
     } else {
-      for_each<tuning::rows_block>(ctx.stream, tokens * d, ops::linear_dx_elements{d_logits, w, dx},
+      cuda::for_each<cuda::tuning::rows_block>(ctx.stream, tokens * d, ops::linear_dx_elements{d_logits, w, dx},
                                    "switchyard::ops::linear_dx_elements");
     }
   }
@@ -165,13 +166,13 @@ void device_router_linear_backward(const context& ctx, const matrix_view<const T
       const index_t ld_x = ops::row_major_ld(x), ld_g = ops::row_major_ld(grad_w);
       const ops::gemm_desc g = ops::dw_gemm(tokens, d, experts, ld_x, ld_g);
       if (ld_x > 0 && ld_g > 0 && g.valid()) {
-        bind_router_blas(ctx);
-        run_router_gemm(ctx, g, x.data_handle(), d_logits, grad_w.data_handle(),
+        cuda_bind_router_blas(ctx);
+        cuda_router_gemm(ctx, g, x.data_handle(), d_logits, grad_w.data_handle(),
                         "cublasGemmEx (router grads.w)");
         return;
       }
     }
-    for_each<tuning::rows_block>(ctx.stream, experts * d,
+    cuda::for_each<cuda::tuning::rows_block>(ctx.stream, experts * d,
                                  ops::linear_dw_elements<T>{d_logits, x, grad_w},
                                  "switchyard::ops::linear_dw_elements");
   }
@@ -179,7 +180,7 @@ void device_router_linear_backward(const context& ctx, const matrix_view<const T
 
 //! The plan's sizes against T, width and E (the host's `require_plan` without its reset: the
 //! route writes every slot).
-inline void require_device_plan(const routing::plan_ref& plan, index_t t, index_t width,
+inline void cuda_require_router_plan(const routing::plan_ref& plan, index_t t, index_t width,
                                 index_t e) {
   if (plan.num_tokens != t || plan.width != width || plan.num_experts != e) {
     throw shape_error("plan", concat("plan: expected T = ", t, ", width = ", width, ", E = ", e,
@@ -192,19 +193,19 @@ inline void require_device_plan(const routing::plan_ref& plan, index_t t, index_
 
 //! The composed router's params that the device route reads must be device memory.
 template <class R>
-void require_router_params(const R& r, const typename R::params_type& p, int dev) {
-  require_device_memory("params.w", r.scoring().params(p).w.data_handle(), dev, alignof(float));
+void cuda_require_router_params(const R& r, const typename R::params_type& p, int dev) {
+  cuda::require_device_memory("params.w", r.scoring().params(p).w.data_handle(), dev, alignof(float));
   using rules = ops::device_token_rules<R>;
   if constexpr (requires { rules::reads_attention; }) {
     if constexpr (rules::reads_attention)
-      require_device_memory("params.attention", p.attention.data_handle(), dev, alignof(float));
+      cuda::require_device_memory("params.attention", p.attention.data_handle(), dev, alignof(float));
     if constexpr (rules::reads_importance)
-      require_device_memory("params.importance", p.importance.data_handle(), dev, alignof(float));
+      cuda::require_device_memory("params.importance", p.importance.data_handle(), dev, alignof(float));
   }
 }
 
 template <class R>
-void require_linear_scoring(const R& r) {
+void cuda_require_linear_scoring(const R& r) {
   static_assert(std::is_same_v<std::remove_cvref_t<decltype(r.scoring())>, routing::linear_softmax>,
                 "switchyard: the CUDA backend's generic route runs the linear-softmax scoring; a "
                 "composed router with another scoring needs a device_router<R> specialisation");
@@ -212,7 +213,7 @@ void require_linear_scoring(const R& r) {
 
 //! Device bytes of the generic route: the most of forward's and backward's carving.
 template <routing::ComposedRouter R>
-std::size_t composed_device_workspace_size(const R& r, index_t tokens,
+std::size_t cuda_composed_workspace_size(const R& r, index_t tokens,
                                            const typename R::params_type& p) {
   const index_t experts = r.num_experts(p);
   workspace_arena fwd;
@@ -224,11 +225,11 @@ std::size_t composed_device_workspace_size(const R& r, index_t tokens,
 }
 
 template <routing::ComposedRouter R, ElementType T>
-void composed_device_forward(const context& ctx, const R& r, const matrix_view<const T>& x,
+void cuda_composed_forward(const cuda::context& ctx, const R& r, const matrix_view<const T>& x,
                              const typename R::params_type& p, const routing::plan_ref& plan,
-                             typename R::losses_type* losses, device_status* status,
+                             typename R::losses_type* losses, cuda::device_status* status,
                              workspace_arena& ws) {
-  require_linear_scoring(r);
+  cuda_require_linear_scoring(r);
   const index_t tokens = x.extent(0), experts = r.num_experts(p);
   const ops::forward_route<R> steps(tokens, experts, ws);
   if (!ws.carving()) return;
@@ -237,25 +238,25 @@ void composed_device_forward(const context& ctx, const R& r, const matrix_view<c
   scoring.check(x, sp);
   r.validate(scoring.num_experts(sp));
   ops::device_token_rules<R>::check(r, p, tokens);
-  require_device_plan(plan, tokens, r.width(p), experts);
-  const int dev = stream_device(ctx.stream);
-  require_router_params(r, p, dev);
+  cuda_require_router_plan(plan, tokens, r.width(p), experts);
+  const int dev = cuda::stream_device(ctx.stream);
+  cuda_require_router_params(r, p, dev);
   if (losses == nullptr) {
     throw null_pointer_error("losses", "losses: the router's forward writes its losses to device "
                                        "memory, got null");
   }
-  require_device_memory("losses", losses, dev, alignof(float));
-  device_router_logits(ctx, x, sp.w, plan.logits.data());
-  steps.run(kernel_launcher{ctx.stream}, r, p, plan, losses, record_non_finite_logit{status});
+  cuda::require_device_memory("losses", losses, dev, alignof(float));
+  cuda_router_logits(ctx, x, sp.w, plan.logits.data());
+  steps.run(cuda::kernel_launcher{ctx.stream}, r, p, plan, losses, cuda::record_non_finite_logit{status});
 }
 
 template <routing::ComposedRouter R, ElementType T>
-void composed_device_backward(const context& ctx, const R& r, const matrix_view<const T>& x,
+void cuda_composed_backward(const cuda::context& ctx, const R& r, const matrix_view<const T>& x,
                               const typename R::params_type& p, const routing::plan_ref& plan,
                               const float* d_weights, const typename R::losses_type& coeff,
                               const matrix_view<float>& dx, const typename R::grads_type& grads,
                               workspace_arena& ws) {
-  require_linear_scoring(r);
+  cuda_require_linear_scoring(r);
   const index_t tokens = plan.num_tokens, experts = plan.num_experts;
   float* d_logits = ws.take<float>(tokens * experts);  // [T, E]
   const ops::backward_route<R> steps(tokens, experts, ws);
@@ -263,23 +264,23 @@ void composed_device_backward(const context& ctx, const R& r, const matrix_view<
   const auto scoring = r.scoring();
   const auto sp = scoring.params(p);
   scoring.check(x, sp);
-  require_device_plan(plan, x.extent(0), r.width(p), r.num_experts(p));
+  cuda_require_router_plan(plan, x.extent(0), r.width(p), r.num_experts(p));
   const index_t d = x.extent(1);
-  const int dev = stream_device(ctx.stream);
-  require_device_memory("params.w", sp.w.data_handle(), dev, alignof(float));
+  const int dev = cuda::stream_device(ctx.stream);
+  cuda::require_device_memory("params.w", sp.w.data_handle(), dev, alignof(float));
   if (present(dx)) {
     check_view("dx", dx, {tokens, d}, "[T, d]");
-    require_device_memory("dx", dx.data_handle(), dev, alignof(float));
+    cuda::require_device_memory("dx", dx.data_handle(), dev, alignof(float));
   }
   if (present(grads.w)) {
     check_view("grads.w", grads.w, {experts, d}, "[E, d]");
-    require_device_memory("grads.w", grads.w.data_handle(), dev, alignof(float));
+    cuda::require_device_memory("grads.w", grads.w.data_handle(), dev, alignof(float));
   }
   if (d_weights == nullptr && tokens * plan.width > 0) {
     throw null_pointer_error("d_weights", "d_weights: expected T·width device floats, got null");
   }
-  steps.run(kernel_launcher{ctx.stream}, r, plan, d_weights, coeff, d_logits);
-  device_router_linear_backward(ctx, x, sp.w, d_logits, dx, grads.w);
+  steps.run(cuda::kernel_launcher{ctx.stream}, r, plan, d_weights, coeff, d_logits);
+  cuda_router_linear_backward(ctx, x, sp.w, d_logits, dx, grads.w);
 }
 
 }  // namespace switchyard::detail
@@ -291,7 +292,7 @@ namespace switchyard::cuda {
 template <class R>
 std::size_t router_workspace_size(const R& r, index_t tokens, const typename R::params_type& p) {
   if constexpr (routing::ComposedRouter<R>) {
-    return detail::composed_device_workspace_size(r, tokens, p);
+    return detail::cuda_composed_workspace_size(r, tokens, p);
   } else {
     return device_router<R>::workspace_size(r, tokens, p);
   }
@@ -305,7 +306,7 @@ void router_forward(const context& ctx, const R& r, const matrix_view<const T>& 
                     const typename R::params_type& p, const routing::plan_ref& plan,
                     typename R::losses_type* losses, device_status* status, workspace_arena& ws) {
   if constexpr (routing::ComposedRouter<R>) {
-    detail::composed_device_forward(ctx, r, x, p, plan, losses, status, ws);
+    detail::cuda_composed_forward(ctx, r, x, p, plan, losses, status, ws);
   } else {
     device_router<R>::forward(ctx, r, x, p, plan, losses, status, ws);
   }
@@ -320,7 +321,7 @@ void router_backward(const context& ctx, const R& r, const matrix_view<const T>&
                      const matrix_view<float>& dx, const typename R::grads_type& grads,
                      workspace_arena& ws) {
   if constexpr (routing::ComposedRouter<R>) {
-    detail::composed_device_backward(ctx, r, x, p, plan, d_weights, coeff, dx, grads, ws);
+    detail::cuda_composed_backward(ctx, r, x, p, plan, d_weights, coeff, dx, grads, ws);
   } else {
     device_router<R>::backward(ctx, r, x, p, plan, d_weights, coeff, dx, grads, ws);
   }
