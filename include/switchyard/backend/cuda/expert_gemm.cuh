@@ -1,6 +1,7 @@
 #pragma once
 //! \file expert_gemm.cuh
-//! The expert phase's GEMMs on cuBLAS: the descriptions of gemm.hpp mapped by
+//! The expert phase's device executor (`device_expert_exec`, for expert_phase.hpp): functors
+//! through cuda::for_each, and the GEMMs on cuBLAS: the descriptions of gemm.hpp mapped by
 //! `to_column_major` and run as `cublasGemmStridedBatchedEx` (padded_capacity, dense: one
 //! problem per expert, equal sizes) or `cublasGemmGroupedBatchedEx` (sorted_grouped: one
 //! group per expert with rows, group_size 1, sizes from the host copy of the row counts).
@@ -21,6 +22,7 @@
 
 #include "switchyard/backend/cuda/error.hpp"
 #include "switchyard/backend/cuda/gemm.hpp"
+#include "switchyard/backend/cuda/launch.cuh"
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/element_type.hpp"
 
@@ -30,8 +32,6 @@ namespace switchyard::cuda {
 namespace expert_tuning {
 //! Threads of the single block that builds the grouped GEMMs' pointer arrays.
 inline constexpr int group_pointer_block = 256;
-//! Operands (3 per GEMM) one pointer-building launch writes: the backward's six GEMMs.
-inline constexpr int max_group_operands = 18;
 }  // namespace expert_tuning
 
 //! cuBLAS's data type of a storage element type.
@@ -44,20 +44,6 @@ inline constexpr cudaDataType_t blas_type = std::is_same_v<T, float>  ? CUDA_R_3
 constexpr cublasOperation_t blas_op(gemm_op o) {
   return o == gemm_op::none ? CUBLAS_OP_N : CUBLAS_OP_T;
 }
-
-//! The three operands of one GEMM (the intent's A, B and C) as grouped-GEMM operands; the
-//! strided path uses their bases (its strides come from the description).
-struct gemm_operands {
-  group_operand a;  //!< left operand
-  group_operand b;  //!< right operand
-  group_operand c;  //!< float output
-};
-
-//! The operands of up to `max_group_operands / 3` GEMMs, passed by value to the kernel.
-struct gemm_operand_table {
-  gemm_operands gemm[expert_tuning::max_group_operands / 3];  //!< per GEMM
-  int count = 0;                                              //!< GEMMs used
-};
 
 }  // namespace switchyard::cuda
 
@@ -76,15 +62,7 @@ __global__ void build_group_pointers(gemm_operand_table table, const index_t* ro
     const int used = e < experts && row_count[e] > 0 ? 1 : 0;
     int rank = 0, total = 0;
     scan_t(storage).ExclusiveSum(used, rank, total);
-    if (used) {
-      const index_t g = base + rank;
-      for (int i = 0; i < table.count; ++i) {
-        const gemm_operands& op = table.gemm[i];
-        out[(3 * i + 0) * experts + g] = const_cast<std::byte*>(op.a.at(e, row_begin));
-        out[(3 * i + 1) * experts + g] = const_cast<std::byte*>(op.b.at(e, row_begin));
-        out[(3 * i + 2) * experts + g] = const_cast<std::byte*>(op.c.at(e, row_begin));
-      }
-    }
+    if (used) table.write(out, experts, base + rank, e, row_begin);
     base += total;
     __syncthreads();  // the scan's storage is reused by the next chunk
   }
@@ -94,80 +72,53 @@ __global__ void build_group_pointers(gemm_operand_table table, const index_t* ro
 
 namespace switchyard::cuda {
 
-//! Runs the expert GEMMs of one forward or backward, strided-batched (`grouped` false: E
-//! problems of `rows` rows) or grouped (one group per expert with rows).
-template <ElementType T>
-class expert_gemm_runner {
- public:
-  //! `args` / `pointers` ([3·max GEMMs·E] device) only for grouped.
-  expert_gemm_runner(cublasHandle_t blas, cudaStream_t stream, bool grouped,
-                     const expert_gemm_rows& rows, index_t experts,
-                     group_args<cublasOperation_t>* args, void** pointers)
-      : blas_(blas),
-        stream_(stream),
-        grouped_(grouped),
-        rows_(rows),
-        experts_(experts),
-        args_(args),
-        pointers_(pointers) {}
+//! The device executor of the expert phase (expert_phase.hpp): functors through
+//! `cuda::for_each` on the stream, GEMMs through cuBLAS (A/B of T, C float,
+//! CUBLAS_COMPUTE_32F, host alpha/beta), the grouped pointer arrays by one kernel launch.
+struct device_expert_exec {
+  using blas_op = cublasOperation_t;                              //!< cuBLAS's op enum
+  static constexpr cublasOperation_t op_none = CUBLAS_OP_N;       //!< op none
+  static constexpr cublasOperation_t op_transpose = CUBLAS_OP_T;  //!< op transpose
 
-  //! Sets the GEMMs' operands; grouped: builds their device pointer arrays (one launch) and
-  //! the groups from the host row counts `host_row_count` [E].
-  void prepare(const gemm_operand_table& table, const index_t* row_begin, const index_t* row_count,
-               const index_t* host_row_count) {
-    table_ = table;
-    if (!grouped_) return;
-    args_->reset(host_row_count, experts_);
-    if (args_->groups() == 0 || table.count == 0) return;
+  cublasHandle_t blas = nullptr;  //!< bound to `stream`, pointer mode host
+  cudaStream_t stream = nullptr;  //!< every launch and GEMM
+
+  //! f(i), i in [0, n), on the stream.
+  template <class F>
+  void launch(index_t n, const F& f, const char* name) const {
+    for_each(stream, n, f, name);
+  }
+
+  //! The grouped GEMMs' pointer arrays (`out` [3·table.count, E], device).
+  void build_group_pointers(const gemm_operand_table& table, const index_t* row_begin,
+                            const index_t* row_count, index_t experts, void** out) const {
     kernels::build_group_pointers<expert_tuning::group_pointer_block>
-        <<<1, expert_tuning::group_pointer_block, 0, stream_>>>(table, row_begin, row_count,
-                                                                experts_, pointers_);
+        <<<1, expert_tuning::group_pointer_block, 0, stream>>>(table, row_begin, row_count, experts,
+                                                               out);
     check_launch("switchyard::cuda::kernels::build_group_pointers");
   }
 
-  //! Runs GEMM `i` of the table: `describe(expert_gemm_rows)` gives its description.
-  template <class Describe>
-  void run(int i, const Describe& describe, const char* what) const {
-    const gemm_operands& op = table_.gemm[i];
-    if (!grouped_) {
-      const blas_gemm b = to_column_major(describe(rows_), what);
-      if (gemm_is_noop(b) || experts_ == 0) return;
-      const auto ab = column_major_operands(static_cast<const void*>(op.a.base),
-                                            static_cast<const void*>(op.b.base));
-      check(cublasGemmStridedBatchedEx(
-                blas_, blas_op(b.trans_a), blas_op(b.trans_b), b.m, b.n, b.k, &b.alpha, ab.a,
-                blas_type<T>, b.lda, b.stride_a, ab.b, blas_type<T>, b.ldb, b.stride_b, &b.beta,
-                const_cast<std::byte*>(op.c.base), CUDA_R_32F, b.ldc, b.stride_c,
-                static_cast<int>(experts_), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            what);
-      return;
-    }
-    const grouped_call<cublasOperation_t> c = make_grouped_call(
-        *args_,
-        [&](index_t n) {
-          return describe(expert_gemm_rows{n, 0, 0});
-        },
-        what);
-    if (c.groups == 0) return;
-    void** base = pointers_ + static_cast<index_t>(3 * i) * experts_;
-    const auto ab = column_major_operands(const_cast<const void* const*>(base),
-                                          const_cast<const void* const*>(base + experts_));
-    check(cublasGemmGroupedBatchedEx(blas_, c.trans_a, c.trans_b, c.m, c.n, c.k, c.alpha, ab.a,
-                                     blas_type<T>, c.lda, ab.b, blas_type<T>, c.ldb, c.beta,
-                                     base + 2 * experts_, CUDA_R_32F, c.ldc, c.groups, c.group_size,
-                                     CUBLAS_COMPUTE_32F),
+  //! `batch` problems of the mapped call `b` (a, b: cuBLAS's A and B).
+  template <ElementType T>
+  void gemm_strided(const blas_gemm& b, const void* a, const void* bm, void* c, index_t batch,
+                    const char* what) const {
+    check(cublasGemmStridedBatchedEx(blas, blas_op(b.trans_a), blas_op(b.trans_b), b.m, b.n, b.k,
+                                     &b.alpha, a, blas_type<T>, b.lda, b.stride_a, bm, blas_type<T>,
+                                     b.ldb, b.stride_b, &b.beta, c, CUDA_R_32F, b.ldc, b.stride_c,
+                                     static_cast<int>(batch), CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT),
           what);
   }
 
- private:
-  cublasHandle_t blas_;
-  cudaStream_t stream_;
-  bool grouped_;
-  expert_gemm_rows rows_;
-  index_t experts_;
-  group_args<cublasOperation_t>* args_;
-  void** pointers_;
-  gemm_operand_table table_{};
+  //! The grouped call `c` over device pointer arrays (a, b: cuBLAS's A and B).
+  template <ElementType T>
+  void gemm_grouped(const grouped_call<cublasOperation_t>& c, const void* const* a,
+                    const void* const* b, void* const* out, const char* what) const {
+    check(cublasGemmGroupedBatchedEx(blas, c.trans_a, c.trans_b, c.m, c.n, c.k, c.alpha, a,
+                                     blas_type<T>, c.lda, b, blas_type<T>, c.ldb, c.beta, out,
+                                     CUDA_R_32F, c.ldc, c.groups, c.group_size, CUBLAS_COMPUTE_32F),
+          what);
+  }
 };
 
 }  // namespace switchyard::cuda

@@ -268,6 +268,35 @@ struct group_operand {
   }
 };
 
+//! The three operands of one GEMM (the intent's A, B and C) as grouped-GEMM operands; the
+//! strided path uses their bases (its strides come from the description).
+struct gemm_operands {
+  group_operand a;  //!< left operand
+  group_operand b;  //!< right operand
+  group_operand c;  //!< float output
+};
+
+//! The operands of every GEMM of one forward (2) or backward (6); passed by value to the
+//! device kernel that writes the grouped GEMM's pointer arrays.
+struct gemm_operand_table {
+  //! GEMMs a table holds at most (the backward's six).
+  static constexpr int max_gemms = 6;
+  gemm_operands gemm[max_gemms];  //!< per GEMM
+  int count = 0;                  //!< GEMMs used
+
+  //! Writes group g's (= expert e's) three operand addresses of every GEMM into `out`
+  //! [3·count, experts]: row (3·i + o) holds operand o of GEMM i.
+  SWITCHYARD_HD void write(void** out, index_t experts, index_t g, index_t e,
+                           const index_t* row_begin) const {
+    for (int i = 0; i < count; ++i) {
+      const gemm_operands& op = gemm[i];
+      out[(3 * i + 0) * experts + g] = const_cast<std::byte*>(op.a.at(e, row_begin));
+      out[(3 * i + 1) * experts + g] = const_cast<std::byte*>(op.b.at(e, row_begin));
+      out[(3 * i + 2) * experts + g] = const_cast<std::byte*>(op.c.at(e, row_begin));
+    }
+  }
+};
+
 //! The grouped GEMM's host argument arrays (one entry per group), carved from the host
 //! workspace and shared by content: an array is filled once and reused by every later GEMM
 //! of the same call asking for the same values (the per-expert row counts, d, P, 1, ...),
