@@ -13,9 +13,9 @@
 //! float almost always); its backward row is the host's.
 //!
 //! `device_loss_term<Term>` describes each term: its scratch (carved from a workspace arena),
-//! its forward (launches through a launcher, see route_steps.hpp; writes the value to a float in the losses struct)
-//! and its backward preparation (launches, then returns the term's per-token backward row for
-//! `router_d_logits`).
+//! its forward (launches through a launcher, see route_steps.hpp; writes the value to a float in
+//! the losses struct) and its backward preparation (launches, then returns the term's per-token
+//! backward row for `router_d_logits`).
 
 #include <cstdint>
 #include <type_traits>
@@ -95,8 +95,7 @@ struct load_balance_finish {
       f_count = 0;
       for (index_t t = 0; t < tokens; ++t) f_count += counts[t] == 1 ? 1 : 0;
     }
-    *out = f_count == 0 ? 0.0f
-                        : routing::load_balance_value(f, pbar, experts, f_count, tokens);
+    *out = f_count == 0 ? 0.0f : routing::load_balance_value(f, pbar, experts, f_count, tokens);
   }
 };
 
@@ -167,12 +166,12 @@ struct mean_of_rows {
 //! `singles` (Adaptive Gating: nothing when no token uses one expert).
 struct load_balance_row {
   static constexpr routing::loss_target target = routing::loss_target::probs;
-  const double* f = nullptr;            //!< [E]
-  const index_t* singles = nullptr;     //!< F of Adaptive Gating, or null (F = T)
-  double scale = 0.0;                   //!< coeff · E / (T · T) when `singles` is null
+  const double* f = nullptr;         //!< [E]
+  const index_t* singles = nullptr;  //!< F of Adaptive Gating, or null (F = T)
+  double scale = 0.0;                //!< coeff · E / (T · T) when `singles` is null
   float coeff = 0.0f;
   index_t tokens = 0, experts = 0;
-  bool active = false;                  //!< false: coeff == 0 or T == 0 (the host skips)
+  bool active = false;  //!< false: coeff == 0 or T == 0 (the host skips)
 
   SWITCHYARD_HD void operator()(const token_rows& r) const {
     if (!active) return;
@@ -271,11 +270,12 @@ struct device_loss_term<routing::terms::load_balance> {
                       const scratch& s, float* value) {
     const plan_arrays a = arrays_of(plan);
     launch.tokens(a.experts,
-               expert_column_sums{a.ids, a.counts, a.probs, a.tokens, a.experts, a.width,
-                                  slots(term), s.f, s.pbar},
-               "switchyard::ops::expert_column_sums");
-    launch.elements(1, load_balance_finish{s.f, s.pbar, a.counts, a.tokens, a.experts, false, value},
-                 "switchyard::ops::load_balance_finish");
+                  expert_column_sums{a.ids, a.counts, a.probs, a.tokens, a.experts, a.width,
+                                     slots(term), s.f, s.pbar},
+                  "switchyard::ops::expert_column_sums");
+    launch.elements(1,
+                    load_balance_finish{s.f, s.pbar, a.counts, a.tokens, a.experts, false, value},
+                    "switchyard::ops::load_balance_finish");
   }
   template <class Launcher>
   static load_balance_row backward(const Launcher& launch, const term_type& term,
@@ -284,9 +284,9 @@ struct device_loss_term<routing::terms::load_balance> {
     const bool active = a.tokens != 0 && coeff != 0.0f;
     if (active) {
       launch.tokens(a.experts,
-                 expert_column_sums{a.ids, a.counts, a.probs, a.tokens, a.experts, a.width,
-                                    slots(term), s.f, nullptr},
-                 "switchyard::ops::expert_column_sums");
+                    expert_column_sums{a.ids, a.counts, a.probs, a.tokens, a.experts, a.width,
+                                       slots(term), s.f, nullptr},
+                    "switchyard::ops::expert_column_sums");
     }
     const index_t tokens = a.tokens, e_count = a.experts;
     const double scale =
@@ -317,11 +317,11 @@ struct device_loss_term<routing::terms::top1_only_load_balance> {
                       const scratch& s, float* value) {
     const plan_arrays a = arrays_of(plan);
     launch.tokens(a.experts,
-               expert_column_sums{a.ids, a.counts, a.probs, a.tokens, a.experts, a.width,
-                                  counted_slots::singles, s.f, s.pbar},
-               "switchyard::ops::expert_column_sums");
+                  expert_column_sums{a.ids, a.counts, a.probs, a.tokens, a.experts, a.width,
+                                     counted_slots::singles, s.f, s.pbar},
+                  "switchyard::ops::expert_column_sums");
     launch.elements(1, load_balance_finish{s.f, s.pbar, a.counts, a.tokens, a.experts, true, value},
-                 "switchyard::ops::load_balance_finish");
+                    "switchyard::ops::load_balance_finish");
   }
   template <class Launcher>
   static load_balance_row backward(const Launcher& launch, const term_type&,
@@ -330,11 +330,11 @@ struct device_loss_term<routing::terms::top1_only_load_balance> {
     const bool active = a.tokens != 0 && coeff != 0.0f;
     if (active) {
       launch.tokens(a.experts,
-                 expert_column_sums{a.ids, a.counts, a.probs, a.tokens, a.experts, a.width,
-                                    counted_slots::singles, s.f, nullptr},
-                 "switchyard::ops::expert_column_sums");
+                    expert_column_sums{a.ids, a.counts, a.probs, a.tokens, a.experts, a.width,
+                                       counted_slots::singles, s.f, nullptr},
+                    "switchyard::ops::expert_column_sums");
       launch.elements(1, count_tokens{a.counts, a.tokens, 1, s.singles},
-                   "switchyard::ops::count_tokens");
+                      "switchyard::ops::count_tokens");
     }
     return {s.f, s.singles, 0.0, coeff, a.tokens, a.experts, active};
   }
@@ -356,10 +356,10 @@ struct device_token_mean_term {
     const plan_arrays a = arrays_of(plan);
     if constexpr (std::is_same_v<Rows, lse_square_rows>) {
       launch.tokens(a.tokens, lse_square_rows{a.logits, a.experts, s.rows},
-                 "switchyard::ops::lse_square_rows");
+                    "switchyard::ops::lse_square_rows");
     } else {
       launch.tokens(a.tokens, entropy_rows{a.logits, a.probs, a.experts, s.rows},
-                 "switchyard::ops::entropy_rows");
+                    "switchyard::ops::entropy_rows");
     }
     launch.elements(1, mean_of_rows{s.rows, a.tokens, value}, "switchyard::ops::mean_of_rows");
   }
@@ -372,13 +372,15 @@ struct device_token_mean_term {
 
 //! ST-MoE z-loss.
 template <>
-struct device_loss_term<routing::terms::z_loss> : device_token_mean_term<lse_square_rows, z_loss_row> {
+struct device_loss_term<routing::terms::z_loss>
+    : device_token_mean_term<lse_square_rows, z_loss_row> {
   using term_type = routing::terms::z_loss;
 };
 
 //! Mean router entropy (top-p's dynamic loss).
 template <>
-struct device_loss_term<routing::terms::entropy> : device_token_mean_term<entropy_rows, entropy_row> {
+struct device_loss_term<routing::terms::entropy>
+    : device_token_mean_term<entropy_rows, entropy_row> {
   using term_type = routing::terms::entropy;
 };
 
@@ -393,7 +395,7 @@ struct device_loss_term<routing::terms::two_expert_share> {
   static void forward(const Launcher& launch, const term_type&, const routing::plan_ref& plan,
                       const scratch&, float* value) {
     launch.elements(1, two_expert_share_finish{plan.counts.data(), plan.num_tokens, value},
-                 "switchyard::ops::two_expert_share_finish");
+                    "switchyard::ops::two_expert_share_finish");
   }
   template <class Launcher>
   static no_row backward(const Launcher&, const term_type&, const routing::plan_ref&, float,

@@ -6,12 +6,7 @@
 //! backward, and the linear backward's elements. The host backend runs the same routing
 //! functions in loops (backend/host/route.hpp); the CUDA backend launches these functors
 //! (backend/cuda/router.cuh), and host tests run them against the host route bit for bit.
-//!
-//! Also the three GEMMs of the linear scoring as cuBLAS-style column-major descriptions
-//! (`gemm_desc`), so that the row-major intent -> column-major arguments mapping is checked
-//! on the host against a naive loop.
 
-#include <climits>
 #include <cstdint>
 
 #include <cuda/std/cmath>
@@ -133,10 +128,9 @@ struct select_token {
 
   SWITCHYARD_HD void operator()(index_t t) const {
     const index_t n = experts, w = width;
-    counts[t] = rules.rule(t).select(
-        span<const float>(scores + t * n, static_cast<std::size_t>(n)),
-        span<std::int32_t>(ids + t * w, static_cast<std::size_t>(w)),
-        span<float>(weights + t * w, static_cast<std::size_t>(w)));
+    counts[t] = rules.rule(t).select(span<const float>(scores + t * n, static_cast<std::size_t>(n)),
+                                     span<std::int32_t>(ids + t * w, static_cast<std::size_t>(w)),
+                                     span<float>(weights + t * w, static_cast<std::size_t>(w)));
   }
 };
 
@@ -174,7 +168,9 @@ struct row_list<Head, Rest...> {
 };
 
 //! A row_list of `rows` in order.
-inline row_list<> make_row_list() { return {}; }
+inline row_list<> make_row_list() {
+  return {};
+}
 template <class Head, class... Rest>
 row_list<Head, Rest...> make_row_list(const Head& head, const Rest&... rest) {
   return {head, make_row_list(rest...)};
@@ -188,18 +184,18 @@ row_list<Head, Rest...> make_row_list(const Head& head, const Rest&... rest) {
 //! A plan row whose count or ids are out of range contributes no combine gradient.
 template <class Rows>
 struct router_d_logits {
-  const float* logits = nullptr;       //!< [T, E]
-  const float* probs = nullptr;        //!< [T, E]
-  const std::int32_t* ids = nullptr;   //!< [T, width]
-  const float* weights = nullptr;      //!< [T, width]
+  const float* logits = nullptr;         //!< [T, E]
+  const float* probs = nullptr;          //!< [T, E]
+  const std::int32_t* ids = nullptr;     //!< [T, width]
+  const float* weights = nullptr;        //!< [T, width]
   const std::int32_t* counts = nullptr;  //!< [T]
-  const float* d_weights = nullptr;    //!< [T, width]
-  index_t experts = 0;                 //!< E
-  index_t width = 0;                   //!< plan slots per token
-  bool renormalized = false;           //!< the router renormalises its selected weights
-  Rows rows;                           //!< the loss terms' backward rows, router order
-  float* d_probs = nullptr;            //!< [T, E] scratch
-  float* d_logits = nullptr;           //!< [T, E] output (overwritten)
+  const float* d_weights = nullptr;      //!< [T, width]
+  index_t experts = 0;                   //!< E
+  index_t width = 0;                     //!< plan slots per token
+  bool renormalized = false;             //!< the router renormalises its selected weights
+  Rows rows;                             //!< the loss terms' backward rows, router order
+  float* d_probs = nullptr;              //!< [T, E] scratch
+  float* d_logits = nullptr;             //!< [T, E] output (overwritten)
 
   SWITCHYARD_HD void operator()(index_t t) const {
     const index_t n = experts, w = width;
@@ -258,56 +254,17 @@ struct linear_dw_elements {
   }
 };
 
-// ---- the linear scoring's GEMMs, column-major ------------------------------------------------
-
-//! C = op(A) · op(B) + beta · C in column-major storage, as cuBLAS takes it (alpha = 1):
-//! op(A) is m × k, op(B) is k × n, C is m × n; `trans_*` says the stored operand is the
-//! transpose. A row-major [r, c] matrix with row stride ld is a column-major c × r one with
-//! leading dimension ld, which is how the descriptions below are built.
-struct gemm_desc {
-  bool trans_a = false, trans_b = false;
-  index_t m = 0, n = 0, k = 0;
-  index_t lda = 0, ldb = 0, ldc = 0;
-  float beta = 0.0f;
-
-  //! Whether cuBLAS can run it: every size in [1, 2^31) and each leading dimension at least
-  //! the stored operand's row count.
-  [[nodiscard]] bool valid() const {
-    const auto fits = [](index_t v) { return v >= 1 && v <= INT_MAX; };
-    return fits(m) && fits(n) && fits(k) && fits(lda) && fits(ldb) && fits(ldc) &&
-           lda >= (trans_a ? k : m) && ldb >= (trans_b ? n : k) && ldc >= m;
-  }
-};
+// ---- GEMM operands -----------------------------------------------------------------------------
 
 //! Leading dimension of a row-major [rows, cols] view usable as a GEMM operand (unit stride
-//! along a row, rows not overlapping), or -1 when it is not.
+//! along a row, rows not overlapping), or -1 when it is not (the element functors above run
+//! instead).
 template <class V>
 [[nodiscard]] index_t row_major_ld(const V& v) {
   const index_t rows = v.extent(0), cols = v.extent(1);
   if (cols > 1 && v.stride(1) != 1) return -1;
   if (rows > 1 && v.stride(0) < cols) return -1;
   return rows > 1 ? v.stride(0) : (cols > 1 ? cols : 1);
-}
-
-//! logits [T, E] = x [T, d] · wᵀ: column-major E × T = op_T(w: d × E, ld_w) · (x: d × T,
-//! ld_x); A = w, B = x, C = logits (ld E).
-[[nodiscard]] inline gemm_desc logits_gemm(index_t tokens, index_t d, index_t experts,
-                                           index_t ld_x, index_t ld_w) {
-  return {true, false, experts, tokens, d, ld_w, ld_x, experts, 0.0f};
-}
-
-//! dx [T, d] += d_logits [T, E] · w [E, d]: column-major d × T = (w: d × E, ld_w) ·
-//! (d_logits: E × T, ld E); A = w, B = d_logits, C = dx (ld_dx), beta 1.
-[[nodiscard]] inline gemm_desc dx_gemm(index_t tokens, index_t d, index_t experts, index_t ld_w,
-                                       index_t ld_dx) {
-  return {false, false, d, tokens, experts, ld_w, experts, ld_dx, 1.0f};
-}
-
-//! grad_w [E, d] += d_logitsᵀ [E, T] · x [T, d]: column-major d × E = (x: d × T, ld_x) ·
-//! op_T(d_logits: E × T, ld E); A = x, B = d_logits, C = grad_w (ld_g), beta 1.
-[[nodiscard]] inline gemm_desc dw_gemm(index_t tokens, index_t d, index_t experts, index_t ld_x,
-                                       index_t ld_g) {
-  return {false, true, d, experts, tokens, ld_x, experts, ld_g, 1.0f};
 }
 
 }  // namespace switchyard::ops

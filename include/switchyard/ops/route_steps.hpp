@@ -60,7 +60,7 @@ struct device_token_rules {
 
 //! A router with one rule for every token.
 template <class R>
-  requires detail::has_fixed_rule<R>
+requires detail::has_fixed_rule<R>
 struct device_token_rules<R> {
   struct scratch {};
   static scratch carve(workspace_arena&, index_t) { return {}; }
@@ -81,8 +81,9 @@ struct device_token_rules<routers::DAMoE<Importance, KRule>>
 //! the host cannot read: only the offset is computed, from a host probe).
 template <auto Field, class Losses>
 float* field_address(Losses* losses) {
-  static_assert(std::is_same_v<std::remove_cvref_t<decltype(std::declval<Losses&>().*Field)>, float>,
-                "switchyard: a loss term's field must be a float member of the losses struct");
+  static_assert(
+      std::is_same_v<std::remove_cvref_t<decltype(std::declval<Losses&>().*Field)>, float>,
+      "switchyard: a loss term's field must be a float member of the losses struct");
   const Losses probe{};
   const auto offset = reinterpret_cast<const std::byte*>(&(probe.*Field)) -
                       reinterpret_cast<const std::byte*>(&probe);
@@ -105,14 +106,16 @@ namespace switchyard::detail {
 template <class Terms, std::size_t... I>
 auto carve_forward_terms(workspace_arena& ws, index_t tokens, index_t experts,
                          std::index_sequence<I...>) {
-  return std::tuple{ops::device_loss_term<ops::term_of<std::tuple_element_t<I, Terms>>>::carve_forward(
-      ws, tokens, experts)...};
+  return std::tuple{
+      ops::device_loss_term<ops::term_of<std::tuple_element_t<I, Terms>>>::carve_forward(
+          ws, tokens, experts)...};
 }
 template <class Terms, std::size_t... I>
 auto carve_backward_terms(workspace_arena& ws, index_t tokens, index_t experts,
                           std::index_sequence<I...>) {
-  return std::tuple{ops::device_loss_term<ops::term_of<std::tuple_element_t<I, Terms>>>::carve_backward(
-      ws, tokens, experts)...};
+  return std::tuple{
+      ops::device_loss_term<ops::term_of<std::tuple_element_t<I, Terms>>>::carve_backward(
+          ws, tokens, experts)...};
 }
 
 }  // namespace switchyard::detail

@@ -53,8 +53,7 @@ SWITCHYARD_HD inline void keep_first(unsigned long long* slot, index_t index) {
 
 //! Stores I[j] = v and folds it into the flags: a bad value is recorded, a positive one
 //! raises the peak (the bits of non-negative floats order as the floats do).
-SWITCHYARD_HD inline void note_importance(index_t j, float v, float* out,
-                                          importance_flags* flags) {
+SWITCHYARD_HD inline void note_importance(index_t j, float v, float* out, importance_flags* flags) {
   out[j] = v;
   if (!::cuda::std::isfinite(v) || v < 0.0f) {
     keep_first(&flags->bad_importance, j);
@@ -121,8 +120,8 @@ struct col_mean_importance {
     double s = 0.0;
     for (index_t h = 0; h < heads; ++h)
       for (index_t i = 0; i < tokens; ++i) s += attention(h, i, j);
-    detail::note_importance(
-        j, static_cast<float>(s / (static_cast<double>(heads) * tokens)), importance, flags);
+    detail::note_importance(j, static_cast<float>(s / (static_cast<double>(heads) * tokens)),
+                            importance, flags);
   }
 };
 
@@ -226,12 +225,12 @@ struct importance_rows<importance::col_mean> {
     detail::check_attention_shape(p.attention, tokens);
   }
   template <class Launcher>
-  static void launch_rows(const Launcher& launch, const da_moe_params& p, index_t tokens, float* importance,
-                  importance_flags* flags) {
+  static void launch_rows(const Launcher& launch, const da_moe_params& p, index_t tokens,
+                          float* importance, importance_flags* flags) {
     launch.tokens(p.attention.extent(0) * tokens, attention_row_check{p.attention, flags},
-               "switchyard::routing::attention_row_check");
+                  "switchyard::routing::attention_row_check");
     launch.tokens(tokens, col_mean_importance{p.attention, importance, flags},
-               "switchyard::routing::col_mean_importance");
+                  "switchyard::routing::col_mean_importance");
   }
 };
 
@@ -244,12 +243,12 @@ struct importance_rows<importance::cls_row> {
     detail::check_attention_shape(p.attention, tokens);
   }
   template <class Launcher>
-  static void launch_rows(const Launcher& launch, const da_moe_params& p, index_t tokens, float* importance,
-                  importance_flags* flags) {
+  static void launch_rows(const Launcher& launch, const da_moe_params& p, index_t tokens,
+                          float* importance, importance_flags* flags) {
     launch.tokens(p.attention.extent(0) * tokens, attention_row_check{p.attention, flags},
-               "switchyard::routing::attention_row_check");
+                  "switchyard::routing::attention_row_check");
     launch.tokens(tokens, cls_row_importance{p.attention, importance, flags},
-               "switchyard::routing::cls_row_importance");
+                  "switchyard::routing::cls_row_importance");
   }
 };
 
@@ -262,10 +261,10 @@ struct importance_rows<importance::precomputed> {
     check_view("params.importance", p.importance, {tokens}, "[T] with T = x.extent(0)");
   }
   template <class Launcher>
-  static void launch_rows(const Launcher& launch, const da_moe_params& p, index_t tokens, float* importance,
-                  importance_flags* flags) {
+  static void launch_rows(const Launcher& launch, const da_moe_params& p, index_t tokens,
+                          float* importance, importance_flags* flags) {
     launch.tokens(tokens, precomputed_importance{p.importance, importance, flags},
-               "switchyard::routing::precomputed_importance");
+                  "switchyard::routing::precomputed_importance");
   }
 };
 
@@ -295,10 +294,11 @@ struct da_moe_device_rules {
   static da_moe_checked_rules<KRule> make(const Launcher& launch, const router_type& r,
                                           const da_moe_params& p, index_t tokens,
                                           const scratch& s) {
-    launch.elements(1, reset_importance_flags{s.flags}, "switchyard::routing::reset_importance_flags");
+    launch.elements(1, reset_importance_flags{s.flags},
+                    "switchyard::routing::reset_importance_flags");
     rows::launch_rows(launch, p, tokens, s.importance, s.flags);
     launch.tokens(tokens, relative_importance{s.importance, s.relative, s.flags},
-               "switchyard::routing::relative_importance");
+                  "switchyard::routing::relative_importance");
     return {{r.k_rule, r.renormalize, s.relative}};
   }
 };

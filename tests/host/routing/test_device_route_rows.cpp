@@ -4,11 +4,13 @@
 // bit for bit: logits (index-order kernel path), probabilities, plan, every loss value, the
 // per-token d_logits with every loss coefficient, dx and the weight gradient (element kernels),
 // for TopK, TopP, Adaptive Gating and DA-MoE (three importance policies) over several shapes
-// and float, half and bfloat16 tokens. Also: the GEMM descriptions against a naive
-// column-major loop, a non-finite token routed to no expert and recorded, DA-MoE's bad input
-// routing every token to no expert, the workspace measured by the carving code, the empty batch.
+// and float, half and bfloat16 tokens. Also: the GEMM intents (mapped by
+// cuda::to_column_major) against a naive column-major loop, a non-finite token routed to no expert
+// and recorded, DA-MoE's bad input routing every token to no expert, the workspace measured by the
+// carving code, the empty batch.
 #include <boost/test/unit_test.hpp>
 
+#include <switchyard/ops/route_gemm.hpp>
 #include <switchyard/ops/route_steps.hpp>
 #include <switchyard/routing/routers/adaptive_gating.hpp>
 #include <switchyard/routing/routers/da_moe.hpp>
@@ -47,7 +49,9 @@ struct capture_first {
   void operator()(index_t i) const { sy::ops::record_first(slot, i); }
 };
 
-std::uint32_t bits(float v) { return std::bit_cast<std::uint32_t>(v); }
+std::uint32_t bits(float v) {
+  return std::bit_cast<std::uint32_t>(v);
+}
 
 //! got == want bit for bit, element by element.
 void check_bits(const std::vector<float>& got, const std::vector<float>& want,
@@ -208,8 +212,8 @@ void check_router(const R& r, const problem& pr, std::uint64_t seed, bool entrop
       // The entropy's device sum is per token, then over tokens (route_losses.hpp).
       BOOST_TEST(ulps(got[i], want[i]) <= 1, "entropy " << got[i] << " vs " << want[i]);
     } else {
-      BOOST_TEST(bits(got[i]) == bits(want[i]), "loss field " << i << ": " << got[i] << " vs "
-                                                              << want[i]);
+      BOOST_TEST(bits(got[i]) == bits(want[i]),
+                 "loss field " << i << ": " << got[i] << " vs " << want[i]);
     }
   }
 
@@ -247,14 +251,14 @@ void check_every_router(std::uint64_t seed) {
   for (std::size_t s = 0; s < shapes.size(); ++s) {
     const problem pr(shapes[s], seed + 31 * s);
     const int e = pr.p.experts;
-    BOOST_TEST_CONTEXT("shape " << s << " T=" << pr.p.tokens << " d=" << pr.p.d << " E=" << e
-                                << " " << sy::element_type_name<T>()) {
+    BOOST_TEST_CONTEXT("shape " << s << " T=" << pr.p.tokens << " d=" << pr.p.d << " E=" << e << " "
+                                << sy::element_type_name<T>()) {
       BOOST_TEST_CONTEXT("TopK") {
         check_router<T>(sy::routers::TopK{.k = 1, .renormalize = false}, pr, seed + 1, false);
         check_router<T>(sy::routers::TopK{.k = std::min(2, e), .renormalize = true}, pr, seed + 2,
                         false);
-        check_router<T>(sy::routers::TopK{.k = std::min(4, e), .renormalize = false}, pr,
-                        seed + 3, false);
+        check_router<T>(sy::routers::TopK{.k = std::min(4, e), .renormalize = false}, pr, seed + 3,
+                        false);
       }
       BOOST_TEST_CONTEXT("TopP") {
         check_router<T>(sy::routers::TopP{.p = 0.4f}, pr, seed + 4, true);
@@ -280,18 +284,23 @@ void check_every_router(std::uint64_t seed) {
   }
 }
 
-//! Column-major C = op(A)·op(B) + beta·C in float, l in order (what cuBLAS is asked for).
-void naive_gemm(const sy::ops::gemm_desc& g, const float* a, const float* b, float* c) {
+//! What cuBLAS is asked for, naively: the intent mapped by cuda::to_column_major, then
+//! column-major C = alpha·op(A)·op(B) + beta·C in float, l in order (C unread when beta = 0).
+void naive_gemm(const sy::cuda::gemm_desc& intent, const float* a, const float* b, float* c) {
+  const sy::cuda::blas_gemm g = sy::cuda::to_column_major(intent, "test GEMM");
+  const auto operands = sy::cuda::column_major_operands(a, b);
+  const bool ta = g.trans_a == sy::cuda::gemm_op::transpose;
+  const bool tb = g.trans_b == sy::cuda::gemm_op::transpose;
   for (index_t j = 0; j < g.n; ++j)
     for (index_t i = 0; i < g.m; ++i) {
       float acc = 0.0f;
       for (index_t l = 0; l < g.k; ++l) {
-        const float av = g.trans_a ? a[l + i * g.lda] : a[i + l * g.lda];
-        const float bv = g.trans_b ? b[j + l * g.ldb] : b[l + j * g.ldb];
+        const float av = ta ? operands.a[l + i * g.lda] : operands.a[i + l * g.lda];
+        const float bv = tb ? operands.b[j + l * g.ldb] : operands.b[l + j * g.ldb];
         acc += av * bv;
       }
       float& out = c[i + j * g.ldc];
-      out = g.beta == 0.0f ? acc : g.beta * out + acc;
+      out = g.beta == 0.0f ? g.alpha * acc : g.beta * out + g.alpha * acc;
     }
 }
 
@@ -365,8 +374,8 @@ BOOST_AUTO_TEST_CASE(strided_tokens_match_the_host_route) {
   std::vector<float> dw_host(pr.p.w.size(), 0.5f), dw_dev = dw_host;
   sy::host::route_backward(r, pr.x_strided(), pr.linear(), host_plan, d_weights.data(), coeff, {},
                            {sy::make_view(dw_host.data(), pr.p.experts, pr.p.d)});
-  const sy::ops::linear_dw_elements<float> rows{
-      dl.data(), pr.x_strided(), sy::make_view(dw_dev.data(), pr.p.experts, pr.p.d)};
+  const sy::ops::linear_dw_elements<float> rows{dl.data(), pr.x_strided(),
+                                                sy::make_view(dw_dev.data(), pr.p.experts, pr.p.d)};
   for (index_t i = 0; i < static_cast<index_t>(dw_dev.size()); ++i) rows(i);
   check_bits(dw_dev, dw_host, "grads.w");
 }
@@ -379,16 +388,17 @@ BOOST_AUTO_TEST_CASE(gemm_descriptions_match_the_host_linear_scoring) {
     const index_t t = pr.p.tokens, d = pr.p.d, e = pr.p.experts, ld_x = d + 3;
     BOOST_TEST_CONTEXT("T=" << t << " d=" << d << " E=" << e) {
       BOOST_TEST(sy::ops::row_major_ld(pr.x_strided()) == (t > 1 ? ld_x : d));
-      BOOST_TEST(sy::ops::row_major_ld(pr.p.wv()) == (e > 1 ? d : d));
+      BOOST_TEST(sy::ops::row_major_ld(pr.p.wv()) == d);
       routing_plan host_plan;
       sy::routing::softmax_router_losses losses{};
       const sy::routers::TopK r{.k = 1};
       sy::host::route(r, pr.x_strided(), pr.linear(), host_plan, losses);
 
-      const auto g_logits = sy::ops::logits_gemm(t, d, e, sy::ops::row_major_ld(pr.x_strided()), d);
-      BOOST_TEST(g_logits.valid());
+      const auto g_logits =
+          sy::ops::router_logits_gemm(t, d, e, sy::ops::row_major_ld(pr.x_strided()), d);
+      BOOST_TEST(sy::ops::blas_compatible(g_logits));
       std::vector<float> logits(host_plan.logits.size(), std::numeric_limits<float>::quiet_NaN());
-      naive_gemm(g_logits, pr.p.w.data(), pr.x_padded.data(), logits.data());
+      naive_gemm(g_logits, pr.x_padded.data(), pr.p.w.data(), logits.data());
       check_bits(logits, host_plan.logits, "logits GEMM");
 
       std::mt19937_64 g(sy::test::base_seed() + 4100 + s.tokens);
@@ -401,27 +411,31 @@ BOOST_AUTO_TEST_CASE(gemm_descriptions_match_the_host_linear_scoring) {
       // dx with a padded row stride too.
       const index_t ld_dx = d + 1;
       std::vector<float> dx_dev(static_cast<std::size_t>(t * ld_dx), 0.25f);
-      const auto g_dx = sy::ops::dx_gemm(t, d, e, d, ld_dx);
-      BOOST_TEST(g_dx.valid());
-      naive_gemm(g_dx, pr.p.w.data(), dl.data(), dx_dev.data());
+      const auto g_dx = sy::ops::router_dx_gemm(t, d, e, d, ld_dx);
+      BOOST_TEST(sy::ops::blas_compatible(g_dx));
+      naive_gemm(g_dx, dl.data(), pr.p.w.data(), dx_dev.data());
       std::vector<float> dx_packed;
       for (index_t r0 = 0; r0 < t; ++r0)
         for (index_t i = 0; i < d; ++i) dx_packed.push_back(dx_dev[r0 * ld_dx + i]);
       check_bits(dx_packed, dx_host, "dx GEMM");
 
       std::vector<float> dw_dev(static_cast<std::size_t>(e * d), -0.5f);
-      const auto g_dw = sy::ops::dw_gemm(t, d, e, sy::ops::row_major_ld(pr.x_strided()), d);
-      BOOST_TEST(g_dw.valid());
-      naive_gemm(g_dw, pr.x_padded.data(), dl.data(), dw_dev.data());
+      const auto g_dw =
+          sy::ops::router_grad_w_gemm(t, d, e, sy::ops::row_major_ld(pr.x_strided()), d);
+      BOOST_TEST(sy::ops::blas_compatible(g_dw));
+      naive_gemm(g_dw, dl.data(), pr.x_padded.data(), dw_dev.data());
       check_bits(dw_dev, dw_host, "grads.w GEMM");
     }
   }
   // Operands cuBLAS cannot take fall back to the element functors.
   std::vector<float> buf(64, 1.0f);
-  BOOST_TEST(sy::ops::row_major_ld(sy::make_strided_view<const float, 2>(buf.data(), {4, 4}, {1, 4})) == -1);
-  BOOST_TEST(sy::ops::row_major_ld(sy::make_strided_view<const float, 2>(buf.data(), {4, 4}, {2, 1})) == -1);
-  BOOST_TEST(!sy::ops::logits_gemm(5, 0, 3, 1, 1).valid());
-  BOOST_TEST(!sy::ops::dx_gemm(index_t{1} << 31, 4, 3, 4, 4).valid());
+  BOOST_TEST(sy::ops::row_major_ld(
+                 sy::make_strided_view<const float, 2>(buf.data(), {4, 4}, {1, 4})) == -1);
+  BOOST_TEST(sy::ops::row_major_ld(
+                 sy::make_strided_view<const float, 2>(buf.data(), {4, 4}, {2, 1})) == -1);
+  BOOST_TEST(!sy::ops::blas_compatible(sy::ops::router_logits_gemm(5, 0, 3, 1, 1)));
+  BOOST_TEST(!sy::ops::blas_compatible(sy::ops::router_dx_gemm(index_t{1} << 31, 4, 3, 4, 4)));
+  BOOST_TEST(!sy::ops::blas_compatible(sy::ops::router_grad_w_gemm(6, 4, 3, 3, 4)));
 }
 
 BOOST_AUTO_TEST_CASE(non_finite_token_routes_to_no_expert_and_is_recorded) {
@@ -452,7 +466,8 @@ BOOST_AUTO_TEST_CASE(non_finite_token_routes_to_no_expert_and_is_recorded) {
     }
     BOOST_TEST(dev.plan.counts[t] == (t == t_bad ? 0 : want.counts[t]));
   }
-  for (int e = 0; e < bad.p.experts; ++e) BOOST_TEST(dev.plan.probs[t_bad * bad.p.experts + e] == 0.0f);
+  for (int e = 0; e < bad.p.experts; ++e)
+    BOOST_TEST(dev.plan.probs[t_bad * bad.p.experts + e] == 0.0f);
   // Backward stays memory safe on that plan (count 0: no combine gradient for the token).
   const std::vector<float> d_weights(dev.plan.weights.size(), 1.0f);
   const auto dl = device_d_logits(r, dev.plan, d_weights, {});
@@ -463,7 +478,7 @@ BOOST_AUTO_TEST_CASE(corrupt_plan_rows_give_no_combine_gradient) {
   const problem pr({6, 4, 5, 0}, sy::test::base_seed() + 5500);
   const sy::routers::TopK r{.k = 2};
   auto plan = sy::test::route_plan(r, pr.p.xv(), pr.linear());
-  plan.counts[1] = 3;         // > width
+  plan.counts[1] = 3;          // > width
   plan.expert_ids[2 * 2] = 9;  // >= E
   plan.counts[3] = -1;
   const std::vector<float> d_weights(plan.weights.size(), 1.0f);

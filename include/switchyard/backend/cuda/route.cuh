@@ -23,13 +23,13 @@ namespace switchyard::cuda {
 //! rule.select(scores[t]) -> ids[t], weights[t], counts[t]. Device pointers; any span the
 //! rule holds (e.g. top-any thresholds) must be device memory. Nothing for T = 0.
 template <class Rule>
-  requires SelectionRule<Rule>
+requires SelectionRule<Rule>
 void select(const Rule& rule, const float* scores, std::int32_t* ids, float* weights,
             std::int32_t* counts, index_t tokens, int experts, cudaStream_t stream) {
   for_each<tuning::tokens_block>(
       stream, tokens,
-      ops::select_token<routing::same_rule<Rule>>{{rule}, scores, ids, weights, counts, experts,
-                                                  rule.width(experts)},
+      ops::select_token<routing::same_rule<Rule>>{
+          {rule}, scores, ids, weights, counts, experts, rule.width(experts)},
       "switchyard::ops::select_token");
 }
 
@@ -37,14 +37,14 @@ void select(const Rule& rule, const float* scores, std::int32_t* ids, float* wei
 //! rule.select(probs[t]) -> ids[t], weights[t], counts[t]. A token with a non-finite logit
 //! routes to no expert (count 0, ids -1, weights 0, probs 0). All pointers are device memory.
 template <class Rule>
-  requires SelectionRule<Rule>
+requires SelectionRule<Rule>
 void softmax_select(const Rule& rule, const float* logits, float* probs, std::int32_t* ids,
                     float* weights, std::int32_t* counts, index_t tokens, int experts,
                     cudaStream_t stream) {
   for_each<tuning::tokens_block>(
       stream, tokens,
-      ops::route_token<routing::same_rule<Rule>>{{rule}, logits, probs, ids, weights, counts,
-                                                 experts, rule.width(experts)},
+      ops::route_token<routing::same_rule<Rule>>{
+          {rule}, logits, probs, ids, weights, counts, experts, rule.width(experts)},
       "switchyard::ops::route_token");
 }
 

@@ -9,8 +9,9 @@
 //! - checks, before any launch, what the host checks without reading data: shapes, the
 //!   router's options, the plan's sizes, and that the params are device memory of the
 //!   stream's device;
-//! - logits [T, E] = x · Wᵀ: cuBLAS (`cublasGemmEx`, CUBLAS_COMPUTE_32F) when x is float and
-//!   both operands have unit stride along a row, else `ops::router_logits` (float
+//! - logits [T, E] = x · Wᵀ: cuBLAS (`cublasGemmEx`, CUBLAS_COMPUTE_32F; the GEMMs are
+//!   row-major intents in ops/route_gemm.hpp) when x is float and both operands have unit
+//!   stride along a row, else `ops::router_logits` (float
 //!   accumulation in index order, the host's loop);
 //! - then the steps of ops/route_steps.hpp on kernels: the per-token rules (DA-MoE's
 //!   importance pass on the device), softmax and the router's own `__host__ __device__`
@@ -32,6 +33,7 @@
 
 #include "switchyard/backend/cuda/context.hpp"
 #include "switchyard/backend/cuda/error.hpp"
+#include "switchyard/backend/cuda/gemm.hpp"
 #include "switchyard/backend/cuda/launch.cuh"
 #include "switchyard/backend/cuda/memory.hpp"
 #include "switchyard/backend/cuda/status.hpp"
@@ -41,6 +43,7 @@
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/core/workspace.hpp"
+#include "switchyard/ops/route_gemm.hpp"
 #include "switchyard/ops/route_rows.hpp"
 #include "switchyard/ops/route_steps.hpp"
 #include "switchyard/routing/composition.hpp"
@@ -109,84 +112,84 @@ inline void cuda_bind_router_blas(const cuda::context& ctx) {
   cuda::check(cublasSetAtomicsMode(ctx.blas, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
 }
 
-//! Runs a column-major GEMM description (alpha 1, float operands, float compute).
-inline void cuda_router_gemm(const cuda::context& ctx, const ops::gemm_desc& g, const float* a,
-                            const float* b, float* c, const char* what) {
-  const float alpha = 1.0f;
-  const float beta = g.beta;
-  cuda::check(cublasGemmEx(ctx.blas, g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-                     g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(g.m),
-                     static_cast<int>(g.n), static_cast<int>(g.k), &alpha, a, CUDA_R_32F,
-                     static_cast<int>(g.lda), b, CUDA_R_32F, static_cast<int>(g.ldb), &beta, c,
-                     CUDA_R_32F, static_cast<int>(g.ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-        what);
+//! Runs a row-major GEMM intent (float operands, float compute) through its one mapping to
+//! cuBLAS's column-major call (`cuda::to_column_major`, gemm.hpp).
+inline void cuda_router_gemm(const cuda::context& ctx, const cuda::gemm_desc& g, const float* a,
+                             const float* b, float* c, const char* what) {
+  const cuda::blas_gemm m = cuda::to_column_major(g, what);
+  const auto operands = cuda::column_major_operands(a, b);
+  const auto op = [](cuda::gemm_op o) {
+    return o == cuda::gemm_op::transpose ? CUBLAS_OP_T : CUBLAS_OP_N;
+  };
+  cuda::check(cublasGemmEx(ctx.blas, op(m.trans_a), op(m.trans_b), m.m, m.n, m.k, &m.alpha,
+                           operands.a, CUDA_R_32F, m.lda, operands.b, CUDA_R_32F, m.ldb, &m.beta, c,
+                           CUDA_R_32F, m.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+              what);
 }
 
 //! logits [T, E] = x · wᵀ on the stream (see the file comment for the choice of path).
 template <ElementType T>
 void cuda_router_logits(const cuda::context& ctx, const matrix_view<const T>& x,
-                          const matrix_view<const float>& w, float* logits) {
+                        const matrix_view<const float>& w, float* logits) {
   const index_t tokens = x.extent(0), d = x.extent(1), experts = w.extent(0);
   if (tokens == 0 || experts == 0) return;
   if constexpr (std::is_same_v<T, float>) {
     const index_t ld_x = ops::row_major_ld(x), ld_w = ops::row_major_ld(w);
-    const ops::gemm_desc g = ops::logits_gemm(tokens, d, experts, ld_x, ld_w);
-    if (ld_x > 0 && ld_w > 0 && g.valid()) {
+    const cuda::gemm_desc g = ops::router_logits_gemm(tokens, d, experts, ld_x, ld_w);
+    if (ld_x > 0 && ld_w > 0 && ops::blas_compatible(g)) {
       cuda_bind_router_blas(ctx);
-      cuda_router_gemm(ctx, g, w.data_handle(), x.data_handle(), logits,
-                      "cublasGemmEx (router logits)");
+      cuda_router_gemm(ctx, g, x.data_handle(), w.data_handle(), logits, "router logits GEMM");
       return;
     }
   }
-  cuda::for_each<cuda::tuning::rows_block>(ctx.stream, tokens * experts, ops::router_logits<T>{x, w, logits},
-                               "switchyard::ops::router_logits");
+  cuda::for_each<cuda::tuning::rows_block>(ctx.stream, tokens * experts,
+                                           ops::router_logits<T>{x, w, logits},
+                                           "switchyard::ops::router_logits");
 }
 
 //! dx += d_logits · w and grad_w += d_logitsᵀ · x on the stream (either may be absent).
 template <ElementType T>
 void cuda_router_linear_backward(const cuda::context& ctx, const matrix_view<const T>& x,
-                                   const matrix_view<const float>& w, const float* d_logits,
-                                   const matrix_view<float>& dx,
-                                   const matrix_view<float>& grad_w) {
+                                 const matrix_view<const float>& w, const float* d_logits,
+                                 const matrix_view<float>& dx, const matrix_view<float>& grad_w) {
   const index_t tokens = x.extent(0), d = x.extent(1), experts = w.extent(0);
   if (present(dx) && tokens * d > 0) {
     const index_t ld_w = ops::row_major_ld(w), ld_dx = ops::row_major_ld(dx);
-    const ops::gemm_desc g = ops::dx_gemm(tokens, d, experts, ld_w, ld_dx);
-    if (ld_w > 0 && ld_dx > 0 && g.valid()) {
+    const cuda::gemm_desc g = ops::router_dx_gemm(tokens, d, experts, ld_w, ld_dx);
+    if (ld_w > 0 && ld_dx > 0 && ops::blas_compatible(g)) {
       cuda_bind_router_blas(ctx);
-      cuda_router_gemm(ctx, g, w.data_handle(), d_logits, dx.data_handle(),
-                      "cublasGemmEx (router dx)");
+      cuda_router_gemm(ctx, g, d_logits, w.data_handle(), dx.data_handle(), "router dx GEMM");
     } else {
-      cuda::for_each<cuda::tuning::rows_block>(ctx.stream, tokens * d, ops::linear_dx_elements{d_logits, w, dx},
-                                   "switchyard::ops::linear_dx_elements");
+      cuda::for_each<cuda::tuning::rows_block>(ctx.stream, tokens * d,
+                                               ops::linear_dx_elements{d_logits, w, dx},
+                                               "switchyard::ops::linear_dx_elements");
     }
   }
   if (present(grad_w) && experts * d > 0) {
     if constexpr (std::is_same_v<T, float>) {
       const index_t ld_x = ops::row_major_ld(x), ld_g = ops::row_major_ld(grad_w);
-      const ops::gemm_desc g = ops::dw_gemm(tokens, d, experts, ld_x, ld_g);
-      if (ld_x > 0 && ld_g > 0 && g.valid()) {
+      const cuda::gemm_desc g = ops::router_grad_w_gemm(tokens, d, experts, ld_x, ld_g);
+      if (ld_x > 0 && ld_g > 0 && ops::blas_compatible(g)) {
         cuda_bind_router_blas(ctx);
-        cuda_router_gemm(ctx, g, x.data_handle(), d_logits, grad_w.data_handle(),
-                        "cublasGemmEx (router grads.w)");
+        cuda_router_gemm(ctx, g, d_logits, x.data_handle(), grad_w.data_handle(),
+                         "router grads.w GEMM");
         return;
       }
     }
     cuda::for_each<cuda::tuning::rows_block>(ctx.stream, experts * d,
-                                 ops::linear_dw_elements<T>{d_logits, x, grad_w},
-                                 "switchyard::ops::linear_dw_elements");
+                                             ops::linear_dw_elements<T>{d_logits, x, grad_w},
+                                             "switchyard::ops::linear_dw_elements");
   }
 }
 
 //! The plan's sizes against T, width and E (the host's `require_plan` without its reset: the
 //! route writes every slot).
 inline void cuda_require_router_plan(const routing::plan_ref& plan, index_t t, index_t width,
-                                index_t e) {
+                                     index_t e) {
   if (plan.num_tokens != t || plan.width != width || plan.num_experts != e) {
     throw shape_error("plan", concat("plan: expected T = ", t, ", width = ", width, ", E = ", e,
-                                     " (from x and the router's params), got T = ",
-                                     plan.num_tokens, ", width = ", plan.width, ", E = ",
-                                     plan.num_experts));
+                                     " (from x and the router's params), got T = ", plan.num_tokens,
+                                     ", width = ", plan.width, ", E = ", plan.num_experts));
   }
   plan.check("plan");
 }
@@ -194,13 +197,16 @@ inline void cuda_require_router_plan(const routing::plan_ref& plan, index_t t, i
 //! The composed router's params that the device route reads must be device memory.
 template <class R>
 void cuda_require_router_params(const R& r, const typename R::params_type& p, int dev) {
-  cuda::require_device_memory("params.w", r.scoring().params(p).w.data_handle(), dev, alignof(float));
+  cuda::require_device_memory("params.w", r.scoring().params(p).w.data_handle(), dev,
+                              alignof(float));
   using rules = ops::device_token_rules<R>;
   if constexpr (requires { rules::reads_attention; }) {
     if constexpr (rules::reads_attention)
-      cuda::require_device_memory("params.attention", p.attention.data_handle(), dev, alignof(float));
+      cuda::require_device_memory("params.attention", p.attention.data_handle(), dev,
+                                  alignof(float));
     if constexpr (rules::reads_importance)
-      cuda::require_device_memory("params.importance", p.importance.data_handle(), dev, alignof(float));
+      cuda::require_device_memory("params.importance", p.importance.data_handle(), dev,
+                                  alignof(float));
   }
 }
 
@@ -214,7 +220,7 @@ void cuda_require_linear_scoring(const R& r) {
 //! Device bytes of the generic route: the most of forward's and backward's carving.
 template <routing::ComposedRouter R>
 std::size_t cuda_composed_workspace_size(const R& r, index_t tokens,
-                                           const typename R::params_type& p) {
+                                         const typename R::params_type& p) {
   const index_t experts = r.num_experts(p);
   workspace_arena fwd;
   const ops::forward_route<R> forward_steps(tokens, experts, fwd);
@@ -226,9 +232,9 @@ std::size_t cuda_composed_workspace_size(const R& r, index_t tokens,
 
 template <routing::ComposedRouter R, ElementType T>
 void cuda_composed_forward(const cuda::context& ctx, const R& r, const matrix_view<const T>& x,
-                             const typename R::params_type& p, const routing::plan_ref& plan,
-                             typename R::losses_type* losses, cuda::device_status* status,
-                             workspace_arena& ws) {
+                           const typename R::params_type& p, const routing::plan_ref& plan,
+                           typename R::losses_type* losses, cuda::device_status* status,
+                           workspace_arena& ws) {
   cuda_require_linear_scoring(r);
   const index_t tokens = x.extent(0), experts = r.num_experts(p);
   const ops::forward_route<R> steps(tokens, experts, ws);
@@ -242,20 +248,22 @@ void cuda_composed_forward(const cuda::context& ctx, const R& r, const matrix_vi
   const int dev = cuda::stream_device(ctx.stream);
   cuda_require_router_params(r, p, dev);
   if (losses == nullptr) {
-    throw null_pointer_error("losses", "losses: the router's forward writes its losses to device "
-                                       "memory, got null");
+    throw null_pointer_error("losses",
+                             "losses: the router's forward writes its losses to device "
+                             "memory, got null");
   }
   cuda::require_device_memory("losses", losses, dev, alignof(float));
   cuda_router_logits(ctx, x, sp.w, plan.logits.data());
-  steps.run(cuda::kernel_launcher{ctx.stream}, r, p, plan, losses, cuda::record_non_finite_logit{status});
+  steps.run(cuda::kernel_launcher{ctx.stream}, r, p, plan, losses,
+            cuda::record_non_finite_logit{status});
 }
 
 template <routing::ComposedRouter R, ElementType T>
 void cuda_composed_backward(const cuda::context& ctx, const R& r, const matrix_view<const T>& x,
-                              const typename R::params_type& p, const routing::plan_ref& plan,
-                              const float* d_weights, const typename R::losses_type& coeff,
-                              const matrix_view<float>& dx, const typename R::grads_type& grads,
-                              workspace_arena& ws) {
+                            const typename R::params_type& p, const routing::plan_ref& plan,
+                            const float* d_weights, const typename R::losses_type& coeff,
+                            const matrix_view<float>& dx, const typename R::grads_type& grads,
+                            workspace_arena& ws) {
   cuda_require_linear_scoring(r);
   const index_t tokens = plan.num_tokens, experts = plan.num_experts;
   float* d_logits = ws.take<float>(tokens * experts);  // [T, E]
