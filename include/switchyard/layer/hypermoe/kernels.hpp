@@ -185,12 +185,12 @@ struct generated_adapter {
   double* b_down;                        // [a]
 
   //! Doubles one adapter occupies.
-  static index_t doubles(const hypermoe_dims& s) {
+  SWITCHYARD_HD static index_t doubles(const hypermoe_dims& s) {
     return s.emb_dim + 2 * s.process_dim + s.hyper_in + (s.hyper_in + s.layer_emb) +
            2 * s.bottleneck + 2 * s.model * s.adapter + s.model + s.adapter;
   }
   //! The arrays laid out one after another from `p` (doubles(s) of them).
-  static generated_adapter bind(double* p, const hypermoe_dims& s) {
+  SWITCHYARD_HD static generated_adapter bind(double* p, const hypermoe_dims& s) {
     generated_adapter g{};
     auto next = [&p](index_t n) {
       double* q = p;
