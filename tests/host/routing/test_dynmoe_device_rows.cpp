@@ -3,12 +3,14 @@
 // routers::DynMoE::forward/backward: plan, logits, probs, the four losses, dx and every
 // gradient must be equal bit for bit, on fresh random inputs (float, half and bfloat16 x,
 // masked experts, training and eval, a near-zero token, absent outputs); a token with a NaN
-// is recorded as a non-finite logit and routed to no expert.
+// is recorded as a non-finite logit and routed to no expert; the routing records equal
+// training::dynmoe_recorder's.
 #include <boost/test/unit_test.hpp>
 
 #include <switchyard/backend/cuda/status.hpp>
 #include <switchyard/routing/dynmoe/device_rows.hpp>
 #include <switchyard/routing/routers/dynmoe.hpp>
+#include <switchyard/training/dynmoe_update.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -267,4 +269,26 @@ BOOST_AUTO_TEST_CASE(device_workspace_covers_the_carving) {
       sy::workspace_arena ws({bytes.data() + 1, bytes.size() - 1});  // misaligned start
       BOOST_CHECK_NO_THROW((void)sy::detail::dynmoe_device_scratch::take(ws, t, 33, e, true));
     }
+}
+
+BOOST_AUTO_TEST_CASE(device_routing_records_equal_the_host_recorder) {
+  std::mt19937_64 gen(sy::test::base_seed() + 1105);
+  for (bool training : {true, false}) {
+    const index_t e = 7, d = 13;
+    sy::training::dynmoe_recorder host;
+    std::vector<float> routing(static_cast<std::size_t>(e), 0.0f), samples(static_cast<std::size_t>(d), 0.0f);
+    for (int forward = 0; forward < 3; ++forward) {
+      problem<sy::bfloat16> p(40 + forward, d, e, gen, 2, 0.1f);
+      for (auto& g : p.g) g += 0.5f;  // high thresholds: some tokens use no expert
+      forward_pair<sy::bfloat16> f(sy::routers::DynMoE{.training = training}, p);
+      BOOST_REQUIRE(f.plans_equal());
+      host.record(f.host.ref(), p.xv());
+      serial_runner run;
+      run(e, sy::ops::dynmoe_record_experts{p.tokens, e, f.dev.expert_ids.data(), f.dev.counts.data(), routing.data()}, "");
+      run(d, sy::ops::dynmoe_record_samples<sy::bfloat16>{p.xv(), f.dev.counts.data(), samples.data()}, "");
+    }
+    BOOST_TEST(same_bits(host.routing_records, routing));
+    BOOST_TEST(same_bits(host.sample_records, samples));
+    if (training) BOOST_TEST(std::any_of(samples.begin(), samples.end(), [](float v) { return v != 0.0f; }));
+  }
 }

@@ -19,6 +19,8 @@
 //!   show up as non-finite logits (recorded); a non-finite threshold or a mask entry other
 //!   than 0/1 is not reported (the kernels stay memory safe: such an expert is never on).
 //! - No synchronisation, no allocation: scratch from the router's workspace arena.
+//! - Routing records for the adaptive expert update: `cuda::dynmoe_record` (the host forward
+//!   writes none; `training::dynmoe_recorder::record` is the host's separate call).
 //!
 //! Device arithmetic is the host's expressions in the host's order; nvcc's default FMA
 //! contraction and CUDA's expf/logf (within 2 ulp) can still move the last bits, so device
@@ -164,5 +166,41 @@ struct device_router<routers::DynMoE> {
                                      d_weights, coeff, dx, grads, sc);
   }
 };
+
+//! Adds one forward's routing records on the device, as `training::dynmoe_recorder::record`
+//! does on the host (same order, same float bits): routing_records [E_max] += tokens using
+//! each expert, sample_records [d] += Σ x_t over the tokens routed to no expert. All arrays
+//! device memory; the forward and token counters stay the caller's (on the host). Copy the
+//! records into a dynmoe_recorder to run `training::adaptive_update`. No synchronisation.
+template <ElementType T>
+void dynmoe_record(const context& ctx, const routing::plan_ref& plan, const matrix_view<const T>& x,
+                   span<float> routing_records, span<float> sample_records) {
+  plan.check("plan");
+  check_view("x", x, {plan.num_tokens, -1}, "[T, d] with T = plan.num_tokens");
+  if (static_cast<index_t>(routing_records.size()) != plan.num_experts) {
+    throw shape_error("routing_records",
+                      detail::concat("routing_records: expected E_max = ", plan.num_experts,
+                                     " elements, got ", routing_records.size()));
+  }
+  if (static_cast<index_t>(sample_records.size()) != x.extent(1)) {
+    throw shape_error("sample_records", detail::concat("sample_records: expected d = ", x.extent(1),
+                                                       " elements, got ", sample_records.size()));
+  }
+  const int dev = stream_device(ctx.stream);
+  require_device_memory("plan.expert_ids", plan.expert_ids.data(), dev, alignof(std::int32_t));
+  require_device_memory("plan.counts", plan.counts.data(), dev, alignof(std::int32_t));
+  require_device_memory("x", x.data_handle(), dev, alignof(T));
+  require_device_memory("routing_records", routing_records.data(), dev, alignof(float));
+  require_device_memory("sample_records", sample_records.data(), dev, alignof(float));
+  for_each<tuning::tokens_block>(
+      ctx.stream, plan.num_experts,
+      ops::dynmoe_record_experts{plan.num_tokens, plan.width, plan.expert_ids.data(),
+                                 plan.counts.data(), routing_records.data()},
+      "switchyard::ops::dynmoe_record_experts");
+  for_each<tuning::tokens_block>(
+      ctx.stream, x.extent(1),
+      ops::dynmoe_record_samples<T>{x, plan.counts.data(), sample_records.data()},
+      "switchyard::ops::dynmoe_record_samples");
+}
 
 }  // namespace switchyard::cuda

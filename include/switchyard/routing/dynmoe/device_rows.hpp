@@ -12,6 +12,9 @@
 //! order: deterministic, no atomics, and the host's bits. The scores are split per (t, e)
 //! after a per-token norm for parallelism; their bits do not change.
 //!
+//! Routing records (the statistics `training::dynmoe_recorder::record` gathers for the
+//! adaptive expert update) have their functors here too; the host forward writes none.
+//!
 //! Bad data: a token whose logits are not all finite (a non-finite x, or gate weights) is
 //! recorded in the status word (`status_kind::non_finite_logits`, index t·E + e of its first
 //! bad logit) and routed to no expert.
@@ -446,6 +449,42 @@ struct dynmoe_gate_grad {
       dcol += c * w(i, e);
     }
     grad(i, e) += static_cast<float>(dcol);
+  }
+};
+
+// ---- routing records (training/dynmoe_update.hpp's dynmoe_recorder::record) --------------
+
+//! routing_records[e] += 1 for every token using e, in token order (eval fallbacks count).
+struct dynmoe_record_experts {
+  index_t tokens, width;
+  const std::int32_t* ids;     //!< [T, width]
+  const std::int32_t* counts;  //!< [T]
+  float* records;              //!< [E] (+=)
+
+  SWITCHYARD_HD void operator()(index_t e) const {
+    float acc = records[e];
+    for (index_t t = 0; t < tokens; ++t) {
+      index_t k = counts[t];
+      k = k < 0 ? 0 : (k > width ? width : k);
+      for (index_t j = 0; j < k; ++j)
+        if (ids[t * width + j] == e) acc += 1.0f;
+    }
+    records[e] = acc;
+  }
+};
+
+//! sample_records[i] += x[t, i] over the tokens routed to no expert, in token order.
+template <ElementType T>
+struct dynmoe_record_samples {
+  matrix_view<const T> x;      //!< [T, d]
+  const std::int32_t* counts;  //!< [T]
+  float* records;              //!< [d] (+=)
+
+  SWITCHYARD_HD void operator()(index_t i) const {
+    float acc = records[i];
+    for (index_t t = 0; t < x.extent(0); ++t)
+      if (counts[t] == 0) acc += to_float(x(t, i));
+    records[i] = acc;
   }
 };
 
