@@ -44,7 +44,8 @@ struct host_backend {
   void sort_pairs(const std::uint64_t* kin, std::uint64_t* kout, const std::int32_t* vin,
                   std::int32_t* vout, index_t n, int end_bit, std::byte*, std::size_t) const {
     std::vector<std::uint64_t> k(kin, kin + n);
-    const std::uint64_t mask = end_bit >= 64 ? ~std::uint64_t{0} : ((std::uint64_t{1} << end_bit) - 1);
+    const std::uint64_t mask =
+        end_bit >= 64 ? ~std::uint64_t{0} : ((std::uint64_t{1} << end_bit) - 1);
     for (auto& v : k) {
       BOOST_REQUIRE((v & ~mask) == 0u);  // keys fit the bits the device sorts
       if (collide) v = 0;
@@ -255,7 +256,8 @@ BOOST_AUTO_TEST_CASE(device_grouping_gives_the_host_groups) {
         for (index_t k = 0; k < host.size(gi); ++k)
           BOOST_TEST(g.group_tokens(gi)[k] == host.tokens(gi)[k]);
         BOOST_TEST_REQUIRE(g.set_length(gi) == host.set_length(gi));
-        for (index_t k = 0; k < host.set_length(gi); ++k) BOOST_TEST(g.set(gi)[k] == host.set(gi)[k]);
+        for (index_t k = 0; k < host.set_length(gi); ++k)
+          BOOST_TEST(g.set(gi)[k] == host.set(gi)[k]);
       }
     }
   }
@@ -265,11 +267,11 @@ BOOST_AUTO_TEST_CASE(device_forward_program_gives_the_host_output_bitwise) {
   std::mt19937_64 gen(sy::test::base_seed() + 1202);
   for (int rep = 0; rep < 2; ++rep) {
     check_forward<float>(gen, small, 40, 2, 6, 16, false);
-    check_forward<float>(gen, small, 40, 2, 6, 3, false);   // groups share blocks
-    check_forward<float>(gen, small, 23, 3, 9, 1, true);    // all keys collide
+    check_forward<float>(gen, small, 40, 2, 6, 3, false);  // groups share blocks
+    check_forward<float>(gen, small, 23, 3, 9, 1, true);   // all keys collide
     check_forward<sy::bfloat16>(gen, small, 31, 2, 5, 4, false);
     check_forward<sy::half>(gen, wide, 37, 3, 8, 5, false);
-    check_forward<float>(gen, small, 1, 2, 3, 16, false);   // decode
+    check_forward<float>(gen, small, 1, 2, 3, 16, false);  // decode
   }
 }
 

@@ -116,7 +116,8 @@ struct forward_pair {
     workspace hw(r.workspace_size(p.tokens, p.params()));
     r.forward(p.xv(), p.params(), host.ref(), host_losses, hw.arena);
     workspace dw(sy::detail::dynmoe_device_workspace_size(p.tokens, p.d, p.experts));
-    const auto sc = sy::detail::dynmoe_device_scratch::take(dw.arena, p.tokens, p.d, p.experts, false);
+    const auto sc =
+        sy::detail::dynmoe_device_scratch::take(dw.arena, p.tokens, p.d, p.experts, false);
     dev_losses = losses_t{-1.0f, -1.0f, -1.0f, -1.0f};
     sy::detail::dynmoe_forward_pipeline(serial_runner{}, p.xv(), p.params(), r.training, dev.ref(),
                                         &dev_losses, &status, sc);
@@ -143,9 +144,9 @@ void check_forward(std::mt19937_64& gen, index_t t, index_t d, index_t e, int ma
 // Backward with random d_weights on the used slots, the given coefficients, gradients
 // starting at random values; host and device pipeline must agree bitwise.
 template <class X>
-void check_backward(std::mt19937_64& gen, index_t t, index_t d, index_t e, int masked,
-                    float log_t, bool training, const losses_t& coeff, bool want_dx, bool want_w,
-                    bool want_g, float tiny_row_scale = 0.0f) {
+void check_backward(std::mt19937_64& gen, index_t t, index_t d, index_t e, int masked, float log_t,
+                    bool training, const losses_t& coeff, bool want_dx, bool want_w, bool want_g,
+                    float tiny_row_scale = 0.0f) {
   problem<X> p(t, d, e, gen, masked, log_t);
   if (tiny_row_scale != 0.0f && t > 1)
     for (index_t i = 0; i < d; ++i) p.x[d + i] = X(tiny_row_scale * static_cast<float>(p.x[d + i]));
@@ -192,11 +193,11 @@ BOOST_AUTO_TEST_CASE(device_forward_rows_give_the_host_plan_and_losses_bitwise) 
   for (int rep = 0; rep < 3; ++rep) {
     check_forward<float>(gen, 37, 24, 8, 0, 0.0f, true);
     check_forward<float>(gen, 50, 16, 12, 3, 0.7f, true);
-    check_forward<float>(gen, 23, 9, 5, 1, 0.3f, false);   // eval: argmax fallback
-    check_forward<float>(gen, 41, 12, 6, 0, 6.0f, true);   // scale capped at 100
+    check_forward<float>(gen, 23, 9, 5, 1, 0.3f, false);  // eval: argmax fallback
+    check_forward<float>(gen, 41, 12, 6, 0, 6.0f, true);  // scale capped at 100
     check_forward<sy::half>(gen, 29, 16, 7, 2, 0.2f, true);
     check_forward<sy::bfloat16>(gen, 31, 20, 9, 0, 0.5f, false);
-    check_forward<float>(gen, 1, 33, 4, 0, 0.0f, true);    // decode
+    check_forward<float>(gen, 1, 33, 4, 0, 0.0f, true);  // decode
   }
 }
 
@@ -219,8 +220,8 @@ BOOST_AUTO_TEST_CASE(device_forward_records_a_non_finite_token_and_routes_it_now
   std::vector<std::byte> bytes(sy::detail::dynmoe_device_workspace_size(12, 10, 6));
   sy::workspace_arena ws({bytes.data(), bytes.size()});
   const auto sc = sy::detail::dynmoe_device_scratch::take(ws, 12, 10, 6, false);
-  sy::detail::dynmoe_forward_pipeline(serial_runner{}, p.xv(), p.params(), true, plan.ref(), &losses,
-                                      &status, sc);
+  sy::detail::dynmoe_forward_pipeline(serial_runner{}, p.xv(), p.params(), true, plan.ref(),
+                                      &losses, &status, sc);
   BOOST_TEST(!status.ok());
   BOOST_TEST(status.first[static_cast<int>(sy::cuda::status_kind::non_finite_logits)] == 5u * 6u);
   for (index_t t : {5, 9}) {
@@ -253,7 +254,8 @@ BOOST_AUTO_TEST_CASE(device_backward_rows_give_the_host_gradients_bitwise) {
     check_backward<float>(gen, 30, 14, 7, 0, 0.1f, true, no_sim, true, true, true);
     check_backward<float>(gen, 33, 18, 6, 0, 0.0f, true, all, false, true, false);  // no dx
     check_backward<float>(gen, 33, 18, 6, 0, 0.0f, true, all, true, false, true);   // no dW
-    check_backward<float>(gen, 20, 11, 5, 0, 0.0f, true, all, true, true, true, 1e-14f);  // ‖x‖ < eps
+    check_backward<float>(gen, 20, 11, 5, 0, 0.0f, true, all, true, true, true,
+                          1e-14f);  // ‖x‖ < eps
     check_backward<sy::half>(gen, 28, 16, 7, 2, 0.3f, true, all, true, true, true);
     check_backward<sy::bfloat16>(gen, 24, 20, 8, 0, 0.5f, true, all, true, true, true);
   }
@@ -276,7 +278,8 @@ BOOST_AUTO_TEST_CASE(device_routing_records_equal_the_host_recorder) {
   for (bool training : {true, false}) {
     const index_t e = 7, d = 13;
     sy::training::dynmoe_recorder host;
-    std::vector<float> routing(static_cast<std::size_t>(e), 0.0f), samples(static_cast<std::size_t>(d), 0.0f);
+    std::vector<float> routing(static_cast<std::size_t>(e), 0.0f),
+        samples(static_cast<std::size_t>(d), 0.0f);
     for (int forward = 0; forward < 3; ++forward) {
       problem<sy::bfloat16> p(40 + forward, d, e, gen, 2, 0.1f);
       for (auto& g : p.g) g += 0.5f;  // high thresholds: some tokens use no expert
@@ -284,11 +287,17 @@ BOOST_AUTO_TEST_CASE(device_routing_records_equal_the_host_recorder) {
       BOOST_REQUIRE(f.plans_equal());
       host.record(f.host.ref(), p.xv());
       serial_runner run;
-      run(e, sy::ops::dynmoe_record_experts{p.tokens, e, f.dev.expert_ids.data(), f.dev.counts.data(), routing.data()}, "");
-      run(d, sy::ops::dynmoe_record_samples<sy::bfloat16>{p.xv(), f.dev.counts.data(), samples.data()}, "");
+      run(e,
+          sy::ops::dynmoe_record_experts{p.tokens, e, f.dev.expert_ids.data(), f.dev.counts.data(),
+                                         routing.data()},
+          "");
+      run(d,
+          sy::ops::dynmoe_record_samples<sy::bfloat16>{p.xv(), f.dev.counts.data(), samples.data()},
+          "");
     }
     BOOST_TEST(same_bits(host.routing_records, routing));
     BOOST_TEST(same_bits(host.sample_records, samples));
-    if (training) BOOST_TEST(std::any_of(samples.begin(), samples.end(), [](float v) { return v != 0.0f; }));
+    if (training)
+      BOOST_TEST(std::any_of(samples.begin(), samples.end(), [](float v) { return v != 0.0f; }));
   }
 }

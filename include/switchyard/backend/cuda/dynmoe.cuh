@@ -62,22 +62,24 @@ inline void cuda_dynmoe_check_params(const routing::dynmoe_params& p, int device
   check_view("params.w_gate", p.w_gate, {-1, -1}, "[d, E_max]");
   const index_t d = p.w_gate.extent(0), e_max = p.w_gate.extent(1);
   if (e_max < 1) {
-    throw shape_error("params.w_gate",
-                      concat("params.w_gate: expected [d, E_max] with E_max >= 1, got [", d, ", ",
-                             e_max, "]"));
+    throw shape_error(
+        "params.w_gate",
+        concat("params.w_gate: expected [d, E_max] with E_max >= 1, got [", d, ", ", e_max, "]"));
   }
   check_view("params.thresholds", p.thresholds, {e_max},
              "[E_max] with E_max = params.w_gate.extent(1)");
   check_view("params.experts_mask", p.experts_mask, {e_max},
              "[E_max] with E_max = params.w_gate.extent(1)");
   if (!std::isfinite(p.log_temperature)) {
-    throw non_finite_error("params.log_temperature",
-                           concat("params.log_temperature must be finite, got ", p.log_temperature));
+    throw non_finite_error(
+        "params.log_temperature",
+        concat("params.log_temperature must be finite, got ", p.log_temperature));
   }
   cuda::require_device_memory("params.w_gate", p.w_gate.data_handle(), device, alignof(float));
-  cuda::require_device_memory("params.thresholds", p.thresholds.data_handle(), device, alignof(float));
+  cuda::require_device_memory("params.thresholds", p.thresholds.data_handle(), device,
+                              alignof(float));
   cuda::require_device_memory("params.experts_mask", p.experts_mask.data_handle(), device,
-                        alignof(std::int32_t));
+                              alignof(std::int32_t));
 }
 
 }  // namespace switchyard::detail
@@ -90,8 +92,7 @@ struct device_router<routers::DynMoE> {
   using router = routers::DynMoE;
 
   //! Device bytes forward or backward take for T tokens (the most of the two).
-  static std::size_t workspace_size(const router& r, index_t tokens,
-                                    const router::params_type& p) {
+  static std::size_t workspace_size(const router& r, index_t tokens, const router::params_type& p) {
     (void)r;
     return detail::dynmoe_device_workspace_size(tokens, p.w_gate.extent(0), p.w_gate.extent(1));
   }
@@ -108,11 +109,11 @@ struct device_router<routers::DynMoE> {
     check_view("x", x, {-1, d}, "[T, d] with d = params.w_gate.extent(0)");
     const index_t tokens = x.extent(0);
     if (plan.num_tokens != tokens || plan.width != e_max || plan.num_experts != e_max) {
-      throw shape_error("plan", detail::concat("plan: expected T = ", tokens, ", width = ", e_max,
-                                               ", E = ", e_max,
-                                               " (from x and the router's params), got T = ",
-                                               plan.num_tokens, ", width = ", plan.width,
-                                               ", E = ", plan.num_experts));
+      throw shape_error(
+          "plan",
+          detail::concat("plan: expected T = ", tokens, ", width = ", e_max, ", E = ", e_max,
+                         " (from x and the router's params), got T = ", plan.num_tokens,
+                         ", width = ", plan.width, ", E = ", plan.num_experts));
     }
     plan.check("plan");
     if (losses == nullptr) throw null_pointer_error("losses", "losses: pointer is null");
@@ -120,8 +121,8 @@ struct device_router<routers::DynMoE> {
     require_device_memory("losses", losses, dev, alignof(float));
     const auto sc = detail::dynmoe_device_scratch::take(ws, tokens, d, e_max, false);
     if (!ws.carving()) return;
-    detail::dynmoe_forward_pipeline(detail::cuda_dynmoe_runner{ctx.stream}, x, p, r.training,
-                                    plan, losses, status, sc);
+    detail::dynmoe_forward_pipeline(detail::cuda_dynmoe_runner{ctx.stream}, x, p, r.training, plan,
+                                    losses, status, sc);
   }
 
   //! Backward of Σ d_weights ⊙ weights + Σ coeff · loss (straight-through; d_weights [T·E_max]
@@ -139,11 +140,10 @@ struct device_router<routers::DynMoE> {
     check_view("x", x, {-1, d}, "[T, d] with d = params.w_gate.extent(0)");
     const index_t tokens = x.extent(0);
     if (plan.num_tokens != tokens || plan.num_experts != e_max || plan.width != e_max) {
-      throw shape_error("plan", detail::concat("plan: expected ", tokens,
-                                               " tokens and width = E = ", e_max,
-                                               " (the forward of this x and params), got T = ",
-                                               plan.num_tokens, ", width ", plan.width, ", E ",
-                                               plan.num_experts));
+      throw shape_error(
+          "plan", detail::concat("plan: expected ", tokens, " tokens and width = E = ", e_max,
+                                 " (the forward of this x and params), got T = ", plan.num_tokens,
+                                 ", width ", plan.width, ", E ", plan.num_experts));
     }
     plan.check("plan");
     if (detail::present(dx)) check_view("dx", dx, {tokens, d}, "[T, d]");
@@ -152,8 +152,9 @@ struct device_router<routers::DynMoE> {
     if (detail::present(grads.thresholds))
       check_view("grads.thresholds", grads.thresholds, {e_max}, "[E_max]");
     if (tokens > 0 && d_weights == nullptr) {
-      throw null_pointer_error("d_weights", detail::concat("d_weights: null, expected [T, E_max] = [",
-                                                           tokens, ", ", e_max, "] cotangents"));
+      throw null_pointer_error(
+          "d_weights", detail::concat("d_weights: null, expected [T, E_max] = [", tokens, ", ",
+                                      e_max, "] cotangents"));
     }
     require_device_memory("x", x.data_handle(), dev, alignof(T));
     require_device_memory("d_weights", d_weights, dev, alignof(float));
@@ -162,8 +163,8 @@ struct device_router<routers::DynMoE> {
     require_device_memory("grads.thresholds", grads.thresholds.data_handle(), dev, alignof(float));
     const auto sc = detail::dynmoe_device_scratch::take(ws, tokens, d, e_max, true);
     if (!ws.carving()) return;
-    detail::dynmoe_backward_pipeline(detail::cuda_dynmoe_runner{ctx.stream}, x, p, plan,
-                                     d_weights, coeff, dx, grads, sc);
+    detail::dynmoe_backward_pipeline(detail::cuda_dynmoe_runner{ctx.stream}, x, p, plan, d_weights,
+                                     coeff, dx, grads, sc);
   }
 };
 

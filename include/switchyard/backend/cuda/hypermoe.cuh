@@ -23,9 +23,9 @@
 //!   memory of the stream's device. The plan's entries are read memory-safely (invalid ones
 //!   are the dispatch's to report through the status word).
 
+#include <cuda_runtime_api.h>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
-#include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstddef>
@@ -102,11 +102,10 @@ struct cuda_hyper_backend {
                     static_cast<std::uint64_t*>(nullptr), static_cast<const std::int32_t*>(nullptr),
                     static_cast<std::int32_t*>(nullptr), static_cast<int>(n), 0, end_bit),
                 "cub::DeviceRadixSort::SortPairs (size query)");
-    cuda::check(cub::DeviceScan::ExclusiveSum(nullptr, scan,
-                                              static_cast<const std::int32_t*>(nullptr),
-                                              static_cast<std::int32_t*>(nullptr),
-                                              static_cast<int>(n)),
-                "cub::DeviceScan::ExclusiveSum (size query)");
+    cuda::check(
+        cub::DeviceScan::ExclusiveSum(nullptr, scan, static_cast<const std::int32_t*>(nullptr),
+                                      static_cast<std::int32_t*>(nullptr), static_cast<int>(n)),
+        "cub::DeviceScan::ExclusiveSum (size query)");
     return std::max(sort, scan);
   }
 };
@@ -121,19 +120,18 @@ inline void cuda_hyper_require_params(const layer::hypermoe_params& p, int devic
                               alignof(float));
   lin("params.process1.w", "params.process1.b", p.process1);
   lin("params.process2.w", "params.process2.b", p.process2);
-  cuda::require_device_memory("params.generator.layer_embed",
-                              p.generator.layer_embed.data_handle(), device, alignof(float));
+  cuda::require_device_memory("params.generator.layer_embed", p.generator.layer_embed.data_handle(),
+                              device, alignof(float));
   lin("params.generator.linear1.w", "params.generator.linear1.b", p.generator.linear1);
   lin("params.generator.weight_up.w", "params.generator.weight_up.b", p.generator.weight_up);
-  lin("params.generator.weight_down.w", "params.generator.weight_down.b",
-      p.generator.weight_down);
+  lin("params.generator.weight_down.w", "params.generator.weight_down.b", p.generator.weight_down);
   lin("params.generator.bias_up.w", "params.generator.bias_up.b", p.generator.bias_up);
   lin("params.generator.bias_down.w", "params.generator.bias_down.b", p.generator.bias_down);
 }
 
 //! Gradient shapes (as the module checks them) and memory kinds (present views only).
-inline void cuda_hyper_require_grads(const layer::hypermoe_grads& g,
-                                     const layer::hypermoe_dims& s, int device) {
+inline void cuda_hyper_require_grads(const layer::hypermoe_grads& g, const layer::hypermoe_dims& s,
+                                     int device) {
   if (present(g.expert_emb))
     check_view("grads.expert_emb", g.expert_emb, {s.experts, s.emb_dim}, "[E, d_emb]");
   check_linear_grads("grads.process1", g.process1, s.process_dim, s.emb_dim);
@@ -145,11 +143,10 @@ inline void cuda_hyper_require_grads(const layer::hypermoe_grads& g,
                      s.hyper_in + s.layer_emb);
   check_linear_grads("grads.generator.weight_up", g.generator.weight_up, s.adapter * s.model,
                      s.bottleneck);
-  check_linear_grads("grads.generator.weight_down", g.generator.weight_down,
-                     s.model * s.adapter, s.bottleneck);
-  check_linear_grads("grads.generator.bias_up", g.generator.bias_up, s.model, s.bottleneck);
-  check_linear_grads("grads.generator.bias_down", g.generator.bias_down, s.adapter,
+  check_linear_grads("grads.generator.weight_down", g.generator.weight_down, s.model * s.adapter,
                      s.bottleneck);
+  check_linear_grads("grads.generator.bias_up", g.generator.bias_up, s.model, s.bottleneck);
+  check_linear_grads("grads.generator.bias_down", g.generator.bias_down, s.adapter, s.bottleneck);
   const auto lin = [&](const char* w, const char* b, const layer::hyper_linear_grads& l) {
     cuda::require_device_memory(w, l.w.data_handle(), device, alignof(float));
     cuda::require_device_memory(b, l.b.data_handle(), device, alignof(float));
@@ -158,12 +155,11 @@ inline void cuda_hyper_require_grads(const layer::hypermoe_grads& g,
                               alignof(float));
   lin("grads.process1.w", "grads.process1.b", g.process1);
   lin("grads.process2.w", "grads.process2.b", g.process2);
-  cuda::require_device_memory("grads.generator.layer_embed",
-                              g.generator.layer_embed.data_handle(), device, alignof(float));
+  cuda::require_device_memory("grads.generator.layer_embed", g.generator.layer_embed.data_handle(),
+                              device, alignof(float));
   lin("grads.generator.linear1.w", "grads.generator.linear1.b", g.generator.linear1);
   lin("grads.generator.weight_up.w", "grads.generator.weight_up.b", g.generator.weight_up);
-  lin("grads.generator.weight_down.w", "grads.generator.weight_down.b",
-      g.generator.weight_down);
+  lin("grads.generator.weight_down.w", "grads.generator.weight_down.b", g.generator.weight_down);
   lin("grads.generator.bias_up.w", "grads.generator.bias_up.b", g.generator.bias_up);
   lin("grads.generator.bias_down.w", "grads.generator.bias_down.b", g.generator.bias_down);
 }
@@ -174,9 +170,8 @@ template <class Id, class W>
 void cuda_hyper_require_plan(const routing::plan_view<Id, W>& plan, index_t tokens,
                              index_t experts) {
   if (plan.num_experts != experts) {
-    throw shape_error("plan",
-                      concat("plan: num_experts must equal params.expert_emb.extent(0) = ",
-                             experts, ", got ", plan.num_experts));
+    throw shape_error("plan", concat("plan: num_experts must equal params.expert_emb.extent(0) = ",
+                                     experts, ", got ", plan.num_experts));
   }
   check_view("plan.expert_ids", plan.expert_ids, {tokens, -1});
   check_view("plan.weights", plan.weights, {tokens, plan.width()});
@@ -205,9 +200,8 @@ __global__ void __launch_bounds__(hypermoe_block)
 //! The whole backward on one block (ops::hyper_backward_block).
 template <ElementType T>
 __global__ void __launch_bounds__(hypermoe_block)
-    hypermoe_backward(ops::hyper_program<T> pr, matrix_view<const float> dy,
-                      matrix_view<float> dx, layer::hypermoe_grads grads,
-                      ops::hyper_device_backward_scratch w) {
+    hypermoe_backward(ops::hyper_program<T> pr, matrix_view<const float> dy, matrix_view<float> dx,
+                      layer::hypermoe_grads grads, ops::hyper_device_backward_scratch w) {
   ops::hyper_backward_block(detail::cuda_block_phases{}, pr, dy, dx, grads, w);
 }
 
@@ -228,8 +222,8 @@ struct device_addon<layer::hypermoe_addon> {
     const std::size_t temp =
         detail::cuda_hyper_backend::temp_bytes(tokens, ops::hyper_key_bits(s.experts));
     workspace_arena fwd, bwd;
-    (void)detail::hyper_device_scratch::take(fwd, s, tokens, width, temp,
-                                             forward_blocks(a, tokens), false);
+    (void)detail::hyper_device_scratch::take(fwd, s, tokens, width, temp, forward_blocks(a, tokens),
+                                             false);
     (void)detail::hyper_device_scratch::take(bwd, s, tokens, width, temp, 0, true);
     return std::max(fwd.required(), bwd.required());
   }

@@ -47,21 +47,21 @@ inline constexpr index_t hyper_tokens_per_pass = 8;
 //! The grouping arrays (device or host memory). Group g (g < *count, first-use order) has the
 //! tokens order[begin[g] .. begin[g] + size[g]) in token order and the set of token first[g].
 struct hyper_groups {
-  std::int32_t* sets = nullptr;        //!< [T, width] each token's experts, ascending
-  std::int32_t* set_size = nullptr;    //!< [T]
-  std::uint64_t* keys = nullptr;       //!< [T] per token
+  std::int32_t* sets = nullptr;          //!< [T, width] each token's experts, ascending
+  std::int32_t* set_size = nullptr;      //!< [T]
+  std::uint64_t* keys = nullptr;         //!< [T] per token
   std::uint64_t* keys_sorted = nullptr;  //!< [T]
-  std::int32_t* tokens_in = nullptr;   //!< [T] 0, 1, ..., T-1 (the sort's values)
-  std::int32_t* order = nullptr;       //!< [T] tokens sorted by (key, token)
-  std::int32_t* flag = nullptr;        //!< [T] sorted position i starts a run
-  std::int32_t* leader = nullptr;      //!< [T] token t starts its run
-  std::int32_t* rank = nullptr;        //!< [T] exclusive sum of leader (token order)
-  std::int32_t* run_id = nullptr;      //!< [T] exclusive sum of flag (sorted order)
-  std::int32_t* run_begin = nullptr;   //!< [T] sorted position where run r starts
-  std::int32_t* begin = nullptr;       //!< [T] per group: first sorted position
-  std::int32_t* size = nullptr;        //!< [T] per group: tokens
-  std::int32_t* first = nullptr;       //!< [T] per group: first token
-  index_t* count = nullptr;            //!< [1] number of groups
+  std::int32_t* tokens_in = nullptr;     //!< [T] 0, 1, ..., T-1 (the sort's values)
+  std::int32_t* order = nullptr;         //!< [T] tokens sorted by (key, token)
+  std::int32_t* flag = nullptr;          //!< [T] sorted position i starts a run
+  std::int32_t* leader = nullptr;        //!< [T] token t starts its run
+  std::int32_t* rank = nullptr;          //!< [T] exclusive sum of leader (token order)
+  std::int32_t* run_id = nullptr;        //!< [T] exclusive sum of flag (sorted order)
+  std::int32_t* run_begin = nullptr;     //!< [T] sorted position where run r starts
+  std::int32_t* begin = nullptr;         //!< [T] per group: first sorted position
+  std::int32_t* size = nullptr;          //!< [T] per group: tokens
+  std::int32_t* first = nullptr;         //!< [T] per group: first token
+  index_t* count = nullptr;              //!< [1] number of groups
   index_t tokens = 0, width = 0;
 
   [[nodiscard]] SWITCHYARD_HD const std::int32_t* set(index_t g) const {
@@ -248,12 +248,12 @@ SWITCHYARD_HD inline void hyper_affine_grad_entry(const layer::hyper_linear_para
 //! What the group programs read.
 template <ElementType T>
 struct hyper_program {
-  matrix_view<const T> x;         //!< [T, d]
+  matrix_view<const T> x;  //!< [T, d]
   layer::hypermoe_params p;
   layer::hypermoe_dims s;
-  index_t layer = 0;              //!< ℓ
+  index_t layer = 0;  //!< ℓ
   hyper_groups groups;
-  const double* all = nullptr;    //!< [d_emb]
+  const double* all = nullptr;  //!< [d_emb]
 };
 
 //! The hypernetwork of one selection set (generate_adapter, with unselected_sum first).
@@ -305,8 +305,8 @@ SWITCHYARD_HD void hyper_generate(const Phases& run, const layer::hypermoe_param
 template <ElementType T, class Phases>
 SWITCHYARD_HD void hyper_adapter_down_pass(const Phases& run, const matrix_view<const T>& x,
                                            const std::int32_t* tok, index_t nc,
-                                           const detail::generated_adapter& g, index_t d,
-                                           index_t a, double* m) {
+                                           const detail::generated_adapter& g, index_t d, index_t a,
+                                           double* m) {
   run(nc * a, [&](index_t idx) {
     const index_t k = idx / a, j = idx % a;
     const index_t t = tok[k];
@@ -354,8 +354,8 @@ SWITCHYARD_HD inline index_t hyper_forward_slot_doubles(const layer::hypermoe_di
 
 //! Forward of the groups block `block` of `blocks` owns (g = block, block + blocks, ...).
 template <ElementType T, class Phases>
-SWITCHYARD_HD void hyper_forward_block(const Phases& run, const hyper_program<T>& pr,
-                                       index_t block, index_t blocks, double* slots,
+SWITCHYARD_HD void hyper_forward_block(const Phases& run, const hyper_program<T>& pr, index_t block,
+                                       index_t blocks, double* slots,
                                        const matrix_view<float>& out) {
   double* slot = slots + block * hyper_forward_slot_doubles(pr.s);
   const index_t count = *pr.groups.count;
@@ -395,10 +395,14 @@ SWITCHYARD_HD void hyper_group_backward(const Phases& run, const hyper_program<T
   hyper_generate(run, p, s, pr.layer, pr.all, set, set_n, g);
   const index_t d = s.model, a = s.adapter, da = d * a;
   run(2 * da + d + a, [&](index_t i) {
-    if (i < da) b.d_w_down[i] = 0.0;
-    else if (i < 2 * da) b.d_w_up[i - da] = 0.0;
-    else if (i < 2 * da + d) b.d_b_up[i - 2 * da] = 0.0;
-    else b.d_b_down[i - 2 * da - d] = 0.0;
+    if (i < da)
+      b.d_w_down[i] = 0.0;
+    else if (i < 2 * da)
+      b.d_w_up[i - da] = 0.0;
+    else if (i < 2 * da + d)
+      b.d_b_up[i - 2 * da] = 0.0;
+    else
+      b.d_b_down[i - 2 * da - d] = 0.0;
   });
   const bool want_dx = detail::present(dx);
   const std::int32_t* tok = pr.groups.group_tokens(gi);
@@ -470,7 +474,8 @@ SWITCHYARD_HD void hyper_group_backward(const Phases& run, const hyper_program<T
       return;
     }
     index_t r = idx - s.bottleneck;
-    if (r < n_wd) return hyper_affine_grad_entry(gp.weight_down, gg.weight_down, g.h, b.d_w_down, r);
+    if (r < n_wd)
+      return hyper_affine_grad_entry(gp.weight_down, gg.weight_down, g.h, b.d_w_down, r);
     r -= n_wd;
     if (r < n_wu) return hyper_affine_grad_entry(gp.weight_up, gg.weight_up, g.h, b.d_w_up, r);
     r -= n_wu;
@@ -527,9 +532,12 @@ SWITCHYARD_HD void hyper_backward_block(const Phases& run, const hyper_program<T
   const detail::hyper_backward_scratch& b = w.b;
   const index_t n_sel = s.experts * s.emb_dim;
   run(s.emb_dim + n_sel + s.layer_emb, [&](index_t i) {
-    if (i < s.emb_dim) b.du_all[i] = 0.0;
-    else if (i < s.emb_dim + n_sel) b.du_sel[i - s.emb_dim] = 0.0;
-    else b.d_layer_embed[i - s.emb_dim - n_sel] = 0.0;
+    if (i < s.emb_dim)
+      b.du_all[i] = 0.0;
+    else if (i < s.emb_dim + n_sel)
+      b.du_sel[i - s.emb_dim] = 0.0;
+    else
+      b.d_layer_embed[i - s.emb_dim - n_sel] = 0.0;
   });
   const index_t count = *pr.groups.count;
   for (index_t gi = 0; gi < count; ++gi) hyper_group_backward(run, pr, gi, dy, dx, grads, w);
@@ -537,7 +545,8 @@ SWITCHYARD_HD void hyper_backward_block(const Phases& run, const hyper_program<T
   const bool want_emb = detail::present(grads.expert_emb);
   run(s.layer_emb + n_sel, [&](index_t i) {
     if (i < s.layer_emb) {
-      if (want_le) grads.generator.layer_embed(pr.layer, i) += static_cast<float>(b.d_layer_embed[i]);
+      if (want_le)
+        grads.generator.layer_embed(pr.layer, i) += static_cast<float>(b.d_layer_embed[i]);
     } else if (want_emb) {
       const index_t ei = i - s.layer_emb, e = ei / s.emb_dim, k = ei % s.emb_dim;
       grads.expert_emb(e, k) += static_cast<float>(b.du_all[k] - b.du_sel[ei]);
@@ -583,8 +592,8 @@ struct hyper_device_scratch {
 //! temp, temp_bytes)` (stable, ascending) and `exclusive_sum(in, out, n, temp, temp_bytes)`;
 //! T > 0. Nothing waits: the group count stays in `*groups.count`.
 template <class Backend, class Id, class W>
-void hyper_group_pipeline(const Backend& be, const routing::plan_view<Id, W>& plan,
-                          index_t experts, const hyper_device_scratch& w) {
+void hyper_group_pipeline(const Backend& be, const routing::plan_view<Id, W>& plan, index_t experts,
+                          const hyper_device_scratch& w) {
   const ops::hyper_groups& g = w.groups;
   const index_t tokens = g.tokens;
   be.run(tokens, ops::hyper_token_set<Id, W>{plan, experts, g}, "switchyard::ops::hyper_token_set");

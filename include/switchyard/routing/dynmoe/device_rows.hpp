@@ -42,13 +42,13 @@ namespace switchyard::ops {
 //! θ_e = σ(s·G_e), the column norm ‖W[:, e]‖ (double, row order) and a contiguous copy of the
 //! mask, for expert e (dynmoe_threshold_probs / dynmoe_column_norms, one column each).
 struct dynmoe_prepare_expert {
-  matrix_view<const float> w;                 //!< [d, E]
-  vector_view<const float> thresholds;        //!< [E] G
-  vector_view<const std::int32_t> mask;       //!< [E]
-  float s;                                    //!< scale
-  float* theta;                               //!< [E] out
-  double* wn;                                 //!< [E] out
-  std::int32_t* mask_out;                     //!< [E] out
+  matrix_view<const float> w;            //!< [d, E]
+  vector_view<const float> thresholds;   //!< [E] G
+  vector_view<const std::int32_t> mask;  //!< [E]
+  float s;                               //!< scale
+  float* theta;                          //!< [E] out
+  double* wn;                            //!< [E] out
+  std::int32_t* mask_out;                //!< [E] out
 
   SWITCHYARD_HD void operator()(index_t e) const {
     theta[e] = detail::dynmoe_sigmoid(s * thresholds(e));
@@ -63,10 +63,10 @@ struct dynmoe_prepare_expert {
 //! One entry of A = (ŴᵀŴ − I) ⊙ m mᵀ (0 outside the active block), index e·E + f
 //! (dynmoe_sim_loss's expression).
 struct dynmoe_sim_entry {
-  matrix_view<const float> w;            //!< [d, E]
-  const std::int32_t* mask;              //!< [E]
-  const double* wn;                      //!< [E]
-  double* a;                             //!< [E, E] out
+  matrix_view<const float> w;  //!< [d, E]
+  const std::int32_t* mask;    //!< [E]
+  const double* wn;            //!< [E]
+  double* a;                   //!< [E, E] out
 
   SWITCHYARD_HD void operator()(index_t idx) const {
     const index_t d = w.extent(0), e_max = w.extent(1);
@@ -87,7 +87,7 @@ struct dynmoe_sim_entry {
 struct dynmoe_sim_norm {
   const double* a;  //!< [E, E]
   index_t e_max;
-  double* out;      //!< [1]
+  double* out;  //!< [1]
 
   SWITCHYARD_HD void operator()(index_t) const {
     double sum = 0.0;
@@ -107,7 +107,8 @@ struct dynmoe_token_norm {
   SWITCHYARD_HD void operator()(index_t t) const {
     const index_t d = x.extent(1);
     double xn = 0.0;
-    for (index_t i = 0; i < d; ++i) xn += static_cast<double>(to_float(x(t, i))) * to_float(x(t, i));
+    for (index_t i = 0; i < d; ++i)
+      xn += static_cast<double>(to_float(x(t, i))) * to_float(x(t, i));
     xden[t] = detail::dynmoe_clamp_norm(sqrt(xn));
   }
 };
@@ -116,14 +117,14 @@ struct dynmoe_token_norm {
 //! (dynmoe_score_row's expressions for one slot).
 template <ElementType T>
 struct dynmoe_score_entry {
-  matrix_view<const T> x;       //!< [T, d]
-  matrix_view<const float> w;   //!< [d, E]
-  const double* xden;           //!< [T]
-  const double* wn;             //!< [E]
-  const std::int32_t* mask;     //!< [E]
+  matrix_view<const T> x;      //!< [T, d]
+  matrix_view<const float> w;  //!< [d, E]
+  const double* xden;          //!< [T]
+  const double* wn;            //!< [E]
+  const std::int32_t* mask;    //!< [E]
   float s;
-  float* logits;                //!< [T, E] out
-  float* probs;                 //!< [T, E] out
+  float* logits;  //!< [T, E] out
+  float* probs;   //!< [T, E] out
 
   SWITCHYARD_HD void operator()(index_t idx) const {
     const index_t d = w.extent(0), e_max = w.extent(1);
@@ -140,14 +141,14 @@ struct dynmoe_score_entry {
 //! Token t's top-any selection over its scores (the router's rule); a token with a
 //! non-finite logit is recorded (status_kind::non_finite_logits) and routed to no expert.
 struct dynmoe_select_token {
-  routing::topany_rule rule;     //!< over θ and the mask (spans the executing side can read)
+  routing::topany_rule rule;  //!< over θ and the mask (spans the executing side can read)
   index_t e_max;
-  const float* logits;           //!< [T, E]
-  const float* probs;            //!< [T, E]
-  std::int32_t* ids;             //!< [T, E] out
-  float* weights;                //!< [T, E] out
-  std::int32_t* counts;          //!< [T] out
-  cuda::device_status* status;   //!< may be null (nothing recorded)
+  const float* logits;          //!< [T, E]
+  const float* probs;           //!< [T, E]
+  std::int32_t* ids;            //!< [T, E] out
+  float* weights;               //!< [T, E] out
+  std::int32_t* counts;         //!< [T] out
+  cuda::device_status* status;  //!< may be null (nothing recorded)
 
   SWITCHYARD_HD void operator()(index_t t) const {
     std::int32_t* id_row = ids + t * e_max;
@@ -216,8 +217,8 @@ struct dynmoe_losses_finish {
   const double* ce;
   const index_t* routed;
   const index_t* total;
-  const double* a;       //!< [E, E]
-  const double* wn;      //!< [E]
+  const double* a;                 //!< [E, E]
+  const double* wn;                //!< [E]
   routing::dynmoe_losses* losses;  //!< out
 
   SWITCHYARD_HD void operator()(index_t) const {
@@ -276,8 +277,8 @@ struct dynmoe_straight_through_token {
 //! grads.thresholds(e) += (−Σ_t g[t, e])·θ(1 − θ)·s, the sum in token order.
 struct dynmoe_threshold_grad {
   index_t tokens, e_max;
-  const double* g;        //!< [T, E]
-  const float* theta;     //!< [E]
+  const double* g;     //!< [T, E]
+  const float* theta;  //!< [E]
   float s;
   vector_view<float> grad;  //!< [E] (+=)
 
@@ -293,15 +294,15 @@ struct dynmoe_threshold_grad {
 //! whether any dz[t, ·] is non-zero and, when `want_dx` and ‖x_t‖ > eps, ⟨x̂_t, dx̂_t⟩.
 template <ElementType T>
 struct dynmoe_cosine_token {
-  matrix_view<const T> x;       //!< [T, d]
-  matrix_view<const float> w;   //!< [d, E]
-  const double* wn;             //!< [E]
-  const double* dz;             //!< [T, E]
+  matrix_view<const T> x;      //!< [T, d]
+  matrix_view<const float> w;  //!< [d, E]
+  const double* wn;            //!< [E]
+  const double* dz;            //!< [T, E]
   float s;
   bool want_dx;
-  double* xn;                   //!< [T] out
-  double* dot;                  //!< [T] out
-  std::int32_t* any;            //!< [T] out
+  double* xn;         //!< [T] out
+  double* dot;        //!< [T] out
+  std::int32_t* any;  //!< [T] out
 
   //! dx̂_i of token t (the host's sum over e in order, zero cotangents skipped).
   SWITCHYARD_HD static double dxhat(const matrix_view<const float>& w, const double* wn,
@@ -330,8 +331,7 @@ struct dynmoe_cosine_token {
     if (!a || !want_dx || !(n > detail::dynmoe_norm_eps)) return;
     const double xden = detail::dynmoe_clamp_norm(n);
     double acc = 0.0;
-    for (index_t i = 0; i < d; ++i)
-      acc += (to_float(x(t, i)) / xden) * dxhat(w, wn, dz_row, s, i);
+    for (index_t i = 0; i < d; ++i) acc += (to_float(x(t, i)) / xden) * dxhat(w, wn, dz_row, s, i);
     dot[t] = acc;
   }
 };
@@ -339,15 +339,15 @@ struct dynmoe_cosine_token {
 //! dx(t, i) += ∂/∂x_ti of the cosines (dynmoe_normalize_backward's entry), index t·d + i.
 template <ElementType T>
 struct dynmoe_input_grad {
-  matrix_view<const T> x;       //!< [T, d]
-  matrix_view<const float> w;   //!< [d, E]
-  const double* wn;             //!< [E]
-  const double* dz;             //!< [T, E]
+  matrix_view<const T> x;      //!< [T, d]
+  matrix_view<const float> w;  //!< [d, E]
+  const double* wn;            //!< [E]
+  const double* dz;            //!< [T, E]
   float s;
-  const double* xn;             //!< [T]
-  const double* dot;            //!< [T]
-  const std::int32_t* any;      //!< [T]
-  matrix_view<float> dx;        //!< [T, d] (+=)
+  const double* xn;         //!< [T]
+  const double* dot;        //!< [T]
+  const std::int32_t* any;  //!< [T]
+  matrix_view<float> dx;    //!< [T, d] (+=)
 
   SWITCHYARD_HD void operator()(index_t idx) const {
     const index_t d = w.extent(0), e_max = w.extent(1);
@@ -370,16 +370,16 @@ struct dynmoe_input_grad {
 //! Σ_f (c_sim·2·A_ef/‖A‖)·ŵ_f when c_sim ≠ 0 and ‖A‖ > 0; index i·E + e.
 template <ElementType T>
 struct dynmoe_gate_dwhat {
-  matrix_view<const T> x;       //!< [T, d]
-  matrix_view<const float> w;   //!< [d, E]
-  const double* wn;             //!< [E]
-  const double* dz;             //!< [T, E]
+  matrix_view<const T> x;      //!< [T, d]
+  matrix_view<const float> w;  //!< [d, E]
+  const double* wn;            //!< [E]
+  const double* dz;            //!< [T, E]
   float s;
-  const double* xn;             //!< [T]
-  const double* a;              //!< [E, E] (read when c_sim ≠ 0)
-  const double* norm_a;         //!< [1]
+  const double* xn;      //!< [T]
+  const double* a;       //!< [E, E] (read when c_sim ≠ 0)
+  const double* norm_a;  //!< [1]
   float c_sim;
-  double* dwhat;                //!< [d, E] out
+  double* dwhat;  //!< [d, E] out
 
   SWITCHYARD_HD void operator()(index_t idx) const {
     const index_t e_max = w.extent(1), tokens = x.extent(0);
@@ -430,7 +430,7 @@ struct dynmoe_gate_grad {
   const double* dwhat;         //!< [d, E]
   const double* dot;           //!< [E]
   float c_simple;
-  matrix_view<float> grad;     //!< [d, E] (+=)
+  matrix_view<float> grad;  //!< [d, E] (+=)
 
   SWITCHYARD_HD void operator()(index_t idx) const {
     const index_t e_max = w.extent(1);
@@ -497,25 +497,25 @@ namespace switchyard::detail {
 //! The device route's scratch (null arrays while the arena measures); forward takes the
 //! first block, backward all of it.
 struct dynmoe_device_scratch {
-  float* theta = nullptr;          //!< [E]
-  std::int32_t* mask = nullptr;    //!< [E]
-  double* wn = nullptr;            //!< [E]
-  double* me = nullptr;            //!< [E]
-  double* ce = nullptr;            //!< [E]
-  index_t* counters = nullptr;     //!< [2] T', Σ k
-  double* a = nullptr;             //!< [E, E]
-  double* norm_a = nullptr;        //!< [1]
-  double* xn = nullptr;            //!< [T] (forward: max(‖x‖, eps); backward: ‖x‖)
+  float* theta = nullptr;        //!< [E]
+  std::int32_t* mask = nullptr;  //!< [E]
+  double* wn = nullptr;          //!< [E]
+  double* me = nullptr;          //!< [E]
+  double* ce = nullptr;          //!< [E]
+  index_t* counters = nullptr;   //!< [2] T', Σ k
+  double* a = nullptr;           //!< [E, E]
+  double* norm_a = nullptr;      //!< [1]
+  double* xn = nullptr;          //!< [T] (forward: max(‖x‖, eps); backward: ‖x‖)
   // backward only
-  double* dz = nullptr;            //!< [T, E]
-  double* g = nullptr;             //!< [T, E]
-  double* dot = nullptr;           //!< [T]
-  std::int32_t* any = nullptr;     //!< [T]
-  double* dwhat = nullptr;         //!< [d, E]
-  double* col_dot = nullptr;       //!< [E]
+  double* dz = nullptr;         //!< [T, E]
+  double* g = nullptr;          //!< [T, E]
+  double* dot = nullptr;        //!< [T]
+  std::int32_t* any = nullptr;  //!< [T]
+  double* dwhat = nullptr;      //!< [d, E]
+  double* col_dot = nullptr;    //!< [E]
 
-  static dynmoe_device_scratch take(workspace_arena& ws, index_t tokens, index_t d,
-                                    index_t e_max, bool backward) {
+  static dynmoe_device_scratch take(workspace_arena& ws, index_t tokens, index_t d, index_t e_max,
+                                    bool backward) {
     dynmoe_device_scratch s;
     s.theta = ws.take<float>(e_max);
     s.mask = ws.take<std::int32_t>(e_max);
@@ -558,27 +558,32 @@ void dynmoe_forward_pipeline(const Run& run, const matrix_view<const T>& x,
     return;
   }
   const float s = dynmoe_scale(p.log_temperature);
-  run(e_max, ops::dynmoe_prepare_expert{p.w_gate, p.thresholds, p.experts_mask, s, sc.theta, sc.wn, sc.mask},
+  run(e_max,
+      ops::dynmoe_prepare_expert{p.w_gate, p.thresholds, p.experts_mask, s, sc.theta, sc.wn,
+                                 sc.mask},
       "switchyard::ops::dynmoe_prepare_expert");
   run(tokens, ops::dynmoe_token_norm<T>{x, sc.xn}, "switchyard::ops::dynmoe_token_norm");
   run(tokens * e_max,
       ops::dynmoe_score_entry<T>{x, p.w_gate, sc.xn, sc.wn, sc.mask, s, plan.logits.data(),
-                            plan.probs.data()},
+                                 plan.probs.data()},
       "switchyard::ops::dynmoe_score_entry");
-  const routing::topany_rule rule{span<const float>(sc.theta, static_cast<std::size_t>(e_max)),
-                                  span<const std::int32_t>(sc.mask, static_cast<std::size_t>(e_max)),
-                                  training};
+  const routing::topany_rule rule{
+      span<const float>(sc.theta, static_cast<std::size_t>(e_max)),
+      span<const std::int32_t>(sc.mask, static_cast<std::size_t>(e_max)), training};
   run(tokens,
       ops::dynmoe_select_token{rule, e_max, plan.logits.data(), plan.probs.data(),
-                          plan.expert_ids.data(), plan.weights.data(), plan.counts.data(), status},
+                               plan.expert_ids.data(), plan.weights.data(), plan.counts.data(),
+                               status},
       "switchyard::ops::dynmoe_select_token");
   run(e_max,
-      ops::dynmoe_usage_column{tokens, e_max, plan.expert_ids.data(), plan.counts.data(), sc.me, sc.ce,
-                          sc.counters, sc.counters + 1, false},
+      ops::dynmoe_usage_column{tokens, e_max, plan.expert_ids.data(), plan.counts.data(), sc.me,
+                               sc.ce, sc.counters, sc.counters + 1, false},
       "switchyard::ops::dynmoe_usage_column");
   run(e_max * e_max, ops::dynmoe_sim_entry{p.w_gate, sc.mask, sc.wn, sc.a},
       "switchyard::ops::dynmoe_sim_entry");
-  run(1, ops::dynmoe_losses_finish{tokens, e_max, sc.me, sc.ce, sc.counters, sc.counters + 1, sc.a, sc.wn, losses},
+  run(1,
+      ops::dynmoe_losses_finish{tokens, e_max, sc.me, sc.ce, sc.counters, sc.counters + 1, sc.a,
+                                sc.wn, losses},
       "switchyard::ops::dynmoe_losses_finish");
 }
 
@@ -595,17 +600,19 @@ void dynmoe_backward_pipeline(const Run& run, const matrix_view<const T>& x,
   const bool want_dx = present(dx), want_w = present(grads.w_gate),
              want_g = present(grads.thresholds);
   const float s = dynmoe_scale(p.log_temperature);
-  run(e_max, ops::dynmoe_prepare_expert{p.w_gate, p.thresholds, p.experts_mask, s, sc.theta, sc.wn, sc.mask},
+  run(e_max,
+      ops::dynmoe_prepare_expert{p.w_gate, p.thresholds, p.experts_mask, s, sc.theta, sc.wn,
+                                 sc.mask},
       "switchyard::ops::dynmoe_prepare_expert");
   run(e_max,
       ops::dynmoe_usage_column{tokens, e_max, plan.expert_ids.data(), plan.counts.data(), nullptr,
-                          sc.ce, sc.counters, nullptr, true},
+                               sc.ce, sc.counters, nullptr, true},
       "switchyard::ops::dynmoe_usage_column");
   const double c_eff = coeff.efficiency_loss / (static_cast<double>(tokens) * e_max);
   run(tokens,
-      ops::dynmoe_straight_through_token{e_max, plan.expert_ids.data(), plan.counts.data(), d_weights,
-                                    plan.probs.data(), sc.theta, sc.ce, sc.counters,
-                                    coeff.load_balance_loss, c_eff, sc.dz, sc.g},
+      ops::dynmoe_straight_through_token{e_max, plan.expert_ids.data(), plan.counts.data(),
+                                         d_weights, plan.probs.data(), sc.theta, sc.ce, sc.counters,
+                                         coeff.load_balance_loss, c_eff, sc.dz, sc.g},
       "switchyard::ops::dynmoe_straight_through_token");
   if (want_g) {
     run(e_max, ops::dynmoe_threshold_grad{tokens, e_max, sc.g, sc.theta, s, grads.thresholds},
@@ -627,12 +634,13 @@ void dynmoe_backward_pipeline(const Run& run, const matrix_view<const T>& x,
     run(1, ops::dynmoe_sim_norm{sc.a, e_max, sc.norm_a}, "switchyard::ops::dynmoe_sim_norm");
   }
   run(d * e_max,
-      ops::dynmoe_gate_dwhat<T>{x, p.w_gate, sc.wn, sc.dz, s, sc.xn, sc.a, sc.norm_a, coeff.sim_loss,
-                           sc.dwhat},
+      ops::dynmoe_gate_dwhat<T>{x, p.w_gate, sc.wn, sc.dz, s, sc.xn, sc.a, sc.norm_a,
+                                coeff.sim_loss, sc.dwhat},
       "switchyard::ops::dynmoe_gate_dwhat");
   run(e_max, ops::dynmoe_gate_column_dot{p.w_gate, sc.wn, sc.dwhat, sc.col_dot},
       "switchyard::ops::dynmoe_gate_column_dot");
-  run(d * e_max, ops::dynmoe_gate_grad{p.w_gate, sc.wn, sc.dwhat, sc.col_dot, coeff.simple_loss, grads.w_gate},
+  run(d * e_max,
+      ops::dynmoe_gate_grad{p.w_gate, sc.wn, sc.dwhat, sc.col_dot, coeff.simple_loss, grads.w_gate},
       "switchyard::ops::dynmoe_gate_grad");
 }
 
