@@ -24,6 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <ios>
 #include <limits>
 #include <random>
 #include <string>
@@ -60,7 +61,8 @@ void check_bits(const std::vector<float>& got, const std::vector<float>& want,
   std::size_t bad = 0;
   for (std::size_t i = 0; i < got.size(); ++i) {
     if (bits(got[i]) == bits(want[i])) continue;
-    if (++bad <= 5) BOOST_ERROR(what << "[" << i << "]: got " << got[i] << ", want " << want[i]);
+    if (++bad <= 5)
+      BOOST_ERROR(what << "[" << i << "]: got " << std::hexfloat << got[i] << ", want " << want[i]);
   }
   BOOST_TEST(bad == 0u, what << ": " << bad << " elements differ");
 }
@@ -213,7 +215,7 @@ void check_router(const R& r, const problem& pr, std::uint64_t seed, bool entrop
       BOOST_TEST(ulps(got[i], want[i]) <= 1, "entropy " << got[i] << " vs " << want[i]);
     } else {
       BOOST_TEST(bits(got[i]) == bits(want[i]),
-                 "loss field " << i << ": " << got[i] << " vs " << want[i]);
+                 "loss field " << i << ": " << std::hexfloat << got[i] << " vs " << want[i]);
     }
   }
 
