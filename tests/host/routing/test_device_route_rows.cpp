@@ -16,6 +16,7 @@
 #include <switchyard/routing/routers/da_moe.hpp>
 #include <switchyard/routing/routers/topk.hpp>
 #include <switchyard/routing/routers/topp.hpp>
+#include <switchyard/routing/selection/topany.hpp>
 
 #include <algorithm>
 #include <bit>
@@ -581,4 +582,34 @@ BOOST_AUTO_TEST_CASE(workspace_is_what_the_carving_takes) {
   check_workspace<sy::ops::forward_route<sy::routers::AdaptiveGating>>();
   check_workspace<sy::ops::forward_route<DA>>();
   check_workspace<sy::ops::backward_route<DA>>();
+}
+
+BOOST_AUTO_TEST_CASE(select_token_is_the_host_selection) {
+  // cuda::select's functor (scores computed elsewhere, e.g. DynMoE's) against select_all.
+  const int tokens = 77, experts = 8;
+  std::mt19937_64 g(sy::test::base_seed() + 9000);
+  auto scores = sy::test::uniform(g, static_cast<std::size_t>(tokens) * experts, 0.05f, 0.95f);
+  const auto theta = sy::test::uniform(g, experts, 0.3f, 0.7f);
+  const std::vector<std::int32_t> mask{1, 0, 1, 1, 1, 0, 1, 1};
+  for (int t = 0; t < tokens; ++t)
+    for (int e = 0; e < experts; ++e) scores[t * experts + e] *= static_cast<float>(mask[e]);
+  for (bool training : {true, false}) {
+    const sy::routing::topany_rule rule{.thresholds = {theta.data(), theta.size()},
+                                        .experts_mask = {mask.data(), mask.size()},
+                                        .training = training};
+    routing_plan want;
+    want.resize(tokens, experts, experts);
+    want.probs = scores;
+    sy::routing::select_all(rule, want);
+    routing_plan got;
+    got.resize(tokens, experts, experts);
+    poison(got);
+    const sy::ops::select_token<sy::routing::same_rule<sy::routing::topany_rule>> row{
+        {rule},  scores.data(), got.expert_ids.data(), got.weights.data(), got.counts.data(),
+        experts, experts};
+    for (index_t t = 0; t < tokens; ++t) row(t);
+    BOOST_TEST(got.expert_ids == want.expert_ids, boost::test_tools::per_element());
+    BOOST_TEST(got.counts == want.counts, boost::test_tools::per_element());
+    check_bits(got.weights, want.weights, "weights");
+  }
 }
