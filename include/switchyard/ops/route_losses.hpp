@@ -51,17 +51,22 @@ struct expert_column_sums {
 
   SWITCHYARD_HD void operator()(index_t e) const {
     const index_t n = tokens, w = width, stride = experts;
-    double fe = 0.0, pe = 0.0;
+    // f as an integer count (the host's sum of 1.0s is exact, so the same double), in its own
+    // loop: the compiler may unroll and reorder it, the loads of P̄'s double chain then
+    // pipeline (P̄ itself is summed strictly in token order).
+    index_t fe = 0;
     for (index_t t = 0; t < n; ++t) {
       const int c = readable_slots(counts[t], w);
       const int used = slots == counted_slots::every_used ? c
                        : slots == counted_slots::top1     ? (c > 0 ? 1 : 0)
                                                           : (c == 1 ? 1 : 0);
-      for (int j = 0; j < used; ++j) fe += ids[t * w + j] == e ? 1.0 : 0.0;
-      if (pbar != nullptr) pe += probs[t * stride + e];
+      for (int j = 0; j < used; ++j) fe += ids[t * w + j] == e ? 1 : 0;
     }
-    f[e] = fe;
-    if (pbar != nullptr) pbar[e] = pe;
+    f[e] = static_cast<double>(fe);
+    if (pbar == nullptr) return;
+    double pe = 0.0;
+    for (index_t t = 0; t < n; ++t) pe += probs[t * stride + e];
+    pbar[e] = pe;
   }
 };
 
