@@ -455,22 +455,25 @@ double tolerance() {
 
 template <class D, class Act, class T>
 void compare_pipeline(std::mt19937_64& rng, const D& policy, bool bias, bool grads_present,
-                      bool dx_present) {
+                      bool dx_present, bool nan_unused = false) {
   constexpr bool gated = sy::activation_traits<Act>::is_gated;
   const index_t tokens = std::uniform_int_distribution<index_t>(1, 9)(rng);
-  const index_t E = std::uniform_int_distribution<index_t>(2, 5)(rng);
-  const index_t width = std::min<index_t>(3, E), d = 6, f = 5, p = gated ? 2 * f : f;
+  const index_t E = std::uniform_int_distribution<index_t>(nan_unused ? 3 : 2, 5)(rng);
+  // nan_unused: no pair names expert E-1, whose parameters are NaN (a masked DynMoE slot).
+  const index_t routable = nan_unused ? E - 1 : E;
+  const index_t width = std::min<index_t>(3, routable), d = 6, f = 5, p = gated ? 2 * f : f;
   const std::string tag = std::string(typeid(D).name()) + " " + typeid(Act).name() + " " +
                           sy::element_type_name<T>() + (bias ? " bias" : "") +
-                          (grads_present ? " grads" : "") + (dx_present ? " dx" : "");
+                          (grads_present ? " grads" : "") + (dx_present ? " dx" : "") +
+                          (nan_unused ? " nan-unused" : "");
   BOOST_TEST_CONTEXT(tag) {
     // A plan with distinct experts per token, some tokens using fewer slots (or none).
     std::vector<std::int32_t> ids(tokens * width, -1), counts(tokens);
     std::vector<float> wts(tokens * width, 0.0f);
     for (index_t t = 0; t < tokens; ++t) {
       counts[t] = static_cast<std::int32_t>(std::uniform_int_distribution<index_t>(0, width)(rng));
-      std::vector<std::int32_t> perm(E);
-      for (index_t e = 0; e < E; ++e) perm[e] = static_cast<std::int32_t>(e);
+      std::vector<std::int32_t> perm(routable);
+      for (index_t e = 0; e < routable; ++e) perm[e] = static_cast<std::int32_t>(e);
       std::shuffle(perm.begin(), perm.end(), rng);
       for (index_t j = 0; j < counts[t]; ++j) {
         ids[t * width + j] = perm[j];
@@ -484,6 +487,17 @@ void compare_pipeline(std::mt19937_64& rng, const D& policy, bool bias, bool gra
     const auto xv = as<T>(sy::test::normal(rng, tokens * d));
     const auto x = sy::make_view<const T>(xv.data(), tokens, d);
     strided_weights<T> w(rng, E, p, d, f, bias);
+    if (nan_unused) {
+      const T nan = sy::from_float<T>(std::numeric_limits<float>::quiet_NaN());
+      for (index_t r = 0; r < p; ++r)
+        for (index_t c = 0; c < d; ++c) const_cast<T&>(w.view.w1(E - 1, r, c)) = nan;
+      for (index_t r = 0; r < d; ++r)
+        for (index_t c = 0; c < f; ++c) const_cast<T&>(w.view.w2(E - 1, r, c)) = nan;
+      if (bias) {
+        for (index_t c = 0; c < p; ++c) const_cast<T&>(w.view.b1(E - 1, c)) = nan;
+        for (index_t c = 0; c < d; ++c) const_cast<T&>(w.view.b2(E - 1, c)) = nan;
+      }
+    }
     const sy::cuda::expert_dims dm{tokens, width, E, d, f, p};
     sy::host::expert_dims hdm;
     hdm.tokens = tokens, hdm.width = width, hdm.experts = E, hdm.d = d, hdm.d_ff = f, hdm.p = p;
@@ -593,6 +607,11 @@ void all_activations(std::mt19937_64& rng, const D& policy) {
   all_types<D, sy::activation::swiglu>(rng, policy);
   all_types<D, sy::activation::gelu>(rng, policy);
   all_types<D, sy::activation::relu>(rng, policy);
+  // An expert no pair names may hold NaN (DynMoE's masked slots): nothing of it may reach y,
+  // dx, d_weights or another expert's gradients, and its own gradients stay as they were.
+  compare_pipeline<D, sy::activation::swiglu, float>(rng, policy, true, true, true, true);
+  compare_pipeline<D, sy::activation::gelu, sy::half>(rng, policy, true, true, true, true);
+  compare_pipeline<D, sy::activation::relu, sy::bfloat16>(rng, policy, false, true, true, true);
 }
 
 }  // namespace
