@@ -101,16 +101,16 @@ struct route_token {
   SWITCHYARD_HD void operator()(index_t t) const { (void)route(t); }
 };
 
-//! `route_token` that hands the flat index t·E + e of a non-finite logit to `record`
-//! (the CUDA backend's status word; a host test's capture).
-template <class Rules, class Record>
+//! `route_token` that reports the flat index t·E + e of a non-finite logit to `faults`
+//! (see route_steps.hpp: the CUDA backend's status word, a host test's capture).
+template <class Rules, class Faults>
 struct route_token_recorded {
   route_token<Rules> row;
-  Record record;  //!< `void operator()(index_t flat) const`
+  Faults faults;  //!< `non_finite_logit(index_t flat) const`
 
   SWITCHYARD_HD void operator()(index_t t) const {
     const index_t e = row.route(t);
-    if (e >= 0) record(t * row.experts + e);
+    if (e >= 0) faults.non_finite_logit(t * row.experts + e);
   }
 };
 

@@ -11,6 +11,12 @@
 //! A launcher has `tokens(n, f, name)` and `elements(n, f, name)`, both calling f(i) for every
 //! i in [0, n) (the CUDA one picks the block size of per-token or per-element work).
 //!
+//! What only the data can show (the host throws for it) goes to a faults sink, a trivially
+//! copyable value with `__host__ __device__` members called on the executing side:
+//! `non_finite_logit(t·E + e)`, and for DA-MoE `bad_attention(h·T·T + i·T + j)` and
+//! `bad_importance(j)` (the first of each, once per forward). The tokens concerned route to
+//! no expert (DA-MoE: every token, as the host rejects the whole batch).
+//!
 //! Two-phase like every workspace user: `forward_route<R>` / `backward_route<R>` carve their
 //! scratch when constructed (a measuring arena only counts it), and `run` launches.
 
@@ -47,7 +53,7 @@ inline constexpr bool no_device_token_rules_for = false;
 
 //! The per-token rules of composed router R where its params are not host memory:
 //! `carve(ws, T)`, `check(r, params, T)` (data-free) and `make(launch, r, params, T,
-//! scratch)` -> an object whose `rule(t)` is `__host__ __device__`. A router with one rule
+//! scratch, faults)` -> an object whose `rule(t)` is `__host__ __device__`. A router with one rule
 //! for every token needs nothing; DA-MoE has its importance pass; a user's router with its
 //! own `token_rules` specialises this.
 template <class R>
@@ -65,9 +71,9 @@ struct device_token_rules<R> {
   struct scratch {};
   static scratch carve(workspace_arena&, index_t) { return {}; }
   static void check(const R&, const typename R::params_type&, index_t) {}
-  template <class Launcher>
+  template <class Launcher, class Faults>
   static auto make(const Launcher&, const R& r, const typename R::params_type&, index_t,
-                   const scratch&) {
+                   const scratch&, const Faults&) {
     return routing::same_rule<decltype(r.rule())>{r.rule()};
   }
 };
@@ -137,20 +143,20 @@ class forward_route {
                                                        std::make_index_sequence<term_count>{})) {}
 
   //! With `plan.logits` written: the per-token rules, softmax and selection of every token
-  //! (a non-finite logit's flat index goes to `record`), then each loss term's value to its
+  //! (bad data goes to `faults`, see the file comment), then each loss term's value to its
   //! field of `*losses`. Every launch goes through `launch`.
-  template <class Launcher, class Record>
+  template <class Launcher, class Faults>
   void run(const Launcher& launch, const R& r, const typename R::params_type& p,
            const routing::plan_ref& plan, typename R::losses_type* losses,
-           const Record& record) const {
+           const Faults& faults) const {
     const index_t tokens = plan.num_tokens;
-    const auto rules = rules_type::make(launch, r, p, tokens, rules_);
+    const auto rules = rules_type::make(launch, r, p, tokens, rules_, faults);
     using rules_t = std::remove_cvref_t<decltype(rules)>;
     launch.tokens(tokens,
-                  route_token_recorded<rules_t, Record>{
+                  route_token_recorded<rules_t, Faults>{
                       {rules, plan.logits.data(), plan.probs.data(), plan.expert_ids.data(),
                        plan.weights.data(), plan.counts.data(), plan.num_experts, plan.width},
-                      record},
+                      faults},
                   "switchyard::ops::route_token");
     run_terms(launch, r.loss_terms(), plan, losses, std::make_index_sequence<term_count>{});
   }

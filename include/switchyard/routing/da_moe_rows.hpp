@@ -11,7 +11,7 @@
 //! Bad input (attention that is not finite, negative or whose row does not sum to 1, an
 //! importance that is not finite or negative), which the host rejects with a typed exception,
 //! makes every token of the batch route to no expert here (count 0); `importance_flags`
-//! keeps the first bad flat index of each kind for a backend to report.
+//! keeps the first bad flat index of each kind, reported to the route's faults sink.
 
 #include <climits>
 #include <cstdint>
@@ -169,6 +169,21 @@ struct relative_importance {
   }
 };
 
+//! Reports what the importance pass found to a faults sink (ops/route_steps.hpp): the first
+//! bad attention element and the first bad importance (one item).
+template <class Faults>
+struct report_importance_faults {
+  const importance_flags* flags = nullptr;
+  Faults faults;
+
+  SWITCHYARD_HD void operator()(index_t) const {
+    if (flags->bad_attention != importance_flags::none)
+      faults.bad_attention(static_cast<index_t>(flags->bad_attention));
+    if (flags->bad_importance != importance_flags::none)
+      faults.bad_importance(static_cast<index_t>(flags->bad_importance));
+  }
+};
+
 //! DA-MoE's per-token rules over a relative importance in the executing side's memory:
 //! `da_moe_rules::rule(t)`, or top-0 (no expert) for a token whose relative importance is not
 //! in [0, 1] (bad input, see the file comment).
@@ -269,8 +284,9 @@ struct importance_rows<importance::precomputed> {
 };
 
 //! DA-MoE's rules where the params are not host memory: scratch carved from an arena
-//! (`carve`), the data-free checks (`check`), and `make` (launches the importance pass and
-//! returns the per-token rules over the relative importance it wrote).
+//! (`carve`), the data-free checks (`check`), and `make` (launches the importance pass,
+//! reports bad input to `faults`, and returns the per-token rules over the relative
+//! importance it wrote).
 template <class Importance, class KRule>
 struct da_moe_device_rules {
   using router_type = routers::DAMoE<Importance, KRule>;
@@ -290,15 +306,17 @@ struct da_moe_device_rules {
   static void check(const router_type&, const da_moe_params& p, index_t tokens) {
     rows::check(p, tokens);
   }
-  template <class Launcher>
+  template <class Launcher, class Faults>
   static da_moe_checked_rules<KRule> make(const Launcher& launch, const router_type& r,
-                                          const da_moe_params& p, index_t tokens,
-                                          const scratch& s) {
+                                          const da_moe_params& p, index_t tokens, const scratch& s,
+                                          const Faults& faults) {
     launch.elements(1, reset_importance_flags{s.flags},
                     "switchyard::routing::reset_importance_flags");
     rows::launch_rows(launch, p, tokens, s.importance, s.flags);
     launch.tokens(tokens, relative_importance{s.importance, s.relative, s.flags},
                   "switchyard::routing::relative_importance");
+    launch.elements(1, report_importance_faults<Faults>{s.flags, faults},
+                    "switchyard::routing::report_importance_faults");
     return {{r.k_rule, r.renormalize, s.relative}};
   }
 };

@@ -45,10 +45,16 @@ namespace {
 const std::vector<router_shape> shapes{
     {1, 5, 3, 1}, {7, 16, 8, 2}, {64, 32, 16, 3}, {33, 8, 64, 1}, {130, 12, 6, 2}};
 
-//! Captures the smallest flat index recorded (the host side of the status word).
-struct capture_first {
-  unsigned long long* slot;
-  void operator()(index_t i) const { sy::ops::record_first(slot, i); }
+//! The faults sink of a host run: the smallest index of each kind (the host side of the
+//! status word).
+struct captured_faults {
+  unsigned long long logit = ULLONG_MAX, attention = ULLONG_MAX, importance = ULLONG_MAX;
+};
+struct capture_faults {
+  captured_faults* out;
+  void non_finite_logit(index_t i) const { sy::ops::record_first(&out->logit, i); }
+  void bad_attention(index_t i) const { sy::ops::record_first(&out->attention, i); }
+  void bad_importance(index_t i) const { sy::ops::record_first(&out->importance, i); }
 };
 
 std::uint32_t bits(float v) {
@@ -136,7 +142,7 @@ template <class R>
 struct device_result {
   routing_plan plan;
   typename R::losses_type losses{};
-  unsigned long long first_bad = ULLONG_MAX;
+  captured_faults faults;
 };
 
 //! The device forward, run on the host: the logits functor (the non-GEMM path), then the
@@ -158,7 +164,7 @@ device_result<R> device_forward(const R& r, const sy::matrix_view<const T>& x,
   sy::workspace_arena ws({bytes.data(), bytes.size()});
   const sy::ops::forward_route<R> steps(tokens, experts, ws);
   steps.run(sy::ops::sequential_launcher{}, r, p, out.plan.ref(), &out.losses,
-            capture_first{&out.first_bad});
+            capture_faults{&out.faults});
   return out;
 }
 
@@ -203,7 +209,9 @@ void check_router(const R& r, const problem& pr, std::uint64_t seed, bool entrop
   sy::host::route(r, x, p, host_plan, host_losses);
   const auto dev = device_forward(r, x, p);
 
-  BOOST_TEST(dev.first_bad == ULLONG_MAX);
+  BOOST_TEST(dev.faults.logit == ULLONG_MAX);
+  BOOST_TEST(dev.faults.attention == ULLONG_MAX);
+  BOOST_TEST(dev.faults.importance == ULLONG_MAX);
   check_bits(dev.plan.logits, host_plan.logits, "logits");
   check_bits(dev.plan.probs, host_plan.probs, "probs");
   BOOST_TEST(dev.plan.expert_ids == host_plan.expert_ids, boost::test_tools::per_element());
@@ -317,7 +325,10 @@ std::pair<std::vector<float>, sy::routing::importance_flags> device_relative(
   std::vector<std::byte> bytes(measure.required());
   sy::workspace_arena ws({bytes.data(), bytes.size()});
   const auto s = rules::carve(ws, tokens);
-  (void)rules::make(sy::ops::sequential_launcher{}, r, p, tokens, s);
+  captured_faults faults;
+  (void)rules::make(sy::ops::sequential_launcher{}, r, p, tokens, s, capture_faults{&faults});
+  BOOST_TEST(faults.attention == s.flags->bad_attention);
+  BOOST_TEST(faults.importance == s.flags->bad_importance);
   return {std::vector<float>(s.relative, s.relative + tokens), *s.flags};
 }
 
@@ -455,7 +466,7 @@ BOOST_AUTO_TEST_CASE(non_finite_token_routes_to_no_expert_and_is_recorded) {
       },
       "x", "not finite");
   const auto dev = device_forward(r, bad.p.xv(), bad.linear());
-  BOOST_TEST(dev.first_bad == static_cast<unsigned long long>(t_bad * bad.p.experts));
+  BOOST_TEST(dev.faults.logit == static_cast<unsigned long long>(t_bad * bad.p.experts));
   const auto want = sy::test::route_plan(r, clean.p.xv(), clean.linear());
   for (int t = 0; t < bad.p.tokens; ++t) {
     for (int j = 0; j < 2; ++j) {
@@ -535,28 +546,32 @@ BOOST_AUTO_TEST_CASE(da_moe_bad_input_routes_every_token_to_no_expert) {
     for (auto c : dev.plan.counts) BOOST_TEST(c == 0);
     for (auto id : dev.plan.expert_ids) BOOST_TEST(id == -1);
     for (auto w : dev.plan.weights) BOOST_TEST(w == 0.0f);
+    BOOST_TEST(dev.faults.logit == ULLONG_MAX);
+    return dev.faults;
   };
   {
     problem bad = pr;  // a negative attention probability (head 1, query 2, key 3)
     const std::size_t at = (1 * 6 + 2) * 6 + 3;
     bad.p.attn[at] = -bad.p.attn[at] - 0.01f;
     const sy::routers::DAMoE<> r{.k_rule = k};
-    expect_no_route(r, bad.da_moe(), "params.attention");
+    BOOST_TEST(expect_no_route(r, bad.da_moe(), "params.attention").attention == at);
     BOOST_TEST(device_relative(r, bad.da_moe(), 6).second.bad_attention == at);
   }
   {
     problem bad = pr;  // a row that does not sum to 1 (head 0, query 4)
     for (int j = 0; j < 6; ++j) bad.p.attn[(0 * 6 + 4) * 6 + j] *= 1.5f;
     const sy::routers::DAMoE<sy::routing::importance::cls_row> r{.k_rule = k};
-    expect_no_route(r, bad.da_moe(), "params.attention");
-    BOOST_TEST(device_relative(r, bad.da_moe(), 6).second.bad_attention == (0 * 6 + 4) * 6 + 5);
+    const auto faults = expect_no_route(r, bad.da_moe(), "params.attention");
+    BOOST_TEST(faults.attention == (0 * 6 + 4) * 6 + 5);
+    BOOST_TEST(faults.importance == ULLONG_MAX);
   }
   {
     problem bad = pr;  // a non-finite importance
     bad.importance[3] = std::numeric_limits<float>::infinity();
     const sy::routers::DAMoE<sy::routing::importance::precomputed> r{.k_rule = k};
-    expect_no_route(r, bad.da_moe(), "params.importance");
-    BOOST_TEST(device_relative(r, bad.da_moe(), 6).second.bad_importance == 3u);
+    const auto faults = expect_no_route(r, bad.da_moe(), "params.importance");
+    BOOST_TEST(faults.importance == 3u);
+    BOOST_TEST(faults.attention == ULLONG_MAX);
   }
 }
 

@@ -85,12 +85,21 @@ struct kernel_launcher {
   }
 };
 
-//! Records a non-finite logit's flat index t·E + e in the status word (none when null).
-struct record_non_finite_logit {
+//! The route's faults sink (ops/route_steps.hpp) over the status word (nothing when null):
+//! a non-finite logit's flat index t·E + e is recorded. DA-MoE's bad attention or importance
+//! has no status kind yet (the tokens route to no expert, nothing is thrown): see the
+//! bad_attention / bad_importance members.
+struct status_faults {
   device_status* status = nullptr;
-  SWITCHYARD_HD void operator()(index_t flat) const {
+  SWITCHYARD_HD void non_finite_logit(index_t flat) const {
     if (status != nullptr) status->record(status_kind::non_finite_logits, flat);
   }
+  //! params.attention[h, i, j] (flat h·T·T + i·T + j) is not finite, negative, or ends a row
+  //! that does not sum to 1. Pending a status kind for it (status.hpp is the contract's).
+  SWITCHYARD_HD void bad_attention(index_t /*flat*/) const {}
+  //! params.importance[j] (or the computed importance of token j) is not finite or negative.
+  //! Pending a status kind for it.
+  SWITCHYARD_HD void bad_importance(index_t /*token*/) const {}
 };
 
 }  // namespace switchyard::cuda
@@ -254,8 +263,7 @@ void cuda_composed_forward(const cuda::context& ctx, const R& r, const matrix_vi
   }
   cuda::require_device_memory("losses", losses, dev, alignof(float));
   cuda_router_logits(ctx, x, sp.w, plan.logits.data());
-  steps.run(cuda::kernel_launcher{ctx.stream}, r, p, plan, losses,
-            cuda::record_non_finite_logit{status});
+  steps.run(cuda::kernel_launcher{ctx.stream}, r, p, plan, losses, cuda::status_faults{status});
 }
 
 template <routing::ComposedRouter R, ElementType T>
