@@ -287,7 +287,9 @@ struct host_exec {
   using blas_op = op;
   static constexpr op op_none = op::n;
   static constexpr op op_transpose = op::t;
-  mutable int strided_calls = 0, grouped_calls = 0, pointer_builds = 0;
+  template <sy::ElementType T>
+  static constexpr bool grouped_native = std::is_same_v<T, float>;  // as the device executor
+  mutable int strided_calls = 0, grouped_calls = 0, pointer_builds = 0, single_calls = 0;
 
   template <class F>
   void launch(index_t n, const F& f, const char*) const {
@@ -324,6 +326,12 @@ struct host_exec {
     for (index_t q = 0; q < batch; ++q)
       gemm(b, static_cast<const T*>(a) + q * b.stride_a, static_cast<const T*>(bm) + q * b.stride_b,
            static_cast<float*>(c) + q * b.stride_c);
+  }
+  template <sy::ElementType T>
+  void gemm_single(const sy::cuda::blas_gemm& b, const void* a, const void* bm, void* c,
+                   const char*) const {
+    ++single_calls;
+    gemm(b, static_cast<const T*>(a), static_cast<const T*>(bm), static_cast<float*>(c));
   }
   template <sy::ElementType T>
   void gemm_grouped(const sy::cuda::grouped_call<op>& c, const void* const* a, const void* const* b,
@@ -525,7 +533,8 @@ void compare_pipeline(std::mt19937_64& rng, const D& policy, bool bias, bool gra
       sy::cuda::experts_forward_phase(exec, policy, Act{}, dm, sy::matrix_view<const T>{}, plan,
                                       w.view, sy::cuda::expert_groups_ref{}, nullptr,
                                       sy::matrix_view<T>{}, nullptr, mws, mhws);
-      BOOST_TEST(exec.strided_calls + exec.grouped_calls + exec.pointer_builds ==
+      BOOST_TEST(exec.strided_calls + exec.grouped_calls + exec.pointer_builds +
+                     exec.single_calls ==
                  0);  // measuring touches nothing
       std::vector<std::byte> dev(mws.required()), host(mhws.required());
       sy::workspace_arena ws({dev.data(), dev.size()}), hws({host.data(), host.size()});
@@ -585,9 +594,13 @@ void compare_pipeline(std::mt19937_64& rng, const D& policy, bool bias, bool gra
     expect_near(gr.b2, gr_ref.b2, tol, "grads.b2");
     if (std::is_same_v<D, sy::dispatch::sorted_grouped>) {
       BOOST_TEST(exec.strided_calls == 0);
+      // float: grouped calls over pointer arrays; half/bfloat16: one GEMM per expert.
+      if (std::is_same_v<T, float>)
+        BOOST_TEST(exec.single_calls == 0);
+      else
+        BOOST_TEST(exec.grouped_calls + exec.pointer_builds == 0);
     } else {
-      BOOST_TEST(exec.grouped_calls == 0);
-      BOOST_TEST(exec.pointer_builds == 0);
+      BOOST_TEST(exec.grouped_calls + exec.pointer_builds + exec.single_calls == 0);
     }
   }
 }

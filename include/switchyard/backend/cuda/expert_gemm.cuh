@@ -3,8 +3,10 @@
 //! The expert phase's device executor (`device_expert_exec`, for expert_phase.hpp): functors
 //! through cuda::for_each, and the GEMMs on cuBLAS: the descriptions of gemm.hpp mapped by
 //! `to_column_major` and run as `cublasGemmStridedBatchedEx` (padded_capacity, dense: one
-//! problem per expert, equal sizes) or `cublasGemmGroupedBatchedEx` (sorted_grouped: one
-//! group per expert with rows, group_size 1, sizes from the host copy of the row counts).
+//! problem per expert, equal sizes) or, for sorted_grouped (sizes from the host copy of the
+//! row counts), `cublasGemmGroupedBatchedEx` (float: one group per expert with rows,
+//! group_size 1) or one `cublasGemmEx` per expert with rows (half, bfloat16: the grouped
+//! GEMM's type table needs C of the input type, and C is float here).
 //! A/B of the storage type (CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF), C float, CUBLAS_COMPUTE_32F.
 //!
 //! The grouped GEMM's A/B/C pointer arrays live in device memory: one small single-block
@@ -80,6 +82,12 @@ struct device_expert_exec {
   static constexpr cublasOperation_t op_none = CUBLAS_OP_N;       //!< op none
   static constexpr cublasOperation_t op_transpose = CUBLAS_OP_T;  //!< op transpose
 
+  //! Whether grouped GEMMs of T run as one cublasGemmGroupedBatchedEx: its type table has
+  //! C of the input type only (16F -> 16F, 16BF -> 16BF, 32F -> 32F), and C is float here,
+  //! so half and bfloat16 run one cublasGemmEx per expert with rows.
+  template <ElementType T>
+  static constexpr bool grouped_native = std::is_same_v<T, float>;
+
   cublasHandle_t blas = nullptr;  //!< bound to `stream`, pointer mode host
   cudaStream_t stream = nullptr;  //!< every launch and GEMM
 
@@ -107,6 +115,16 @@ struct device_expert_exec {
                                      b.ldb, b.stride_b, &b.beta, c, CUDA_R_32F, b.ldc, b.stride_c,
                                      static_cast<int>(batch), CUBLAS_COMPUTE_32F,
                                      CUBLAS_GEMM_DEFAULT),
+          what);
+  }
+
+  //! One problem of the mapped call `b` (a, b: cuBLAS's A and B).
+  template <ElementType T>
+  void gemm_single(const blas_gemm& b, const void* a, const void* bm, void* c,
+                   const char* what) const {
+    check(cublasGemmEx(blas, blas_op(b.trans_a), blas_op(b.trans_b), b.m, b.n, b.k, &b.alpha, a,
+                       blas_type<T>, b.lda, bm, blas_type<T>, b.ldb, &b.beta, c, CUDA_R_32F, b.ldc,
+                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
           what);
   }
 

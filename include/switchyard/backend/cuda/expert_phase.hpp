@@ -211,9 +211,12 @@ cuda::expert_gemm_layout cuda_gemm_layout(const cuda::expert_dims& dm, const exp
   return l;
 }
 
-//! Slots of the grouped GEMM's device pointer arrays for `gemms` GEMMs.
-inline index_t cuda_group_pointer_slots(cuda_expert_layout k, int gemms, index_t experts) {
-  return k == cuda_expert_layout::grouped_gemm ? 3 * gemms * experts : 0;
+//! Slots of the grouped GEMM's device pointer arrays for `gemms` GEMMs (none when the
+//! executor runs grouped GEMMs of T one expert at a time).
+template <class Exec, ElementType T>
+index_t cuda_group_pointer_slots(cuda_expert_layout k, int gemms, index_t experts) {
+  const bool native = Exec::template grouped_native<T>;
+  return k == cuda_expert_layout::grouped_gemm && native ? 3 * gemms * experts : 0;
 }
 
 //! The grouped GEMM's host arguments (sorted_grouped only).
@@ -232,16 +235,23 @@ namespace switchyard::cuda {
 
 //! Runs the expert GEMMs of one forward or backward through `Exec`: strided-batched (E
 //! problems of `rows.rows` rows) or grouped (one group per expert with rows; the groups from
-//! the host copy of the counts, the pointer arrays written once for every GEMM).
+//! the host copy of the counts). Grouped GEMMs run as one grouped call over device pointer
+//! arrays written once for every GEMM when `Exec::grouped_native<T>` (cuBLAS's grouped GEMM
+//! takes C of the input type only: float), else one GEMM per expert with rows, its
+//! pointers computed on the host from the host counts (half, bfloat16: C stays float).
 //!
 //! `Exec` provides `blas_op` (the BLAS's op enum) with `op_none` / `op_transpose`,
-//! `gemm_strided<T>(blas_gemm, A, B, C, batch, what)`, `gemm_grouped<T>(grouped_call, A[], B[],
-//! C[], what)` (A, B: cuBLAS's operands, already swapped) and
+//! `grouped_native<T>`, `gemm_strided<T>(blas_gemm, A, B, C, batch, what)`,
+//! `gemm_single<T>(blas_gemm, A, B, C, what)`, `gemm_grouped<T>(grouped_call, A[], B[], C[],
+//! what)` (A, B: cuBLAS's operands, already swapped) and
 //! `build_group_pointers(table, row_begin, row_count, E, out)`.
 template <class Exec, ElementType T>
 class expert_gemm_runner {
  public:
-  //! `args` / `pointers` ([3·GEMMs·E] slots) only for grouped.
+  //! Whether grouped GEMMs of T run as one grouped call.
+  static constexpr bool native = Exec::template grouped_native<T>;
+
+  //! `args` / `pointers` ([3·GEMMs·E] slots, native only) only for grouped.
   expert_gemm_runner(const Exec& exec, bool grouped, const expert_gemm_rows& rows, index_t experts,
                      group_args<typename Exec::blas_op>* args, void** pointers)
       : exec_(exec),
@@ -251,13 +261,13 @@ class expert_gemm_runner {
         args_(args),
         pointers_(pointers) {}
 
-  //! Sets the GEMMs' operands; grouped: the groups from `g.host_row_count` and the pointer
-  //! arrays from the device `g.row_begin` / `g.row_count`.
+  //! Sets the GEMMs' operands; grouped: the groups from `g.host_row_count` and (native) the
+  //! pointer arrays from the device `g.row_begin` / `g.row_count`.
   void prepare(const gemm_operand_table& table, const expert_groups_ref& g) {
     table_ = table;
     if (!grouped_) return;
     args_->reset(g.host_row_count, experts_);
-    if (args_->groups() == 0 || table.count == 0) return;
+    if (!native || args_->groups() == 0 || table.count == 0) return;
     exec_.build_group_pointers(table, g.row_begin, g.row_count, experts_, pointers_);
   }
 
@@ -274,17 +284,31 @@ class expert_gemm_runner {
                                      what);
       return;
     }
-    const auto c = make_grouped_call(
-        *args_,
-        [&](index_t n) {
-          return describe(expert_gemm_rows{n, 0, 0});
-        },
-        what);
-    if (c.groups == 0) return;
-    void** base = pointers_ + static_cast<index_t>(3 * i) * experts_;
-    const auto ab = column_major_operands(const_cast<const void* const*>(base),
-                                          const_cast<const void* const*>(base + experts_));
-    exec_.template gemm_grouped<T>(c, ab.a, ab.b, base + 2 * experts_, what);
+    if constexpr (!native) {
+      const index_t* counts = args_->counts();
+      const index_t* begin = args_->row_begin();
+      for (index_t e = 0; e < args_->experts(); ++e) {
+        if (counts[e] == 0) continue;
+        const blas_gemm b = to_column_major(describe(expert_gemm_rows{counts[e], 0, 0}), what);
+        if (gemm_is_noop(b)) continue;
+        const auto ab = column_major_operands(static_cast<const void*>(op.a.at(e, begin)),
+                                              static_cast<const void*>(op.b.at(e, begin)));
+        exec_.template gemm_single<T>(b, ab.a, ab.b, const_cast<std::byte*>(op.c.at(e, begin)),
+                                      what);
+      }
+    } else {
+      const auto c = make_grouped_call(
+          *args_,
+          [&](index_t n) {
+            return describe(expert_gemm_rows{n, 0, 0});
+          },
+          what);
+      if (c.groups == 0) return;
+      void** base = pointers_ + static_cast<index_t>(3 * i) * experts_;
+      const auto ab = column_major_operands(const_cast<const void* const*>(base),
+                                            const_cast<const void* const*>(base + experts_));
+      exec_.template gemm_grouped<T>(c, ab.a, ab.b, base + 2 * experts_, what);
+    }
   }
 
  private:
@@ -320,7 +344,7 @@ void experts_forward_phase(const Exec& exec, const D& policy, const Act& act, co
   T* a = ws.take<T>(bound.rows * f);           // [R, d_ff] A
   float* ys = ws.take<float>(bound.rows * d);  // [R, d] Y
   float* pair_out = K == layout::dense ? ws.take<float>(tokens * width * d) : nullptr;
-  void** pointers = ws.take<void*>(detail::cuda_group_pointer_slots(K, 2, E));
+  void** pointers = ws.take<void*>(detail::cuda_group_pointer_slots<Exec, T>(K, 2, E));
   auto args = detail::cuda_take_group_args<Exec>(K, host_ws, E);
   if (!ws.carving()) return;
 
@@ -408,7 +432,7 @@ void experts_backward_phase(const Exec& exec, const D& policy, const Act& act,
   // added (always reserved: the size query does not see the gradient views).
   float* gw1_part = dense ? ws.take<float>(E * p * d) : nullptr;
   float* gw2_part = dense ? ws.take<float>(E * d * f) : nullptr;
-  void** pointers = ws.take<void*>(detail::cuda_group_pointer_slots(K, 6, E));
+  void** pointers = ws.take<void*>(detail::cuda_group_pointer_slots<Exec, T>(K, 6, E));
   auto args = detail::cuda_take_group_args<Exec>(K, host_ws, E);
   if (!ws.carving()) return;
 

@@ -24,7 +24,8 @@
 //!
 //! For the grouped GEMM the batch strides are unused (each problem's pointers come from
 //! `group_operand`); `group_args` holds the grouped GEMM's host argument arrays, shared by
-//! content so the whole backward fits `host_workspace_size(E)`.
+//! content so the whole backward fits `host_workspace_size(E)`, and the host copy of the
+//! groups' rows and first rows (the per-expert fallback's pointers).
 
 #include <algorithm>
 #include <cstddef>
@@ -320,22 +321,36 @@ class group_args {
     ops_[0] = host_ws.take<Op>(max_groups);
     ops_[1] = host_ws.take<Op>(max_groups);
     rows_ = host_ws.take<index_t>(max_groups);
+    begin_ = host_ws.take<index_t>(max_groups);
     scratch_ = host_ws.take<int>(max_groups);
   }
 
   //! Makes one group per expert with rows (`counts` [experts], host memory, in expert order:
-  //! the order the device's pointer arrays use) and forgets every array's contents.
+  //! the order the device's pointer arrays use), their first rows (the exclusive scan of
+  //! the counts, as the sorted layout places them) and forgets every array's contents.
   void reset(const index_t* counts, index_t experts) {
     if (experts < 0 || experts > max_) {
       throw range_error("experts",
                         detail::concat("experts: expected [0, ", max_, "], got ", experts));
     }
     groups_ = 0;
-    for (index_t e = 0; e < experts; ++e)
+    index_t run = 0;
+    for (index_t e = 0; e < experts; ++e) {
+      begin_[e] = run;
+      run += counts[e];
       if (counts[e] > 0) rows_[groups_++] = counts[e];
+    }
+    counts_ = counts;
+    experts_ = experts;
     used_ints_ = used_floats_ = 0;
     ops_filled_[0] = ops_filled_[1] = false;
   }
+  //! Experts of the last reset.
+  [[nodiscard]] index_t experts() const { return experts_; }
+  //! Host row counts of the last reset [experts].
+  [[nodiscard]] const index_t* counts() const { return counts_; }
+  //! Host first rows of the last reset [experts] (exclusive scan of the counts).
+  [[nodiscard]] const index_t* row_begin() const { return begin_; }
   //! Groups of the current GEMMs (experts with rows).
   [[nodiscard]] index_t groups() const { return groups_; }
   //! Rows of each group [groups].
@@ -387,6 +402,9 @@ class group_args {
   float* floats_[float_slots] = {};
   Op* ops_[2] = {};
   index_t* rows_ = nullptr;
+  index_t* begin_ = nullptr;
+  const index_t* counts_ = nullptr;
+  index_t experts_ = 0;
   int* scratch_ = nullptr;
   int used_ints_ = 0, used_floats_ = 0;
   bool ops_filled_[2] = {false, false};
