@@ -8,10 +8,12 @@
 //! The pipeline, its row layout and buffers are expert_phase.hpp (host-compilable, so the
 //! host tests run it with a naive executor); this file runs it with the device executor of
 //! expert_gemm.cuh: per-row functors through `cuda::for_each`, GEMMs on cuBLAS
-//! (CUBLAS_COMPUTE_32F, A/B of T, C float), the grouped GEMM's host arguments from `host_ws`
-//! (shared by content: about 80 bytes per expert) and its device pointer arrays from `ws`.
-//! Everything is ordered on ctx.stream; no floating-point atomics; the handle's pointer mode
-//! is set to host (alpha/beta live on the host).
+//! (CUBLAS_COMPUTE_32F, A/B of T, C float). sorted_grouped: float as one
+//! cublasGemmGroupedBatchedEx per projection (its pointer arrays from `ws`), half/bfloat16
+//! as one cublasGemmEx per expert with rows (the grouped GEMM cannot write float C from 16-bit
+//! inputs); the host arguments from `host_ws` (shared by content: under 100 bytes per
+//! expert). Everything is ordered on ctx.stream; no floating-point atomics; the handle's
+//! pointer mode is set to host (alpha/beta live on the host).
 //!
 //! Not here (yet): a cuBLASLt grouped path with device-side problem sizes (cuBLAS >= 13.2;
 //! the system has 13.1), which would remove sorted_grouped's count synchronisation.
