@@ -91,6 +91,28 @@ BOOST_AUTO_TEST_CASE(each_kind_becomes_the_typed_error_naming_the_element) {
   BOOST_TEST(msg.find("[0, 6)") != std::string::npos, msg);
 }
 
+BOOST_AUTO_TEST_CASE(router_parameter_kinds_name_the_parameter) {
+  const sy::cuda::status_shape shape{8, 6, 3, "state.plan", /*tokens=*/5};
+  std::string arg;
+  auto s = fresh();
+  s.record(sy::cuda::status_kind::bad_attention, 1 * 25 + 3 * 5 + 4);  // [h = 1, i = 3, j = 4]
+  std::string msg = message_of<sy::range_error>(s, shape, arg);
+  BOOST_TEST(arg == "params.attention");
+  BOOST_TEST(msg.find("[1, 3, 4]") != std::string::npos, msg);
+
+  s = fresh();
+  s.record(sy::cuda::status_kind::bad_importance, 2);
+  msg = message_of<sy::range_error>(s, shape, arg);
+  BOOST_TEST(arg == "params.importance");
+  BOOST_TEST(msg.find("[2]") != std::string::npos, msg);
+
+  s = fresh();
+  s.record(sy::cuda::status_kind::bad_router_params, 17);
+  msg = message_of<sy::range_error>(s, shape, arg);
+  BOOST_TEST(arg == "params");
+  BOOST_TEST(msg.find("17") != std::string::npos, msg);
+}
+
 BOOST_AUTO_TEST_CASE(non_finite_tokens_are_reported_before_plan_errors) {
   auto s = fresh();
   s.record(sy::cuda::status_kind::invalid_ids, 0);

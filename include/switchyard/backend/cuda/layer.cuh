@@ -407,7 +407,7 @@ struct executor<cuda::context> {
     const cuda::device_groups g = cuda::plan_groups(ctx, layer.dispatch, plan, tokens, width,
                                                     dm.experts, status, ws, hws);
     const cuda::status_shape shape{dm.d, dm.experts, width,
-                                   state != nullptr ? "state.plan" : "plan"};
+                                   state != nullptr ? "state.plan" : "plan", tokens};
     if constexpr (cuda::needs_host_counts<typename Layer::dispatch_type>) {
       if (ws.carving()) sync_and_throw(ctx, status, host_status, shape);  // the one documented wait
     }
@@ -456,7 +456,7 @@ struct executor<cuda::context> {
     const cuda::device_groups g = cuda::plan_groups(ctx, layer.dispatch, plan, tokens, width,
                                                     dm.experts, status, ws, hws);
     const cuda::status_shape shape{dm.d, dm.experts, width,
-                                   state != nullptr ? "state.plan" : "plan"};
+                                   state != nullptr ? "state.plan" : "plan", tokens};
     if constexpr (cuda::needs_host_counts<typename Layer::dispatch_type>) {
       if (ws.carving()) sync_and_throw(ctx, status, host_status, shape);
     }

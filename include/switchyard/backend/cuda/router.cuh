@@ -95,11 +95,14 @@ struct status_faults {
     if (status != nullptr) status->record(status_kind::non_finite_logits, flat);
   }
   //! params.attention[h, i, j] (flat h·T·T + i·T + j) is not finite, negative, or ends a row
-  //! that does not sum to 1. Pending a status kind for it (status.hpp is the contract's).
-  SWITCHYARD_HD void bad_attention(index_t /*flat*/) const {}
+  //! that does not sum to 1.
+  SWITCHYARD_HD void bad_attention(index_t flat) const {
+    if (status != nullptr) status->record(status_kind::bad_attention, flat);
+  }
   //! params.importance[j] (or the computed importance of token j) is not finite or negative.
-  //! Pending a status kind for it.
-  SWITCHYARD_HD void bad_importance(index_t /*token*/) const {}
+  SWITCHYARD_HD void bad_importance(index_t token) const {
+    if (status != nullptr) status->record(status_kind::bad_importance, token);
+  }
 };
 
 }  // namespace switchyard::cuda

@@ -24,8 +24,11 @@ enum class status_kind : int {
   non_finite_logits = 1,  //!< the router's logit [t, e] is NaN or Inf (index t·E + e)
   invalid_counts = 2,     //!< plan.counts[t] outside [0, width] (index t)
   invalid_ids = 3,        //!< plan.expert_ids[t, j] outside [0, E), repeated, or not -1 when unused (index t·width + j)
+  bad_attention = 4,      //!< DA-MoE params.attention[h, i, j] not finite, negative, or ending a row that does not sum to 1 (index h·T·T + i·T + j)
+  bad_importance = 5,     //!< DA-MoE params.importance[j] (or token j's computed importance) not finite or negative (index j)
+  bad_router_params = 6,  //!< a router parameter the host validates by value (DynMoE: a non-finite threshold, a mask entry not 0 or 1) (index: the router's flat index)
 };
-inline constexpr int status_kinds = 4;
+inline constexpr int status_kinds = 7;
 
 //! The status word, in device memory (the first bytes of the workspace). All bits set
 //! (memset 0xFF) means "nothing recorded".
@@ -58,6 +61,7 @@ struct status_shape {
   index_t experts = 0;  //!< E
   index_t width = 0;    //!< plan slots per token
   const char* plan_argument = "plan";  //!< "state.plan" (routed) or "plan" (forward_experts)
+  index_t tokens = 0;   //!< T
 };
 
 //! Throws the typed exception for the first recorded kind (in enum order); nothing when ok.
@@ -80,12 +84,33 @@ inline void throw_status(const device_status& s, const status_shape& shape) {
         "logits", detail::concat("logits: the router's logit [", i / e, ", ", i % e,
                                  "] is not finite (found on the device; check the router weights)"));
   }
+  if (s.first[4] != device_status::none) {
+    const index_t i = at(status_kind::bad_attention);
+    const index_t t = shape.tokens > 0 ? shape.tokens : 1;
+    throw range_error("params.attention",
+                      detail::concat("params.attention[", i / (t * t), ", ", (i / t) % t, ", ", i % t,
+                                     "] must be finite and >= 0, and each row must sum to 1 "
+                                     "(found on the device)"));
+  }
+  if (s.first[5] != device_status::none) {
+    throw range_error("params.importance",
+                      detail::concat("params.importance[", at(status_kind::bad_importance),
+                                     "] (token importance) must be finite and >= 0 (found on the "
+                                     "device)"));
+  }
+  if (s.first[6] != device_status::none) {
+    throw range_error("params", detail::concat("params: the router's parameter at flat index ",
+                                               at(status_kind::bad_router_params),
+                                               " is out of its range (a non-finite threshold, a "
+                                               "mask entry other than 0 or 1; found on the device)"));
+  }
   if (s.first[2] != device_status::none) {
     const std::string arg = detail::concat(shape.plan_argument, ".counts");
     throw range_error(arg, detail::concat(arg, "[", at(status_kind::invalid_counts),
                                           "] must be in [0, ", shape.width,
                                           "] (found on the device)"));
   }
+  if (s.first[3] == device_status::none) return;
   const index_t i = at(status_kind::invalid_ids);
   const index_t w = shape.width > 0 ? shape.width : 1;
   const std::string arg = detail::concat(shape.plan_argument, ".expert_ids");
