@@ -10,7 +10,7 @@
 // carving code, the empty batch.
 #include <boost/test/unit_test.hpp>
 
-#include <switchyard/ops/route_gemm.hpp>
+#include <switchyard/backend/cuda/route_gemm.hpp>
 #include <switchyard/ops/route_steps.hpp>
 #include <switchyard/routing/routers/adaptive_gating.hpp>
 #include <switchyard/routing/routers/da_moe.hpp>

@@ -1,4 +1,4 @@
-// The DynMoE device route's functors (routing/dynmoe/device_rows.hpp), run on the host by a
+// The DynMoE device route's functors (backend/cuda/dynmoe_rows.hpp), run on the host by a
 // serial launcher in the very order the CUDA backend launches them, against
 // routers::DynMoE::forward/backward: plan, logits, probs, the four losses, dx and every
 // gradient must be equal bit for bit, on fresh random inputs (float, half and bfloat16 x,
@@ -8,7 +8,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include <switchyard/backend/cuda/status.hpp>
-#include <switchyard/routing/dynmoe/device_rows.hpp>
+#include <switchyard/backend/cuda/dynmoe_rows.hpp>
 #include <switchyard/routing/routers/dynmoe.hpp>
 #include <switchyard/training/dynmoe_update.hpp>
 

@@ -1,7 +1,7 @@
 #pragma once
 //! \file dynmoe.cuh
 //! The device route of `routers::DynMoE` (`device_router<routers::DynMoE>`, contract in
-//! router.cuh): the functors of routing/dynmoe/device_rows.hpp launched with `cuda::for_each`
+//! router.cuh): the functors of backend/cuda/dynmoe_rows.hpp launched with `cuda::for_each`
 //! in the order of `detail::dynmoe_forward_pipeline` / `dynmoe_backward_pipeline`, which the
 //! host tests run on the host against `routers::DynMoE` bit for bit.
 //!
@@ -40,7 +40,7 @@
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/core/workspace.hpp"
-#include "switchyard/routing/dynmoe/device_rows.hpp"
+#include "switchyard/backend/cuda/dynmoe_rows.hpp"
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/routers/dynmoe.hpp"
 

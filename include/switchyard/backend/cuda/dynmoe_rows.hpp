@@ -1,5 +1,5 @@
 #pragma once
-//! \file device_rows.hpp
+//! \file dynmoe_rows.hpp
 //! `routers::DynMoE` as backend-neutral per-index functors and the two pipelines that run
 //! them (forward: scores, top-any selection, the four losses; backward: straight-through
 //! gates, threshold, input and gate gradients). The CUDA backend launches each functor with

@@ -10,7 +10,7 @@
 //!   router's options, the plan's sizes, and that the params are device memory of the
 //!   stream's device;
 //! - logits [T, E] = x · Wᵀ: cuBLAS (`cublasGemmEx`, CUBLAS_COMPUTE_32F; the GEMMs are
-//!   row-major intents in ops/route_gemm.hpp) when x is float and both operands have unit
+//!   row-major intents in backend/cuda/route_gemm.hpp) when x is float and both operands have unit
 //!   stride along a row, else `ops::router_logits` (float
 //!   accumulation in index order, the host's loop);
 //! - then the steps of ops/route_steps.hpp on kernels: the per-token rules (DA-MoE's
@@ -43,7 +43,7 @@
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/core/workspace.hpp"
-#include "switchyard/ops/route_gemm.hpp"
+#include "switchyard/backend/cuda/route_gemm.hpp"
 #include "switchyard/ops/route_rows.hpp"
 #include "switchyard/ops/route_steps.hpp"
 #include "switchyard/routing/composition.hpp"
