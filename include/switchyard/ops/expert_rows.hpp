@@ -1,12 +1,13 @@
 #pragma once
 //! \file expert_rows.hpp
-//! Per-row functors of the CUDA expert phase (backend-neutral; see gather.hpp for the
-//! convention), whose buffers hold storage-type rows for the GEMMs: gathered token rows of T,
-//! the fused bias + activation writing A of T, the expert bias add, float -> T row rounding,
-//! the backward's dY and dH rows (with their T copies), and the per-expert segmented bias
-//! gradient. They reuse the host's functors (gather.hpp, activate.hpp, bias.hpp,
-//! combine.hpp) for the arithmetic, so a row computed here is bitwise the host's row rounded
-//! to T.
+//! Functors of the CUDA expert phase (backend-neutral; see gather.hpp for the convention),
+//! whose buffers hold storage-type rows for the GEMMs: gathered token rows of T, the fused
+//! bias + activation writing A of T, the expert bias add, the backward's dY and dH (with their
+//! T copies), and the per-expert segmented bias gradient. Streaming ones take one element per
+//! index (i = row·columns + column: a warp touches consecutive columns); those with a
+//! per-row reduction (dY's d_weights dot) take one row. They reuse the host's functors
+//! (gather.hpp, activate.hpp, bias.hpp, combine.hpp) or their per-element arithmetic, so a
+//! value computed here is bitwise the host's value rounded to T.
 //!
 //! Row layouts: grouped layouts (sorted_grouped, padded_capacity) give expert e the rows
 //! [row_begin[e], row_begin[e] + row_count[e]) with row_begin non-decreasing; the rows past
@@ -53,49 +54,44 @@ struct dense_row_expert {
   SWITCHYARD_HD index_t operator()(index_t r) const { return r / tokens; }
 };
 
-//! Gathers token rows into expert rows of T (exact copies): row r holds x[t] for the pair
-//! row_pair[r] = t · width + j, zeros for a padding row (negative pair).
+//! Gathers token rows into expert rows of T (exact copies), element i = r·d + c: row r holds
+//! x[t] for the pair row_pair[r] = t · width + j, zeros for a padding row (negative pair).
+//! One element per index: a warp reads and writes consecutive columns.
 template <ElementType T>
-struct gather_rows_as {
+struct gather_as {
   matrix_view<const T> x;   //!< [T, d] tokens
   const index_t* row_pair;  //!< [rows] pair of each row, negative for padding
   index_t width = 0;        //!< plan slots per token
   index_t d = 0;            //!< model width
   T* rows = nullptr;        //!< [rows, d] output
 
-  SWITCHYARD_HD void operator()(index_t r) const {
-    const index_t n = d;
-    T* out = rows + r * n;
+  SWITCHYARD_HD void operator()(index_t i) const {
+    const index_t r = i / d, c = i - r * d;
     const index_t pair = row_pair[r];
-    if (pair < 0) {
-      for (index_t i = 0; i < n; ++i) out[i] = from_float<T>(0.0f);
-      return;
-    }
-    const index_t t = pair / width;
-    for (index_t i = 0; i < n; ++i) out[i] = x(t, i);
+    rows[i] = pair < 0 ? from_float<T>(0.0f) : x(pair / width, c);
   }
 };
 
-//! The tokens as contiguous rows of T (the dense layout's Xs): row t = x[t].
+//! The tokens as contiguous rows of T (the dense layout's Xs), element i = t·d + c.
 template <ElementType T>
-struct load_rows_as {
+struct load_as {
   matrix_view<const T> x;  //!< [T, d] tokens (any strides)
   index_t d = 0;           //!< model width
   T* rows = nullptr;       //!< [T, d] output
 
-  SWITCHYARD_HD void operator()(index_t t) const {
-    const index_t n = d;
-    T* out = rows + t * n;
-    for (index_t i = 0; i < n; ++i) out[i] = x(t, i);
+  SWITCHYARD_HD void operator()(index_t i) const {
+    const index_t t = i / d, c = i - t * d;
+    rows[i] = x(t, c);
   }
 };
 
-//! The fused first-projection epilogue of row r: H[r] += b1[e] (when b1 is present; written
-//! back when `store_h`, as the backward needs the biased H), A[r] = act(H[r]) rounded to T.
-//! A padding row (e < 0) gets A = 0 and keeps H. The float arithmetic is the host's
-//! (`add_bias_rows` then `activate_rows`).
+//! The fused first-projection epilogue, element i = r·d_ff + c of A: H[r] += b1[e] at the
+//! columns A[r, c] reads (c, and d_ff + c when gated; written back when `store_h`, as the
+//! backward needs the biased H), A[r, c] = act(H[r, c] (, H[r, d_ff + c])) rounded to T. A
+//! padding row (e < 0) gets A = 0 and keeps H. Per element the float arithmetic of the
+//! host's `add_bias_rows` then `activate_rows`.
 template <ElementType T, class Act, class RowExpert>
-struct bias_activate_rows {
+struct bias_activate {
   Act act{};                //!< the activation
   RowExpert expert_of;      //!< row -> expert (-1: padding)
   float* h;                 //!< [rows, ld_h] H (P columns)
@@ -106,51 +102,51 @@ struct bias_activate_rows {
   index_t d_ff = 0;         //!< columns of A
   bool store_h = false;     //!< write the biased H back
 
-  SWITCHYARD_HD void operator()(index_t r) const {
-    const index_t e = expert_of(r), f = d_ff;
-    T* ar = a + r * ld_a;
+  SWITCHYARD_HD void operator()(index_t i) const {
+    const index_t f = d_ff, r = i / f, c = i - r * f;
+    const index_t e = expert_of(r);
+    T& out = a[r * ld_a + c];
     if (e < 0) {
-      for (index_t c = 0; c < f; ++c) ar[c] = from_float<T>(0.0f);
+      out = from_float<T>(0.0f);
       return;
     }
     float* hr = h + r * ld_h;
-    const bool bias = detail::present(b1), store = store_h;
-    for (index_t c = 0; c < f; ++c) {
-      if constexpr (activation_traits<Act>::is_gated) {
-        float g = hr[c], u = hr[f + c];
-        if (bias) {
-          g += to_float(b1(e, c));
-          u += to_float(b1(e, f + c));
-        }
-        if (store) {
-          hr[c] = g;
-          hr[f + c] = u;
-        }
-        ar[c] = from_float<T>(act(g, u));
-      } else {
-        float v = hr[c];
-        if (bias) v += to_float(b1(e, c));
-        if (store) hr[c] = v;
-        ar[c] = from_float<T>(act(v));
+    const bool bias = detail::present(b1);
+    if constexpr (activation_traits<Act>::is_gated) {
+      float g = hr[c], u = hr[f + c];
+      if (bias) {
+        g += to_float(b1(e, c));
+        u += to_float(b1(e, f + c));
       }
+      if (store_h) {
+        hr[c] = g;
+        hr[f + c] = u;
+      }
+      out = from_float<T>(act(g, u));
+    } else {
+      float v = hr[c];
+      if (bias) v += to_float(b1(e, c));
+      if (store_h) hr[c] = v;
+      out = from_float<T>(act(v));
     }
   }
 };
 
-//! m[r] += bias[e] for row r of expert e = expert_of(r) (nothing for a padding row): the
-//! host's `add_bias_rows` with the row's expert.
+//! m[r, c] += bias(e, c) for element i = r·cols + c of a row of expert e = expert_of(r)
+//! (nothing for a padding row): the host's `add_bias_rows` per element.
 template <ElementType T, class RowExpert>
-struct add_expert_bias_rows {
+struct add_expert_bias {
   RowExpert expert_of;        //!< row -> expert (-1: padding)
   matrix_view<const T> bias;  //!< [E, cols]
   float* m;                   //!< [rows, ld]
   index_t cols = 0;           //!< columns to add to
   index_t ld = 0;             //!< leading dimension of m
 
-  SWITCHYARD_HD void operator()(index_t r) const {
+  SWITCHYARD_HD void operator()(index_t i) const {
+    const index_t r = i / cols, c = i - r * cols;
     const index_t e = expert_of(r);
     if (e < 0) return;
-    add_bias_rows<T>{&bias(e, 0), bias.stride(1), m, cols, ld}(r);
+    m[r * ld + c] += to_float(bias(e, c));
   }
 };
 
@@ -204,28 +200,47 @@ struct dense_dy_rows_as {
   }
 };
 
-//! dH of row r from dA through the activation (in place over H: `activate_backward_rows`)
-//! and its T copy; a padding row (e < 0) gets dH = 0 (its H is never biased or computed from
-//! a real token, so its expert's weights, even NaN, never reach a gradient).
+//! dH from dA through the activation, element i = r·d_ff + c (in place over H, the host's
+//! `activate_backward_rows` arithmetic per element: column c, and d_ff + c when gated), and
+//! its T copy; a padding row (e < 0) gets dH = 0 (its H is never biased or computed from a
+//! real token, so its expert's weights, even NaN, never reach a gradient).
 template <ElementType T, class Act, class RowExpert>
-struct activate_backward_rows_as {
-  activate_backward_rows<Act> rows;  //!< h [rows, ld_h] -> dH, da [rows, ld_da]
-  RowExpert expert_of;               //!< row -> expert (-1: padding)
-  T* dh_t;                           //!< [rows, ld_h] dH rounded to T
+struct activate_backward_as {
+  Act act{};            //!< the activation
+  RowExpert expert_of;  //!< row -> expert (-1: padding)
+  float* h;             //!< [rows, ld_h] pre-activation H, overwritten with dH
+  index_t ld_h = 0;     //!< P
+  const float* da;      //!< [rows, ld_da] dA
+  index_t ld_da = 0;    //!< leading dimension of dA
+  index_t d_ff = 0;     //!< columns of A
+  T* dh_t;              //!< [rows, ld_h] dH rounded to T
 
-  SWITCHYARD_HD void operator()(index_t r) const {
-    const index_t p = rows.ld_h;
+  SWITCHYARD_HD void operator()(index_t i) const {
+    const index_t f = d_ff, r = i / f, c = i - r * f;
+    float* hr = h + r * ld_h;
+    T* out = dh_t + r * ld_h;
+    constexpr bool gated = activation_traits<Act>::is_gated;
     if (expert_of(r) < 0) {
-      float* hr = rows.h + r * p;
-      T* out = dh_t + r * p;
-      for (index_t c = 0; c < p; ++c) {
-        hr[c] = 0.0f;
-        out[c] = from_float<T>(0.0f);
+      hr[c] = 0.0f;
+      out[c] = from_float<T>(0.0f);
+      if constexpr (gated) {
+        hr[f + c] = 0.0f;
+        out[f + c] = from_float<T>(0.0f);
       }
       return;
     }
-    rows(r);
-    round_rows<T>{rows.h, p, dh_t, p, p}(r);
+    const float d_out = da[r * ld_da + c];
+    if constexpr (gated) {
+      float dg, du;
+      act.backward(hr[c], hr[f + c], d_out, dg, du);
+      hr[c] = dg;
+      hr[f + c] = du;
+      out[c] = from_float<T>(dg);
+      out[f + c] = from_float<T>(du);
+    } else {
+      hr[c] = d_out * act.derivative(hr[c]);
+      out[c] = from_float<T>(hr[c]);
+    }
   }
 };
 

@@ -94,8 +94,8 @@ void check_bias_activate(std::mt19937_64& rng, bool with_bias) {
           : sy::matrix_view<const T>{};
   std::vector<float> h = h0;
   std::vector<T> a(static_cast<std::size_t>(rows * f), sy::from_float<T>(7.0f));
-  run(rows, sy::ops::bias_activate_rows<T, Act, sy::ops::grouped_row_expert>{
-                Act{}, rx, h.data(), p, bias, a.data(), f, f, true});
+  run(rows * f, sy::ops::bias_activate<T, Act, sy::ops::grouped_row_expert>{
+                    Act{}, rx, h.data(), p, bias, a.data(), f, f, true});
   // The host: add_bias_rows then activate_rows in float, then rounded.
   std::vector<float> hh = h0, ha(static_cast<std::size_t>(rows * f));
   std::vector<T> want(static_cast<std::size_t>(rows * f), sy::from_float<T>(0.0f));
@@ -131,12 +131,12 @@ BOOST_AUTO_TEST_CASE(gather_load_bias_and_rounding_rows) {
   const auto x = sy::make_strided_view<const T, 2>(xv.data(), {tokens, d}, {6, 1});
   const std::vector<index_t> row_pair = {5, -1, 0, 3};  // tokens 2, pad, 0, 1
   std::vector<T> rows(4 * d);
-  run(4, sy::ops::gather_rows_as<T>{x, row_pair.data(), width, d, rows.data()});
+  run(4 * d, sy::ops::gather_as<T>{x, row_pair.data(), width, d, rows.data()});
   std::vector<float> ref(4 * d);
   run(4, sy::ops::gather_rows<T>{x, row_pair.data(), width, d, ref.data()});
   BOOST_TEST(same_bits(rows, as<T>(ref)));
   std::vector<T> loaded(tokens * d);
-  run(tokens, sy::ops::load_rows_as<T>{x, d, loaded.data()});
+  run(tokens * d, sy::ops::load_as<T>{x, d, loaded.data()});
   for (index_t t = 0; t < tokens; ++t)
     for (index_t i = 0; i < d; ++i) BOOST_TEST(loaded[t * d + i].bits == x(t, i).bits);
 
@@ -145,7 +145,7 @@ BOOST_AUTO_TEST_CASE(gather_load_bias_and_rounding_rows) {
   const auto bias = sy::make_view<const T>(b2.data(), 2, d);
   auto m = sy::test::normal(rng, 6 * d);
   auto want = m;
-  run(6, sy::ops::add_expert_bias_rows<T, sy::ops::dense_row_expert>{{3}, bias, m.data(), d, d});
+  run(6 * d, sy::ops::add_expert_bias<T, sy::ops::dense_row_expert>{{3}, bias, m.data(), d, d});
   for (index_t r = 0; r < 6; ++r)
     sy::ops::add_bias_rows<T>{&bias(r / 3, 0), 1, want.data(), d, d}(r);
   BOOST_TEST(m == want, boost::test_tools::per_element());
@@ -207,8 +207,8 @@ BOOST_AUTO_TEST_CASE(backward_rows_match_the_host_functors) {
   const auto da = sy::test::normal(rng, 7 * f);
   auto h = h0, h_ref = h0;
   std::vector<T> dh_t(7 * p);
-  run(7, sy::ops::activate_backward_rows_as<T, Act, sy::ops::grouped_row_expert>{
-             {Act{}, h.data(), p, da.data(), f, f}, rx, dh_t.data()});
+  run(7 * f, sy::ops::activate_backward_as<T, Act, sy::ops::grouped_row_expert>{
+                 Act{}, rx, h.data(), p, da.data(), f, f, dh_t.data()});
   for (index_t r = 0; r < 7; ++r) {
     if (rx(r) < 0) {
       std::fill(h_ref.begin() + r * p, h_ref.begin() + (r + 1) * p, 0.0f);

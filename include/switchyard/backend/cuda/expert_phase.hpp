@@ -352,10 +352,10 @@ void experts_forward_phase(const Exec& exec, const D& policy, const Act& act, co
   if (dropped != nullptr)
     exec.launch(E, ops::report_drops{g.dropped, dropped}, "switchyard::ops::report_drops");
   if constexpr (K == layout::dense)
-    exec.launch(tokens, ops::load_rows_as<T>{x, d, xs}, "switchyard::ops::load_rows_as");
+    exec.launch(tokens * d, ops::load_as<T>{x, d, xs}, "switchyard::ops::load_as");
   else
-    exec.launch(u.rows, ops::gather_rows_as<T>{x, g.row_pair, width, d, xs},
-                "switchyard::ops::gather_rows_as");
+    exec.launch(u.rows * d, ops::gather_as<T>{x, g.row_pair, width, d, xs},
+                "switchyard::ops::gather_as");
 
   const expert_gemm_layout l = detail::cuda_gemm_layout(dm, w);
   expert_gemm_runner<Exec, T> gemm(exec, K == layout::grouped_gemm,
@@ -373,15 +373,15 @@ void experts_forward_phase(const Exec& exec, const D& policy, const Act& act, co
   gemm.run(
       0, [&](const expert_gemm_rows& r) { return expert_gemm::up(l, r); },
       "switchyard::cuda::experts_forward: H = Xs·W1ᵀ");
-  exec.launch(u.rows,
-              ops::bias_activate_rows<T, Act, decltype(rx)>{act, rx, h, p, w.b1, a, f, f, false},
-              "switchyard::ops::bias_activate_rows");
+  exec.launch(u.rows * f,
+              ops::bias_activate<T, Act, decltype(rx)>{act, rx, h, p, w.b1, a, f, f, false},
+              "switchyard::ops::bias_activate");
   gemm.run(
       1, [&](const expert_gemm_rows& r) { return expert_gemm::down(l, r); },
       "switchyard::cuda::experts_forward: Y = A·W2ᵀ");
   if (w.has_b2())
-    exec.launch(u.rows, ops::add_expert_bias_rows<T, decltype(rx)>{rx, w.b2, ys, d, d},
-                "switchyard::ops::add_expert_bias_rows");
+    exec.launch(u.rows * d, ops::add_expert_bias<T, decltype(rx)>{rx, w.b2, ys, d, d},
+                "switchyard::ops::add_expert_bias");
 
   const float* rows = ys;
   if constexpr (K == layout::dense) {
@@ -441,10 +441,10 @@ void experts_backward_phase(const Exec& exec, const D& policy, const Act& act,
   const bool has_dx = detail::present(dx);
 
   if constexpr (dense)
-    exec.launch(tokens, ops::load_rows_as<T>{x, d, xs}, "switchyard::ops::load_rows_as");
+    exec.launch(tokens * d, ops::load_as<T>{x, d, xs}, "switchyard::ops::load_as");
   else
-    exec.launch(u.rows, ops::gather_rows_as<T>{x, g.row_pair, width, d, xs},
-                "switchyard::ops::gather_rows_as");
+    exec.launch(u.rows * d, ops::gather_as<T>{x, g.row_pair, width, d, xs},
+                "switchyard::ops::gather_as");
 
   expert_gemm_layout l = detail::cuda_gemm_layout(dm, w);
   const float* gw1_base = gw1_part;
@@ -480,15 +480,15 @@ void experts_backward_phase(const Exec& exec, const D& policy, const Act& act,
   gemm.run(
       0, [&](const expert_gemm_rows& r) { return expert_gemm::up(l, r); },
       "switchyard::cuda::experts_backward: H = Xs·W1ᵀ");
-  exec.launch(u.rows,
-              ops::bias_activate_rows<T, Act, decltype(rx)>{act, rx, h, p, w.b1, a, f, f, true},
-              "switchyard::ops::bias_activate_rows");
+  exec.launch(u.rows * f,
+              ops::bias_activate<T, Act, decltype(rx)>{act, rx, h, p, w.b1, a, f, f, true},
+              "switchyard::ops::bias_activate");
   gemm.run(
       1, [&](const expert_gemm_rows& r) { return expert_gemm::down(l, r); },
       "switchyard::cuda::experts_backward: Y = A·W2ᵀ");
   if (w.has_b2())
-    exec.launch(u.rows, ops::add_expert_bias_rows<T, decltype(rx)>{rx, w.b2, ys, d, d},
-                "switchyard::ops::add_expert_bias_rows");
+    exec.launch(u.rows * d, ops::add_expert_bias<T, decltype(rx)>{rx, w.b2, ys, d, d},
+                "switchyard::ops::add_expert_bias");
 
   // dY rows (w_tj · dy_t, float and T) and d_weights of every used pair.
   if constexpr (dense) {
@@ -522,9 +522,9 @@ void experts_backward_phase(const Exec& exec, const D& policy, const Act& act,
   }
 
   // dH = act'(H) ⊙ dA (over H; padding rows 0); grads.b1; grads.w1 += dHᵀ·Xs.
-  exec.launch(u.rows,
-              ops::activate_backward_rows_as<T, Act, decltype(rx)>{{act, h, p, da, f, f}, rx, dh_t},
-              "switchyard::ops::activate_backward_rows_as");
+  exec.launch(u.rows * f,
+              ops::activate_backward_as<T, Act, decltype(rx)>{act, rx, h, p, da, f, f, dh_t},
+              "switchyard::ops::activate_backward_as");
   if (detail::present(grads.b1))
     exec.launch(E * p, ops::bias_grad_segments<decltype(segments)>{segments, h, p, p, grads.b1},
                 "switchyard::ops::bias_grad_segments");
