@@ -61,6 +61,26 @@ Losses uniform_coefficients(float c) {
   return l;
 }
 
+//! The backward checks: `run0` and `run1` are two device backwards' gradient sets (dx,
+//! expert, router, add-on; each a list of arrays), `host` the host's. Not a template: one copy
+//! serves every layer type.
+inline void compare_backward(const std::vector<std::vector<std::vector<float>>>& run0,
+                             const std::vector<std::vector<std::vector<float>>>& run1,
+                             const std::vector<std::vector<std::vector<float>>>& host, tolerance tol) {
+  static const char* const names[4] = {"dx", "grads", "router grads", "add-on grads"};
+  static const char* const expert_names[4] = {"w1", "b1", "w2", "b2"};
+  BOOST_TEST_REQUIRE((run0.size() == 4 && run1.size() == 4 && host.size() == 4));
+  for (std::size_t k = 0; k < 4; ++k) {
+    BOOST_TEST_REQUIRE((run0[k].size() == host[k].size() && run1[k].size() == host[k].size()));
+    for (std::size_t i = 0; i < host[k].size(); ++i) {
+      const std::string what = std::string(names[k]) + (k == 1 ? std::string(".") + expert_names[i]
+                                                                : "[" + std::to_string(i) + "]");
+      expect_close(what, run0[k][i], host[k][i], tol);
+      BOOST_TEST(same_bits(run0[k][i], run1[k][i]), what << " differs between two device backwards");
+    }
+  }
+}
+
 //! One backward comparison (file comment).
 template <class Layer, ElementType T, class RK, class AK>
 void backward_run(sy::cuda::stream_context& sc, const Layer& layer, const shape& s,
@@ -129,17 +149,7 @@ void backward_run(sy::cuda::stream_context& sc, const Layer& layer, const shape&
     for (const grad_set* gs : {&dx, &eg, &rg, &ag}) run.push_back(gs->download());
   }
 
-  const char* names[4] = {"dx", "grads", "router grads", "add-on grads"};
-  const grad_set* sets[4] = {&dx, &eg, &rg, &ag};
-  const char* expert_names[4] = {"w1", "b1", "w2", "b2"};
-  for (int k = 0; k < 4; ++k) {
-    for (std::size_t i = 0; i < sets[k]->host.size(); ++i) {
-      const std::string what = std::string(names[k]) + (k == 1 ? std::string(".") + expert_names[i]
-                                                                : "[" + std::to_string(i) + "]");
-      expect_close(what, runs[0][k][i], sets[k]->host[i], backward_tolerance<T>());
-      BOOST_TEST(same_bits(runs[0][k][i], runs[1][k][i]), what << " differs between two device backwards");
-    }
-  }
+  compare_backward(runs[0], runs[1], {dx.host, eg.host, rg.host, ag.host}, backward_tolerance<T>());
 }
 
 //! The storage types of the backward tests.

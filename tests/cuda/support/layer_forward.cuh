@@ -15,7 +15,10 @@
 #include <boost/test/unit_test.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <exception>
+#include <functional>
+#include <utility>
 #include <random>
 #include <tuple>
 #include <vector>
@@ -76,6 +79,109 @@ struct forward_coverage {
   bool decode = false;         //!< some run had T = 1
 };
 
+//! What one forward produced, as host data (the comparisons are not templates: one copy of
+//! them serves every layer type and dtype).
+struct forward_outputs {
+  routing::routing_plan plan;
+  std::vector<float> losses;
+  std::vector<index_t> dropped;
+  std::vector<double> y;             //!< y as double
+  std::vector<unsigned char> y_bits;  //!< y's bytes (determinism)
+
+  template <class Losses, ElementType T>
+  static forward_outputs of(const moe_result<Losses>& r, const std::vector<T>& y) {
+    return of(r.plan, r.losses, r.dropped, y);
+  }
+  template <class Losses, ElementType T>
+  static forward_outputs of(routing::routing_plan plan, const Losses& losses,
+                            std::vector<index_t> dropped, const std::vector<T>& y) {
+    forward_outputs o;
+    o.plan = std::move(plan);
+    o.losses = loss_values(losses);
+    o.dropped = std::move(dropped);
+    o.y.reserve(y.size());
+    for (const T& v : y) o.y.push_back(as_double(v));
+    o.y_bits.resize(y.size() * sizeof(T));
+    if (!y.empty()) std::memcpy(o.y_bits.data(), y.data(), o.y_bits.size());
+    return o;
+  }
+};
+
+//! The forward checks of the file comment: `dev` and `dev2` are two device runs, `host` the
+//! host layer's; `host_on_plan(plan)` gives the host's y and drops on another plan (after a
+//! near-tie flip); `masked` [E] marks experts no plan may use.
+inline void compare_forward(const forward_outputs& dev, const forward_outputs& dev2,
+                            const forward_outputs& host, tolerance y_tol,
+                            const std::vector<char>& masked,
+                            const std::function<forward_outputs(const routing::routing_plan&)>& host_on_plan,
+                            forward_coverage& cov) {
+  const routing::routing_plan& pd = dev.plan;
+  const routing::routing_plan& ph = host.plan;
+  const index_t tokens = ph.num_tokens, width = ph.width, experts = ph.num_experts;
+  BOOST_TEST_REQUIRE((pd.num_tokens == tokens && pd.width == width && pd.num_experts == experts));
+
+  // Determinism: the second run gives the same bits.
+  BOOST_TEST(same_bits(dev.y_bits, dev2.y_bits), "y differs between two device forwards");
+  BOOST_TEST(same_bits(pd.expert_ids, dev2.plan.expert_ids), "plan ids differ between runs");
+  BOOST_TEST(same_bits(pd.counts, dev2.plan.counts), "plan counts differ between runs");
+  BOOST_TEST(same_bits(pd.weights, dev2.plan.weights), "plan weights differ between runs");
+  BOOST_TEST(same_bits(pd.logits, dev2.plan.logits), "logits differ between runs");
+  BOOST_TEST(same_bits(pd.probs, dev2.plan.probs), "probs differ between runs");
+  BOOST_TEST(same_bits(dev.losses, dev2.losses), "losses differ between runs");
+  BOOST_TEST(same_bits(dev.dropped, dev2.dropped), "dropped differs between runs");
+
+  // A masked expert is never used.
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t j = 0; j < pd.counts[t] && j < width; ++j) {
+      const auto e = pd.id(t, j);
+      if (e >= 0 && e < experts && masked[static_cast<std::size_t>(e)]) {
+        BOOST_ERROR("token " << t << " routed to masked expert " << e);
+      }
+    }
+
+  // The plan: ids and counts identical (near-tie allowance), scores and weights close.
+  const std::vector<char> flips = selection_mismatch(pd, ph);
+  index_t n_flips = 0;
+  for (index_t t = 0; t < tokens; ++t) {
+    if (!flips[static_cast<std::size_t>(t)]) continue;
+    ++n_flips;
+    if (n_flips <= 5) report_flip(pd, ph, t);
+  }
+  BOOST_TEST(n_flips <= allowed_flips(tokens),
+             n_flips << " tokens select other experts than on the host (allowed "
+                     << allowed_flips(tokens) << ")");
+  expect_close("logits", pd.logits, ph.logits, routing_tolerance);
+  expect_close("probs", pd.probs, ph.probs, routing_tolerance);
+  expect_close("plan.weights", pd.weights, ph.weights, routing_tolerance, flips,
+               static_cast<std::size_t>(width));
+  const double slack = tokens > 0 ? 4.0 * static_cast<double>(n_flips) / static_cast<double>(tokens) : 0.0;
+  for (std::size_t i = 0; i < dev.losses.size() && i < host.losses.size(); ++i) {
+    const double got = dev.losses[i], want = host.losses[i];
+    const double lim = loss_tolerance.rel * std::abs(want) + loss_tolerance.abs + slack * (1.0 + std::abs(want));
+    BOOST_TEST(std::abs(got - want) <= lim, "losses field " << i << ": device " << got << ", host " << want);
+  }
+
+  // y and the drops on the same selection: the host forward, or (after a near-tie flip) the
+  // host's forward_experts on the device's plan.
+  if (n_flips > 0) {
+    const forward_outputs ref = host_on_plan(pd);
+    BOOST_TEST(dev.dropped == ref.dropped, boost::test_tools::per_element());
+    expect_close("y", dev.y, ref.y, y_tol);
+  } else {
+    BOOST_TEST(dev.dropped == host.dropped, boost::test_tools::per_element());
+    expect_close("y", dev.y, host.y, y_tol);
+  }
+
+  // Coverage of this run.
+  std::vector<index_t> per_expert(static_cast<std::size_t>(experts), 0);
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t j = 0; j < ph.counts[t]; ++j) ++per_expert[static_cast<std::size_t>(ph.id(t, j))];
+  for (index_t e = 0; e < experts; ++e)
+    if (!masked[static_cast<std::size_t>(e)] && per_expert[static_cast<std::size_t>(e)] == 0) cov.empty_expert = true;
+  if (tokens * width > sy::cuda::tuning::block_sort_max_pairs) cov.radix_path = true;
+  if (tokens == 1) cov.decode = true;
+}
+
 //! One forward comparison (file comment).
 template <class Layer, ElementType T, class RK, class AK>
 void forward_run(sy::cuda::stream_context& sc, const Layer& layer, const shape& s,
@@ -111,70 +217,21 @@ void forward_run(sy::cuda::stream_context& sc, const Layer& layer, const shape& 
   layer.template forward<T>(sc.get(), x_d, rp_d, w_d, y1.view(tokens, d), s1.view(), ws.span(), ap_d);
   sy::cuda::check_status(sc.get(), ws.span());  // nothing recorded on valid data
   layer.template forward<T>(sc.get(), x_d, rp_d, w_d, y2.view(tokens, d), s2.view(), {}, ap_d);
-  const std::vector<T> y_d = y1.download();
-  const auto r_d = s1.download();
 
-  // Determinism: the second run gives the same bits.
-  {
-    const auto r2 = s2.download();
-    BOOST_TEST(same_bits(y_d, y2.download()), "y differs between two device forwards");
-    BOOST_TEST(same_bits(r_d.plan.expert_ids, r2.plan.expert_ids), "plan ids differ between runs");
-    BOOST_TEST(same_bits(r_d.plan.counts, r2.plan.counts), "plan counts differ between runs");
-    BOOST_TEST(same_bits(r_d.plan.weights, r2.plan.weights), "plan weights differ between runs");
-    BOOST_TEST(same_bits(r_d.plan.logits, r2.plan.logits), "logits differ between runs");
-    BOOST_TEST(same_bits(r_d.plan.probs, r2.plan.probs), "probs differ between runs");
-    BOOST_TEST(same_bits(loss_values(r_d.losses), loss_values(r2.losses)), "losses differ between runs");
-    BOOST_TEST(same_bits(r_d.dropped, r2.dropped), "dropped differs between runs");
-  }
-
-  // The plan: ids and counts identical (near-tie allowance), scores and weights close.
-  const std::vector<char> flips = selection_mismatch(r_d.plan, r_h.plan);
-  index_t n_flips = 0;
-  for (index_t t = 0; t < tokens; ++t) {
-    if (!flips[static_cast<std::size_t>(t)]) continue;
-    ++n_flips;
-    if (n_flips <= 5) report_flip(r_d.plan, r_h.plan, t);
-  }
-  BOOST_TEST(n_flips <= allowed_flips(tokens),
-             n_flips << " tokens select other experts than on the host (allowed "
-                     << allowed_flips(tokens) << ")");
-  expect_close("logits", r_d.plan.logits, r_h.plan.logits, routing_tolerance);
-  expect_close("probs", r_d.plan.probs, r_h.plan.probs, routing_tolerance);
-  expect_close("plan.weights", r_d.plan.weights, r_h.plan.weights, routing_tolerance, flips,
-               static_cast<std::size_t>(width));
-  {
-    const auto got = loss_values(r_d.losses), want = loss_values(r_h.losses);
-    const double slack = 4.0 * static_cast<double>(n_flips) / static_cast<double>(tokens);
-    for (std::size_t i = 0; i < got.size(); ++i) {
-      const double lim = loss_tolerance.rel * std::abs(want[i]) + loss_tolerance.abs +
-                         slack * (1.0 + std::abs(want[i]));
-      BOOST_TEST(std::abs(double(got[i]) - want[i]) <= lim,
-                 "losses field " << i << ": device " << got[i] << ", host " << want[i]);
-    }
-  }
-
-  // y and the drops on the same selection: the host forward, or (after a near-tie flip) the
-  // host's forward_experts on the device's plan.
-  std::vector<T> y_ref = y_h;
-  std::vector<index_t> dropped_ref = r_h.dropped;
-  if (n_flips > 0) {
+  // Everything below compares host data: one non-template function for every layer type.
+  std::vector<char> masked(static_cast<std::size_t>(experts), 0);
+  for (index_t e = 0; e < experts; ++e) masked[static_cast<std::size_t>(e)] = rk.masked(e) ? 1 : 0;
+  const auto host_on_plan = [&](const routing::routing_plan& plan) {
+    std::vector<T> y_ref(static_cast<std::size_t>(tokens * d), from_float<T>(-7.0f));
     std::vector<index_t> drop(static_cast<std::size_t>(experts), -1);
-    layer.template forward_experts<T>(host_context{}, L.xv(), r_d.plan.view(), L.weights(),
+    layer.template forward_experts<T>(host_context{}, L.xv(), plan.view(), L.weights(),
                                       make_view(y_ref.data(), tokens, d),
                                       span<index_t>(drop.data(), drop.size()), {}, ap_h);
-    dropped_ref = drop;
-  }
-  BOOST_TEST(r_d.dropped == dropped_ref, boost::test_tools::per_element());
-  expect_close("y", y_d, y_ref, forward_tolerance<T>());
-
-  // Coverage of this run.
-  std::vector<index_t> per_expert(static_cast<std::size_t>(experts), 0);
-  for (index_t t = 0; t < tokens; ++t)
-    for (index_t j = 0; j < r_h.plan.counts[t]; ++j) ++per_expert[r_h.plan.id(t, j)];
-  for (index_t e = 0; e < experts; ++e)
-    if (!rk.masked(e) && per_expert[e] == 0) cov.empty_expert = true;
-  if (tokens * width > sy::cuda::tuning::block_sort_max_pairs) cov.radix_path = true;
-  if (tokens == 1) cov.decode = true;
+    return forward_outputs::of(routing::routing_plan{}, Losses{}, drop, y_ref);
+  };
+  compare_forward(forward_outputs::of(s1.download(), y1.download()),
+                  forward_outputs::of(s2.download(), y2.download()),
+                  forward_outputs::of(r_h, y_h), forward_tolerance<T>(), masked, host_on_plan, cov);
 }
 
 //! Every dtype × shape × router variant × dispatch variant of one layer type.
