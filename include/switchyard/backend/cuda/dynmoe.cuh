@@ -30,6 +30,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <cuda/std/cmath>
+
 #include "switchyard/backend/cuda/addon.cuh"
 #include "switchyard/backend/cuda/context.hpp"
 #include "switchyard/backend/cuda/launch.cuh"
@@ -87,6 +89,22 @@ inline void cuda_dynmoe_check_params(const routing::dynmoe_params& p, int device
 namespace switchyard::cuda {
 
 //! DynMoE on the device (see the file comment).
+//! The host route's value checks of DynMoE's params, per expert e: a non-finite threshold or a
+//! mask entry other than 0 or 1 is recorded as status_kind::bad_router_params at e (the host
+//! throws for them; the device keeps routing memory-safely and the executor throws at its
+//! check point).
+struct dynmoe_check_param_values {
+  vector_view<const float> thresholds;          //!< [E_max]
+  vector_view<const std::int32_t> experts_mask;  //!< [E_max]
+  device_status* status;
+
+  SWITCHYARD_HD void operator()(index_t e) const {
+    const std::int32_t m = experts_mask(e);
+    if (!::cuda::std::isfinite(thresholds(e)) || (m != 0 && m != 1))
+      status->record(status_kind::bad_router_params, e);
+  }
+};
+
 template <>
 struct device_router<routers::DynMoE> {
   using router = routers::DynMoE;
@@ -121,6 +139,8 @@ struct device_router<routers::DynMoE> {
     require_device_memory("losses", losses, dev, alignof(float));
     const auto sc = detail::dynmoe_device_scratch::take(ws, tokens, d, e_max, false);
     if (!ws.carving()) return;
+    for_each(ctx.stream, e_max, dynmoe_check_param_values{p.thresholds, p.experts_mask, status},
+             "switchyard::cuda::dynmoe_check_param_values");
     detail::dynmoe_forward_pipeline(detail::cuda_dynmoe_runner{ctx.stream}, x, p, r.training, plan,
                                     losses, status, sc);
   }

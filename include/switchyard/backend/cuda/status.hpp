@@ -26,7 +26,7 @@ enum class status_kind : int {
   invalid_ids = 3,        //!< plan.expert_ids[t, j] outside [0, E), repeated, or not -1 when unused (index t·width + j)
   bad_attention = 4,      //!< DA-MoE params.attention[h, i, j] not finite, negative, or ending a row that does not sum to 1 (index h·T·T + i·T + j)
   bad_importance = 5,     //!< DA-MoE params.importance[j] (or token j's computed importance) not finite or negative (index j)
-  bad_router_params = 6,  //!< a router parameter the host validates by value (DynMoE: a non-finite threshold, a mask entry not 0 or 1) (index: the router's flat index)
+  bad_router_params = 6,  //!< a router parameter the host validates by value (DynMoE: a non-finite threshold, a mask entry not 0 or 1) (index: the expert)
 };
 inline constexpr int status_kinds = 7;
 
@@ -99,10 +99,11 @@ inline void throw_status(const device_status& s, const status_shape& shape) {
                                      "device)"));
   }
   if (s.first[6] != device_status::none) {
-    throw range_error("params", detail::concat("params: the router's parameter at flat index ",
+    throw range_error("params", detail::concat("params: the router's parameters of expert ",
                                                at(status_kind::bad_router_params),
-                                               " is out of its range (a non-finite threshold, a "
-                                               "mask entry other than 0 or 1; found on the device)"));
+                                               " are out of range (DynMoE: a non-finite threshold "
+                                               "or an experts_mask entry other than 0 or 1; found "
+                                               "on the device)"));
   }
   if (s.first[2] != device_status::none) {
     const std::string arg = detail::concat(shape.plan_argument, ".counts");
