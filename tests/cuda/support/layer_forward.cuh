@@ -21,6 +21,7 @@
 #include <utility>
 #include <random>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <switchyard/backend/cuda.cuh>
@@ -77,6 +78,7 @@ struct forward_coverage {
   bool empty_expert = false;   //!< some active expert received no token
   bool radix_path = false;     //!< some run had T·width > block_sort_max_pairs
   bool decode = false;         //!< some run had T = 1
+  bool dropped = false;        //!< some run dropped pairs (capacity)
 };
 
 //! What one forward produced, as host data (the comparisons are not templates: one copy of
@@ -180,6 +182,8 @@ inline void compare_forward(const forward_outputs& dev, const forward_outputs& d
     if (!masked[static_cast<std::size_t>(e)] && per_expert[static_cast<std::size_t>(e)] == 0) cov.empty_expert = true;
   if (tokens * width > sy::cuda::tuning::block_sort_max_pairs) cov.radix_path = true;
   if (tokens == 1) cov.decode = true;
+  for (const index_t v : host.dropped)
+    if (v > 0) cov.dropped = true;
 }
 
 //! One forward comparison (file comment).
@@ -265,6 +269,9 @@ void forward_matches_host(std::uint64_t seed_offset) {
   BOOST_TEST(cov.empty_expert, "no run had an expert without tokens");
   BOOST_TEST(cov.radix_path, "no run reached the radix-sort path");
   BOOST_TEST(cov.decode, "no decode (T = 1) run");
+  if constexpr (std::is_same_v<typename Layer::dispatch_type, dispatch::padded_capacity>) {
+    BOOST_TEST(cov.dropped, "no run dropped a pair: the capacity path was not exercised");
+  }
 }
 
 }  // namespace switchyard::test::gpu
