@@ -113,6 +113,20 @@ BOOST_AUTO_TEST_CASE(router_parameter_kinds_name_the_parameter) {
   BOOST_TEST(msg.find("17") != std::string::npos, msg);
 }
 
+BOOST_AUTO_TEST_CASE(reset_clears_every_kind_and_keeps_the_sizes_for_the_messages) {
+  auto s = fresh();
+  s.record(sy::cuda::status_kind::invalid_counts, 1);
+  s.reset(/*d=*/8, /*experts=*/6, /*width=*/3, /*tokens=*/5, /*routed=*/true);
+  BOOST_TEST(s.ok());
+  s.record(sy::cuda::status_kind::invalid_ids, 4 * 3 + 2);
+  std::string arg;
+  const std::string msg = message_of<sy::range_error>(s, s.shape(), arg);
+  BOOST_TEST(arg == "state.plan.expert_ids");
+  BOOST_TEST(msg.find("[4, 2]") != std::string::npos, msg);
+  s.reset(8, 6, 3, 5, false);
+  BOOST_TEST(std::string(s.shape().plan_argument) == "plan");
+}
+
 BOOST_AUTO_TEST_CASE(non_finite_tokens_are_reported_before_plan_errors) {
   auto s = fresh();
   s.record(sy::cuda::status_kind::invalid_ids, 0);

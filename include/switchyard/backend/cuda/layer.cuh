@@ -58,8 +58,18 @@ struct record_non_finite_rows {
   }
 };
 
+//! Resets the status word and records the sizes its messages need (one thread; a kernel
+//! rather than a memset so that graph capture records the values).
+struct reset_status {
+  device_status* status;
+  index_t d, experts, width, tokens;
+  bool routed;
+  SWITCHYARD_HD void operator()(index_t) const { status->reset(d, experts, width, tokens, routed); }
+};
+
 //! Waits for `stream` and throws what the status word at the front of a forward or backward
-//! workspace recorded (the sync-free paths' explicit check; docs/cuda.md).
+//! workspace recorded (the sync-free paths' explicit check; docs/cuda.md). The messages use
+//! the sizes the run recorded; a non-empty `shape` (d > 0) overrides them.
 inline void check_status(const context& ctx, span<const std::byte> workspace,
                          const status_shape& shape = {}) {
   if (workspace.size() < sizeof(device_status) + workspace_arena::alignment) {
@@ -70,7 +80,7 @@ inline void check_status(const context& ctx, span<const std::byte> workspace,
   device_status host{};
   check(cudaMemcpyAsync(&host, s, sizeof host, cudaMemcpyDeviceToHost, ctx.stream), "cudaMemcpyAsync");
   check(cudaStreamSynchronize(ctx.stream), "cudaStreamSynchronize");
-  throw_status(host, shape);
+  throw_status(host, shape.d > 0 ? shape : host.shape());
 }
 
 }  // namespace switchyard::cuda
@@ -395,8 +405,9 @@ struct executor<cuda::context> {
     workspace_arena rws = detail::cuda_sub_arena(
         ws, rp != nullptr ? cuda::router_workspace_size(layer.router, tokens, *rp) : 0);
     if (ws.carving()) {
-      cuda::check(cudaMemsetAsync(status, 0xFF, sizeof(cuda::device_status), ctx.stream),
-                  "cudaMemsetAsync");
+      cuda::for_each(ctx.stream, 1,
+                     cuda::reset_status{status, dm.d, dm.experts, width, tokens, state != nullptr},
+                     "switchyard::cuda::reset_status");
       if (state != nullptr) {
         cuda::for_each(ctx.stream, tokens,
                        cuda::record_non_finite_rows<T>{{x}, status},
@@ -446,8 +457,9 @@ struct executor<cuda::context> {
     workspace_arena rws = detail::cuda_sub_arena(
         ws, rp != nullptr ? cuda::router_workspace_size(layer.router, tokens, *rp) : 0);
     if (ws.carving()) {
-      cuda::check(cudaMemsetAsync(status, 0xFF, sizeof(cuda::device_status), ctx.stream),
-                  "cudaMemsetAsync");
+      cuda::for_each(ctx.stream, 1,
+                     cuda::reset_status{status, dm.d, dm.experts, width, tokens, state != nullptr},
+                     "switchyard::cuda::reset_status");
       if (tokens * width > 0) {
         cuda::check(cudaMemsetAsync(d_weights, 0, sizeof(float) * tokens * width, ctx.stream),
                     "cudaMemsetAsync");

@@ -30,12 +30,44 @@ enum class status_kind : int {
 };
 inline constexpr int status_kinds = 7;
 
-//! The status word, in device memory (the first bytes of the workspace). All bits set
-//! (memset 0xFF) means "nothing recorded".
+//! The sizes the messages need to turn flat indices into coordinates.
+struct status_shape {
+  index_t d = 0;        //!< columns of x
+  index_t experts = 0;  //!< E
+  index_t width = 0;    //!< plan slots per token
+  const char* plan_argument = "plan";  //!< "state.plan" (routed) or "plan" (forward_experts)
+  index_t tokens = 0;   //!< T
+};
+
+//! The status word, in device memory (the first bytes of the workspace). `first[k] == none`
+//! (all bits set) means "nothing recorded" for kind k.
 struct device_status {
   unsigned long long first[status_kinds];  //!< smallest flat index per kind, or ULLONG_MAX
 
   static constexpr unsigned long long none = ULLONG_MAX;
+
+  // The sizes the messages need, written with the word's reset, so that an explicit
+  // `check_status` names the same element as the synchronisation point does.
+  index_t d = 0;        //!< columns of x
+  index_t experts = 0;  //!< E
+  index_t width = 0;    //!< plan slots per token
+  index_t tokens = 0;   //!< T
+  int routed = 0;       //!< 1: the layer routed (plan errors name state.plan), 0: forward_experts
+
+  //! Clears every kind and records the sizes (what the executor's reset kernel runs).
+  SWITCHYARD_HD void reset(index_t d_, index_t experts_, index_t width_, index_t tokens_,
+                           bool routed_) {
+    for (int k = 0; k < status_kinds; ++k) first[k] = none;
+    d = d_;
+    experts = experts_;
+    width = width_;
+    tokens = tokens_;
+    routed = routed_ ? 1 : 0;
+  }
+  //! The sizes recorded by `reset`.
+  [[nodiscard]] status_shape shape() const {
+    return {d, experts, width, routed != 0 ? "state.plan" : "plan", tokens};
+  }
 
   //! Records `index` for `kind` (the smallest index wins; atomic on the device).
   SWITCHYARD_HD void record(status_kind kind, index_t index) {
@@ -55,14 +87,6 @@ struct device_status {
   }
 };
 
-//! The sizes the messages need to turn flat indices into coordinates.
-struct status_shape {
-  index_t d = 0;        //!< columns of x
-  index_t experts = 0;  //!< E
-  index_t width = 0;    //!< plan slots per token
-  const char* plan_argument = "plan";  //!< "state.plan" (routed) or "plan" (forward_experts)
-  index_t tokens = 0;   //!< T
-};
 
 //! Throws the typed exception for the first recorded kind (in enum order); nothing when ok.
 inline void throw_status(const device_status& s, const status_shape& shape) {
