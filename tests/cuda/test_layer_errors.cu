@@ -67,9 +67,6 @@ struct problem {
   gpu::device_state<sy::routing::softmax_router_losses> state{tokens, 2, experts, sc.stream()};
 
   [[nodiscard]] sy::matrix_view<float> yv() const { return y.view(tokens, d); }
-  //! The sizes check_status needs to name elements by their coordinates.
-  [[nodiscard]] static sy::cuda::status_shape status_shape() { return {d, experts, 2, "plan"}; }
-
   //! x with a NaN at [t, i], on the device.
   [[nodiscard]] sy::matrix_view<const float> x_with_nan(index_t t, index_t i) {
     std::vector<float> x = L.x;
@@ -166,7 +163,7 @@ BOOST_AUTO_TEST_CASE(nan_in_x_is_a_non_finite_error) {
     layer.forward(P.sc.get(), x_nan, P.rp_d, P.w_d, P.yv(), P.state.view(), ws.span());
     expect_error<sy::non_finite_error>(
         "padded_capacity, check_status",
-        [&] { sy::cuda::check_status(P.sc.get(), ws.span(), P.status_shape()); }, "x", "x[5, 3]",
+        [&] { sy::cuda::check_status(P.sc.get(), ws.span()); }, "x", "x[5, 3]",
         P.sc);
     // The convenience path (no workspace) waits at its end and throws there.
     expect_error<sy::non_finite_error>(
@@ -211,7 +208,7 @@ BOOST_AUTO_TEST_CASE(out_of_range_plan_is_a_range_error) {
   padded.forward_experts(P.sc.get(), P.x_d, plan_id.view(), P.w_d, P.yv(), drop, pws.span());
   expect_error<sy::range_error>(
       "padded_capacity, bad id, check_status",
-      [&] { sy::cuda::check_status(P.sc.get(), pws.span(), P.status_shape()); }, "plan.expert_ids",
+      [&] { sy::cuda::check_status(P.sc.get(), pws.span()); }, "plan.expert_ids",
       "plan.expert_ids[7, 1]", P.sc);
   P.valid_forward_works(padded);
 }
