@@ -47,6 +47,29 @@ struct combine_slots {
   }
 };
 
+//! `combine_slots` one output element at a time, index r = t·d + i: the form the GPU runs
+//! (consecutive threads write consecutive columns of a token, so the loads of a slot's row
+//! coalesce). Each element is the same float sum in slot order as the row form's, so the
+//! result is bitwise the row form's.
+template <ElementType T, class Id, class W>
+struct combine_slot_elements {
+  combine_slots<T, Id, W> f;  //!< the row form (its members)
+
+  SWITCHYARD_HD void operator()(index_t r) const {
+    const index_t t = r / f.d, i = r % f.d;
+    const index_t c = f.counts(t);
+    float s = 0.0f;
+    for (index_t j = 0; j < c; ++j) {
+      const index_t row = f.pair_row[dispatch::pair_index(t, j, f.width)];
+      const float wt = f.weights(t, j);
+      if (row >= 0) s += wt * f.rows[row * f.d + i];
+      else if (row == dispatch::dropped_pair && f.pass_through) s += wt * to_float(f.x(t, i));
+    }
+    if (f.extra != nullptr) s += f.extra[t * f.d + i];
+    f.y(t, i) = from_float<T>(s);
+  }
+};
+
 //! Backward of the combine for one token t: d_weights of its dropped pass-through pairs
 //! (⟨dy_t, x_t⟩), then, when `has_dx`, dx[t] += Σ_j (dX row of slot j, or w_tj · dy_t for a
 //! dropped pass-through pair) in slot order.

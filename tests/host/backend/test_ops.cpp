@@ -95,3 +95,45 @@ BOOST_AUTO_TEST_CASE(report_drops_copies_the_per_expert_counts) {
   run(3, ops::report_drops{planned.data(), dropped.data()});
   BOOST_TEST(dropped == planned, boost::test_tools::per_element());
 }
+
+BOOST_AUTO_TEST_CASE(combine_by_elements_is_bitwise_the_row_form) {
+  // Random plan with used, unused and dropped pass-through slots, an add-on term, bf16 output.
+  const index_t tokens = 9, width = 3, d = 7, n_rows = 20;
+  std::vector<float> w(tokens * width), rows(n_rows * d), x(tokens * d), extra(tokens * d);
+  std::vector<std::int32_t> counts(tokens);
+  std::vector<index_t> pair_row(tokens * width);
+  std::uint64_t state = 0x9E3779B97F4A7C15ull;
+  auto next = [&] { state ^= state << 13; state ^= state >> 7; state ^= state << 17; return state; };
+  auto uni = [&] { return static_cast<float>(next() % 20001) / 10000.0f - 1.0f; };
+  for (auto& v : w) v = uni();
+  for (auto& v : rows) v = uni() * 3.0f;
+  for (auto& v : x) v = uni();
+  for (auto& v : extra) v = uni();
+  for (index_t t = 0; t < tokens; ++t) {
+    counts[t] = static_cast<std::int32_t>(next() % (width + 1));
+    for (index_t j = 0; j < width; ++j) {
+      const auto k = next() % 5;
+      pair_row[t * width + j] = j >= counts[t] ? dispatch::unused_pair
+                                : k == 0       ? dispatch::dropped_pair
+                                               : static_cast<index_t>(next() % n_rows);
+    }
+  }
+  std::vector<bfloat16> xb(x.size()), y_rows(tokens * d), y_elems(tokens * d);
+  for (std::size_t i = 0; i < x.size(); ++i) xb[i] = from_float<bfloat16>(x[i]);
+  const auto wv = make_view<const float>(w.data(), tokens, width);
+  const auto cv = make_view<const std::int32_t>(counts.data(), tokens);
+  const auto xv = make_view<const bfloat16>(xb.data(), tokens, d);
+  for (const bool pass : {false, true}) {
+    for (const float* add : {static_cast<const float*>(nullptr), static_cast<const float*>(extra.data())}) {
+      const ops::combine_slots<bfloat16, const std::int32_t, const float> rows_form{
+          wv, cv, pair_row.data(), width, d, rows.data(), xv, pass, add,
+          make_view(y_rows.data(), tokens, d)};
+      auto elems_form = rows_form;
+      elems_form.y = make_view(y_elems.data(), tokens, d);
+      run(tokens, rows_form);
+      run(tokens * d, ops::combine_slot_elements<bfloat16, const std::int32_t, const float>{elems_form});
+      for (std::size_t i = 0; i < y_rows.size(); ++i)
+        BOOST_TEST(y_rows[i].bits == y_elems[i].bits, "element " << i);
+    }
+  }
+}

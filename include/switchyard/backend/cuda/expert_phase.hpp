@@ -18,7 +18,8 @@
 //! = Xs·W1ᵀ (+ b1, written back in the backward); A [R, d_ff] of T = act(H) (gated: over
 //! [gate | up]); Y [R, d] float = A·W2ᵀ (+ b2). Combine: y[t] = Σ_j w_tj · Y[pair_row(t, j)]
 //! in slot order in float (+ w_tj · x_t for a dropped pair under scaled_input) (+ extra[t]),
-//! rounded to T: `ops::combine_slots`, the host's very code (dense: each slot's row is first
+//! rounded to T: `ops::combine_slot_elements`, the host's `combine_slots` one element per
+//! thread, bitwise the same (dense: each slot's row is first
 //! copied into a [T·width, d] pair buffer by `ops::keep_dense_slots`).
 //! A and the GEMM inputs are stored in T (the host keeps float rows): with T = half or
 //! bfloat16 the device differs from the host by that rounding, within the dtype tolerance.
@@ -392,10 +393,11 @@ void experts_forward_phase(const Exec& exec, const D& policy, const Act& act, co
     rows = pair_out;
   }
   exec.launch(
-      tokens,
-      ops::combine_slots<T, Id, W>{plan.weights, plan.counts, g.pair_row, width, d, rows, x,
-                                   g.drop == dispatch::dropped_output::scaled_input, extra, y},
-      "switchyard::ops::combine_slots");
+      tokens * d,
+      ops::combine_slot_elements<T, Id, W>{
+          {plan.weights, plan.counts, g.pair_row, width, d, rows, x,
+           g.drop == dispatch::dropped_output::scaled_input, extra, y}},
+      "switchyard::ops::combine_slot_elements");
 }
 
 //! The backward of the expert phase through `exec` (recomputing the forward): dx [T, d] +=
