@@ -118,6 +118,42 @@ struct combine_backward_slots {
   }
 };
 
+//! `combine_backward_slots`' d_weights of one token's dropped pass-through pairs alone (the
+//! GPU runs it per token, and `combine_backward_elements` for dx).
+template <ElementType T, class Id, class W>
+struct combine_backward_pass_weights {
+  combine_backward_slots<T, Id, W> f;  //!< the row form (its members)
+
+  SWITCHYARD_HD void operator()(index_t t) const {
+    if (!f.pass_through) return;
+    const index_t c = f.counts(t);
+    for (index_t j = 0; j < c; ++j) {
+      const index_t pr = dispatch::pair_index(t, j, f.width);
+      if (f.pair_row[pr] == dispatch::dropped_pair) f.d_weights[pr] = f.dot_x(t);
+    }
+  }
+};
+
+//! `combine_backward_slots`' dx one element at a time, index r = t·d + i (coalesced on the
+//! GPU; the same float sum in slot order, so bitwise the row form's dx).
+template <ElementType T, class Id, class W>
+struct combine_backward_elements {
+  combine_backward_slots<T, Id, W> f;  //!< the row form (its members)
+
+  SWITCHYARD_HD void operator()(index_t r) const {
+    if (!f.has_dx) return;
+    const index_t t = r / f.d, i = r % f.d;
+    const index_t c = f.counts(t);
+    float s = 0.0f;
+    for (index_t j = 0; j < c; ++j) {
+      const index_t row = f.pair_row[dispatch::pair_index(t, j, f.width)];
+      if (row >= 0) s += f.dx_rows[row * f.d + i];
+      else if (row == dispatch::dropped_pair && f.pass_through) s += f.weights(t, j) * to_float(f.dy(t, i));
+    }
+    f.dx(t, i) += s;
+  }
+};
+
 //! ⟨dy_t, row⟩ summed in column order in float (a slot's combine-weight cotangent).
 template <ElementType T>
 SWITCHYARD_HD inline float dot_row(const matrix_view<const T>& dy, index_t t, const float* row,

@@ -137,3 +137,44 @@ BOOST_AUTO_TEST_CASE(combine_by_elements_is_bitwise_the_row_form) {
     }
   }
 }
+
+BOOST_AUTO_TEST_CASE(combine_backward_by_elements_is_bitwise_the_row_form) {
+  const index_t tokens = 8, width = 3, d = 5, n_rows = 17;
+  std::uint64_t state = 0xD1B54A32D192ED03ull;
+  auto next = [&] { state ^= state << 13; state ^= state >> 7; state ^= state << 17; return state; };
+  auto uni = [&] { return static_cast<float>(next() % 20001) / 10000.0f - 1.0f; };
+  std::vector<float> w(tokens * width), dx_rows(n_rows * d), x(tokens * d), dy(tokens * d),
+      dx0(tokens * d);
+  for (auto* v : {&w, &dx_rows, &x, &dy, &dx0})
+    for (auto& e : *v) e = uni();
+  std::vector<std::int32_t> counts(tokens);
+  std::vector<index_t> pair_row(tokens * width);
+  for (index_t t = 0; t < tokens; ++t) {
+    counts[t] = static_cast<std::int32_t>(next() % (width + 1));
+    for (index_t j = 0; j < width; ++j)
+      pair_row[t * width + j] = j >= counts[t] ? dispatch::unused_pair
+                                : next() % 4 == 0 ? dispatch::dropped_pair
+                                                  : static_cast<index_t>(next() % n_rows);
+  }
+  std::vector<switchyard::half> xh(x.size()), dyh(dy.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    xh[i] = from_float<switchyard::half>(x[i]);
+    dyh[i] = from_float<switchyard::half>(dy[i]);
+  }
+  for (const bool pass : {false, true}) {
+    std::vector<float> dx_a = dx0, dx_b = dx0, dw_a(tokens * width, -7.0f), dw_b(tokens * width, -7.0f);
+    const ops::combine_backward_slots<switchyard::half, const std::int32_t, const float> rows_form{
+        make_view<const float>(w.data(), tokens, width), make_view<const std::int32_t>(counts.data(), tokens),
+        pair_row.data(), width, d, dx_rows.data(), make_view<const switchyard::half>(xh.data(), tokens, d),
+        make_view<const switchyard::half>(dyh.data(), tokens, d), pass, dw_a.data(),
+        make_view(dx_a.data(), tokens, d), true};
+    auto split = rows_form;
+    split.d_weights = dw_b.data();
+    split.dx = make_view(dx_b.data(), tokens, d);
+    run(tokens, rows_form);
+    run(tokens, ops::combine_backward_pass_weights<switchyard::half, const std::int32_t, const float>{split});
+    run(tokens * d, ops::combine_backward_elements<switchyard::half, const std::int32_t, const float>{split});
+    BOOST_TEST(dx_a == dx_b, boost::test_tools::per_element());
+    BOOST_TEST(dw_a == dw_b, boost::test_tools::per_element());
+  }
+}

@@ -553,11 +553,15 @@ void experts_backward_phase(const Exec& exec, const D& policy, const Act& act,
       dx_rows = pair_dx;
     }
   }
-  exec.launch(tokens,
-              ops::combine_backward_slots<T, Id, W>{
-                  plan.weights, plan.counts, g.pair_row, width, d, dx_rows, x, dy,
-                  g.drop == dispatch::dropped_output::scaled_input, d_weights, dx, has_dx},
-              "switchyard::ops::combine_backward_slots");
+  const ops::combine_backward_slots<T, Id, W> back{
+      plan.weights, plan.counts, g.pair_row, width, d, dx_rows, x, dy,
+      g.drop == dispatch::dropped_output::scaled_input, d_weights, dx, has_dx};
+  if (back.pass_through)
+    exec.launch(tokens, ops::combine_backward_pass_weights<T, Id, W>{back},
+                "switchyard::ops::combine_backward_pass_weights");
+  if (has_dx)
+    exec.launch(tokens * d, ops::combine_backward_elements<T, Id, W>{back},
+                "switchyard::ops::combine_backward_elements");
 }
 
 }  // namespace switchyard::cuda
