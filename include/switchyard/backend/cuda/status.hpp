@@ -12,6 +12,7 @@
 #include <climits>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/error.hpp"
@@ -48,11 +49,13 @@ struct device_status {
 
   // The sizes the messages need, written with the word's reset, so that an explicit
   // `check_status` names the same element as the synchronisation point does.
-  index_t d = 0;        //!< columns of x
-  index_t experts = 0;  //!< E
-  index_t width = 0;    //!< plan slots per token
-  index_t tokens = 0;   //!< T
-  int routed = 0;       //!< 1: the layer routed (plan errors name state.plan), 0: forward_experts
+  // (No default member initialisers: the word stays a trivial type, set by `reset` on the
+  // device or by memset/value-initialisation on the host.)
+  index_t d;        //!< columns of x
+  index_t experts;  //!< E
+  index_t width;    //!< plan slots per token
+  index_t tokens;   //!< T
+  int routed;       //!< 1: the layer routed (plan errors name state.plan), 0: forward_experts
 
   //! Clears every kind and records the sizes (what the executor's reset kernel runs).
   SWITCHYARD_HD void reset(index_t d_, index_t experts_, index_t width_, index_t tokens_,
@@ -87,6 +90,9 @@ struct device_status {
   }
 };
 
+
+static_assert(std::is_trivial_v<device_status>,
+              "the status word is reset by a kernel and copied byte-wise: keep it trivial");
 
 //! Throws the typed exception for the first recorded kind (in enum order); nothing when ok.
 inline void throw_status(const device_status& s, const status_shape& shape) {
