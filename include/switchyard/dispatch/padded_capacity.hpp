@@ -22,6 +22,14 @@
 
 namespace switchyard::dispatch {
 
+//! In which order the pairs of a plan claim their experts' capacity.
+enum class capacity_priority {
+  token_major,  //!< token by token, each token's slots in order (Switch, Tutel)
+  slot_major,   //!< every token's first choice, then every second choice, ... (GShard,
+                //!< fairseq, DeepSpeed, NLLB-MoE): a first choice is never dropped for a
+                //!< second choice of an earlier token
+};
+
 //! Capacity-factor dispatch with token dropping.
 struct padded_capacity {
   using policy_kind = dispatch_tag;
@@ -32,6 +40,11 @@ struct padded_capacity {
   index_t min_capacity = 4;       //!< lower bound on C (DeepSpeed's default), >= 0
   index_t capacity_multiple = 8;  //!< C is rounded up to a multiple of this (GEMM tiles), >= 1
   dropped_output drop = dropped_output::zero;  //!< what a dropped pair contributes to y
+  //! The order in which pairs claim capacity (the default keeps today's token-then-slot order).
+  capacity_priority priority = capacity_priority::token_major;
+  //! An absolute capacity C per expert when > 0 (Hugging Face's `expert_capacity`): the factor,
+  //! min_capacity and capacity_multiple are then ignored. 0: C from the factor.
+  index_t expert_capacity = 0;
 
   //! Throws range_error unless capacity_factor > 0 (and finite), min_capacity >= 0 and
   //! capacity_multiple >= 1.
@@ -44,6 +57,11 @@ struct padded_capacity {
     if (min_capacity < 0) {
       throw range_error("min_capacity", detail::concat(
                                             "min_capacity must be >= 0, got ", min_capacity));
+    }
+    if (expert_capacity < 0) {
+      throw range_error("expert_capacity", detail::concat(
+                                               "expert_capacity must be >= 0 (0: from the "
+                                               "capacity factor), got ", expert_capacity));
     }
     if (capacity_multiple < 1) {
       throw range_error("capacity_multiple",
@@ -60,6 +78,7 @@ struct padded_capacity {
   //! C for T tokens routing `assignments` = T · k̄ pairs over E experts (file comment).
   [[nodiscard]] SWITCHYARD_HD index_t capacity(index_t tokens, index_t assignments,
                                               index_t experts) const {
+    if (expert_capacity > 0) return expert_capacity;
     const double raw = ::cuda::std::ceil(static_cast<double>(capacity_factor) *
                                          static_cast<double>(assignments) /
                                          static_cast<double>(experts));

@@ -24,6 +24,40 @@
 
 namespace switchyard {
 
+//! Shared (always-on) experts: S FFNs every token runs besides its routed experts (Qwen2-MoE,
+//! Qwen3-Next, DeepSeek-V2/V3/V4, Llama-4, ERNIE-4.5, dots1, HunYuan), with the layer's
+//! activation and their own hidden width d_ff_s. Their term is
+//! `y_shared_t = g_t · Σ_s FFN_s(x_t)` with `g_t = sigmoid(x_t · gateᵀ)` when `gate` is given
+//! (Qwen2-MoE, Qwen3-Next), else 1. Absent (every view empty, the default): no shared term.
+//! A model that fuses several shared experts into one FFN (Hugging Face does) passes S = 1
+//! with the fused width.
+template <ElementType T>
+struct shared_expert_weights {
+  tensor_view<const T, 3> w1;  //!< [S, P_s, d], P_s = d_ff_s or 2·d_ff_s ([gate | up]) when gated
+  matrix_view<const T> b1;     //!< [S, P_s] or empty
+  tensor_view<const T, 3> w2;  //!< [S, d, d_ff_s]
+  matrix_view<const T> b2;     //!< [S, d] or empty
+  matrix_view<const T> gate;   //!< [1, d] sigmoid gate weight, or empty (g = 1)
+
+  //! True when the layer has shared experts (w2 holds data).
+  [[nodiscard]] bool present() const { return detail::present(w2) || detail::present(w1); }
+  //! S.
+  [[nodiscard]] index_t count() const { return w2.extent(0); }
+  //! d_ff_s.
+  [[nodiscard]] index_t d_ff() const { return w2.extent(2); }
+  //! True when a sigmoid gate scales the shared term.
+  [[nodiscard]] bool gated() const { return detail::present(gate); }
+};
+
+//! Gradients of the shared experts (float, +=); an empty view skips that gradient.
+struct shared_expert_grads {
+  tensor_view<float, 3> w1;  //!< [S, P_s, d]
+  matrix_view<float> b1;     //!< [S, P_s]
+  tensor_view<float, 3> w2;  //!< [S, d, d_ff_s]
+  matrix_view<float> b2;     //!< [S, d]
+  matrix_view<float> gate;   //!< [1, d]
+};
+
 //! Read-only views of every expert's FFN parameters (layout in the file comment).
 template <ElementType T>
 struct expert_weights {
@@ -31,6 +65,7 @@ struct expert_weights {
   matrix_view<const T> b1;     //!< [E, P] or empty (no bias)
   tensor_view<const T, 3> w2;  //!< [E, d, d_ff]
   matrix_view<const T> b2;     //!< [E, d] or empty (no bias)
+  shared_expert_weights<T> shared{};  //!< always-on experts, or empty (none)
 
   //! E (expert slots).
   [[nodiscard]] index_t num_experts() const { return w1.extent(0); }
@@ -53,6 +88,7 @@ struct expert_grads {
   matrix_view<float> b1;     //!< [E, P]
   tensor_view<float, 3> w2;  //!< [E, d, d_ff]
   matrix_view<float> b2;     //!< [E, d]
+  shared_expert_grads shared{};  //!< the shared experts' gradients
 };
 
 namespace detail {
@@ -91,6 +127,29 @@ void validate_expert_weights(const expert_weights<T>& w, index_t d, bool gated) 
                    : "[E, d_ff, d] with E, d_ff from weights.w2 and d = x.extent(1)");
   if (detail::present(w.b1)) check_view("weights.b1", w.b1, {e, p}, "[E, P] (P = w1.extent(1))");
   if (detail::present(w.b2)) check_view("weights.b2", w.b2, {e, d}, "[E, d]");
+  const shared_expert_weights<T>& s = w.shared;
+  if (!s.present()) {
+    if (detail::present(s.gate) || detail::present(s.b1) || detail::present(s.b2)) {
+      throw shape_error("weights.shared.w2",
+                        "weights.shared.w2: the shared experts' gate or biases are given but "
+                        "their weights (w1, w2) are not");
+    }
+    return;
+  }
+  check_view("weights.shared.w2", s.w2, {-1, d, -1}, "[S, d, d_ff_s] with d = x.extent(1)");
+  const index_t n = s.w2.extent(0), f = s.w2.extent(2);
+  if (n < 1 || f < 1) {
+    throw shape_error("weights.shared.w2",
+                      detail::concat("weights.shared.w2: expected S >= 1 shared experts and "
+                                     "d_ff_s >= 1, got S = ", n, ", d_ff_s = ", f));
+  }
+  const index_t ps = gated ? 2 * f : f;
+  check_view("weights.shared.w1", s.w1, {n, ps, d},
+             gated ? "[S, 2·d_ff_s, d] (gated activation: fused [gate | up])"
+                   : "[S, d_ff_s, d]");
+  if (detail::present(s.b1)) check_view("weights.shared.b1", s.b1, {n, ps}, "[S, P_s]");
+  if (detail::present(s.b2)) check_view("weights.shared.b2", s.b2, {n, d}, "[S, d]");
+  if (detail::present(s.gate)) check_view("weights.shared.gate", s.gate, {1, d}, "[1, d]");
 }
 
 //! Checks the gradient views that are present against the weights' extents.
@@ -101,6 +160,27 @@ void validate_expert_grads(const expert_grads& g, const expert_weights<T>& w) {
   if (detail::present(g.b1)) check_view("grads.b1", g.b1, {e, p}, "(same as weights.b1)");
   if (detail::present(g.w2)) check_view("grads.w2", g.w2, {e, d, f}, "(same as weights.w2)");
   if (detail::present(g.b2)) check_view("grads.b2", g.b2, {e, d}, "(same as weights.b2)");
+  const shared_expert_grads& sg = g.shared;
+  const bool any = detail::present(sg.w1) || detail::present(sg.b1) || detail::present(sg.w2) ||
+                   detail::present(sg.b2) || detail::present(sg.gate);
+  if (!any) return;
+  if (!w.shared.present()) {
+    throw shape_error("grads.shared", "grads.shared: shared-expert gradients are given but the "
+                                      "layer has no shared experts (weights.shared is empty)");
+  }
+  const auto& s = w.shared;
+  const index_t n = s.count(), ps = s.w1.extent(1), fs = s.d_ff();
+  if (detail::present(sg.w1)) check_view("grads.shared.w1", sg.w1, {n, ps, d}, "(same as weights.shared.w1)");
+  if (detail::present(sg.b1)) check_view("grads.shared.b1", sg.b1, {n, ps}, "[S, P_s]");
+  if (detail::present(sg.w2)) check_view("grads.shared.w2", sg.w2, {n, d, fs}, "(same as weights.shared.w2)");
+  if (detail::present(sg.b2)) check_view("grads.shared.b2", sg.b2, {n, d}, "[S, d]");
+  if (detail::present(sg.gate)) {
+    if (!s.gated()) {
+      throw shape_error("grads.shared.gate", "grads.shared.gate: given, but the shared experts "
+                                             "have no gate (weights.shared.gate is empty)");
+    }
+    check_view("grads.shared.gate", sg.gate, {1, d}, "[1, d]");
+  }
 }
 
 }  // namespace switchyard

@@ -77,6 +77,19 @@ struct MoELayer {
   //! fixed-order kernels instead of the BLAS (slower; docs/design.md, "Same bits on any
   //! machine"). Results never depend on the thread count, with or without it.
   bool batch_invariant = false;
+  //! Llama-4: the combine weight scales the expert's input instead of its output,
+  //! `y_t = Σ_j FFN_{e_tj}(w_tj · x_t)` (and d_weights is ∂/∂w of that). Host backend.
+  bool router_weight_on_input = false;
+  //! LongCat-Flash zero-computation experts: the router has E + identity_experts experts, and
+  //! ids in `[E, E + identity_experts)` (E = weights.num_experts()) name experts that output
+  //! their input, contributing `w_tj · x_t` with no FFN. Host backend.
+  index_t identity_experts = 0;
+
+  //! Experts the router and the plan count: the E FFN experts of `w` plus the identity ones.
+  template <ElementType T>
+  [[nodiscard]] index_t routed_experts(const expert_weights<T>& w) const {
+    return w.num_experts() + identity_experts;
+  }
 
   // ---- workspace queries ----------------------------------------------------------------
   // With an add-on, pass its params too: its scratch may depend on them (HyperMoE's does).
@@ -224,16 +237,31 @@ struct MoELayer {
                         const expert_weights<T>& w, const matrix_view<T>& y) const {
     check_view("x", x, {-1, -1}, "[T, d]");
     validate_expert_weights(w, x.extent(1), gated);
+    check_identity_experts();
     const index_t experts = router.num_experts(rp);
-    if (experts != w.num_experts()) {
+    if (experts != routed_experts(w)) {
+      if (identity_experts == 0) {
+        throw shape_error("weights.w1",
+                          detail::concat("weights.w1: extent 0 must be the router's expert count E = ",
+                                         experts, ", got ", w.num_experts()));
+      }
       throw shape_error("weights.w1",
-                        detail::concat("weights.w1: extent 0 must be the router's expert count E = ",
-                                       experts, ", got ", w.num_experts()));
+                        detail::concat("weights.w1: extent 0 must be the router's expert count "
+                                       "minus identity_experts = ", experts, " - ",
+                                       identity_experts, ", got ", w.num_experts()));
     }
     if constexpr (requires { router.validate(experts); }) router.validate(experts);
     dispatch.validate();
     check_view("y", y, {x.extent(0), x.extent(1)}, "[T, d] like x");
     return experts;
+  }
+
+  //! identity_experts >= 0.
+  void check_identity_experts() const {
+    if (identity_experts < 0) {
+      throw range_error("identity_experts",
+                        detail::concat("identity_experts must be >= 0, got ", identity_experts));
+    }
   }
 
   //! The state's arrays hold T tokens, `width` slots and E experts; losses are given.
@@ -267,9 +295,15 @@ struct MoELayer {
                      const expert_weights<T>& w) const {
     check_view("x", x, {-1, -1}, "[T, d]");
     validate_expert_weights(w, x.extent(1), gated);
-    if (plan.num_experts != w.num_experts()) {
-      throw shape_error("plan", detail::concat("plan: num_experts must match weights (E = ",
-                                               w.num_experts(), "), got ", plan.num_experts));
+    check_identity_experts();
+    if (plan.num_experts != routed_experts(w)) {
+      throw shape_error("plan", identity_experts == 0
+                                    ? detail::concat("plan: num_experts must match weights (E = ",
+                                                     w.num_experts(), "), got ", plan.num_experts)
+                                    : detail::concat("plan: num_experts must match weights (E = ",
+                                                     w.num_experts(), " FFN experts + ",
+                                                     identity_experts, " identity experts), got ",
+                                                     plan.num_experts));
     }
     check_view("plan.expert_ids", plan.expert_ids, {x.extent(0), -1});
     check_view("plan.weights", plan.weights, {x.extent(0), plan.width()});

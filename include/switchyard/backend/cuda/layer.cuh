@@ -211,6 +211,7 @@ struct executor<cuda::context> {
                       const matrix_view<T>& y, const typename Layer::state_type& state,
                       span<std::byte> workspace, const typename Layer::addon_params& ap) {
     const index_t tokens = x.extent(0), width = state.plan.width;
+    require_supported(layer, w);
     const int dev = prepare(ctx);
     require_common(dev, x, w, y);
     require_state(dev, state);
@@ -230,6 +231,7 @@ struct executor<cuda::context> {
                               const matrix_view<T>& y, span<index_t> dropped,
                               span<std::byte> workspace, const typename Layer::addon_params& ap) {
     const index_t tokens = x.extent(0), width = plan.width();
+    require_supported(layer, w);
     const int dev = prepare(ctx);
     require_common(dev, x, w, y);
     require_plan(dev, plan);
@@ -252,6 +254,7 @@ struct executor<cuda::context> {
                        span<std::byte> workspace, const typename Layer::addon_params& ap,
                        const typename Layer::addon_grads& ag) {
     const index_t tokens = state.plan.num_tokens, width = state.plan.width;
+    require_supported(layer, w);
     const int dev = prepare(ctx);
     require_backward(dev, x, w, dy, dx, grads);
     require_state(dev, state);
@@ -273,6 +276,7 @@ struct executor<cuda::context> {
                                span<std::byte> workspace, const typename Layer::addon_params& ap,
                                const typename Layer::addon_grads& ag) {
     const index_t tokens = x.extent(0), width = plan.width();
+    require_supported(layer, w);
     const int dev = prepare(ctx);
     require_backward(dev, x, w, dy, dx, grads);
     require_plan(dev, plan);
@@ -292,6 +296,25 @@ struct executor<cuda::context> {
     std::size_t device = 0;
     std::size_t host = 0;
   };
+
+  //! Throws unsupported_error for the layer features only the host backend runs yet
+  //! (issue #12: shared experts, identity experts, weight on input, slot-major capacity).
+  template <class Layer, ElementType T>
+  static void require_supported(const Layer& layer, const expert_weights<T>& w) {
+    const auto refuse = [](const char* what) {
+      throw unsupported_error(detail::concat(
+          "switchyard: ", what, " run on the host backend only for now (docs/cuda.md, "
+          "\"What runs on the GPU\")"));
+    };
+    if (w.shared.present()) refuse("shared experts (weights.shared)");
+    if (layer.identity_experts != 0) refuse("identity experts (MoELayer::identity_experts)");
+    if (layer.router_weight_on_input) refuse("MoELayer::router_weight_on_input");
+    if constexpr (requires { layer.dispatch.priority; }) {
+      if (layer.dispatch.priority != dispatch::capacity_priority::token_major) {
+        refuse("padded_capacity with capacity_priority::slot_major");
+      }
+    }
+  }
 
   //! Binds the handle to the stream (atomics not allowed); returns the stream's device.
   static int prepare(const cuda::context& ctx) {

@@ -28,6 +28,8 @@ struct expert_dims {
   index_t p = 0;         //!< first-projection width: d_ff or 2·d_ff (gated)
   index_t max_rows = 0;  //!< rows the dispatch's planning may address (dispatch's max_rows)
   bool batch_invariant = false;  //!< token-row GEMMs on the fixed-order kernels
+  //! Llama-4: w_tj scales the gathered input row; the combine then sums unweighted outputs.
+  bool weight_on_input = false;
 };
 
 //! The row rule of a phase: batch-invariant kernels when asked, else BLAS row panels.

@@ -86,6 +86,7 @@ struct executor<host_context> {
     dm.p = w.projection_width();
     dm.max_rows = layer.dispatch.max_rows(tokens, width, dm.experts);
     dm.batch_invariant = layer.batch_invariant;
+    dm.weight_on_input = layer.router_weight_on_input;
     return dm;
   }
 
