@@ -12,8 +12,9 @@
 namespace switchyard::ops {
 
 //! y[t] = Σ_j w_tj · rows[pair_row(t, j)] in slot order (+ w_tj · x_t for a dropped pair under
-//! `pass_through`) (+ extra[t] when non-null), rounded to T. One token t.
-template <ElementType T, class Id, class W>
+//! `pass_through`) (+ extra[t] when non-null), rounded to `Out` (the element type T of x by
+//! default; float for a term another phase adds, e.g. the shared experts'). One token t.
+template <ElementType T, class Id, class W, class Out = T>
 struct combine_slots {
   matrix_view<W> weights;        //!< [T, width] plan combine weights
   vector_view<Id> counts;        //!< [T] used slots
@@ -24,7 +25,7 @@ struct combine_slots {
   matrix_view<const T> x;        //!< [T, d] tokens (read for dropped pass-through pairs)
   bool pass_through = false;     //!< dropped pairs contribute w_tj · x_t
   const float* extra = nullptr;  //!< [T, d] add-on term, or null
-  matrix_view<T> y;              //!< [T, d] output
+  matrix_view<Out> y;            //!< [T, d] output
 
   SWITCHYARD_HD void operator()(index_t t) const {
     // Members as locals: the loops below then keep them in registers.
@@ -42,7 +43,7 @@ struct combine_slots {
         else if (row == dispatch::dropped_pair && pass) s += wt * to_float(x(t, i));
       }
       if (add != nullptr) s += add[t * n + i];
-      y(t, i) = from_float<T>(s);
+      y(t, i) = from_float<Out>(s);
     }
   }
 };

@@ -57,12 +57,12 @@ void expert_forward(const Act& act, const row_panels& rp, const expert_weights<T
 //! y[t] = Σ_j w_tj · rows[pair_row(t, j)] in slot order (+ w_tj · x_t for a dropped pair
 //! under `scaled_input`) (+ extra[t] when given), rounded to T: `ops::combine_slots` over the
 //! tokens on OpenMP threads.
-template <ElementType T, class Id, class W>
+template <ElementType T, class Id, class W, ElementType Out>
 void combine(const routing::plan_view<Id, W>& plan, const dispatch::expert_groups& g,
              const float* rows, const matrix_view<const T>& x, const float* extra,
-             const matrix_view<T>& y) {
+             const matrix_view<Out>& y) {
   const index_t tokens = plan.num_tokens(), width = plan.width(), d = y.extent(1);
-  const ops::combine_slots<T, Id, W> f{plan.weights, plan.counts, g.pair_row.data(), width, d, rows, x,
+  const ops::combine_slots<T, Id, W, Out> f{plan.weights, plan.counts, g.pair_row.data(), width, d, rows, x,
                                        g.drop == dispatch::dropped_output::scaled_input, extra, y};
   run_static(tokens, tokens * width * d > (1 << 15), f);
 }
@@ -110,11 +110,12 @@ namespace switchyard::host {
 
 //! Runs the experts of a plan: y [T, d] = Σ_j w_tj · FFN_{e_tj}(x_t) (+ `extra` [T, d] float
 //! when non-null, the add-on module's term). Fills `dropped` [E] per expert. With a
-//! measuring arena it only counts the workspace (x, y, plan may then be empty).
-template <class DispatchPolicy, class Act, ElementType T, class Id, class W>
+//! measuring arena it only counts the workspace (x, y, plan may then be empty). `y` is of
+//! the tokens' type T, or float (an unrounded term another phase adds, e.g. shared experts).
+template <class DispatchPolicy, class Act, ElementType T, class Id, class W, ElementType Out = T>
 void experts_forward(const DispatchPolicy& dispatch, const Act& act, const expert_dims& dm,
                      const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
-                     const expert_weights<T>& w, const float* extra, const matrix_view<T>& y,
+                     const expert_weights<T>& w, const float* extra, const matrix_view<Out>& y,
                      span<index_t> dropped, workspace_arena& ws) {
   const bool grouped = DispatchPolicy::layout == dispatch::dispatch_layout::grouped_rows;
   const row_panels rp = panels_for(dm);
