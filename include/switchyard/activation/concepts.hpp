@@ -65,5 +65,7 @@ static_assert(check_activation<activation::gelu_tanh>());
 static_assert(check_activation<activation::silu>());
 static_assert(check_activation<activation::swiglu>());
 static_assert(check_activation<activation::geglu>());
+static_assert(check_activation<activation::clamped_swiglu>());
+static_assert(check_activation<activation::gpt_oss_swiglu>());
 
 }  // namespace switchyard

@@ -4,7 +4,8 @@
 //! next to it. Plain activations map one pre-activation to one value: `f(h)`,
 //! `f.derivative(h)`. Gated ones (SwiGLU, GeGLU) map a (gate, up) pair from the fused
 //! `[gate | up]` projection to `act(gate) · up` and give both partial derivatives through
-//! `f.backward(gate, up, d_out, d_gate, d_up)`. Whether an activation is gated is a trait,
+//! `f.backward(gate, up, d_out, d_gate, d_up)`; the clamped ones (DeepSeek-V4, gpt-oss) carry
+//! their limit as a member. Whether an activation is gated is a trait,
 //! `activation_traits<F>::is_gated` (outside the functor, as Eigen's `functor_traits`).
 //!
 //! All math is float; erf/tanh/exp are the C library's (CUDA's device versions on the GPU).
@@ -13,6 +14,17 @@
 
 #include "switchyard/core/config.hpp"
 #include "switchyard/routing/concepts.hpp"
+
+namespace switchyard::detail {
+
+//! min(v, hi) as PyTorch's `clamp(max=hi)`: a NaN v stays NaN.
+SWITCHYARD_HD inline float clip_above(float v, float hi) { return v > hi ? hi : v; }
+//! clamp(v, lo, hi) as PyTorch's: a NaN v stays NaN.
+SWITCHYARD_HD inline float clip(float v, float lo, float hi) {
+  return v > hi ? hi : (v < lo ? lo : v);
+}
+
+}  // namespace switchyard::detail
 
 namespace switchyard::activation {
 
@@ -91,6 +103,51 @@ struct swiglu : gated<silu> {};
 //! GeGLU (Shazeer 2020): gelu(gate) · up with the exact erf GELU.
 struct geglu : gated<gelu> {};
 
+//! Clamped SwiGLU (DeepSeek-V4): `silu(min(gate, limit)) · clamp(up, −limit, limit)`.
+//! The clamps pass no gradient where they clip, as PyTorch's clamp: d_gate flows where
+//! gate <= limit, d_up where −limit <= up <= limit (both bounds inclusive). NaN propagates.
+struct clamped_swiglu {
+  using policy_kind = activation_tag;
+  float limit = 7.0f;  //!< clamp bound (> 0)
+
+  //! silu(min(gate, limit)) · clamp(up, −limit, limit).
+  SWITCHYARD_HD float operator()(float gate, float up) const {
+    return silu{}(detail::clip_above(gate, limit)) * detail::clip(up, -limit, limit);
+  }
+  //! d_gate = d_out · u · silu'(g) where gate <= limit (else 0), d_up = d_out · silu(g) where
+  //! −limit <= up <= limit (else 0), with g, u the clamped values.
+  SWITCHYARD_HD void backward(float gate, float up, float d_out, float& d_gate,
+                              float& d_up) const {
+    const float g = detail::clip_above(gate, limit), u = detail::clip(up, -limit, limit);
+    d_gate = gate <= limit ? d_out * u * silu{}.derivative(g) : 0.0f;
+    d_up = (up >= -limit && up <= limit) ? d_out * silu{}(g) : 0.0f;
+  }
+};
+
+//! gpt-oss's SwiGLU: `g = min(gate, limit)`, `u = clamp(up, −limit, limit)`,
+//! `(u + 1) · g · σ(alpha · g)`. The clamps pass no gradient where they clip (as
+//! clamped_swiglu).
+struct gpt_oss_swiglu {
+  using policy_kind = activation_tag;
+  float limit = 7.0f;   //!< clamp bound (> 0)
+  float alpha = 1.702f;  //!< sigmoid slope
+
+  //! (u + 1) · g · σ(alpha · g).
+  SWITCHYARD_HD float operator()(float gate, float up) const {
+    const float g = detail::clip_above(gate, limit), u = detail::clip(up, -limit, limit);
+    return (u + 1.0f) * (g / (1.0f + expf(-alpha * g)));
+  }
+  //! d_gate = d_out · (u + 1) · σ(αg) (1 + αg (1 − σ(αg))) where gate <= limit (else 0),
+  //! d_up = d_out · g · σ(αg) where −limit <= up <= limit (else 0).
+  SWITCHYARD_HD void backward(float gate, float up, float d_out, float& d_gate,
+                              float& d_up) const {
+    const float g = detail::clip_above(gate, limit), u = detail::clip(up, -limit, limit);
+    const float s = 1.0f / (1.0f + expf(-alpha * g));
+    d_gate = gate <= limit ? d_out * (u + 1.0f) * s * (1.0f + alpha * g * (1.0f - s)) : 0.0f;
+    d_up = (up >= -limit && up <= limit) ? d_out * g * s : 0.0f;
+  }
+};
+
 }  // namespace switchyard::activation
 
 namespace switchyard {
@@ -117,6 +174,14 @@ struct activation_traits<activation::swiglu> {
 template <>
 struct activation_traits<activation::geglu> {
   static constexpr bool is_gated = true;  //!< gelu(gate) · up
+};
+template <>
+struct activation_traits<activation::clamped_swiglu> {
+  static constexpr bool is_gated = true;  //!< silu(min(gate, limit)) · clamp(up, ±limit)
+};
+template <>
+struct activation_traits<activation::gpt_oss_swiglu> {
+  static constexpr bool is_gated = true;  //!< (u + 1) · g · σ(alpha · g)
 };
 
 }  // namespace switchyard
