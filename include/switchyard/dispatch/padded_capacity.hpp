@@ -1,10 +1,21 @@
 #pragma once
 //! \file padded_capacity.hpp
 //! `dispatch::padded_capacity`: GShard / Switch expert capacity. Each expert owns a block of
-//! C rows (`[E, C, d]` buffers, expert e at rows `[e·C, e·C + C)`), filled by its pairs in
-//! token order (then slot order); pairs past C are dropped, counted per expert and reported.
+//! C rows (`[E, C, d]` buffers, expert e at rows `[e·C, e·C + C)`), filled by its pairs in the
+//! order `priority` names; a pair is kept when, counting the pairs considered so far for its
+//! expert (itself included), the count is ≤ C; the others are dropped, counted per expert and
+//! reported, and contribute what `drop` says.
 //!
-//! Capacity: `C = ceil(capacity_factor · T · k̄ / E)` with k̄ = the plan's mean experts per
+//! Order (`capacity_priority`): `token_major` (the default: token by token, each token's slots
+//! in order; Switch, Tutel) or `slot_major` (slot 0 of every token in token order, then slot 1
+//! of every token, ...; GShard, fairseq, DeepSpeed, NLLB-MoE: a token's first choice is never
+//! dropped for an earlier token's second choice). With k = 1 the two orders coincide. A kept
+//! pair's row inside its expert's block is its rank among that expert's kept pairs in the
+//! same order; the combine does not depend on it.
+//!
+//! Capacity: `expert_capacity` when > 0 (an absolute C, Hugging Face's `expert_capacity`; the
+//! factor, min_capacity and capacity_multiple are then ignored). Otherwise
+//! `C = ceil(capacity_factor · T · k̄ / E)` with k̄ = the plan's mean experts per
 //! token (so T · k̄ = Σ_t counts[t], and k̄ = k for top-k), then `max(C, min_capacity)`, then
 //! rounded up to a multiple of `capacity_multiple`, and finally capped at T rounded up to the
 //! same multiple (an expert cannot receive more than T pairs from distinct-expert plans, so

@@ -3,6 +3,12 @@
 //! The combine of the expert phase as per-token functors (backend-neutral; see gather.hpp for
 //! the convention): each token gathers its slots' rows in slot order (no scatter-add), so the
 //! result is bitwise the same however the tokens are spread over threads or blocks.
+//!
+//! Router weight on the input (Llama-4, `weight_on_input` members, default false): the expert
+//! rows were computed from w_tj · x_t, so the combine sums them with weight 1, and backward
+//! gives dx_t += w_tj · dU row and d_weights = ⟨x_t, dU row⟩ (dU: the gradient of the expert's
+//! input). A dropped `scaled_input` pair contributes w_tj · x_t either way. With the flag
+//! false every functor computes what it did before it existed, bit for bit.
 
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/element_type.hpp"
@@ -14,6 +20,7 @@ namespace switchyard::ops {
 //! y[t] = Σ_j w_tj · rows[pair_row(t, j)] in slot order (+ w_tj · x_t for a dropped pair under
 //! `pass_through`) (+ extra[t] when non-null), rounded to `Out` (the element type T of x by
 //! default; float for a term another phase adds, e.g. the shared experts'). One token t.
+//! With `weight_on_input` a kept row enters with weight 1 (it was computed from w_tj · x_t).
 template <ElementType T, class Id, class W, class Out = T>
 struct combine_slots {
   matrix_view<W> weights;        //!< [T, width] plan combine weights
@@ -26,6 +33,7 @@ struct combine_slots {
   bool pass_through = false;     //!< dropped pairs contribute w_tj · x_t
   const float* extra = nullptr;  //!< [T, d] add-on term, or null
   matrix_view<Out> y;            //!< [T, d] output
+  bool weight_on_input = false;  //!< kept rows enter unweighted (Llama-4)
 
   SWITCHYARD_HD void operator()(index_t t) const {
     // Members as locals: the loops below then keep them in registers.
@@ -33,13 +41,14 @@ struct combine_slots {
     const index_t* rows_of = pair_row;
     const float* in = rows;
     const float* add = extra;
-    const bool pass = pass_through;
+    const bool pass = pass_through, unit = weight_on_input;
     for (index_t i = 0; i < n; ++i) {
       float s = 0.0f;
       for (index_t j = 0; j < c; ++j) {
         const index_t row = rows_of[dispatch::pair_index(t, j, slots)];
         const float wt = weights(t, j);
-        if (row >= 0) s += wt * in[row * n + i];
+        // 1 · v is v exactly (also as a fused multiply-add), so the flag changes no other bit.
+        if (row >= 0) s += (unit ? 1.0f : wt) * in[row * n + i];
         else if (row == dispatch::dropped_pair && pass) s += wt * to_float(x(t, i));
       }
       if (add != nullptr) s += add[t * n + i];
@@ -63,7 +72,7 @@ struct combine_slot_elements {
     for (index_t j = 0; j < c; ++j) {
       const index_t row = f.pair_row[dispatch::pair_index(t, j, f.width)];
       const float wt = f.weights(t, j);
-      if (row >= 0) s += wt * f.rows[row * f.d + i];
+      if (row >= 0) s += (f.weight_on_input ? 1.0f : wt) * f.rows[row * f.d + i];
       else if (row == dispatch::dropped_pair && f.pass_through) s += wt * to_float(f.x(t, i));
     }
     if (f.extra != nullptr) s += f.extra[t * f.d + i];
@@ -73,7 +82,9 @@ struct combine_slot_elements {
 
 //! Backward of the combine for one token t: d_weights of its dropped pass-through pairs
 //! (⟨dy_t, x_t⟩), then, when `has_dx`, dx[t] += Σ_j (dX row of slot j, or w_tj · dy_t for a
-//! dropped pass-through pair) in slot order.
+//! dropped pass-through pair) in slot order. With `weight_on_input` the dX rows are the
+//! gradients of the expert inputs w_tj · x_t: a kept slot's d_weights is ⟨x_t, dX row⟩ and its
+//! dx term w_tj · dX row.
 template <ElementType T, class Id, class W>
 struct combine_backward_slots {
   matrix_view<W> weights;        //!< [T, width] plan combine weights
@@ -88,23 +99,25 @@ struct combine_backward_slots {
   float* d_weights;              //!< [T·width] combine-weight cotangent
   matrix_view<float> dx;         //!< [T, d] accumulated into when `has_dx`
   bool has_dx = false;           //!< dx is present
+  bool weight_on_input = false;  //!< dX rows are gradients of w_tj · x_t (Llama-4)
 
   SWITCHYARD_HD void operator()(index_t t) const {
     // Members as locals: the loops below then keep them in registers.
     const index_t c = counts(t), n = d, slots = width;
     const index_t* rows_of = pair_row;
     const float* in = dx_rows;
-    const bool pass = pass_through;
+    const bool pass = pass_through, scaled = weight_on_input;
     for (index_t j = 0; j < c; ++j) {
       const index_t pr = dispatch::pair_index(t, j, slots), row = rows_of[pr];
       if (row == dispatch::dropped_pair && pass) d_weights[pr] = dot_x(t);
+      else if (row >= 0 && scaled) d_weights[pr] = dot_input(t, row);
     }
     if (!has_dx) return;
     for (index_t i = 0; i < n; ++i) {
       float s = 0.0f;
       for (index_t j = 0; j < c; ++j) {
         const index_t row = rows_of[dispatch::pair_index(t, j, slots)];
-        if (row >= 0) s += in[row * n + i];
+        if (row >= 0) s += (scaled ? static_cast<float>(weights(t, j)) : 1.0f) * in[row * n + i];
         else if (row == dispatch::dropped_pair && pass) s += weights(t, j) * to_float(dy(t, i));
       }
       dx(t, i) += s;
@@ -117,20 +130,31 @@ struct combine_backward_slots {
     for (index_t i = 0; i < d; ++i) s += to_float(dy(t, i)) * to_float(x(t, i));
     return s;
   }
+
+  //! ⟨x_t, dX row⟩ summed in column order in float (a kept slot's d_weights under
+  //! `weight_on_input`).
+  SWITCHYARD_HD float dot_input(index_t t, index_t row) const {
+    const float* in = dx_rows + row * d;
+    float s = 0.0f;
+    for (index_t i = 0; i < d; ++i) s += to_float(x(t, i)) * in[i];
+    return s;
+  }
 };
 
-//! `combine_backward_slots`' d_weights of one token's dropped pass-through pairs alone (the
-//! GPU runs it per token, and `combine_backward_elements` for dx).
+//! `combine_backward_slots`' d_weights of one token's dropped pass-through pairs alone (and of
+//! its kept pairs under `weight_on_input`; the GPU runs it per token, and
+//! `combine_backward_elements` for dx).
 template <ElementType T, class Id, class W>
 struct combine_backward_pass_weights {
   combine_backward_slots<T, Id, W> f;  //!< the row form (its members)
 
   SWITCHYARD_HD void operator()(index_t t) const {
-    if (!f.pass_through) return;
+    if (!f.pass_through && !f.weight_on_input) return;
     const index_t c = f.counts(t);
     for (index_t j = 0; j < c; ++j) {
-      const index_t pr = dispatch::pair_index(t, j, f.width);
-      if (f.pair_row[pr] == dispatch::dropped_pair) f.d_weights[pr] = f.dot_x(t);
+      const index_t pr = dispatch::pair_index(t, j, f.width), row = f.pair_row[pr];
+      if (row == dispatch::dropped_pair && f.pass_through) f.d_weights[pr] = f.dot_x(t);
+      else if (row >= 0 && f.weight_on_input) f.d_weights[pr] = f.dot_input(t, row);
     }
   }
 };
@@ -148,7 +172,8 @@ struct combine_backward_elements {
     float s = 0.0f;
     for (index_t j = 0; j < c; ++j) {
       const index_t row = f.pair_row[dispatch::pair_index(t, j, f.width)];
-      if (row >= 0) s += f.dx_rows[row * f.d + i];
+      if (row >= 0)
+        s += (f.weight_on_input ? static_cast<float>(f.weights(t, j)) : 1.0f) * f.dx_rows[row * f.d + i];
       else if (row == dispatch::dropped_pair && f.pass_through) s += f.weights(t, j) * to_float(f.dy(t, i));
     }
     f.dx(t, i) += s;
@@ -165,7 +190,8 @@ SWITCHYARD_HD inline float dot_row(const matrix_view<const T>& dy, index_t t, co
 }
 
 //! Backward, grouped layout, one expert row r: dY row = w_tj · dy_t and d_weights[p] =
-//! ⟨dy_t, Y row⟩ for the row's pair p = (t, j); a padding row (negative pair) gets zeros.
+//! ⟨dy_t, Y row⟩ for the row's pair p = (t, j); a padding row (negative pair) gets zeros. With
+//! `weight_on_input`: dY row = dy_t, and d_weights is left to the combine's backward.
 template <ElementType T, class W>
 struct grouped_dy_rows {
   matrix_view<W> weights;     //!< [T, width] plan combine weights
@@ -176,6 +202,7 @@ struct grouped_dy_rows {
   const float* ys;            //!< [rows, d] recomputed expert outputs
   float* dys;                 //!< [rows, d] dY rows (output)
   float* d_weights;           //!< [T·width] combine-weight cotangent
+  bool weight_on_input = false;  //!< rows enter the combine unweighted (Llama-4)
 
   SWITCHYARD_HD void operator()(index_t r) const {
     const index_t n = d;
@@ -186,6 +213,10 @@ struct grouped_dy_rows {
       return;
     }
     const index_t t = pr / width, j = pr % width;
+    if (weight_on_input) {
+      for (index_t i = 0; i < n; ++i) out[i] = to_float(dy(t, i));
+      return;
+    }
     const float wt = weights(t, j);
     for (index_t i = 0; i < n; ++i) out[i] = wt * to_float(dy(t, i));
     d_weights[pr] = dot_row(dy, t, ys + r * n, n);
@@ -194,7 +225,8 @@ struct grouped_dy_rows {
 
 //! Backward, dense layout, expert e, one token row t: the masked dY row (Σ of the weights of
 //! the slots naming e, times dy_t) and d_weights of those slots; rows t >= tokens (padding)
-//! get zeros.
+//! get zeros. With `weight_on_input`: dY row = dy_t when a slot names e (else zeros), and
+//! d_weights is left to the combine's backward.
 template <ElementType T, class Id, class W>
 struct dense_dy_rows {
   matrix_view<Id> expert_ids;  //!< [T, width] plan ids
@@ -208,6 +240,7 @@ struct dense_dy_rows {
   const float* ys;             //!< [padded T, d] expert e's recomputed outputs
   float* dys;                  //!< [padded T, d] dY rows (output)
   float* d_weights;            //!< [T·width] combine-weight cotangent
+  bool weight_on_input = false;  //!< rows enter the combine unweighted (Llama-4)
 
   SWITCHYARD_HD void operator()(index_t t) const {
     const index_t n = d;
@@ -220,6 +253,10 @@ struct dense_dy_rows {
     const index_t c = counts(t);
     for (index_t j = 0; j < c; ++j) {
       if (expert_ids(t, j) != expert) continue;
+      if (weight_on_input) {
+        wt = 1.0f;
+        continue;
+      }
       wt += weights(t, j);
       d_weights[dispatch::pair_index(t, j, width)] = dot_row(dy, t, ys + t * n, n);
     }

@@ -60,8 +60,11 @@ void plan_groups(const dispatch::sorted_grouped& policy, const routing::plan_vie
 }
 
 //! `padded_capacity`: fills `g` (spans sized E, E, E, T·width, max_rows) from the plan: pairs
-//! in token order take the next row of their expert's block of C rows until it holds C; the
-//! rest are dropped and counted per expert.
+//! in the policy's `priority` order (token_major: token by token, each token's slots in
+//! order; slot_major: slot 0 of every token in token order, then slot 1, ...) take the next
+//! row of their expert's block of C rows until it holds C; the rest are dropped and counted
+//! per expert. A kept pair's row inside its block is its rank among the expert's kept pairs
+//! in that order.
 template <class Id, class W>
 void plan_groups(const dispatch::padded_capacity& policy, const routing::plan_view<Id, W>& plan,
                  dispatch::expert_groups& g) {
@@ -72,24 +75,28 @@ void plan_groups(const dispatch::padded_capacity& policy, const routing::plan_vi
   std::fill(g.row_count.begin(), g.row_count.end(), index_t{0});
   std::fill(g.dropped.begin(), g.dropped.end(), index_t{0});
   for (index_t e = 0; e < experts; ++e) g.row_begin[e] = e * cap;
-  for (index_t t = 0; t < tokens; ++t) {
-    const index_t c = plan.counts(t);
-    for (index_t j = 0; j < width; ++j) {
-      const index_t p = dispatch::pair_index(t, j, width);
-      if (j >= c) {
-        g.pair_row[p] = dispatch::unused_pair;
-        continue;
-      }
-      const index_t e = plan.expert_ids(t, j);
-      if (g.row_count[e] < cap) {
-        const index_t row = g.row_begin[e] + g.row_count[e]++;
-        g.row_pair[row] = p;
-        g.pair_row[p] = row;
-      } else {
-        g.pair_row[p] = dispatch::dropped_pair;
-        ++g.dropped[e];
-      }
+  auto claim = [&](index_t t, index_t j) {  // pair (t, j) claims its expert's next row
+    const index_t p = dispatch::pair_index(t, j, width);
+    if (j >= plan.counts(t)) {
+      g.pair_row[p] = dispatch::unused_pair;
+      return;
     }
+    const index_t e = plan.expert_ids(t, j);
+    if (g.row_count[e] < cap) {
+      const index_t row = g.row_begin[e] + g.row_count[e]++;
+      g.row_pair[row] = p;
+      g.pair_row[p] = row;
+    } else {
+      g.pair_row[p] = dispatch::dropped_pair;
+      ++g.dropped[e];
+    }
+  };
+  if (policy.priority == dispatch::capacity_priority::slot_major) {
+    for (index_t j = 0; j < width; ++j)
+      for (index_t t = 0; t < tokens; ++t) claim(t, j);
+  } else {
+    for (index_t t = 0; t < tokens; ++t)
+      for (index_t j = 0; j < width; ++j) claim(t, j);
   }
   g.num_rows = experts * cap;
   g.drop = policy.drop;

@@ -53,6 +53,12 @@ namespace switchyard::host {
 //! weight-gradient views are BLAS-writable (the GEMMs then accumulate into them directly);
 //! otherwise in order through one shared panel / gradient buffer. Which of the two is decided
 //! by the layouts alone, never by the thread count.
+//!
+//! `dm.weight_on_input` (y_t = Σ_j FFN_{e_tj}(u_tj), u_tj = w_tj · x_t): the activations are
+//! recomputed from the scaled rows u, the dY rows are dy_t unweighted, the weight gradients
+//! sum over the scaled rows, and the combine's backward turns each kept row's dU into
+//! dx_t += w_tj · dU (slot order) and d_weights[t, j] = ⟨x_t, dU⟩ (float, column order). A
+//! dropped `scaled_input` pair gives w_tj · dy_t and ⟨dy_t, x_t⟩ as without the flag.
 template <class DispatchPolicy, class Act, ElementType T, class Id, class W>
 void experts_backward(const DispatchPolicy& dispatch, const Act& act, const expert_dims& dm,
                       const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
@@ -137,9 +143,9 @@ void experts_backward(const DispatchPolicy& dispatch, const Act& act, const expe
                         detail::openmp_parallel_available();
   if (grouped) {
     detail::pad_groups(l, rp, dm.experts);
-    detail::gather_groups(x, g, rp, dm.experts, width, xs);
+    detail::gather_phase_rows(x, plan.weights, g, rp, dm, xs);
     const ops::grouped_dy_rows<T, W> dy_rows{plan.weights, g.row_pair.data(), width, d, dy, ys, dys,
-                                             d_weights};
+                                             d_weights, dm.weight_on_input};
     // One expert: recompute, dY rows (w_tj · dy_t; padding rows 0), d_weights, backward.
     auto one = [&](index_t e, detail::float_panel w1, detail::float_panel w2) {
       const index_t n = g.row_count[e], r0 = g.row_begin[e], m = rp.padded(n);
@@ -165,27 +171,36 @@ void experts_backward(const DispatchPolicy& dispatch, const Act& act, const expe
     }
   } else {
     // Dense: every used expert over all T rows (padded), one after another (shared buffers).
+    // Weight on the input: each expert's scaled rows are loaded before it runs.
     const index_t m = rp.padded(tokens);
-    detail::run_static(m, tokens * d > (1 << 15), ops::load_rows<T>{x, tokens, d, xs});
+    const bool parallel_load = tokens * d > (1 << 15);
+    if (!dm.weight_on_input) detail::run_static(m, parallel_load, ops::load_rows<T>{x, tokens, d, xs});
     for (index_t e = 0; e < dm.experts; ++e) {
       if (g.row_count[e] == 0) continue;
+      if (dm.weight_on_input) {
+        detail::run_static(m, parallel_load,
+                           ops::load_scaled_rows<T, Id, W>{x, plan.expert_ids, plan.weights, plan.counts,
+                                                           e, tokens, d, xs});
+      }
       const detail::float_panel w1 = detail::expert_panel(w.w1, e, w1_buf);
       const detail::float_panel w2 = detail::expert_panel(w.w2, e, w2_buf);
       recompute(e, m, xs, h, a, ys, w1, w2);
       // Masked dY: Σ of the slots naming e (padding rows zero), and those slots' d_weights.
       detail::run_range(0, m, ops::dense_dy_rows<T, Id, W>{plan.expert_ids, plan.weights, plan.counts, e,
-                                                          tokens, width, d, dy, ys, dys, d_weights});
+                                                          tokens, width, d, dy, ys, dys, d_weights,
+                                                          dm.weight_on_input});
       run_expert(e, tokens, m, xs, h, a, dys, da, w1, w2);
       detail::run_range(0, tokens, ops::keep_dense_slots<Id>{plan.expert_ids, plan.counts, e, width, d,
                                                               dys, pair_dx});
     }
   }
 
-  // dx_t += Σ_j dX rows of its slots, in slot order; dropped scaled_input pairs: w_tj · dy_t.
+  // dx_t += Σ_j dX rows of its slots (times w_tj under weight_on_input, which also gives the
+  // kept slots' d_weights), in slot order; dropped scaled_input pairs: w_tj · dy_t.
   const ops::combine_backward_slots<T, Id, W> combine{
       plan.weights, plan.counts, g.pair_row.data(), width, d, grouped ? dys : pair_dx, x, dy,
       g.drop == dispatch::dropped_output::scaled_input, d_weights, dx,
-      detail::present(dx)};
+      detail::present(dx), dm.weight_on_input};
   detail::run_static(tokens, tokens * width * d > (1 << 15), combine);
 }
 

@@ -54,16 +54,17 @@ void expert_forward(const Act& act, const row_panels& rp, const expert_weights<T
   if (w.has_b2()) add_bias(w.b2, e, y, n, dm.d, dm.d);
 }
 
-//! y[t] = Σ_j w_tj · rows[pair_row(t, j)] in slot order (+ w_tj · x_t for a dropped pair
-//! under `scaled_input`) (+ extra[t] when given), rounded to T: `ops::combine_slots` over the
-//! tokens on OpenMP threads.
+//! y[t] = Σ_j w_tj · rows[pair_row(t, j)] in slot order (weight 1 instead of w_tj when
+//! `weight_on_input`) (+ w_tj · x_t for a dropped pair under `scaled_input`) (+ extra[t] when
+//! given), rounded to T: `ops::combine_slots` over the tokens on OpenMP threads.
 template <ElementType T, class Id, class W, ElementType Out>
 void combine(const routing::plan_view<Id, W>& plan, const dispatch::expert_groups& g,
              const float* rows, const matrix_view<const T>& x, const float* extra,
-             const matrix_view<Out>& y) {
+             const matrix_view<Out>& y, bool weight_on_input = false) {
   const index_t tokens = plan.num_tokens(), width = plan.width(), d = y.extent(1);
   const ops::combine_slots<T, Id, W, Out> f{plan.weights, plan.counts, g.pair_row.data(), width, d, rows, x,
-                                       g.drop == dispatch::dropped_output::scaled_input, extra, y};
+                                       g.drop == dispatch::dropped_output::scaled_input, extra, y,
+                                       weight_on_input};
   run_static(tokens, tokens * width * d > (1 << 15), f);
 }
 
@@ -112,6 +113,13 @@ namespace switchyard::host {
 //! when non-null, the add-on module's term). Fills `dropped` [E] per expert. With a
 //! measuring arena it only counts the workspace (x, y, plan may then be empty). `y` is of
 //! the tokens' type T, or float (an unrounded term another phase adds, e.g. shared experts).
+//!
+//! `dm.weight_on_input` (Llama-4, `MoELayer::router_weight_on_input`): y_t = Σ_j
+//! FFN_{e_tj}(w_tj · x_t). Each expert row is gathered as the float product w_tj · x_t
+//! (`ops::gather_scaled_rows`; dense: `ops::load_scaled_rows` per expert, zero rows for the
+//! tokens not routed to it) and the outputs are combined with weight 1 in slot order. A
+//! dropped `scaled_input` pair still contributes w_tj · x_t. Every row still depends on its
+//! token alone, so thread-count and batch invariance hold as without it.
 template <class DispatchPolicy, class Act, ElementType T, class Id, class W, ElementType Out = T>
 void experts_forward(const DispatchPolicy& dispatch, const Act& act, const expert_dims& dm,
                      const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
@@ -135,21 +143,28 @@ void experts_forward(const DispatchPolicy& dispatch, const Act& act, const exper
   detail::run_range(0, dm.experts, ops::report_drops{g.dropped.data(), dropped.data()});
   if (grouped) {
     const index_t n_items = detail::pad_groups(l, rp, dm.experts);
-    detail::gather_groups(x, g, rp, dm.experts, dm.width, xs);
+    detail::gather_phase_rows(x, plan.weights, g, rp, dm, xs);
     detail::run_work_items(act, rp, w, dm, l.items, n_items, xs, xs, h, w1_buf, w2_buf);
-    detail::combine(plan, g, xs, x, extra, y);
+    detail::combine(plan, g, xs, x, extra, y, dm.weight_on_input);
     return;
   }
-  // Dense: x once as float rows (padding rows zero), then every used expert over all T tokens.
-  detail::run_static(rows, dm.tokens * dm.d > (1 << 15), ops::load_rows<T>{x, dm.tokens, dm.d, xs});
+  // Dense: x once as float rows (padding rows zero), then every used expert over all T tokens
+  // (weight on the input: each expert's scaled rows are loaded before it runs).
+  const bool parallel_load = dm.tokens * dm.d > (1 << 15);
+  if (!dm.weight_on_input) detail::run_static(rows, parallel_load, ops::load_rows<T>{x, dm.tokens, dm.d, xs});
   for (index_t e = 0; e < dm.experts; ++e) {
     if (g.row_count[e] == 0) continue;
+    if (dm.weight_on_input) {
+      detail::run_static(rows, parallel_load,
+                         ops::load_scaled_rows<T, Id, W>{x, plan.expert_ids, plan.weights, plan.counts,
+                                                         e, dm.tokens, dm.d, xs});
+    }
     const index_t n_items = detail::dense_items(rp, dm.tokens, e, l.items);
     detail::run_work_items(act, rp, w, dm, l.items, n_items, xs, y_all, h, w1_buf, w2_buf);
     detail::run_range(0, dm.tokens, ops::keep_dense_slots<Id>{plan.expert_ids, plan.counts, e, dm.width,
                                                                dm.d, y_all, pair_out});
   }
-  detail::combine(plan, g, pair_out, x, extra, y);
+  detail::combine(plan, g, pair_out, x, extra, y, dm.weight_on_input);
 }
 
 }  // namespace switchyard::host

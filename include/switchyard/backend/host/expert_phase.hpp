@@ -119,18 +119,38 @@ inline index_t pad_groups(phase_layout& l, const row_panels& rp, index_t experts
   return items;
 }
 
-//! Gathers every expert's padded rows as float (`ops::gather_rows`: padding rows zero); one
-//! OpenMP region over experts, each expert's rows in order.
-template <ElementType T>
-void gather_groups(const matrix_view<const T>& x, const dispatch::expert_groups& g,
-                   const row_panels& rp, index_t experts, index_t width, float* rows) {
-  const index_t d = x.extent(1);
-  const ops::gather_rows<T> gather{x, g.row_pair.data(), width, d, rows};
+//! Runs the row functor `gather` over every expert's padded rows; one OpenMP region over
+//! experts, each expert's rows in order (each row written by one call alone).
+template <class Gather>
+void gather_groups_with(const Gather& gather, const dispatch::expert_groups& g,
+                        const row_panels& rp, index_t experts, index_t d) {
 #pragma omp parallel for schedule(dynamic) if (g.num_rows * d > (1 << 15))
   for (index_t e = 0; e < experts; ++e) {
     const index_t r0 = g.row_begin[e];
     run_range(r0, r0 + rp.padded(g.row_count[e]), gather);
   }
+}
+
+//! Gathers every expert's padded rows as float (`ops::gather_rows`: padding rows zero).
+template <ElementType T>
+void gather_groups(const matrix_view<const T>& x, const dispatch::expert_groups& g,
+                   const row_panels& rp, index_t experts, index_t width, float* rows) {
+  const index_t d = x.extent(1);
+  gather_groups_with(ops::gather_rows<T>{x, g.row_pair.data(), width, d, rows}, g, rp, experts, d);
+}
+
+//! Gathers the padded rows of the phase: w_tj · x_t when `dm.weight_on_input`
+//! (`ops::gather_scaled_rows`), else x_t (`gather_groups`); padding rows zero.
+template <ElementType T, class W>
+void gather_phase_rows(const matrix_view<const T>& x, const matrix_view<W>& weights,
+                       const dispatch::expert_groups& g, const row_panels& rp,
+                       const expert_dims& dm, float* rows) {
+  if (!dm.weight_on_input) {
+    gather_groups(x, g, rp, dm.experts, dm.width, rows);
+    return;
+  }
+  gather_groups_with(ops::gather_scaled_rows<T, W>{x, weights, g.row_pair.data(), dm.width, dm.d, rows},
+                     g, rp, dm.experts, dm.d);
 }
 
 //! The work items of the dense layout for one expert: blocks of the padded T rows.
