@@ -3,12 +3,22 @@
 //! The host backend's executor: `backend::executor<host_context>`, what `MoELayer`'s entry
 //! points call under a `host_context` once the shared shape checks have passed. It reads the
 //! data (non-finite tokens, plan contents), runs the router (backend/host/route.hpp), the
-//! add-on and the experts (backend/host/experts.hpp), and carves every scratch array from
-//! the caller's workspace: with one of the queried size nothing here allocates.
+//! add-on, the shared experts (backend/host/shared_experts.hpp), the identity experts
+//! (ops/identity_experts.hpp) and the routed experts (backend/host/experts.hpp), and carves
+//! every scratch array from the caller's workspace: with one of the queried size nothing here
+//! allocates.
 //!
-//! Workspace layout (each block 64-byte aligned, sizes measured by the same carving code):
-//! forward  = [router scratch][add-on term [T, d] + add-on scratch][experts]
-//! backward = [d_weights [T·width]][router scratch][experts][add-on dy [T, d] + scratch]
+//! Workspace layout (each block 64-byte aligned, sizes measured by the same carving code;
+//! [bracketed] blocks only when the layer has the feature):
+//! forward  = [router scratch][add-on term [T, d] + add-on scratch][compacted plan]
+//!            [term [T, d]][phase region]
+//! backward = [d_weights [T·width]][router scratch][compacted plan + its d_weights]
+//!            [phase region][add-on dy [T, d] + scratch]
+//! The compacted plan (the FFN slots of a plan with identity experts) exists when
+//! identity_experts > 0, the float term [T, d] (shared + identity + add-on terms, added by the
+//! routed phase before y is rounded) when there are shared or identity experts. The phase
+//! region holds the routed experts' scratch; with shared experts it is the larger of the
+//! routed and the shared phase's, which run one after the other in it.
 
 #include <algorithm>
 #include <cmath>
@@ -17,6 +27,7 @@
 
 #include "switchyard/backend/host/experts.hpp"
 #include "switchyard/backend/host/route.hpp"
+#include "switchyard/backend/host/shared_experts.hpp"
 #include "switchyard/core/context.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
@@ -24,6 +35,7 @@
 #include "switchyard/core/workspace.hpp"
 #include "switchyard/layer/expert_weights.hpp"
 #include "switchyard/layer/state.hpp"
+#include "switchyard/ops/identity_experts.hpp"
 #include "switchyard/routing/plan.hpp"
 
 namespace switchyard {
@@ -63,6 +75,46 @@ inline workspace_arena sub_arena(workspace_arena& ws, std::size_t bytes) {
   std::byte* p = ws.take<std::byte>(static_cast<index_t>(bytes));
   return ws.carving() ? workspace_arena({p, bytes}) : workspace_arena();
 }
+
+//! Bytes `phase(arena)` takes, measured over a fresh measuring arena.
+template <class F>
+std::size_t measured_bytes(const F& phase) {
+  workspace_arena m;
+  phase(m);
+  return m.required();
+}
+
+//! The plan the routed expert phase runs: the caller's plan, or (identity experts) its FFN
+//! slots compacted into workspace arrays, ids in [0, E).
+struct compacted_plan {
+  std::int32_t* ids = nullptr;     //!< [T·width]
+  float* weights = nullptr;        //!< [T·width]
+  std::int32_t* counts = nullptr;  //!< [T]
+
+  //! Carves the arrays when `identity` (nothing otherwise).
+  static compacted_plan carve(workspace_arena& ws, bool identity, index_t tokens, index_t width) {
+    compacted_plan c;
+    if (!identity) return c;
+    c.ids = ws.take<std::int32_t>(tokens * width);
+    c.weights = ws.take<float>(tokens * width);
+    c.counts = ws.take<std::int32_t>(tokens);
+    return c;
+  }
+
+  //! The plan to run: `plan` itself without identity experts, else (carving) its compaction
+  //! over `experts` = E FFN experts, filled here.
+  template <class Id, class W>
+  routing::plan_view<Id, W> make(const routing::plan_view<Id, W>& plan, bool identity,
+                                 bool carving, index_t tokens, index_t width,
+                                 index_t experts) const {
+    if (!identity || !carving) return plan;
+    run_static(tokens, tokens * width > (1 << 15),
+               ops::compact_identity_slots<Id, W>{plan.expert_ids, plan.weights, plan.counts,
+                                                  width, experts, ids, weights, counts});
+    return {make_view<Id>(ids, tokens, width), make_view<W>(weights, tokens, width),
+            make_view<Id>(counts, tokens), experts};
+  }
+};
 
 }  // namespace detail
 
@@ -159,7 +211,7 @@ struct executor<host_context> {
         detail::sub_arena(ws, host::router_workspace_size(layer.router, tokens, rp));
     host::router_forward(layer.router, x, rp, state.plan, *state.losses, rws);
     const auto plan = state.plan.const_view();
-    routing::validate_plan("plan", plan, tokens, w.num_experts());
+    routing::validate_plan("plan", plan, tokens, layer.routed_experts(w));
     run_forward<T>(layer, x, plan, w, y, dims(layer, tokens, plan.width(), w), state.dropped, ws,
                    ap);
   }
@@ -170,7 +222,7 @@ struct executor<host_context> {
                               const typename Layer::plan_type& plan, const expert_weights<T>& w,
                               const matrix_view<T>& y, span<index_t> dropped,
                               span<std::byte> workspace, const typename Layer::addon_params& ap) {
-    routing::validate_plan("plan", plan, x.extent(0), w.num_experts());
+    routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w));
     const host::expert_dims dm = dims(layer, x.extent(0), plan.width(), w);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
@@ -190,7 +242,7 @@ struct executor<host_context> {
                        span<std::byte> workspace, const typename Layer::addon_params& ap,
                        const typename Layer::addon_grads& ag) {
     const auto plan = state.plan.const_view();
-    routing::validate_plan("plan", plan, x.extent(0), w.num_experts());
+    routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w));
     const index_t tokens = state.plan.num_tokens, width = state.plan.width;
     std::vector<std::byte> owned;
     if (workspace.empty()) {
@@ -214,7 +266,7 @@ struct executor<host_context> {
                                const expert_grads& grads, span<float> d_weights,
                                span<std::byte> workspace, const typename Layer::addon_params& ap,
                                const typename Layer::addon_grads& ag) {
-    routing::validate_plan("plan", plan, x.extent(0), w.num_experts());
+    routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w));
     const host::expert_dims dm = dims(layer, x.extent(0), plan.width(), w);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
@@ -225,14 +277,16 @@ struct executor<host_context> {
     run_backward<T>(layer, x, plan, w, dy, dx, grads, d_weights.data(), dm, ws, ap, ag);
   }
 
- private:
-  //! The add-on's term (when there is one), then the experts and the combine.
+  private:
+  //! The add-on's term, the shared experts' and the identity experts' (when the layer has
+  //! them, summed in that order into one float term), then the routed experts and the combine.
   template <ElementType T, class Layer>
   static void run_forward(const Layer& layer, const matrix_view<const T>& x,
                           const typename Layer::plan_type& plan, const expert_weights<T>& w,
                           const matrix_view<T>& y, const host::expert_dims& dm,
                           span<index_t> dropped, workspace_arena& ws,
                           const typename Layer::addon_params& ap) {
+    const bool shared = w.shared.present(), identity = layer.identity_experts > 0;
     float* extra = nullptr;
     if constexpr (Layer::has_addon) {
       extra = ws.take<float>(dm.tokens * dm.d);  // [T, d]
@@ -240,10 +294,58 @@ struct executor<host_context> {
           ws, detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts, ap));
       if (ws.carving()) layer.addon.forward(x, plan, ap, make_view(extra, dm.tokens, dm.d), aws);
     }
-    host::experts_forward(layer.dispatch, layer.activation, dm, x, plan, w, extra, y, dropped, ws);
+    const detail::compacted_plan cp =
+        detail::compacted_plan::carve(ws, identity, dm.tokens, dm.width);
+    const auto run_plan = cp.make(plan, identity, ws.carving(), dm.tokens, dm.width, dm.experts);
+    float* term = (shared || identity) ? ws.take<float>(dm.tokens * dm.d) : nullptr;  // [T, d]
+    // The routed phase (its `extra`: the term when there is one, else the add-on's).
+    const float* routed_extra = term != nullptr ? term : extra;
+    auto routed = [&](workspace_arena& a) {
+      host::experts_forward(layer.dispatch, layer.activation, dm, x, run_plan, w, routed_extra, y,
+                            dropped, a);
+    };
+    auto shared_phase = [&](workspace_arena& a) {
+      host::shared_experts_forward(layer.activation, dm.tokens, dm.d, layer.batch_invariant, x,
+                                   w.shared, extra, term, a);
+    };
+    if (!shared) {
+      if (identity && ws.carving()) {
+        detail::run_static(dm.tokens, dm.tokens * dm.d > (1 << 15),
+                           ops::identity_rows<T, const std::int32_t, const float>{
+                               plan.expert_ids, plan.weights, plan.counts, dm.experts, x, dm.d,
+                               extra, term});
+      }
+      routed(ws);
+      zero_identity_drops(dropped, dm.experts, ws.carving());
+      return;
+    }
+    // Shared experts: both phases run in one region, the larger of their scratch sizes.
+    const std::size_t bytes =
+        std::max(detail::measured_bytes(shared_phase), detail::measured_bytes(routed));
+    std::byte* region = ws.take<std::byte>(static_cast<index_t>(bytes));
+    if (!ws.carving()) return;
+    workspace_arena first({region, bytes});
+    shared_phase(first);  // term = shared (+ add-on)
+    if (identity) {
+      detail::run_static(dm.tokens, dm.tokens * dm.d > (1 << 15),
+                         ops::identity_rows<T, const std::int32_t, const float>{
+                             plan.expert_ids, plan.weights, plan.counts, dm.experts, x, dm.d,
+                             term, term});
+    }
+    workspace_arena second({region, bytes});
+    routed(second);
+    zero_identity_drops(dropped, dm.experts, true);
   }
 
-  //! The experts' backward, then the add-on's (its dy converted to float rows).
+  //! The identity experts' drop counts (past the E FFN experts) are 0.
+  static void zero_identity_drops(span<index_t> dropped, index_t experts, bool carving) {
+    if (!carving) return;
+    for (std::size_t e = static_cast<std::size_t>(experts); e < dropped.size(); ++e) dropped[e] = 0;
+  }
+
+  //! The routed experts' backward (over the compacted plan with identity experts, whose
+  //! d_weights are then scattered back to slot order with the identity slots'), the shared
+  //! experts', then the add-on's (its dy converted to float rows).
   template <ElementType T, class Layer>
   static void run_backward(const Layer& layer, const matrix_view<const T>& x,
                            const typename Layer::plan_type& plan, const expert_weights<T>& w,
@@ -251,13 +353,50 @@ struct executor<host_context> {
                            const expert_grads& grads, float* d_weights, const host::expert_dims& dm,
                            workspace_arena& ws, const typename Layer::addon_params& ap,
                            const typename Layer::addon_grads& ag) {
-    host::experts_backward(layer.dispatch, layer.activation, dm, x, plan, w, dy, dx, grads,
-                           d_weights, ws);
+    const bool shared = w.shared.present(), identity = layer.identity_experts > 0;
+    const detail::compacted_plan cp =
+        detail::compacted_plan::carve(ws, identity, dm.tokens, dm.width);
+    float* compact_dw = identity ? ws.take<float>(dm.tokens * dm.width) : nullptr;
+    const auto run_plan = cp.make(plan, identity, ws.carving(), dm.tokens, dm.width, dm.experts);
+    auto routed = [&](workspace_arena& a) {
+      host::experts_backward(layer.dispatch, layer.activation, dm, x, run_plan, w, dy, dx, grads,
+                             identity ? compact_dw : d_weights, a);
+    };
+    auto shared_phase = [&](workspace_arena& a) {
+      host::shared_experts_backward(layer.activation, dm.tokens, dm.d, layer.batch_invariant, x,
+                                    w.shared, dy, dx, grads.shared, a);
+    };
+    std::byte* region = nullptr;
+    std::size_t bytes = 0;
+    if (shared) {
+      bytes = std::max(detail::measured_bytes(shared_phase), detail::measured_bytes(routed));
+      region = ws.take<std::byte>(static_cast<index_t>(bytes));
+    } else {
+      routed(ws);  // measuring: takes its scratch; carving: runs
+    }
+    float* dybuf = nullptr;
+    workspace_arena aws;
     if constexpr (Layer::has_addon) {
-      float* dybuf = ws.take<float>(dm.tokens * dm.d);  // [T, d] dy as float
-      workspace_arena aws = detail::sub_arena(
+      dybuf = ws.take<float>(dm.tokens * dm.d);  // [T, d] dy as float
+      aws = detail::sub_arena(
           ws, detail::addon_workspace_size(layer.addon, dm.tokens, dm.d, dm.width, dm.experts, ap));
-      if (!ws.carving()) return;
+    }
+    if (!ws.carving()) return;
+    if (shared) {
+      workspace_arena first({region, bytes});
+      routed(first);
+    }
+    if (identity) {
+      detail::run_static(dm.tokens, dm.tokens * dm.width * dm.d > (1 << 15),
+                         ops::identity_backward_rows<T, const std::int32_t, const float>{
+                             plan.expert_ids, plan.weights, plan.counts, dm.width, dm.experts, x,
+                             dy, dm.d, compact_dw, d_weights, dx, detail::present(dx)});
+    }
+    if (shared) {
+      workspace_arena second({region, bytes});
+      shared_phase(second);
+    }
+    if constexpr (Layer::has_addon) {
       for (index_t t = 0; t < dm.tokens; ++t)
         for (index_t i = 0; i < dm.d; ++i) dybuf[t * dm.d + i] = to_float(dy(t, i));
       layer.addon.backward(x, plan, ap,
