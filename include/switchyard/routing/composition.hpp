@@ -4,14 +4,21 @@
 //! names its parts and a backend's generic route runs them; it has no forward or backward of
 //! its own. The parts:
 //!
-//! - `scoring()`: how scores are made, e.g. `linear_softmax` (logits = x·Wᵀ, probs = softmax);
+//! - `scoring()` (or `scoring_part()`, routing::scoring_of): how scores are made, e.g. `linear_softmax` (logits = x·Wᵀ, probs = softmax);
 //!   it maps the router's params to its own (`params(p)`), checks the input, scores a plan
 //!   and runs its backward from d_logits to dx and the weight gradient.
 //! - the selection: `rule()`, one SelectionRule for every token, or
 //!   `token_rules(params, T, workspace_arena&)`, an object whose `rule(t)` is token t's rule
 //!   (DA-MoE: K_t from the token's importance), computed into workspace memory.
-//! - `renormalized()`: whether the selected weights are P / Σ_selected P (backward goes
-//!   through that normalisation) or the raw probabilities.
+//! - the weights: `renormalized()`, whether the selected weights are P / Σ_selected P
+//!   (backward goes through that normalisation) or the raw probabilities; or
+//!   `weights_backward()`, an object whose per-row `accumulate` maps d_weights to d_probs
+//!   (and d_logits) for weights of the router's own making (routers::ScoredTopK).
+//! - a scoring's per-row `scores_backward(probs, logits, d_probs, d_logits)`: d_probs to
+//!   d_logits (linear_softmax: the softmax Jacobian; scored_linear: its score function's).
+//! - a rule's `select` sees the token's scores (`select(probs, ids, weights)`, a
+//!   SelectionRule) or its scores and logits (`select(probs, logits, ids, weights)`,
+//!   routing::scored_selection).
 //! - `loss_terms()`: a tuple of `bound_loss<&losses_type::field, Term>` (loss_terms.hpp).
 //! - `validate(E)`: the checks of the router's own options.
 //!
@@ -53,12 +60,33 @@ struct linear_softmax {
                       const plan_ref& plan) {
     linear_softmax_scores(x, p, plan);
   }
+  //! d_logits += J_softmaxᵀ d_probs for one token (the generic route's per-row hook: the
+  //! row of `softmax_backward_rows`).
+  SWITCHYARD_HD static void scores_backward(span<const float> probs, span<const float> /*logits*/,
+                                            span<const float> d_probs, span<float> d_logits) {
+    softmax_backward_accumulate(probs, d_probs, d_logits);
+  }
   //! dx += d_logits · W, grads.w += d_logitsᵀ · x (either may be an empty view).
   template <ElementType T>
   static void backward(const matrix_view<const T>& x, const linear_router_params& p,
                        const float* d_logits, const matrix_view<float>& dx,
                        const linear_router_grads& g) {
     linear_backward(x, p, d_logits, dx, g);
+  }
+};
+
+//! Weights part of the softmax routers: the combine weights are the selected probabilities,
+//! raw or renormalised over the selection (`combine_weights_backward_accumulate` per row).
+struct selected_probs_weights {
+  bool renormalized = false;  //!< w_j = P_j / Σ_selected P
+
+  //! d_probs [E] += ∂(Σ_j d_weights[j] · weights[j]) / ∂P for one token (d_logits untouched).
+  SWITCHYARD_HD void accumulate(span<const float> probs, span<const float> /*logits*/,
+                                span<const std::int32_t> ids, span<const float> weights,
+                                span<const float> d_weights, int count, span<float> d_probs,
+                                span<float> /*d_logits*/) const {
+    combine_weights_backward_accumulate(probs, ids, weights, d_weights, count, renormalized,
+                                        d_probs);
   }
 };
 
@@ -80,6 +108,16 @@ concept has_fixed_rule = requires(const R& r) {
 template <class R>
 concept has_token_rules = requires(const R& r, const typename R::params_type& p, index_t t,
                                    workspace_arena& ws) { r.token_rules(p, t, ws).rule(t); };
+template <class R>
+concept has_scoring_part = requires(const R& r) { r.scoring_part(); };
+template <class R>
+concept has_scoring = requires(const R& r) { r.scoring(); };
+template <class R>
+concept has_renormalized = requires(const R& r) {
+  { r.renormalized() } -> std::convertible_to<bool>;
+};
+template <class R>
+concept has_weights_backward = requires(const R& r) { r.weights_backward(); };
 }  // namespace switchyard::detail
 
 namespace switchyard::routing {
@@ -87,10 +125,33 @@ namespace switchyard::routing {
 //! A router made of parts (see the file comment): the generic route of a backend runs it.
 template <class R>
 concept ComposedRouter = Router<R> && requires(const R& r) {
-  r.scoring();
   r.loss_terms();
-  { r.renormalized() } -> std::convertible_to<bool>;
-} && (detail::has_fixed_rule<R> || detail::has_token_rules<R>);
+} && (detail::has_scoring<R> || detail::has_scoring_part<R>) &&
+                         (detail::has_renormalized<R> || detail::has_weights_backward<R>) &&
+                         (detail::has_fixed_rule<R> || detail::has_token_rules<R>);
+
+//! The scoring part of a composed router: `r.scoring_part()` when it has one (a router whose
+//! `scoring` names a hyperparameter, routers::ScoredTopK), else `r.scoring()`.
+template <class R>
+auto scoring_of(const R& r) {
+  if constexpr (detail::has_scoring_part<R>) {
+    return r.scoring_part();
+  } else {
+    return r.scoring();
+  }
+}
+
+//! The weights part of a composed router: `r.weights_backward()` when it has one (an object
+//! with the per-row `accumulate(probs, logits, ids, weights, d_weights, count, d_probs,
+//! d_logits)`), else `selected_probs_weights{r.renormalized()}`.
+template <class R>
+auto weights_backward(const R& r) {
+  if constexpr (detail::has_weights_backward<R>) {
+    return r.weights_backward();
+  } else {
+    return selected_probs_weights{static_cast<bool>(r.renormalized())};
+  }
+}
 
 //! The per-token rules of a composed router for T tokens: `r.token_rules(p, T, ws)` when it
 //! has one (it takes its arrays from `ws`, and fills them only when `ws` carves), else

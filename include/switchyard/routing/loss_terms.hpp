@@ -21,6 +21,7 @@
 
 #include "switchyard/core/span.hpp"
 #include "switchyard/core/config.hpp"
+#include "switchyard/core/error.hpp"
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/softmax.hpp"
 
@@ -85,6 +86,41 @@ SWITCHYARD_HD inline void entropy_backward_row(span<const float> logits,
   for (int e = 0; e < n; ++e)
     d_logits[e] += static_cast<float>(-static_cast<double>(coeff) / tokens * probs[e] *
                                       ((logits[e] - lse) + h));
+}
+
+//! z-loss backward row from the logits alone: d_logits[e] += coeff · 2·lse·exp(l_e − lse) / T
+//! (for routers whose plan scores are not the softmax of the logits).
+SWITCHYARD_HD inline void z_loss_backward_row_from_logits(span<const float> logits, double lse,
+                                                          float coeff, index_t tokens,
+                                                          span<float> d_logits) {
+  const int n = static_cast<int>(logits.size());
+  for (int e = 0; e < n; ++e)
+    d_logits[e] += static_cast<float>(coeff * 2.0 * lse * ::exp(logits[e] - lse) / tokens);
+}
+
+//! Sequence balance: p[e] += s_e / Σ_j s_j for one token's scores (the token's normalised
+//! affinity); a row whose scores sum to 0 adds nothing.
+SWITCHYARD_HD inline void normalized_score_sum_row(span<const float> scores, double* p) {
+  const int n = static_cast<int>(scores.size());
+  double sum = 0.0;
+  for (int e = 0; e < n; ++e) sum += scores[e];
+  if (sum == 0.0) return;
+  for (int e = 0; e < n; ++e) p[e] += scores[e] / sum;
+}
+
+//! Sequence balance backward row: with Σ = Σ_j s_j, d_scores[j] += scale / Σ · (f_j −
+//! Σ_i f_i s_i / Σ) (f already scaled by E / (k·S); scale = coeff / (B·S)).
+SWITCHYARD_HD inline void sequence_balance_backward_row(const double* f, span<const float> scores,
+                                                        double scale, span<float> d_scores) {
+  const int n = static_cast<int>(scores.size());
+  double sum = 0.0, dot = 0.0;
+  for (int e = 0; e < n; ++e) {
+    sum += scores[e];
+    dot += f[e] * scores[e];
+  }
+  if (sum == 0.0) return;
+  dot /= sum;
+  for (int e = 0; e < n; ++e) d_scores[e] += static_cast<float>(scale / sum * (f[e] - dot));
 }
 
 // ---- terms: a whole plan ------------------------------------------------------------------
@@ -217,6 +253,93 @@ struct z_loss {
       const double lse = logsumexp(detail::row(plan.logits, t, e_count));
       z_loss_backward_row(detail::row(plan.probs, t, e_count), lse, coeff, tokens,
                           detail::mutable_row(d_logits, t, e_count));
+    }
+  }
+};
+
+//! ST-MoE z-loss mean_t logsumexp(logits_t)² of a router whose plan scores are not the softmax
+//! of its logits (routers::ScoredTopK): the value of `z_loss`, the gradient recomputed from the
+//! logits. 0 for an empty batch.
+struct scored_z_loss {
+  static constexpr loss_target target = loss_target::logits;
+
+  [[nodiscard]] index_t scratch_doubles(index_t /*experts*/) const { return 0; }
+
+  [[nodiscard]] float value(const plan_ref& plan, double* scratch) const {
+    return z_loss{}.value(plan, scratch);
+  }
+
+  void backward(const plan_ref& plan, float coeff, float* d_logits, double* /*scratch*/) const {
+    const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+    if (tokens == 0 || coeff == 0.0f) return;
+    for (index_t t = 0; t < tokens; ++t) {
+      const auto lg = detail::row(plan.logits, t, e_count);
+      z_loss_backward_row_from_logits(lg, logsumexp(lg), coeff, tokens,
+                                      detail::mutable_row(d_logits, t, e_count));
+    }
+  }
+};
+
+//! DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eq. 17-20), on the
+//! plan's scores: per sequence of S tokens, Σ_i f_i · P_i with f_i = E / (k·S) · #{t: i
+//! selected by t} and P_i = (1/S) Σ_t s_{t,i} / Σ_j s_{t,j}; the mean over the B = T / S
+//! sequences (k = the plan width; the coefficient α is the caller's). S = `sequence_length`,
+//! or T when 0; T must be a multiple of S (range_error naming sequence_length). The scores
+//! should be positive (a token whose scores sum to 0 contributes no affinity). 0 for an
+//! empty batch.
+struct sequence_balance {
+  static constexpr loss_target target = loss_target::probs;
+  index_t sequence_length = 0;  //!< S (0: the batch is one sequence)
+
+  [[nodiscard]] index_t scratch_doubles(index_t experts) const { return 2 * experts; }
+
+  //! S for T tokens; throws range_error unless S divides T.
+  [[nodiscard]] index_t length(index_t tokens) const {
+    const index_t s = sequence_length == 0 ? tokens : sequence_length;
+    if (sequence_length < 0 || (tokens > 0 && tokens % s != 0)) {
+      throw range_error("sequence_length",
+                        detail::concat("sequence_length must be >= 0 and divide T = ", tokens,
+                                       " (T = B·S tokens in sequence order), got ",
+                                       sequence_length));
+    }
+    return s;
+  }
+
+  [[nodiscard]] float value(const plan_ref& plan, double* scratch) const {
+    const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+    const index_t s = length(tokens);
+    if (tokens == 0 || plan.width == 0) return 0.0f;
+    double *f = scratch, *p = scratch + e_count;
+    const double f_scale = static_cast<double>(e_count) / (static_cast<double>(plan.width) * s);
+    double total = 0.0;
+    for (index_t first = 0; first < tokens; first += s) {
+      detail::zero(scratch, 2 * e_count);
+      for (index_t t = first; t < first + s; ++t) {
+        load_balance_count_row(detail::id_row(plan, t), plan.counts[t], f);
+        normalized_score_sum_row(detail::row(plan.probs, t, e_count), p);
+      }
+      double seq = 0.0;
+      for (index_t e = 0; e < e_count; ++e) seq += f_scale * f[e] * (p[e] / s);
+      total += seq;
+    }
+    return static_cast<float>(total / static_cast<double>(tokens / s));
+  }
+
+  void backward(const plan_ref& plan, float coeff, float* d_probs, double* scratch) const {
+    const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+    const index_t s = length(tokens);
+    if (tokens == 0 || plan.width == 0 || coeff == 0.0f) return;
+    double* f = scratch;
+    const double f_scale = static_cast<double>(e_count) / (static_cast<double>(plan.width) * s);
+    const double scale = static_cast<double>(coeff) / (static_cast<double>(tokens / s) * s);
+    for (index_t first = 0; first < tokens; first += s) {
+      detail::zero(f, e_count);
+      for (index_t t = first; t < first + s; ++t)
+        load_balance_count_row(detail::id_row(plan, t), plan.counts[t], f);
+      for (index_t e = 0; e < e_count; ++e) f[e] *= f_scale;
+      for (index_t t = first; t < first + s; ++t)
+        sequence_balance_backward_row(f, detail::row(plan.probs, t, e_count), scale,
+                                      detail::mutable_row(d_probs, t, e_count));
     }
   }
 };

@@ -1,7 +1,8 @@
 #pragma once
 //! \file router.cuh
-//! How the CUDA backend runs a router: a composed router (TopK, TopP, Adaptive Gating,
-//! DA-MoE: routing::ComposedRouter) through the generic device route; any other router
+//! How the CUDA backend runs a router: a composed router with linear-softmax scoring (TopK,
+//! TopP, Adaptive Gating, DA-MoE) through the generic device route (routers::ScoredTopK is
+//! refused at compile time: host backend only for now); any other router
 //! through `device_router<R>`, which a backend file specialises (DynMoE:
 //! backend/cuda/dynmoe.cuh) and a user may specialise for their own router.
 //!
@@ -28,6 +29,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <concepts>
 #include <cstddef>
 #include <type_traits>
 
@@ -53,6 +55,24 @@ namespace switchyard::cuda {
 
 template <class R>
 inline constexpr bool no_device_route_for = false;
+
+//! A composed router the generic device route runs: its scoring is routing::linear_softmax
+//! (routers::ScoredTopK's scored_linear runs on the host backend only for now).
+template <class R>
+concept device_composed_router = routing::ComposedRouter<R> && requires(const R& r) {
+  { r.scoring() } -> std::same_as<routing::linear_softmax>;
+};
+
+template <class R>
+inline constexpr bool host_only_router = false;
+
+//! The one compile-time refusal of a composition the device route does not run.
+template <class R>
+consteval void refuse_host_only_router() {
+  static_assert(host_only_router<R>,
+                "switchyard: routers::ScoredTopK (a composition whose scoring is not "
+                "routing::linear_softmax) runs on the host backend only for now");
+}
 
 //! The device route of a router that is not a composition. Specialisations have
 //! `static std::size_t workspace_size(const R&, index_t T, const params&)`,
@@ -310,8 +330,11 @@ namespace switchyard::cuda {
 //! backward's carving, measured by the same carving code).
 template <class R>
 std::size_t router_workspace_size(const R& r, index_t tokens, const typename R::params_type& p) {
-  if constexpr (routing::ComposedRouter<R>) {
+  if constexpr (device_composed_router<R>) {
     return detail::cuda_composed_workspace_size(r, tokens, p);
+  } else if constexpr (routing::ComposedRouter<R>) {
+    refuse_host_only_router<R>();
+    return 0;
   } else {
     return device_router<R>::workspace_size(r, tokens, p);
   }
@@ -324,8 +347,10 @@ template <class R, ElementType T>
 void router_forward(const context& ctx, const R& r, const matrix_view<const T>& x,
                     const typename R::params_type& p, const routing::plan_ref& plan,
                     typename R::losses_type* losses, device_status* status, workspace_arena& ws) {
-  if constexpr (routing::ComposedRouter<R>) {
+  if constexpr (device_composed_router<R>) {
     detail::cuda_composed_forward(ctx, r, x, p, plan, losses, status, ws);
+  } else if constexpr (routing::ComposedRouter<R>) {
+    refuse_host_only_router<R>();
   } else {
     device_router<R>::forward(ctx, r, x, p, plan, losses, status, ws);
   }
@@ -339,8 +364,10 @@ void router_backward(const context& ctx, const R& r, const matrix_view<const T>&
                      const float* d_weights, const typename R::losses_type& coeff,
                      const matrix_view<float>& dx, const typename R::grads_type& grads,
                      workspace_arena& ws) {
-  if constexpr (routing::ComposedRouter<R>) {
+  if constexpr (device_composed_router<R>) {
     detail::cuda_composed_backward(ctx, r, x, p, plan, d_weights, coeff, dx, grads, ws);
+  } else if constexpr (routing::ComposedRouter<R>) {
+    refuse_host_only_router<R>();
   } else {
     device_router<R>::backward(ctx, r, x, p, plan, d_weights, coeff, dx, grads, ws);
   }

@@ -2,8 +2,9 @@
 //! \file route.hpp
 //! How the host backend runs a router: its forward into a caller's plan_ref with scratch from
 //! a workspace arena, its backward, and the bytes both take. A composed router (TopK, TopP,
-//! Adaptive Gating, DA-MoE: routing::ComposedRouter) runs through the one generic route below
-//! (scoring, selection of every token, loss terms; backward through the same parts); any
+//! Adaptive Gating, DA-MoE, ScoredTopK: routing::ComposedRouter) runs through the one generic
+//! route below (scoring, selection of every token, loss terms; backward through the same
+//! parts: weights, probability terms, the scoring's per-row scores backward, logit terms); any
 //! other router (DynMoE, a user's one-struct router) through its own forward/backward.
 //! Plus conveniences for direct use of a router on the host (tests, tools, a plan made
 //! outside a layer): `host::route`, `host::route_backward` and `host::route_backward_logits`,
@@ -46,16 +47,27 @@ auto carve_term_scratch(const Terms& terms, index_t experts, workspace_arena& ws
   return out;
 }
 
-//! The selection of every token: rules.rule(t).select(probs_t) -> ids, weights, counts.
+//! The selection of every token: rules.rule(t).select(probs_t) -> ids, weights, counts (or
+//! select(probs_t, logits_t, ...) for a rule that reads the logits too).
 template <class Rules>
 void select_tokens(const Rules& rules, const routing::plan_ref& plan) {
   const index_t tokens = plan.num_tokens, e = plan.num_experts, w = plan.width;
+  using rule_type = decltype(rules.rule(index_t{0}));
+  constexpr bool reads_logits =
+      requires(const rule_type& r, span<const float> s, span<std::int32_t> i, span<float> o) {
+        r.select(s, s, i, o);
+      };
 #pragma omp parallel for schedule(static) if (tokens > 256)
   for (index_t t = 0; t < tokens; ++t) {
-    plan.counts[t] = rules.rule(t).select(
-        span<const float>(plan.probs.data() + t * e, e),
-        span<std::int32_t>(plan.expert_ids.data() + t * w, w),
-        span<float>(plan.weights.data() + t * w, w));
+    const auto probs = span<const float>(plan.probs.data() + t * e, e);
+    const auto ids = span<std::int32_t>(plan.expert_ids.data() + t * w, w);
+    const auto weights = span<float>(plan.weights.data() + t * w, w);
+    if constexpr (reads_logits) {
+      plan.counts[t] = rules.rule(t).select(
+          probs, span<const float>(plan.logits.data() + t * e, e), ids, weights);
+    } else {
+      plan.counts[t] = rules.rule(t).select(probs, ids, weights);
+    }
   }
 }
 
@@ -66,7 +78,7 @@ template <routing::ComposedRouter R, ElementType T>
 void composed_forward(const R& r, const matrix_view<const T>& x, const typename R::params_type& p,
                       const routing::plan_ref& plan, typename R::losses_type& losses,
                       workspace_arena& ws) {
-  const auto scoring = r.scoring();
+  const auto scoring = routing::scoring_of(r);
   const auto sp = scoring.params(p);
   scoring.check(x, sp);
   r.validate(scoring.num_experts(sp));
@@ -82,10 +94,11 @@ void composed_forward(const R& r, const matrix_view<const T>& x, const typename 
 }
 
 //! Generic d_logits [T, E] of a composed router (overwritten): d_probs [T, E] (from `ws`) =
-//! the combine-weights backward of d_weights (through the renormalisation when the router
-//! renormalises) + the probability loss terms' gradients, softmax backward to d_logits, +
-//! the logit loss terms' gradients; each term in the router's order, scaled by its field of
-//! `coeff`.
+//! the weights part's backward of d_weights (routing::weights_backward: through the
+//! renormalisation when the router renormalises; a part may also write d_logits directly) +
+//! the probability loss terms' gradients, the scoring's per-row `scores_backward` to
+//! d_logits (softmax for linear_softmax), + the logit loss terms' gradients; each term in the
+//! router's order, scaled by its field of `coeff`.
 template <routing::ComposedRouter R>
 void composed_backward_logits(const R& r, const routing::plan_ref& plan, const float* d_weights,
                               const typename R::losses_type& coeff, float* d_logits,
@@ -95,15 +108,32 @@ void composed_backward_logits(const R& r, const routing::plan_ref& plan, const f
   const auto terms = r.loss_terms();
   const auto scratch = carve_term_scratch(terms, e_count, ws);
   if (!ws.carving()) return;
-  routing::combine_weights_backward_rows(plan, d_weights, r.renormalized(), d_probs);
+  const index_t w = plan.width;
+  std::fill(d_probs, d_probs + tokens * e_count, 0.0f);
+  std::fill(d_logits, d_logits + tokens * e_count, 0.0f);
+  const auto weights_part = routing::weights_backward(r);
+  const auto row = [&](const float* a, index_t t) {
+    return span<const float>(a + t * e_count, static_cast<std::size_t>(e_count));
+  };
+  for (index_t t = 0; t < tokens; ++t) {
+    weights_part.accumulate(row(plan.probs.data(), t), row(plan.logits.data(), t),
+                            span<const std::int32_t>(plan.expert_ids.data() + t * w, w),
+                            span<const float>(plan.weights.data() + t * w, w),
+                            span<const float>(d_weights + t * w, w), plan.counts[t],
+                            span<float>(d_probs + t * e_count, e_count),
+                            span<float>(d_logits + t * e_count, e_count));
+  }
   std::size_t i = 0;
   for_each_term(terms, [&](const auto& b) {
     if constexpr (std::remove_cvref_t<decltype(b.term)>::target == routing::loss_target::probs)
       b.term.backward(plan, coeff.*(b.field), d_probs, scratch[i]);
     ++i;
   });
-  std::fill(d_logits, d_logits + tokens * e_count, 0.0f);
-  routing::softmax_backward_rows(plan, d_probs, d_logits);
+  const auto scoring = routing::scoring_of(r);
+  for (index_t t = 0; t < tokens; ++t) {
+    scoring.scores_backward(row(plan.probs.data(), t), row(plan.logits.data(), t),
+                            row(d_probs, t), span<float>(d_logits + t * e_count, e_count));
+  }
   i = 0;
   for_each_term(terms, [&](const auto& b) {
     if constexpr (std::remove_cvref_t<decltype(b.term)>::target == routing::loss_target::logits)
@@ -133,7 +163,7 @@ void composed_backward(const R& r, const matrix_view<const T>& x, const typename
   float* d_logits = ws.take<float>(plan.num_tokens * plan.num_experts);
   composed_backward_logits(r, plan, d_weights, coeff, d_logits, ws);
   if (!ws.carving()) return;
-  const auto scoring = r.scoring();
+  const auto scoring = routing::scoring_of(r);
   scoring.backward(x, scoring.params(p), d_logits, dx, grads);
 }
 

@@ -1,0 +1,249 @@
+#pragma once
+//! \file scored.hpp
+//! The vocabulary of the production routers (issue #12; /work/shared/hf-cases/README.md, "The
+//! routing schema", steps 1-8) and the scoring part that `routers::ScoredTopK` composes:
+//!
+//! 1. logits l = x · wᵀ (+ b, gpt-oss's trainable router bias)            -> plan.logits
+//! 2. scores s = score(l): softmax, sigmoid, sqrt(softplus) or identity    -> plan.probs
+//! 3.-5. selection (routing/selection/scored_topk.hpp): top-k of the logits or scores plus a
+//!    selection bias, under a group limit, or a frozen hash table;
+//! 6.-8. weights: the selected scores (or a softmax of the selected logits), normalised
+//!    (sum, sum + ε, max(sum, ε), p-norm) and scaled.
+//!
+//! Per-row math (`apply_score`, `score_backward_row`) is `SWITCHYARD_HD`; `scored_linear` is the
+//! scoring part the host's generic route runs (backend/host/route.hpp).
+
+#include <cmath>
+#include <cstdint>
+
+#include <cuda/std/span>
+
+#include "switchyard/core/config.hpp"
+#include "switchyard/core/element_type.hpp"
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/span.hpp"
+#include "switchyard/core/view.hpp"
+#include "switchyard/routing/linear_softmax.hpp"
+#include "switchyard/routing/plan.hpp"
+#include "switchyard/routing/softmax.hpp"
+
+namespace switchyard::routing {
+
+//! How scores are made from the logits (step 2).
+enum class score_function {
+  softmax,        //!< softmax over the E_router logits (Mixtral, Qwen, DeepSeek-V2, ERNIE, ...)
+  sigmoid,        //!< 1 / (1 + exp(−l)) per expert (DeepSeek-V3, GLM-4.5, dots1, MiniMax-M2, Llama-4)
+  sqrt_softplus,  //!< sqrt(log1p(exp(l))) per expert (DeepSeek-V4)
+  identity        //!< the scores are the logits
+};
+
+//! How experts are chosen (step 5).
+enum class selection_kind {
+  topk,  //!< the k largest selection scores
+  hash   //!< hash_table[token_ids[t]], in table order (DeepSeek-V4's hash layers)
+};
+
+//! The score of a group of experts under a group limit (step 4).
+enum class group_score {
+  top2_sum,  //!< the sum of the group's two largest selection scores (DeepSeek-V3)
+  max        //!< the group's largest selection score (DeepSeek-V2)
+};
+
+//! Group-limited routing (step 4): the E experts form `n_group` consecutive groups of
+//! E / n_group; only the `topk_group` best groups (ties to the lower group) keep their
+//! selection scores, the others' become `excluded_fill`. `n_group == 1`: no group limit.
+struct group_limit {
+  int n_group = 1;                            //!< groups G (E must be a multiple of G)
+  int topk_group = 1;                         //!< groups kept per token, 1 <= topk_group <= G
+  group_score score = group_score::top2_sum;  //!< how a group is scored
+  float excluded_fill = -INFINITY;            //!< selection score of an excluded expert (−inf, or 0: DeepSeek-V2)
+};
+
+//! How the selected weights are normalised (step 7).
+enum class normalization {
+  none,  //!< w_j unchanged
+  sum,   //!< w_j / Σ w (with the epsilon of `epsilon_kind`)
+  pnorm  //!< w_j / (Σ |w|^p)^(1/p) (DBRX)
+};
+
+//! Where the epsilon of a sum normalisation goes.
+enum class epsilon_kind {
+  none,      //!< w_j / Σ w
+  add,       //!< w_j / (Σ w + ε) (DeepSeek-V3/V4: ε = 1e-20)
+  clamp_min  //!< w_j / max(Σ w, ε) (ERNIE-4.5: ε = 1e-12)
+};
+
+//! Step 7's normalisation of the k selected weights.
+struct weight_normalization {
+  normalization kind = normalization::none;  //!< none, sum or p-norm
+  float p = 2.0f;                            //!< the p of `pnorm` (> 0)
+  epsilon_kind eps = epsilon_kind::none;     //!< the epsilon of `sum` (ignored otherwise: must be none)
+  float eps_value = 0.0f;                    //!< ε (>= 0)
+};
+
+//! Parameters of a scored router (caller memory). `E = w.extent(0)` is the router width,
+//! which counts the identity (zero-computation) experts of LongCat-Flash.
+struct scored_router_params {
+  matrix_view<const float> w;                  //!< [E, d] router weight (logits = x · wᵀ)
+  vector_view<const float> b;                  //!< [E] router bias (gpt-oss; trainable) or empty
+  vector_view<const float> selection_bias;     //!< [E] added to the selection scores only (aux-loss-free balancing; not trained by gradient) or empty
+  matrix_view<const std::int32_t> hash_table;  //!< [vocab, k] (selection_kind::hash) or empty
+  vector_view<const std::int32_t> token_ids;   //!< [T] (selection_kind::hash) or empty
+};
+
+//! Gradients of a scored router, accumulated (+=); an empty view skips that gradient.
+struct scored_router_grads {
+  matrix_view<float> w;  //!< [E, d]
+  vector_view<float> b;  //!< [E] (only with a router bias)
+};
+
+//! Auxiliary losses of a scored router: their values in forward, their coefficients in
+//! backward (0: no gradient).
+struct scored_router_losses {
+  float lb = 0.0f;                //!< E · Σ_e f_e · P̄_e over the plan's scores, f from every selected slot
+  float sequence_balance = 0.0f;  //!< DeepSeek-V3's complementary sequence-wise balance loss
+  float z = 0.0f;                 //!< mean_t logsumexp(logits_t)² (ST-MoE)
+};
+
+// ---- rows: one token ----------------------------------------------------------------------
+
+//! sqrt(softplus(l)) with PyTorch's softplus (threshold 20: l itself above it).
+SWITCHYARD_HD inline float sqrt_softplus(float l) {
+  return sqrtf(l > 20.0f ? l : log1pf(expf(l)));
+}
+
+//! The logistic function in float.
+SWITCHYARD_HD inline float logistic(float l) { return 1.0f / (1.0f + expf(-l)); }
+
+//! scores = fn(logits) for one token's row.
+SWITCHYARD_HD inline void apply_score(score_function fn, span<const float> logits,
+                                      span<float> scores) {
+  const int n = static_cast<int>(logits.size());
+  switch (fn) {
+    case score_function::softmax:
+      softmax(logits, scores);
+      return;
+    case score_function::sigmoid:
+      for (int e = 0; e < n; ++e) scores[e] = logistic(logits[e]);
+      return;
+    case score_function::sqrt_softplus:
+      for (int e = 0; e < n; ++e) scores[e] = sqrt_softplus(logits[e]);
+      return;
+    case score_function::identity:
+      for (int e = 0; e < n; ++e) scores[e] = logits[e];
+      return;
+  }
+}
+
+//! d_logits += J_fnᵀ d_scores for one token's row: softmax's full-row Jacobian, sigmoid
+//! s(1 − s), sqrt_softplus σ(l) / (2 s) (0 where s = 0, its limit), identity 1.
+SWITCHYARD_HD inline void score_backward_row(score_function fn, span<const float> scores,
+                                             span<const float> logits, span<const float> d_scores,
+                                             span<float> d_logits) {
+  const int n = static_cast<int>(scores.size());
+  switch (fn) {
+    case score_function::softmax:
+      softmax_backward_accumulate(scores, d_scores, d_logits);
+      return;
+    case score_function::sigmoid:
+      for (int e = 0; e < n; ++e) d_logits[e] += d_scores[e] * scores[e] * (1.0f - scores[e]);
+      return;
+    case score_function::sqrt_softplus:
+      for (int e = 0; e < n; ++e) {
+        const float s = scores[e];
+        if (s > 0.0f) d_logits[e] += d_scores[e] * logistic(logits[e]) / (2.0f * s);
+      }
+      return;
+    case score_function::identity:
+      for (int e = 0; e < n; ++e) d_logits[e] += d_scores[e];
+      return;
+  }
+}
+
+// ---- the scoring part ---------------------------------------------------------------------
+
+//! The scoring's own params: the router weight and its optional bias.
+struct scored_scoring_params {
+  matrix_view<const float> w;  //!< [E, d]
+  vector_view<const float> b;  //!< [E] or empty
+};
+
+//! Scoring part of a scored router: logits = x · wᵀ (+ b) in float (the order of
+//! `linear_softmax_scores`, the bias added last), scores = fn(logits) per row; backward from
+//! d_logits to dx, grads.w and grads.b. `scores_backward` is the per-row hook of the generic
+//! route (d_scores -> d_logits).
+struct scored_linear {
+  score_function fn = score_function::softmax;  //!< what plan.probs holds
+
+  //! The scoring's params from a router's params.
+  template <class P>
+  [[nodiscard]] static scored_scoring_params params(const P& p) {
+    return {p.w, p.b};
+  }
+  //! E.
+  [[nodiscard]] static index_t num_experts(const scored_scoring_params& p) { return p.w.extent(0); }
+
+  //! Throws for x [T, d] that does not match w [E, d], or a bias that is not [E].
+  template <ElementType T>
+  static void check(const matrix_view<const T>& x, const scored_scoring_params& p) {
+    detail::check_linear_router_inputs(x, linear_router_params{p.w});
+    if (detail::present(p.b)) check_view("params.b", p.b, {p.w.extent(0)}, "[E] router bias");
+  }
+
+  //! plan.logits and plan.probs (= fn(logits)) of every token; non_finite_error naming x on a
+  //! non-finite logit (NaN or Inf in x, params.w or params.b).
+  template <ElementType T>
+  void forward(const matrix_view<const T>& x, const scored_scoring_params& p,
+               const plan_ref& plan) const {
+    const index_t tokens = x.extent(0), d = x.extent(1), e_count = p.w.extent(0);
+    const bool bias = detail::present(p.b);
+#pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
+    for (index_t t = 0; t < tokens; ++t) {
+      float* lg = plan.logits.data() + t * e_count;
+      for (index_t e = 0; e < e_count; ++e) {
+        float acc = 0.0f;
+        for (index_t i = 0; i < d; ++i) acc += to_float(x(t, i)) * p.w(e, i);
+        lg[e] = bias ? acc + p.b(e) : acc;
+      }
+    }
+    for (index_t i = 0; i < tokens * e_count; ++i) {
+      if (!std::isfinite(plan.logits[i])) {
+        throw non_finite_error(
+            "x", detail::concat("x: router logits of token ", i / e_count,
+                                " are not finite (NaN or Inf in x, params.w or params.b); "
+                                "Switchyard refuses to route non-finite tokens"));
+      }
+    }
+#pragma omp parallel for schedule(static) if (tokens * e_count > (1 << 14))
+    for (index_t t = 0; t < tokens; ++t) {
+      apply_score(fn, span<const float>(plan.logits.data() + t * e_count, e_count),
+                  span<float>(plan.probs.data() + t * e_count, e_count));
+    }
+  }
+
+  //! d_logits += J_fnᵀ d_scores for one token (the generic route's per-row hook).
+  SWITCHYARD_HD void scores_backward(span<const float> scores, span<const float> logits,
+                                     span<const float> d_scores, span<float> d_logits) const {
+    score_backward_row(fn, scores, logits, d_scores, d_logits);
+  }
+
+  //! dx += d_logits · w, grads.w += d_logitsᵀ · x, grads.b += Σ_t d_logits (each may be an
+  //! empty view: skipped).
+  template <ElementType T>
+  static void backward(const matrix_view<const T>& x, const scored_scoring_params& p,
+                       const float* d_logits, const matrix_view<float>& dx,
+                       const scored_router_grads& g) {
+    linear_backward(x, linear_router_params{p.w}, d_logits, dx, linear_router_grads{g.w});
+    if (detail::present(g.b)) {
+      const index_t tokens = x.extent(0), e_count = p.w.extent(0);
+      check_view("grads.b", g.b, {e_count}, "[E]");
+      for (index_t e = 0; e < e_count; ++e) {
+        float acc = 0.0f;
+        for (index_t t = 0; t < tokens; ++t) acc += d_logits[t * e_count + e];
+        g.b(e) += acc;
+      }
+    }
+  }
+};
+
+}  // namespace switchyard::routing
