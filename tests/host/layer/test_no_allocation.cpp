@@ -177,3 +177,144 @@ BOOST_AUTO_TEST_CASE(hypermoe_addon_with_a_workspace_does_not_allocate) {
   check_case<routers::TopK, dispatch::sorted_grouped, layer::hypermoe_addon, float>(
       test::base_seed() + 12101, {});
 }
+
+// ---- issue #12: shared experts (gated) and identity experts -------------------------------
+namespace {
+
+template <class D, ElementType T>
+void check_shared_identity(std::uint64_t seed, const D& dispatch) {
+  constexpr index_t tokens = 40, d = 16, f = 12, fs = 10, experts = 5, identity = 2, shared = 2;
+  std::mt19937_64 g(seed);
+  test::layer_data<T> L(g, tokens, d, f, experts, true, true);
+  auto fill = [&](std::vector<T>& v, index_t n) {
+    for (float x : test::normal(g, static_cast<std::size_t>(n), 0.3f)) v.push_back(from_float<T>(x));
+  };
+  std::vector<T> sw1, sb1, sw2, sb2, gate;
+  fill(sw1, shared * 2 * fs * d);
+  fill(sb1, shared * 2 * fs);
+  fill(sw2, shared * d * fs);
+  fill(sb2, shared * d);
+  fill(gate, d);
+  auto w = L.weights();
+  w.shared = {make_view<const T>(sw1.data(), shared, 2 * fs, d),
+              make_view<const T>(sb1.data(), shared, 2 * fs),
+              make_view<const T>(sw2.data(), shared, d, fs), make_view<const T>(sb2.data(), shared, d),
+              make_view<const T>(gate.data(), 1, d)};
+  test::router_setup<routers::TopK> rs(g, {.k = 3}, tokens, d, experts + identity);
+  const MoELayer<routers::TopK, activation::swiglu, D> layer{
+      .router = rs.router, .dispatch = dispatch, .identity_experts = identity};
+  const host_context host{};
+  const auto rp = rs.params(d);
+  std::vector<T> y(static_cast<std::size_t>(tokens * d)), dy(y.size(), from_float<T>(0.5f));
+  std::vector<float> dx(y.size()), dw1(L.w1.size()), db1(L.b1.size()), dw2(L.w2.size()),
+      db2(L.b2.size()), dsw1(sw1.size()), dsb1(sb1.size()), dsw2(sw2.size()), dsb2(sb2.size()),
+      dgate(gate.size()), drw(rs.w.size());
+  expert_grads eg{make_view(dw1.data(), experts, L.p, d), make_view(db1.data(), experts, L.p),
+                  make_view(dw2.data(), experts, d, f), make_view(db2.data(), experts, d)};
+  eg.shared = {make_view(dsw1.data(), shared, 2 * fs, d), make_view(dsb1.data(), shared, 2 * fs),
+               make_view(dsw2.data(), shared, d, fs), make_view(dsb2.data(), shared, d),
+               make_view(dgate.data(), 1, d)};
+  typename decltype(layer)::result_type res;
+  std::vector<std::byte> fws(layer.workspace_size(host, tokens, rp, w)),
+      bws(layer.backward_workspace_size(host, tokens, rp, w));
+  const auto xv = L.xv();
+  auto forward = [&] { layer.forward(host, xv, rp, w, make_view(y.data(), tokens, d), res, fws); };
+  auto backward = [&] {
+    layer.backward(host, xv, rp, w, res, make_view<const T>(dy.data(), tokens, d),
+                   routers::TopK::losses_type{}, make_view(dx.data(), tokens, d), eg,
+                   {make_view(drw.data(), experts + identity, d)}, bws);
+  };
+  forward();  // warm up
+  backward();
+  BOOST_TEST(allocations_of(forward) == 0, "forward with shared and identity experts allocated");
+  BOOST_TEST(allocations_of(backward) == 0, "backward with shared and identity experts allocated");
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(shared_and_identity_experts_with_a_workspace_do_not_allocate) {
+  const std::uint64_t seed = test::base_seed() + 12401;
+  check_shared_identity<dispatch::sorted_grouped, float>(seed, {});
+  check_shared_identity<dispatch::dense, float>(seed + 1, {});
+  check_shared_identity<dispatch::padded_capacity, switchyard::bfloat16>(
+      seed + 2, {.capacity_factor = 1.0f});
+}
+
+// ---- routers::ScoredTopK (issue #12): DeepSeek-V3-like (groups, selection bias, sequence
+// balance) and gpt-oss-like (router bias, softmax after top-k) and DeepSeek-V4 hash routing,
+// forward and backward with every loss coefficient non-zero.
+namespace {
+
+void check_scored_case(const routers::ScoredTopK& router, bool router_bias, bool hash,
+                       std::uint64_t seed) {
+  constexpr index_t tokens = 48, d = 32, f = 24, experts = 8, vocab = 5;
+  std::mt19937_64 g(seed);
+  test::layer_data<float> L(g, tokens, d, f, experts, true, true);
+  const auto w = test::normal(g, static_cast<std::size_t>(experts * d), 0.3f);
+  const auto b = test::normal(g, static_cast<std::size_t>(experts), 0.3f);
+  const auto sel = test::normal(g, static_cast<std::size_t>(experts), 0.1f);
+  std::vector<std::int32_t> table, ids;
+  for (index_t v = 0; v < vocab; ++v)
+    for (int j = 0; j < router.k; ++j) table.push_back(static_cast<std::int32_t>((v + 3 * j) % experts));
+  for (index_t t = 0; t < tokens; ++t) ids.push_back(static_cast<std::int32_t>(t % vocab));
+  routing::scored_router_params rp{make_view<const float>(w.data(), experts, d), {}, {}, {}, {}};
+  if (router_bias) rp.b = make_view<const float>(b.data(), experts);
+  rp.selection_bias = make_view<const float>(sel.data(), experts);
+  if (hash) {
+    rp.hash_table = make_view<const std::int32_t>(table.data(), vocab, router.k);
+    rp.token_ids = make_view<const std::int32_t>(ids.data(), tokens);
+  }
+  using Layer = MoELayer<routers::ScoredTopK, activation::swiglu>;
+  const Layer layer{.router = router};
+  const host_context host{};
+  const auto wv = L.weights();
+  std::vector<float> y(static_cast<std::size_t>(tokens * d)), dy(y.size(), 0.5f), dx(y.size()),
+      dw1(L.w1.size()), db1(L.b1.size()), dw2(L.w2.size()), db2(L.b2.size()), gw(w.size()),
+      gb(b.size());
+  const expert_grads eg{make_view(dw1.data(), experts, L.p, d), make_view(db1.data(), experts, L.p),
+                        make_view(dw2.data(), experts, d, f), make_view(db2.data(), experts, d)};
+  routing::scored_router_grads rg{make_view(gw.data(), experts, d), {}};
+  if (router_bias) rg.b = make_view(gb.data(), experts);
+  const index_t width = layer.router.width(rp);
+  const auto n = routing::plan_ref::required(tokens, width, experts);
+  std::vector<std::int32_t> pids(n.slots), counts(n.tokens);
+  std::vector<float> weights(n.slots), logits(n.scores), probs(n.scores);
+  std::vector<index_t> dropped(experts);
+  routing::scored_router_losses losses{};
+  const Layer::state_type state{
+      {tokens, width, experts, {pids.data(), pids.size()}, {weights.data(), weights.size()},
+       {counts.data(), counts.size()}, {logits.data(), logits.size()}, {probs.data(), probs.size()}},
+      &losses,
+      {dropped.data(), dropped.size()}};
+  std::vector<std::byte> fws(layer.workspace_size(host, tokens, rp, wv)),
+      bws(layer.backward_workspace_size(host, tokens, rp, wv));
+  const routing::scored_router_losses coeffs{.lb = 0.01f, .sequence_balance = 0.01f, .z = 0.01f};
+  auto forward = [&] { layer.forward(host, L.xv(), rp, wv, make_view(y.data(), tokens, d), state, fws); };
+  auto backward = [&] {
+    layer.backward(host, L.xv(), rp, wv, state, make_view<const float>(dy.data(), tokens, d), coeffs,
+                   make_view(dx.data(), tokens, d), eg, rg, bws);
+  };
+  forward();
+  backward();
+  BOOST_TEST(state.plan.total_assignments() == tokens * router.k);
+  BOOST_TEST(allocations_of(forward) == 0, "ScoredTopK forward allocated");
+  BOOST_TEST(allocations_of(backward) == 0, "ScoredTopK backward allocated");
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(scored_topk_with_a_workspace_does_not_allocate) {
+  const std::uint64_t seed = test::base_seed() + 12201;
+  check_scored_case(routers::ScoredTopK{.k = 2, .scoring = routing::score_function::sigmoid,
+                                        .groups = {.n_group = 4, .topk_group = 2},
+                                        .normalize = {.kind = routing::normalization::sum,
+                                                      .eps = routing::epsilon_kind::add,
+                                                      .eps_value = 1e-20f},
+                                        .scaling = 2.5f, .sequence_length = 16},
+                    false, false, seed);
+  check_scored_case(routers::ScoredTopK{.k = 2, .softmax_after_topk = true}, true, false, seed + 1);
+  check_scored_case(routers::ScoredTopK{.k = 2, .scoring = routing::score_function::sqrt_softplus,
+                                        .selection = routing::selection_kind::hash,
+                                        .normalize = {.kind = routing::normalization::pnorm}},
+                    false, true, seed + 2);
+}
