@@ -1,11 +1,12 @@
-// Dispatch planning (host::plan_groups of sorted_grouped, padded_capacity, dense) against
-// plainly computed expectations, and the host GEMM (CBLAS and the blocked fallback) against
-// float64.
+// Dispatch planning (host::plan_groups of sorted_grouped, padded_capacity in token-major and
+// slot-major order with a factor or an absolute expert_capacity, dense) against plainly
+// computed expectations, and the host GEMM (CBLAS and the blocked fallback) against float64.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -232,6 +233,173 @@ BOOST_AUTO_TEST_CASE(padded_capacity_is_capped_at_the_rounded_token_count) {
       BOOST_TEST(s.count[1] == tokens);
     }
   }
+}
+
+namespace {
+
+// The rule of /work/shared/hf-cases/README.md "Capacity", brute force: the pairs in the
+// priority's order (token_major: t then j; slot_major: j then t); a pair is kept if the
+// number of pairs considered so far for its expert, itself included, is <= C. Returns the
+// pairs in that order with their keep flag.
+std::vector<std::pair<index_t, bool>> ref_capacity_order(const routing::routing_plan& plan,
+                                                         index_t c, bool slot_major) {
+  const index_t width = plan.width;
+  std::vector<index_t> order;
+  if (slot_major) {
+    for (index_t j = 0; j < width; ++j)
+      for (index_t t = 0; t < plan.num_tokens; ++t)
+        if (j < plan.counts[t]) order.push_back(t * width + j);
+  } else {
+    for (index_t t = 0; t < plan.num_tokens; ++t)
+      for (index_t j = 0; j < width; ++j)
+        if (j < plan.counts[t]) order.push_back(t * width + j);
+  }
+  std::vector<std::pair<index_t, bool>> out;
+  for (std::size_t i = 0; i < order.size(); ++i) {
+    index_t considered = 0;
+    for (std::size_t k = 0; k <= i; ++k)
+      considered += plan.expert_ids[order[k]] == plan.expert_ids[order[i]];
+    out.emplace_back(order[i], considered <= c);
+  }
+  return out;
+}
+
+// Checks the planned groups against the brute-force rule: each kept pair's row is
+// e·C + (its rank among e's kept pairs in the order), dropped pairs are marked and counted
+// per expert, unused slots stay unused. Returns the kept flags [T·width].
+std::vector<char> check_capacity_rule(const routing::routing_plan& plan, const group_storage& s,
+                                      index_t c, bool slot_major) {
+  const index_t experts = plan.num_experts;
+  std::vector<char> kept(static_cast<std::size_t>(plan.num_tokens * plan.width), 0);
+  std::vector<index_t> rank(experts, 0), dropped(experts, 0);
+  for (auto [p, keep] : ref_capacity_order(plan, c, slot_major)) {
+    const index_t e = plan.expert_ids[p];
+    if (keep) {
+      kept[p] = 1;
+      const index_t row = e * c + rank[e]++;
+      BOOST_TEST(s.pair_row[p] == row, "pair " << p);
+      BOOST_TEST(s.row_pair[row] == p, "row " << row);
+    } else {
+      BOOST_TEST(s.pair_row[p] == dispatch::dropped_pair, "pair " << p);
+      ++dropped[e];
+    }
+  }
+  for (index_t t = 0; t < plan.num_tokens; ++t)
+    for (index_t j = plan.counts[t]; j < plan.width; ++j)
+      BOOST_TEST(s.pair_row[t * plan.width + j] == dispatch::unused_pair);
+  BOOST_TEST(s.dropped == dropped, boost::test_tools::per_element());
+  BOOST_TEST(s.count == rank, boost::test_tools::per_element());
+  for (index_t e = 0; e < experts; ++e) BOOST_TEST(s.begin[e] == e * c);
+  BOOST_TEST(s.g.num_rows == experts * c);
+  return kept;
+}
+
+}  // namespace
+
+// A plan where the orders keep different pairs (k = 2, C = 2): tokens 0 and 1 send their first
+// choice to expert 1 and their second to expert 0; tokens 2 and 3 their first to expert 0 and
+// their second to expert 2. Token-major order fills expert 0 with the second choices of tokens
+// 0 and 1 and drops the first choices of tokens 2 and 3; slot-major order keeps those first
+// choices and drops the second choices instead.
+BOOST_AUTO_TEST_CASE(padded_capacity_slot_major_keeps_first_choices) {
+  constexpr index_t tokens = 4, width = 2, experts = 3;
+  routing::routing_plan plan;
+  plan.resize(tokens, width, experts);
+  const std::int32_t ids[tokens][width] = {{1, 0}, {1, 0}, {0, 2}, {0, 2}};
+  for (index_t t = 0; t < tokens; ++t) {
+    plan.counts[t] = 2;
+    for (index_t j = 0; j < width; ++j) {
+      plan.expert_ids[t * width + j] = ids[t][j];
+      plan.weights[t * width + j] = j == 0 ? 0.7f : 0.3f;
+    }
+  }
+  routing::validate_plan("plan", plan.view(), tokens, experts);
+  for (bool slot_major : {false, true}) {
+    BOOST_TEST_CONTEXT((slot_major ? "slot_major" : "token_major")) {
+      const dispatch::padded_capacity pc{
+          .priority = slot_major ? dispatch::capacity_priority::slot_major
+                                 : dispatch::capacity_priority::token_major,
+          .expert_capacity = 2};
+      BOOST_TEST(pc.capacity(tokens, plan.total_assignments(), experts) == 2);
+      group_storage s(experts, tokens * width, pc.max_rows(tokens, width, experts));
+      host::plan_groups(pc, plan.view(), s.g);
+      check_capacity_rule(plan, s, 2, slot_major);
+      BOOST_TEST(s.g.total_dropped() == 2);
+      BOOST_TEST(s.dropped[0] == 2);
+      const index_t d = dispatch::dropped_pair;
+      // pair_row per pair (t·2 + j): expert e's block starts at row 2e.
+      const std::vector<index_t> expected =
+          slot_major ? std::vector<index_t>{2, d, 3, d, 0, 4, 1, 5}
+                     : std::vector<index_t>{2, 0, 3, 1, d, 4, d, 5};
+      BOOST_TEST(s.pair_row == expected, boost::test_tools::per_element());
+    }
+  }
+}
+
+// Random plans (k = 2 with some tokens using fewer slots): both orders against the brute-force
+// rule, with C from the factor and an absolute expert_capacity; the orders differ somewhere.
+BOOST_AUTO_TEST_CASE(padded_capacity_orders_follow_the_rule) {
+  std::mt19937_64 g(test::base_seed() + 107);
+  const index_t tokens = 48, width = 2, experts = 5;
+  int differ = 0;
+  for (int trial = 0; trial < 4; ++trial) {
+    const auto plan = random_plan(g, tokens, width, experts);
+    for (index_t absolute : {index_t{0}, index_t{3}, index_t{7}}) {
+      std::vector<char> kept[2];
+      for (bool slot_major : {false, true}) {
+        BOOST_TEST_CONTEXT("trial " << trial << ", expert_capacity " << absolute << ", "
+                                    << (slot_major ? "slot_major" : "token_major")) {
+          const dispatch::padded_capacity pc{
+              .capacity_factor = 0.8f, .min_capacity = 2, .capacity_multiple = 4,
+              .priority = slot_major ? dispatch::capacity_priority::slot_major
+                                     : dispatch::capacity_priority::token_major,
+              .expert_capacity = absolute};
+          index_t c = absolute;
+          if (c == 0) {  // the factor's formula (file comment of padded_capacity.hpp)
+            c = static_cast<index_t>(std::ceil(0.8 * plan.total_assignments() / experts));
+            c = std::max<index_t>(c, 2);
+            c = std::min<index_t>((c + 3) / 4 * 4, (tokens + 3) / 4 * 4);
+          }
+          BOOST_TEST(pc.capacity(tokens, plan.total_assignments(), experts) == c);
+          group_storage s(experts, tokens * width, pc.max_rows(tokens, width, experts));
+          host::plan_groups(pc, plan.view(), s.g);
+          kept[slot_major] = check_capacity_rule(plan, s, c, slot_major);
+          BOOST_TEST(s.g.total_dropped() > 0);
+        }
+      }
+      differ += kept[0] != kept[1];
+    }
+  }
+  BOOST_TEST(differ > 0);
+}
+
+// expert_capacity > 0 is C whatever the factor, floor and multiple say (even above T), and
+// bounds max_rows; a negative one is rejected naming it.
+BOOST_AUTO_TEST_CASE(padded_capacity_absolute_expert_capacity) {
+  const dispatch::padded_capacity pc{
+      .capacity_factor = 4.0f, .min_capacity = 16, .capacity_multiple = 8, .expert_capacity = 3};
+  BOOST_TEST(pc.capacity(100, 200, 4) == 3);
+  BOOST_TEST(pc.capacity(2, 4, 4) == 3);
+  BOOST_TEST(pc.max_rows(100, 2, 4) == 12);
+  BOOST_CHECK_NO_THROW(pc.validate());
+  try {
+    dispatch::padded_capacity{.expert_capacity = -1}.validate();
+    BOOST_ERROR("expert_capacity -1 accepted");
+  } catch (const range_error& e) {
+    BOOST_TEST(e.argument() == "expert_capacity");
+    BOOST_TEST(std::string(e.what()).find("got -1") != std::string::npos);
+  }
+  // With k = 1 both orders keep the same pairs (every pair is a first choice).
+  std::mt19937_64 g(test::base_seed() + 108);
+  const auto plan = random_plan(g, 30, 1, 4);
+  group_storage a(4, 30, pc.max_rows(30, 1, 4)), b(4, 30, pc.max_rows(30, 1, 4));
+  dispatch::padded_capacity slot = pc;
+  slot.priority = dispatch::capacity_priority::slot_major;
+  host::plan_groups(pc, plan.view(), a.g);
+  host::plan_groups(slot, plan.view(), b.g);
+  BOOST_TEST(a.pair_row == b.pair_row, boost::test_tools::per_element());
+  BOOST_TEST(a.dropped == b.dropped, boost::test_tools::per_element());
+  check_capacity_rule(plan, a, 3, false);
 }
 
 BOOST_AUTO_TEST_CASE(padded_capacity_rejects_bad_hyperparameters) {
