@@ -37,6 +37,7 @@ struct config {
   bool gate = false;                                  // sigmoid gate on the shared term
   bool bias = true;                                   // biases on routed and shared experts
   index_t width = 3;                                  // plan slots
+  bool weight_on_input = false;                       // Llama-4: FFN(w·x) for FFN slots
 };
 
 double silu(double h) { return h / (1.0 + std::exp(-h)); }
@@ -98,6 +99,13 @@ std::vector<double> reference(const config& c, const values& v, const std::vecto
         continue;
       }
       if (!keep.empty() && !keep[t * c.width + j]) continue;
+      if (c.weight_on_input) {
+        std::vector<double> wx(xt, xt + d);
+        for (double& e_ : wx) e_ *= w;
+        ffn<A>(c, c.d_ff, v.w1, v.b1, v.w2, v.b2, e, wx.data(), out.data());
+        for (index_t i = 0; i < d; ++i) y[t * d + i] += out[i];
+        continue;
+      }
       ffn<A>(c, c.d_ff, v.w1, v.b1, v.w2, v.b2, e, xt, out.data());
       for (index_t i = 0; i < d; ++i) y[t * d + i] += w * out[i];
     }
@@ -351,12 +359,16 @@ std::vector<config> configs() {
   c.gate = false;
   c.identity = 3;
   v.push_back(c);  // both, ungated
+  c.weight_on_input = true;
+  c.gate = true;
+  v.push_back(c);  // both, with the router weight on the input (an identity slot: w·x)
   return v;
 }
 
 std::string describe(const config& c) {
   return "S = " + std::to_string(c.shared) + (c.gate ? " gated" : "") +
-         ", Z = " + std::to_string(c.identity) + (c.bias ? ", biases" : "");
+         ", Z = " + std::to_string(c.identity) + (c.bias ? ", biases" : "") +
+         (c.weight_on_input ? ", weight on input" : "");
 }
 
 template <class D, class A, ElementType T>
@@ -365,6 +377,7 @@ void check_forward(std::uint64_t seed, bool drops) {
     BOOST_TEST_CONTEXT(describe(c) << (drops ? ", capacity drops" : "")) {
       const problem<T, A> pr(c, seed);
       const MoELayer<routers::TopK, A, D> layer{.dispatch = make_dispatch<D>(drops),
+                                                .router_weight_on_input = c.weight_on_input,
                                                 .identity_experts = c.identity};
       std::vector<T> y;
       std::vector<index_t> dropped;
@@ -399,6 +412,7 @@ void check_backward(std::uint64_t seed, bool drops) {
     BOOST_TEST_CONTEXT(describe(c) << (drops ? ", capacity drops" : "")) {
       const problem<float, A> pr(c, seed);
       const MoELayer<routers::TopK, A, D> layer{.dispatch = make_dispatch<D>(drops),
+                                                .router_weight_on_input = c.weight_on_input,
                                                 .identity_experts = c.identity};
       std::vector<float> y;
       std::vector<index_t> dropped;
@@ -463,4 +477,126 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(backward_matches_finite_differences, D, dispatches
   if constexpr (std::is_same_v<D, dispatch::padded_capacity>) {
     check_backward<D, activation::swiglu>(seed + 2, true);
   }
+}
+
+namespace {
+
+//! Sets the OpenMP thread count for a scope and restores it after.
+struct threads_scope {
+  int saved = omp_get_max_threads();
+  explicit threads_scope(int n) { omp_set_num_threads(n); }
+  ~threads_scope() { omp_set_num_threads(saved); }
+};
+
+//! y (as bits), dropped and every gradient of forward_experts + backward_experts.
+template <class D, ElementType T>
+std::pair<std::vector<std::uint16_t>, grads_storage> plan_bits(const problem<T, activation::swiglu>& pr,
+                                                               bool fixed) {
+  const MoELayer<routers::TopK, activation::swiglu, D> layer{
+      .dispatch = make_dispatch<D>(true), .batch_invariant = fixed,
+      .identity_experts = pr.c.identity};
+  std::vector<T> y;
+  std::vector<index_t> dropped;
+  grads_storage gs(pr);
+  run_plan(layer, pr, y, dropped, gs);
+  std::vector<std::uint16_t> bits(y.size() * sizeof(T) / 2);
+  std::memcpy(bits.data(), y.data(), y.size() * sizeof(T));
+  for (index_t v : dropped) bits.push_back(static_cast<std::uint16_t>(v));
+  return {bits, gs};
+}
+
+template <class D, ElementType T>
+void check_threads(std::uint64_t seed) {
+  config c;
+  c.tokens = 300;  // large enough for the OpenMP regions to split
+  c.d = 128;
+  c.d_ff = 40;
+  c.d_ff_s = 24;
+  c.experts = 6;
+  c.identity = 2;
+  c.shared = 2;
+  c.gate = true;
+  const problem<T, activation::swiglu> pr(c, seed);
+  for (bool fixed : {false, true}) {
+    BOOST_TEST_CONTEXT("batch_invariant = " << fixed) {
+      std::pair<std::vector<std::uint16_t>, grads_storage> one = [&] {
+        threads_scope s(1);
+        return plan_bits<D>(pr, fixed);
+      }();
+      for (int n : {2, 3, 8}) {
+        threads_scope s(n);
+        const auto many = plan_bits<D>(pr, fixed);
+        BOOST_TEST((many.first == one.first), "y or dropped differ with " << n << " threads");
+        BOOST_TEST((many.second == one.second), "gradients differ with " << n << " threads");
+      }
+    }
+  }
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(bits_do_not_depend_on_the_thread_count, D, dispatches) {
+  check_threads<D, float>(test::base_seed() + 12501);
+  check_threads<D, switchyard::bfloat16>(test::base_seed() + 12502);
+}
+
+// The routed entry points (router + experts) agree with the plan ones over the router's plan:
+// y bitwise, the expert and shared gradients bitwise; state.dropped has E + Z entries, the
+// identity ones 0.
+BOOST_AUTO_TEST_CASE(routed_entry_points_match_the_plan_entry_points) {
+  config c;
+  c.tokens = 37;
+  c.identity = 3;
+  c.shared = 2;
+  c.gate = true;
+  const problem<float, activation::swiglu> pr(c, test::base_seed() + 12601);
+  const index_t all = c.experts + c.identity;
+  const MoELayer<routers::TopK, activation::swiglu> layer{.router = {.k = 3},
+                                                          .identity_experts = c.identity};
+  const host_context host{};
+  const routers::TopK::params_type rp{make_view<const float>(pr.router_w.data(), all, c.d)};
+  const auto w = pr.weights();
+  std::vector<float> y(pr.x.size());
+  typename decltype(layer)::result_type res;
+  std::vector<std::byte> fws(layer.workspace_size(host, c.tokens, rp, w)),
+      bws(layer.backward_workspace_size(host, c.tokens, rp, w));
+  layer.forward(host, pr.xv(), rp, w, make_view(y.data(), c.tokens, c.d), res, fws);
+  BOOST_TEST(res.dropped.size() == static_cast<std::size_t>(all));
+  for (index_t e = c.experts; e < all; ++e) BOOST_TEST(res.dropped[e] == 0);
+  index_t identity_slots = 0;
+  for (index_t t = 0; t < c.tokens; ++t)
+    for (index_t j = 0; j < res.plan.counts[t]; ++j) identity_slots += res.plan.id(t, j) >= c.experts;
+  BOOST_TEST(identity_slots > 0);
+  grads_storage routed(pr);
+  std::vector<float> drw(pr.router_w.size(), 0.0f);
+  layer.backward(host, pr.xv(), rp, w, res, pr.dyv(), routers::TopK::losses_type{},
+                 make_view(routed.dx.data(), c.tokens, c.d), routed.view(pr),
+                 {make_view(drw.data(), all, c.d)}, bws);
+
+  // The same through the plan entry points over the router's plan.
+  problem<float, activation::swiglu> fixed = pr;
+  fixed.ids = res.plan.expert_ids;
+  fixed.pw = res.plan.weights;
+  fixed.counts = res.plan.counts;
+  fixed.c.width = res.plan.width;
+  std::vector<float> y2;
+  std::vector<index_t> dropped;
+  grads_storage planned(fixed);
+  run_plan(layer, fixed, y2, dropped, planned);
+  BOOST_TEST((y == y2));
+  BOOST_TEST((routed.w1 == planned.w1));
+  BOOST_TEST((routed.w2 == planned.w2));
+  BOOST_TEST((routed.b1 == planned.b1));
+  BOOST_TEST((routed.sw1 == planned.sw1));
+  BOOST_TEST((routed.sw2 == planned.sw2));
+  BOOST_TEST((routed.sb2 == planned.sb2));
+  BOOST_TEST((routed.gate == planned.gate));
+  // And y against the float64 reference over that plan.
+  const auto ref = reference<activation::swiglu>(fixed.c, fixed.as_values());
+  double err = 0.0, scale = 0.0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    err = std::max(err, std::abs(y[i] - ref[i]));
+    scale = std::max(scale, std::abs(ref[i]));
+  }
+  BOOST_TEST(err <= 2e-6 * scale);
 }
