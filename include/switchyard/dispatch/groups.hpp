@@ -38,7 +38,10 @@ SWITCHYARD_HD constexpr index_t pair_index(index_t t, index_t j, index_t width) 
 }
 
 //! The dispatch's result over a plan of T tokens, `width` slots and E experts (spans into
-//! the caller's workspace).
+//! the caller's workspace). Within an expert's rows the pairs follow the dispatch's order
+//! (sorted_grouped: pair order; padded_capacity: the order its `priority` gives the pairs,
+//! token- or slot-major); which row a pair holds never changes the combine, which reads each
+//! token's slots in slot order through `pair_row`.
 struct expert_groups {
   span<index_t> row_begin;  //!< [E] first row of expert e
   span<index_t> row_count;  //!< [E] rows expert e computes (pairs it keeps)
