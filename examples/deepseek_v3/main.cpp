@@ -5,7 +5,8 @@
 // expert, what the selection bias changed) and checks it: the group limit, the weights' sum,
 // that the bias moves the choice but never the weights' source, and y against the plain
 // formula in double. Exits non-zero naming a failed check on stderr.
-#include <switchyard/routing/routers/scored_topk.hpp>
+#include <switchyard/routing/routers/presets.hpp>
+#include <switchyard/training/selection_bias.hpp>
 #include <switchyard/switchyard.hpp>
 
 #include <algorithm>
@@ -44,19 +45,14 @@ int main() {
     return v;
   };
   const auto x = randn(tokens * d, 1.0f), gate = randn(experts * d, 0.3f);
-  const auto bias = randn(experts, 0.05f);  // e_score_correction_bias, updated between steps
+  auto bias = randn(experts, 0.05f);  // e_score_correction_bias, updated between steps
   const auto w1 = randn(experts * 2 * d_ff * d, 0.15f), w2 = randn(experts * d * d_ff, 0.2f);
   const auto s1 = randn(2 * d_ff_shared * d, 0.15f), s2 = randn(d * d_ff_shared, 0.2f);
 
-  // The router: DeepSeek-V3's (also GLM-4.5's and dots1's) in Switchyard's vocabulary.
-  sy::routers::ScoredTopK router;
-  router.k = k;
-  router.scoring = sy::routing::score_function::sigmoid;
-  router.groups = {.n_group = groups, .topk_group = kept_groups,
-                   .score = sy::routing::group_score::top2_sum};
-  router.normalize = {.kind = sy::routing::normalization::sum,
-                      .eps = sy::routing::epsilon_kind::add, .eps_value = 1e-20f};
-  router.scaling = scaling;
+  // The router: DeepSeek-V3's (also GLM-4.5's and dots1's), from its preset: sigmoid scores,
+  // groups scored by the sum of their top-2, weights normalised (+1e-20) and scaled.
+  const sy::routers::ScoredTopK router =
+      sy::routers::presets::deepseek_v3(k, groups, kept_groups, /*norm_topk_prob=*/true, scaling);
   using Layer = sy::MoELayer<sy::routers::ScoredTopK, sy::activation::swiglu>;
   const Layer layer{.router = router};
 
@@ -148,6 +144,21 @@ int main() {
       scale = std::max(scale, std::abs(want[i]));
     }
   }
+  // Aux-loss-free balancing between steps: b_e += γ·sign(mean load − load_e).
+  const std::vector<float> before = bias;
+  sy::training::update_selection_bias(result.plan, sy::span<float>(bias.data(), bias.size()), 1e-3f);
+  int raised = 0, lowered = 0;
+  const double mean_load = static_cast<double>(tokens) * k / experts;
+  for (int e = 0; e < experts; ++e) {
+    const double step = static_cast<double>(bias[e]) - before[e];
+    raised += step > 0;
+    lowered += step < 0;
+    check((load[e] < mean_load && step > 0) || (load[e] > mean_load && step < 0) ||
+              (load[e] == mean_load && step == 0),
+          "expert %d (load %d, mean %.2f): bias moved by %.3g", e, load[e], mean_load, step);
+  }
+  std::printf("selection-bias update (gamma 1e-3): %d under-loaded experts raised, %d over-loaded "
+              "lowered\n", raised, lowered);
   std::printf("y vs the formula in double: max|Δ| = %.2g (output scale %.2f)\n", err, scale);
   check(err <= 1e-5 * scale, "y differs from the formula by %.3g", err);
   check(result.total_dropped() == 0, "dropped %d pairs", static_cast<int>(result.total_dropped()));
