@@ -559,3 +559,15 @@ BOOST_AUTO_TEST_CASE(every_error_names_its_argument) {
         "params.token_ids", "[T]");
   }
 }
+
+BOOST_AUTO_TEST_CASE(an_empty_batch_routes_nothing_and_has_zero_losses) {
+  for (auto sel : {selection_kind::topk, selection_kind::hash}) {
+    problem p(0, 6, 8, 2, sy::test::base_seed() + 31011);
+    p.use_hash = sel == selection_kind::hash;
+    p.use_sel = true;
+    sy::routing::scored_router_losses l{.lb = 1, .sequence_balance = 1, .z = 1};
+    const auto plan = route({.k = 2, .selection = sel, .sequence_length = 4}, p, &l);
+    BOOST_TEST(plan.num_tokens == 0);
+    BOOST_TEST((l.lb == 0.0f && l.sequence_balance == 0.0f && l.z == 0.0f));
+  }
+}

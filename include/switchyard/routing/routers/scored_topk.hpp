@@ -146,7 +146,7 @@ struct ScoredTopK {
       rules.base.selection_bias = p.selection_bias.data_handle();
       rules.base.bias_stride = p.selection_bias.stride(0);
     }
-    if (selection == routing::selection_kind::hash) {
+    if (selection == routing::selection_kind::hash && tokens > 0) {
       check_hash(p, tokens, experts);
       rules.table = p.hash_table.data_handle();
       rules.table_row_stride = p.hash_table.stride(0);
