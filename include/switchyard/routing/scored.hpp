@@ -1,6 +1,6 @@
 #pragma once
 //! \file scored.hpp
-//! The vocabulary of the production routers (issue #12; /work/shared/hf-cases/README.md, "The
+//! The vocabulary of the production routers (issue #12; ../shared/hf-cases/README.md, "The
 //! routing schema", steps 1-8) and the scoring part that `routers::ScoredTopK` composes:
 //!
 //! 1. logits l = x · wᵀ (+ b, gpt-oss's trainable router bias)            -> plan.logits

@@ -2,7 +2,7 @@
 //! \file presets.hpp
 //! `routers::ScoredTopK` configured (`routers::presets::deepseek_v3(8, 8, 4, true, 2.5f)`, also
 //! spelled `routing::presets::...`) as the router of each production family of
-//! /work/shared/hf-cases/README.md (table "Families"), with the family's hyperparameters as
+//! ../shared/hf-cases/README.md (table "Families"), with the family's hyperparameters as
 //! arguments (their Hugging Face config names in the comments). Each says what else the MoE
 //! layer needs: shared experts (`expert_weights::shared`), `MoELayer::router_weight_on_input`,
 //! `MoELayer::identity_experts`, the activation, and which router params are set

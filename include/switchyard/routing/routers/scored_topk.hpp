@@ -3,7 +3,7 @@
 //! `routers::ScoredTopK`: the one router of the production MoE models of 2024-26 (DeepSeek-V2/
 //! V3/V4, GLM-4.5, dots1, Llama-4, gpt-oss, Qwen2/3-MoE, Qwen3-Next, Mixtral, OLMoE, HunYuan,
 //! Granite, MiniMax-M2, ERNIE-4.5, DBRX, LongCat-Flash): README steps 1-8 of
-//! /work/shared/hf-cases (docs/routers/production.md), configured by members; presets per
+//! ../shared/hf-cases (docs/routers/production.md), configured by members; presets per
 //! family in presets.hpp. A composition (docs/design.md, "Routers are compositions"):
 //!
 //! - scoring `routing::scored_linear`: logits = x · wᵀ (+ b) -> plan.logits; scores =
