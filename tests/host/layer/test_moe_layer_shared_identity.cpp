@@ -600,3 +600,33 @@ BOOST_AUTO_TEST_CASE(routed_entry_points_match_the_plan_entry_points) {
   }
   BOOST_TEST(err <= 2e-6 * scale);
 }
+
+// Plan ids are checked against E + Z: an identity id is accepted, E + Z is not (range_error
+// naming plan.expert_ids); without identity experts an id E is refused as before.
+BOOST_AUTO_TEST_CASE(plan_ids_are_checked_against_e_plus_z) {
+  config c;
+  c.identity = 2;
+  problem<float, activation::swiglu> pr(c, test::base_seed() + 12701);
+  pr.counts[0] = 1;
+  pr.ids[0] = static_cast<std::int32_t>(c.experts + c.identity - 1);  // the last identity expert
+  pr.pw[0] = 0.5f;
+  const MoELayer<routers::TopK, activation::swiglu> layer{.identity_experts = c.identity};
+  std::vector<float> y;
+  std::vector<index_t> dropped;
+  grads_storage gs(pr);
+  BOOST_CHECK_NO_THROW(run_plan(layer, pr, y, dropped, gs));
+  for (index_t i = 0; i < c.d; ++i) BOOST_TEST(y[i] == 0.5f * pr.x[i]);  // w · x_0 exactly
+  pr.ids[0] = static_cast<std::int32_t>(c.experts + c.identity);
+  auto plan = pr.plan();
+  plan.num_experts = c.experts + c.identity;
+  std::vector<index_t> d4(static_cast<std::size_t>(c.experts));
+  y.assign(pr.x.size(), 0.0f);
+  try {
+    layer.forward_experts(host_context{}, pr.xv(), plan, pr.weights(),
+                          make_view(y.data(), c.tokens, c.d), span<index_t>{d4.data(), d4.size()});
+    BOOST_FAIL("an id of E + Z was accepted");
+  } catch (const range_error& e) {
+    BOOST_TEST(std::string(e.what()).find("plan.expert_ids[0, 0] must be in [0, 6)") != std::string::npos,
+               e.what());
+  }
+}
