@@ -256,11 +256,18 @@ struct MoELayer {
     return experts;
   }
 
-  //! identity_experts >= 0.
+  //! identity_experts >= 0, and none beside an add-on (an add-on reads the plan's ids as FFN
+  //! experts: HyperMoE's embeddings have E rows).
   void check_identity_experts() const {
     if (identity_experts < 0) {
       throw range_error("identity_experts",
                         detail::concat("identity_experts must be >= 0, got ", identity_experts));
+    }
+    if (has_addon && identity_experts != 0) {
+      throw unsupported_error(detail::concat(
+          "switchyard: MoELayer::identity_experts = ", identity_experts,
+          " with an add-on module is not supported (the add-on reads the plan's ids as FFN "
+          "experts)"));
     }
   }
 
