@@ -237,7 +237,7 @@ BOOST_AUTO_TEST_CASE(padded_capacity_is_capped_at_the_rounded_token_count) {
 
 namespace {
 
-// The rule of /work/shared/hf-cases/README.md "Capacity", brute force: the pairs in the
+// The rule of ../shared/hf-cases/README.md "Capacity", brute force: the pairs in the
 // priority's order (token_major: t then j; slot_major: j then t); a pair is kept if the
 // number of pairs considered so far for its expert, itself included, is <= C. Returns the
 // pairs in that order with their keep flag.

@@ -71,7 +71,7 @@ problem make_problem(std::mt19937_64& g, index_t t, index_t d, index_t f, index_
   return q;
 }
 
-//! The rule of /work/shared/hf-cases/README.md "Capacity", literally: pairs considered in
+//! The rule of ../shared/hf-cases/README.md "Capacity", literally: pairs considered in
 //! token-major or slot-major order; a pair is kept if the count of pairs considered so far for
 //! its expert (itself included) is ≤ C. keep[t·width + j]; all kept when C < 0.
 std::vector<char> ref_keep(const problem& q, index_t cap, bool slot_major) {
