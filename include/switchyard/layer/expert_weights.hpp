@@ -58,6 +58,26 @@ struct shared_expert_grads {
   matrix_view<float> gate;   //!< [1, d]
 };
 
+//! Constant experts (MoE++, Jin et al. 2024): expert c outputs `α1 · x_t + α2 · v_c` with
+//! `[α1, α2] = softmax(gate_c · x_t)`. Used with `MoELayer::constant_experts = C` (ids past the
+//! FFN, identity and zero experts); empty (the default) when C = 0.
+template <ElementType T>
+struct constant_expert_weights {
+  matrix_view<const T> v;        //!< [C, d] learned vectors
+  tensor_view<const T, 3> gate;  //!< [C, 2, d] per-expert mixing gates (row 0: α1, row 1: α2)
+
+  //! True when either view holds data.
+  [[nodiscard]] bool present() const { return detail::present(v) || detail::present(gate); }
+  //! C.
+  [[nodiscard]] index_t count() const { return v.extent(0); }
+};
+
+//! Gradients of the constant experts (float, +=); an empty view skips that gradient.
+struct constant_expert_grads {
+  matrix_view<float> v;        //!< [C, d]
+  tensor_view<float, 3> gate;  //!< [C, 2, d]
+};
+
 //! Read-only views of every expert's FFN parameters (layout in the file comment).
 template <ElementType T>
 struct expert_weights {
@@ -66,6 +86,7 @@ struct expert_weights {
   tensor_view<const T, 3> w2;  //!< [E, d, d_ff]
   matrix_view<const T> b2;     //!< [E, d] or empty (no bias)
   shared_expert_weights<T> shared{};  //!< always-on experts, or empty (none)
+  constant_expert_weights<T> constant{};  //!< constant experts (MoELayer::constant_experts)
 
   //! E (expert slots).
   [[nodiscard]] index_t num_experts() const { return w1.extent(0); }
@@ -89,6 +110,7 @@ struct expert_grads {
   tensor_view<float, 3> w2;  //!< [E, d, d_ff]
   matrix_view<float> b2;     //!< [E, d]
   shared_expert_grads shared{};  //!< the shared experts' gradients
+  constant_expert_grads constant{};  //!< the constant experts' gradients
 };
 
 namespace detail {

@@ -29,10 +29,38 @@
 #include "switchyard/layer/addon.hpp"
 #include "switchyard/layer/expert_weights.hpp"
 #include "switchyard/layer/state.hpp"
+#include "switchyard/ops/expert_kinds.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/plan.hpp"
 
 namespace switchyard {
+
+//! Used slots of a plan (Σ_t counts[t]); the plan's arrays in host memory.
+template <class Id, class W>
+[[nodiscard]] index_t used_pairs(const routing::plan_view<Id, W>& plan) {
+  index_t n = 0;
+  for (index_t t = 0; t < plan.num_tokens(); ++t) n += static_cast<index_t>(plan.counts(t));
+  return n;
+}
+
+//! FFN pairs of a plan: used slots whose id names one of the `experts` = E FFN experts (ids
+//! >= E are identity, zero or constant experts, which run no GEMM). Host memory.
+template <class Id, class W>
+[[nodiscard]] index_t ffn_pairs(const routing::plan_view<Id, W>& plan, index_t experts) {
+  index_t n = 0;
+  for (index_t t = 0; t < plan.num_tokens(); ++t) {
+    const index_t c = plan.counts(t);
+    for (index_t j = 0; j < c; ++j) n += static_cast<index_t>(plan.expert_ids(t, j)) < experts;
+  }
+  return n;
+}
+
+//! What `MoELayer::compute(w, plan)` reports: the FLOP accounting of the FFN slots only.
+struct expert_compute {
+  index_t ffn_pairs = 0;      //!< used slots naming an FFN expert
+  index_t non_ffn_pairs = 0;  //!< used slots naming an identity, zero or constant expert
+  double ffn_flops = 0.0;     //!< 2 · ffn_pairs · (P + d_ff) · d: the FFN GEMMs' forward FLOPs
+};
 
 //! A Mixture-of-Experts layer: `RouterPolicy` × `ActivationPolicy` × `DispatchPolicy` (+ an
 //! `AddOnPolicy` module applied after routing). An aggregate of its four policies: configure
@@ -80,15 +108,51 @@ struct MoELayer {
   //! Llama-4: the combine weight scales the expert's input instead of its output,
   //! `y_t = Σ_j FFN_{e_tj}(w_tj · x_t)` (and d_weights is ∂/∂w of that). Host backend.
   bool router_weight_on_input = false;
-  //! LongCat-Flash zero-computation experts: the router has E + identity_experts experts, and
-  //! ids in `[E, E + identity_experts)` (E = weights.num_experts()) name experts that output
-  //! their input, contributing `w_tj · x_t` with no FFN. Host backend.
+  //! Non-FFN expert kinds (docs/layer.md, "Shared experts and expert kinds"). The router and
+  //! the plan count `routed_experts(w)` = E + identity_experts + zero_experts +
+  //! constant_experts experts (E = weights.num_experts()), ids in the order FFN [0, E),
+  //! identity, zero, constant. Their slots never reach the expert GEMMs: the combine adds their
+  //! terms. Host backend.
+  //!
+  //! LongCat-Flash zero-computation experts: ids in `[E, E + identity_experts)` output their
+  //! input, contributing `w_tj · x_t`.
   index_t identity_experts = 0;
+  //! AdaMoE null experts: the next `zero_experts` ids output 0 (no term; their d_weights is 0).
+  index_t zero_experts = 0;
+  //! MoE++ constant experts: the last `constant_experts` ids; expert c contributes
+  //! `w_tj · (α1 · x_t + α2 · v_c)` with `[α1, α2] = softmax(gate_c · x_t)`, parameters in
+  //! `weights.constant` (`v [C, d]`, `gate [C, 2, d]`), gradients in `grads.constant`.
+  index_t constant_experts = 0;
 
-  //! Experts the router and the plan count: the E FFN experts of `w` plus the identity ones.
+  //! Experts the router and the plan count: the E FFN experts of `w` plus the non-FFN ones.
   template <ElementType T>
   [[nodiscard]] index_t routed_experts(const expert_weights<T>& w) const {
-    return w.num_experts() + identity_experts;
+    return w.num_experts() + identity_experts + zero_experts + constant_experts;
+  }
+
+  //! The id ranges of the layer's expert kinds for weights `w`.
+  template <ElementType T>
+  [[nodiscard]] ops::expert_ranges expert_kinds(const expert_weights<T>& w) const {
+    return {w.num_experts(), identity_experts, zero_experts, constant_experts};
+  }
+
+  //! True when the layer has non-FFN experts (identity, zero or constant).
+  [[nodiscard]] bool has_expert_kinds() const {
+    return identity_experts != 0 || zero_experts != 0 || constant_experts != 0;
+  }
+
+  //! FLOP accounting of a plan (host memory): the FFN pairs (slots with id < E), the non-FFN
+  //! pairs, and the forward FLOPs of the FFN slots' GEMMs, `2 · ffn_pairs · (P + d_ff) · d`
+  //! (P = w1.extent(1)); non-FFN slots count no GEMM FLOP. Capacity drops are not subtracted.
+  template <ElementType T>
+  [[nodiscard]] expert_compute compute(const expert_weights<T>& w, const plan_type& plan) const {
+    expert_compute r;
+    r.ffn_pairs = ffn_pairs(plan, w.num_experts());
+    r.non_ffn_pairs = used_pairs(plan) - r.ffn_pairs;
+    r.ffn_flops = 2.0 * static_cast<double>(r.ffn_pairs) *
+                  static_cast<double>(w.projection_width() + w.d_ff()) *
+                  static_cast<double>(w.d_model());
+    return r;
   }
 
   // ---- workspace queries ----------------------------------------------------------------
@@ -237,18 +301,19 @@ struct MoELayer {
                         const expert_weights<T>& w, const matrix_view<T>& y) const {
     check_view("x", x, {-1, -1}, "[T, d]");
     validate_expert_weights(w, x.extent(1), gated);
-    check_identity_experts();
+    check_expert_kinds(w, x.extent(1));
     const index_t experts = router.num_experts(rp);
     if (experts != routed_experts(w)) {
-      if (identity_experts == 0) {
+      if (!has_expert_kinds()) {
         throw shape_error("weights.w1",
                           detail::concat("weights.w1: extent 0 must be the router's expert count E = ",
                                          experts, ", got ", w.num_experts()));
       }
       throw shape_error("weights.w1",
                         detail::concat("weights.w1: extent 0 must be the router's expert count "
-                                       "minus identity_experts = ", experts, " - ",
-                                       identity_experts, ", got ", w.num_experts()));
+                                       "minus the non-FFN experts (identity + zero + constant) = ",
+                                       experts, " - ", identity_experts, " - ", zero_experts,
+                                       " - ", constant_experts, ", got ", w.num_experts()));
     }
     if constexpr (requires { router.validate(experts); }) router.validate(experts);
     dispatch.validate();
@@ -256,18 +321,59 @@ struct MoELayer {
     return experts;
   }
 
-  //! identity_experts >= 0, and none beside an add-on (an add-on reads the plan's ids as FFN
-  //! experts: HyperMoE's embeddings have E rows).
-  void check_identity_experts() const {
-    if (identity_experts < 0) {
-      throw range_error("identity_experts",
-                        detail::concat("identity_experts must be >= 0, got ", identity_experts));
-    }
-    if (has_addon && identity_experts != 0) {
+  //! The expert-kind counts are >= 0; none beside an add-on (an add-on reads the plan's ids as
+  //! FFN experts: HyperMoE's embeddings have E rows); no constant experts with
+  //! router_weight_on_input; weights.constant is [C, d] / [C, 2, d] when C > 0, empty otherwise.
+  template <ElementType T>
+  void check_expert_kinds(const expert_weights<T>& w, index_t d) const {
+    const auto non_negative = [](const char* name, index_t n) {
+      if (n < 0) throw range_error(name, detail::concat(name, " must be >= 0, got ", n));
+    };
+    non_negative("identity_experts", identity_experts);
+    non_negative("zero_experts", zero_experts);
+    non_negative("constant_experts", constant_experts);
+    if (has_addon && has_expert_kinds()) {
       throw unsupported_error(detail::concat(
-          "switchyard: MoELayer::identity_experts = ", identity_experts,
-          " with an add-on module is not supported (the add-on reads the plan's ids as FFN "
+          "switchyard: MoELayer non-FFN experts (identity_experts = ", identity_experts,
+          ", zero_experts = ", zero_experts, ", constant_experts = ", constant_experts,
+          ") with an add-on module are not supported (the add-on reads the plan's ids as FFN "
           "experts)"));
+    }
+    if (router_weight_on_input && constant_experts != 0) {
+      throw unsupported_error(detail::concat(
+          "switchyard: MoELayer::constant_experts = ", constant_experts,
+          " with router_weight_on_input is not supported (a constant expert is not linear in "
+          "its input)"));
+    }
+    const constant_expert_weights<T>& c = w.constant;
+    if (constant_experts == 0) {
+      if (c.present()) {
+        throw shape_error("weights.constant",
+                          "weights.constant: given, but MoELayer::constant_experts is 0");
+      }
+      return;
+    }
+    check_view("weights.constant.v", c.v, {constant_experts, d},
+               "[C, d] with C = MoELayer::constant_experts and d = x.extent(1)");
+    check_view("weights.constant.gate", c.gate, {constant_experts, 2, d},
+               "[C, 2, d] with C = MoELayer::constant_experts and d = x.extent(1)");
+  }
+
+  //! The constant experts' gradient views that are present: [C, d] and [C, 2, d].
+  void check_constant_grads(const constant_expert_grads& g, index_t d) const {
+    if (constant_experts == 0) {
+      if (detail::present(g.v) || detail::present(g.gate)) {
+        throw shape_error("grads.constant",
+                          "grads.constant: given, but MoELayer::constant_experts is 0");
+      }
+      return;
+    }
+    if (detail::present(g.v)) {
+      check_view("grads.constant.v", g.v, {constant_experts, d}, "(same as weights.constant.v)");
+    }
+    if (detail::present(g.gate)) {
+      check_view("grads.constant.gate", g.gate, {constant_experts, 2, d},
+                 "(same as weights.constant.gate)");
     }
   }
 
@@ -302,14 +408,16 @@ struct MoELayer {
                      const expert_weights<T>& w) const {
     check_view("x", x, {-1, -1}, "[T, d]");
     validate_expert_weights(w, x.extent(1), gated);
-    check_identity_experts();
+    check_expert_kinds(w, x.extent(1));
     if (plan.num_experts != routed_experts(w)) {
-      throw shape_error("plan", identity_experts == 0
+      throw shape_error("plan", !has_expert_kinds()
                                     ? detail::concat("plan: num_experts must match weights (E = ",
                                                      w.num_experts(), "), got ", plan.num_experts)
                                     : detail::concat("plan: num_experts must match weights (E = ",
                                                      w.num_experts(), " FFN experts + ",
-                                                     identity_experts, " identity experts), got ",
+                                                     identity_experts, " identity + ",
+                                                     zero_experts, " zero + ", constant_experts,
+                                                     " constant experts), got ",
                                                      plan.num_experts));
     }
     check_view("plan.expert_ids", plan.expert_ids, {x.extent(0), -1});
@@ -327,6 +435,7 @@ struct MoELayer {
     check_view("dy", dy, {x.extent(0), x.extent(1)}, "[T, d] like x");
     if (detail::present(dx)) check_view("dx", dx, {x.extent(0), x.extent(1)}, "[T, d] like x");
     validate_expert_grads(grads, w);
+    check_constant_grads(grads.constant, x.extent(1));
   }
 };
 

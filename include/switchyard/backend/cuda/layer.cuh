@@ -298,7 +298,8 @@ struct executor<cuda::context> {
   };
 
   //! Throws unsupported_error for the layer features only the host backend runs yet
-  //! (issue #12: shared experts, identity experts, weight on input, slot-major capacity).
+  //! (issue #12: shared experts, identity experts, weight on input, slot-major capacity;
+  //! issue #13: zero and constant experts).
   template <class Layer, ElementType T>
   static void require_supported(const Layer& layer, const expert_weights<T>& w) {
     const auto refuse = [](const char* what) {
@@ -308,6 +309,10 @@ struct executor<cuda::context> {
     };
     if (w.shared.present()) refuse("shared experts (weights.shared)");
     if (layer.identity_experts != 0) refuse("identity experts (MoELayer::identity_experts)");
+    if (layer.zero_experts != 0) refuse("zero experts (MoELayer::zero_experts)");
+    if (layer.constant_experts != 0 || w.constant.present()) {
+      refuse("constant experts (MoELayer::constant_experts, weights.constant)");
+    }
     if (layer.router_weight_on_input) refuse("MoELayer::router_weight_on_input");
     if constexpr (requires { layer.dispatch.priority; }) {
       if (layer.dispatch.priority != dispatch::capacity_priority::token_major) {

@@ -3,8 +3,9 @@
 //! The host backend's executor: `backend::executor<host_context>`, what `MoELayer`'s entry
 //! points call under a `host_context` once the shared shape checks have passed. It reads the
 //! data (non-finite tokens, plan contents), runs the router (backend/host/route.hpp), the
-//! add-on, the shared experts (backend/host/shared_experts.hpp), the identity experts
-//! (ops/identity_experts.hpp) and the routed experts (backend/host/experts.hpp), and carves
+//! add-on, the shared experts (backend/host/shared_experts.hpp), the non-FFN expert kinds
+//! (identity, zero, constant: ops/expert_kinds.hpp) and the routed experts
+//! (backend/host/experts.hpp), and carves
 //! every scratch array from the caller's workspace: with one of the queried size nothing here
 //! allocates.
 //!
@@ -13,10 +14,12 @@
 //! forward  = [router scratch][add-on term [T, d] + add-on scratch][compacted plan]
 //!            [term [T, d]][phase region]
 //! backward = [d_weights [T·width]][router scratch][compacted plan + its d_weights]
-//!            [phase region][add-on dy [T, d] + scratch]
-//! The compacted plan (the FFN slots of a plan with identity experts) exists when
-//! identity_experts > 0, the float term [T, d] (shared + identity + add-on terms, added by the
-//! routed phase before y is rounded) when there are shared or identity experts. The phase
+//!            [constant coefficients [T·width·3]][phase region][add-on dy [T, d] + scratch]
+//! The compacted plan (the FFN slots of a plan with non-FFN experts) exists when the layer has
+//! identity, zero or constant experts, the constant coefficients when it has constant experts,
+//! the float term [T, d] (shared + add-on terms, then the non-FFN slots' terms in slot order,
+//! added by the routed phase before y is rounded) when there are shared or non-FFN experts. The
+//! phase
 //! region holds the routed experts' scratch; with shared experts it is the larger of the
 //! routed and the shared phase's, which run one after the other in it.
 
@@ -35,7 +38,9 @@
 #include "switchyard/core/workspace.hpp"
 #include "switchyard/layer/expert_weights.hpp"
 #include "switchyard/layer/state.hpp"
-#include "switchyard/ops/identity_experts.hpp"
+#include "switchyard/backend/host/dispatch_plan.hpp"
+#include "switchyard/dispatch/groups.hpp"
+#include "switchyard/ops/expert_kinds.hpp"
 #include "switchyard/routing/plan.hpp"
 
 namespace switchyard {
@@ -84,14 +89,14 @@ std::size_t measured_bytes(const F& phase) {
   return m.required();
 }
 
-//! The plan the routed expert phase runs: the caller's plan, or (identity experts) its FFN
+//! The plan the routed expert phase runs: the caller's plan, or (non-FFN experts) its FFN
 //! slots compacted into workspace arrays, ids in [0, E).
 struct compacted_plan {
   std::int32_t* ids = nullptr;     //!< [T·width]
   float* weights = nullptr;        //!< [T·width]
   std::int32_t* counts = nullptr;  //!< [T]
 
-  //! Carves the arrays when `identity` (nothing otherwise).
+  //! Carves the arrays when `identity` (the layer has non-FFN experts; nothing otherwise).
   static compacted_plan carve(workspace_arena& ws, bool identity, index_t tokens, index_t width) {
     compacted_plan c;
     if (!identity) return c;
@@ -101,7 +106,7 @@ struct compacted_plan {
     return c;
   }
 
-  //! The plan to run: `plan` itself without identity experts, else (carving) its compaction
+  //! The plan to run: `plan` itself without non-FFN experts, else (carving) its compaction
   //! over `experts` = E FFN experts, filled here.
   template <class Id, class W>
   routing::plan_view<Id, W> make(const routing::plan_view<Id, W>& plan, bool identity,
@@ -109,7 +114,7 @@ struct compacted_plan {
                                  index_t experts) const {
     if (!identity || !carving) return plan;
     run_static(tokens, tokens * width > (1 << 15),
-               ops::compact_identity_slots<Id, W>{plan.expert_ids, plan.weights, plan.counts,
+               ops::compact_ffn_slots<Id, W>{plan.expert_ids, plan.weights, plan.counts,
                                                   width, experts, ids, weights, counts});
     return {make_view<Id>(ids, tokens, width), make_view<W>(weights, tokens, width),
             make_view<Id>(counts, tokens), experts};
@@ -117,6 +122,80 @@ struct compacted_plan {
 };
 
 }  // namespace detail
+
+namespace host {
+
+//! What the routed expert phase was handed and computed, summed over the phases run on this
+//! thread while an `expert_rows_probe` is installed.
+struct expert_rows_stats {
+  index_t phases = 0;   //!< routed expert phases run (forward and backward each count one)
+  index_t experts = 0;  //!< the expert count the last phase ran with (E: FFN experts only)
+  index_t pairs = 0;    //!< used slots of the plans the phases ran (their FFN pairs)
+  index_t max_id = -1;  //!< largest expert id in those plans (< experts)
+  //! Token rows the phases' GEMMs computed, before the row-panel padding: grouped dispatches
+  //! Σ_e rows kept by expert e; dense T per expert with at least one pair.
+  index_t rows = 0;
+};
+
+//! A test/diagnostic hook: while one is alive on a thread, the host executor records in
+//! `stats` what every routed expert phase on that thread received (the compacted plan when the
+//! layer has non-FFN experts) and the GEMM rows it computed, planned by the same
+//! `host::plan_groups` the phase runs. It proves that identity, zero and constant slots cost no
+//! GEMM row. Recording allocates (index arrays per phase): never install one where the
+//! no-allocation promise matters. Probes do not nest (the newest one records).
+class expert_rows_probe {
+ public:
+  expert_rows_stats stats{};  //!< what was recorded so far
+
+  expert_rows_probe() : previous_(slot()) { slot() = this; }
+  ~expert_rows_probe() { slot() = previous_; }
+  expert_rows_probe(const expert_rows_probe&) = delete;
+  expert_rows_probe& operator=(const expert_rows_probe&) = delete;
+
+  //! The probe installed on this thread, or null.
+  static expert_rows_probe* current() { return slot(); }
+
+  //! Records one phase over `plan` (ids in [0, experts)) under `dispatch`.
+  template <class DispatchPolicy, class Id, class W>
+  void record(const DispatchPolicy& dispatch, const routing::plan_view<Id, W>& plan,
+              index_t experts) {
+    const index_t tokens = plan.num_tokens(), width = plan.width();
+    ++stats.phases;
+    stats.experts = experts;
+    for (index_t t = 0; t < tokens; ++t) {
+      const index_t c = plan.counts(t);
+      stats.pairs += c;
+      for (index_t j = 0; j < c; ++j)
+        stats.max_id = std::max<index_t>(stats.max_id, plan.expert_ids(t, j));
+    }
+    const std::size_t e = static_cast<std::size_t>(experts), pairs =
+        static_cast<std::size_t>(tokens * width);
+    std::vector<index_t> begin(e), count(e), dropped(e), pair_row(pairs),
+        row_pair(std::max<std::size_t>(
+            pairs, static_cast<std::size_t>(dispatch.max_rows(tokens, width, experts))));
+    dispatch::expert_groups g;
+    g.row_begin = {begin.data(), e};
+    g.row_count = {count.data(), e};
+    g.dropped = {dropped.data(), e};
+    g.pair_row = {pair_row.data(), pairs};
+    g.row_pair = {row_pair.data(), row_pair.size()};
+    host::plan_groups(dispatch, plan, g);
+    const bool grouped = DispatchPolicy::layout == dispatch::dispatch_layout::grouped_rows;
+    for (std::size_t k = 0; k < e; ++k) {
+      if (grouped) stats.rows += count[k];
+      else if (count[k] > 0) stats.rows += tokens;
+    }
+  }
+
+ private:
+  expert_rows_probe* previous_;
+  static expert_rows_probe*& slot() {
+    thread_local expert_rows_probe* p = nullptr;
+    return p;
+  }
+};
+
+}  // namespace host
 
 namespace backend {
 
@@ -278,15 +357,15 @@ struct executor<host_context> {
   }
 
   private:
-  //! The add-on's term, the shared experts' and the identity experts' (when the layer has
-  //! them, summed in that order into one float term), then the routed experts and the combine.
+  //! The add-on's term, the shared experts' and the non-FFN slots' (when the layer has them,
+  //! summed in that order into one float term), then the routed experts and the combine.
   template <ElementType T, class Layer>
   static void run_forward(const Layer& layer, const matrix_view<const T>& x,
                           const typename Layer::plan_type& plan, const expert_weights<T>& w,
                           const matrix_view<T>& y, const host::expert_dims& dm,
                           span<index_t> dropped, workspace_arena& ws,
                           const typename Layer::addon_params& ap) {
-    const bool shared = w.shared.present(), identity = layer.identity_experts > 0;
+    const bool shared = w.shared.present(), kinds = layer.has_expert_kinds();
     float* extra = nullptr;
     if constexpr (Layer::has_addon) {
       extra = ws.take<float>(dm.tokens * dm.d);  // [T, d]
@@ -295,12 +374,13 @@ struct executor<host_context> {
       if (ws.carving()) layer.addon.forward(x, plan, ap, make_view(extra, dm.tokens, dm.d), aws);
     }
     const detail::compacted_plan cp =
-        detail::compacted_plan::carve(ws, identity, dm.tokens, dm.width);
-    const auto run_plan = cp.make(plan, identity, ws.carving(), dm.tokens, dm.width, dm.experts);
-    float* term = (shared || identity) ? ws.take<float>(dm.tokens * dm.d) : nullptr;  // [T, d]
+        detail::compacted_plan::carve(ws, kinds, dm.tokens, dm.width);
+    const auto run_plan = cp.make(plan, kinds, ws.carving(), dm.tokens, dm.width, dm.experts);
+    float* term = (shared || kinds) ? ws.take<float>(dm.tokens * dm.d) : nullptr;  // [T, d]
     // The routed phase (its `extra`: the term when there is one, else the add-on's).
     const float* routed_extra = term != nullptr ? term : extra;
     auto routed = [&](workspace_arena& a) {
+      if (a.carving()) record_phase(layer, run_plan, dm.experts);
       host::experts_forward(layer.dispatch, layer.activation, dm, x, run_plan, w, routed_extra, y,
                             dropped, a);
     };
@@ -308,13 +388,14 @@ struct executor<host_context> {
       host::shared_experts_forward(layer.activation, dm.tokens, dm.d, layer.batch_invariant, x,
                                    w.shared, extra, term, a);
     };
+    auto kind_terms = [&](const float* in) {
+      detail::run_static(dm.tokens, dm.tokens * dm.width * dm.d > (1 << 15),
+                         ops::expert_kind_rows<T, T, const std::int32_t, const float>{
+                             plan.expert_ids, plan.weights, plan.counts, layer.expert_kinds(w), x,
+                             w.constant.v, w.constant.gate, dm.d, in, term});
+    };
     if (!shared) {
-      if (identity && ws.carving()) {
-        detail::run_static(dm.tokens, dm.tokens * dm.d > (1 << 15),
-                           ops::identity_rows<T, const std::int32_t, const float>{
-                               plan.expert_ids, plan.weights, plan.counts, dm.experts, x, dm.d,
-                               extra, term});
-      }
+      if (kinds && ws.carving()) kind_terms(extra);
       routed(ws);
       zero_identity_drops(dropped, dm.experts, ws.carving());
       return;
@@ -326,26 +407,31 @@ struct executor<host_context> {
     if (!ws.carving()) return;
     workspace_arena first({region, bytes});
     shared_phase(first);  // term = shared (+ add-on)
-    if (identity) {
-      detail::run_static(dm.tokens, dm.tokens * dm.d > (1 << 15),
-                         ops::identity_rows<T, const std::int32_t, const float>{
-                             plan.expert_ids, plan.weights, plan.counts, dm.experts, x, dm.d,
-                             term, term});
-    }
+    if (kinds) kind_terms(term);
     workspace_arena second({region, bytes});
     routed(second);
     zero_identity_drops(dropped, dm.experts, true);
   }
 
-  //! The identity experts' drop counts (past the E FFN experts) are 0.
+  //! Tells an installed `host::expert_rows_probe` what the routed phase runs.
+  template <class Layer, class Id, class W>
+  static void record_phase(const Layer& layer, const routing::plan_view<Id, W>& plan,
+                           index_t experts) {
+    if (host::expert_rows_probe* p = host::expert_rows_probe::current()) {
+      p->record(layer.dispatch, plan, experts);
+    }
+  }
+
+  //! The non-FFN experts' drop counts (past the E FFN experts) are 0.
   static void zero_identity_drops(span<index_t> dropped, index_t experts, bool carving) {
     if (!carving) return;
     for (std::size_t e = static_cast<std::size_t>(experts); e < dropped.size(); ++e) dropped[e] = 0;
   }
 
-  //! The routed experts' backward (over the compacted plan with identity experts, whose
-  //! d_weights are then scattered back to slot order with the identity slots'), the shared
-  //! experts', then the add-on's (its dy converted to float rows).
+  //! The routed experts' backward (over the compacted plan with non-FFN experts, whose
+  //! d_weights are then scattered back to slot order with the non-FFN slots', the constant
+  //! experts' parameter gradients after), the shared experts', then the add-on's (its dy
+  //! converted to float rows).
   template <ElementType T, class Layer>
   static void run_backward(const Layer& layer, const matrix_view<const T>& x,
                            const typename Layer::plan_type& plan, const expert_weights<T>& w,
@@ -353,14 +439,17 @@ struct executor<host_context> {
                            const expert_grads& grads, float* d_weights, const host::expert_dims& dm,
                            workspace_arena& ws, const typename Layer::addon_params& ap,
                            const typename Layer::addon_grads& ag) {
-    const bool shared = w.shared.present(), identity = layer.identity_experts > 0;
+    const bool shared = w.shared.present(), kinds = layer.has_expert_kinds();
+    const bool constant = layer.constant_experts > 0;
     const detail::compacted_plan cp =
-        detail::compacted_plan::carve(ws, identity, dm.tokens, dm.width);
-    float* compact_dw = identity ? ws.take<float>(dm.tokens * dm.width) : nullptr;
-    const auto run_plan = cp.make(plan, identity, ws.carving(), dm.tokens, dm.width, dm.experts);
+        detail::compacted_plan::carve(ws, kinds, dm.tokens, dm.width);
+    float* compact_dw = kinds ? ws.take<float>(dm.tokens * dm.width) : nullptr;
+    float* coef = constant ? ws.take<float>(dm.tokens * dm.width * 3) : nullptr;
+    const auto run_plan = cp.make(plan, kinds, ws.carving(), dm.tokens, dm.width, dm.experts);
     auto routed = [&](workspace_arena& a) {
+      if (a.carving()) record_phase(layer, run_plan, dm.experts);
       host::experts_backward(layer.dispatch, layer.activation, dm, x, run_plan, w, dy, dx, grads,
-                             identity ? compact_dw : d_weights, a);
+                             kinds ? compact_dw : d_weights, a);
     };
     auto shared_phase = [&](workspace_arena& a) {
       host::shared_experts_backward(layer.activation, dm.tokens, dm.d, layer.batch_invariant, x,
@@ -386,11 +475,20 @@ struct executor<host_context> {
       workspace_arena first({region, bytes});
       routed(first);
     }
-    if (identity) {
+    if (kinds) {
+      const ops::expert_ranges r = layer.expert_kinds(w);
       detail::run_static(dm.tokens, dm.tokens * dm.width * dm.d > (1 << 15),
-                         ops::identity_backward_rows<T, const std::int32_t, const float>{
-                             plan.expert_ids, plan.weights, plan.counts, dm.width, dm.experts, x,
-                             dy, dm.d, compact_dw, d_weights, dx, detail::present(dx)});
+                         ops::expert_kind_backward_rows<T, T, const std::int32_t, const float>{
+                             plan.expert_ids, plan.weights, plan.counts, dm.width, r, x, dy,
+                             w.constant.v, w.constant.gate, dm.d, compact_dw, d_weights, dx,
+                             detail::present(dx), coef});
+      if (constant && (detail::present(grads.constant.v) || detail::present(grads.constant.gate))) {
+        detail::run_static(layer.constant_experts * dm.d,
+                           dm.tokens * dm.width * layer.constant_experts * dm.d > (1 << 15),
+                           ops::constant_param_grads<T, const std::int32_t>{
+                               plan.expert_ids, plan.counts, dm.tokens, dm.width, r, x, dy, dm.d,
+                               coef, grads.constant.v, grads.constant.gate});
+      }
     }
     if (shared) {
       workspace_arena second({region, bytes});
