@@ -13,7 +13,9 @@
 //! - the weights: `renormalized()`, whether the selected weights are P / Σ_selected P
 //!   (backward goes through that normalisation) or the raw probabilities; or
 //!   `weights_backward()`, an object whose per-row `accumulate` maps d_weights to d_probs
-//!   (and d_logits) for weights of the router's own making (routers::ScoredTopK).
+//!   (and d_logits) for weights of the router's own making (routers::ScoredTopK). Either's
+//!   per-row `apply(probs, logits, ids, count, weights)` is the rule's weight formula for
+//!   given ids (routing replay: host::route_replay).
 //! - a scoring's per-row `scores_backward(probs, logits, d_probs, d_logits)`: d_probs to
 //!   d_logits (linear_softmax: the softmax Jacobian; scored_linear: its score function's).
 //! - a rule's `select` sees the token's scores (`select(probs, ids, weights)`, a
@@ -79,6 +81,22 @@ struct linear_softmax {
 //! raw or renormalised over the selection (`combine_weights_backward_accumulate` per row).
 struct selected_probs_weights {
   bool renormalized = false;  //!< w_j = P_j / Σ_selected P
+
+  //! weights[j] for the first `count` slots of `ids` (the rest untouched): P_{id_j}, divided
+  //! by their float sum in slot order when renormalised and the sum is > 0 (the arithmetic of
+  //! topk_rule, topp_rule and adaptive_rule, so a replay of a rule's own choice gives its
+  //! weights bit for bit).
+  SWITCHYARD_HD void apply(span<const float> probs, span<const float> /*logits*/,
+                           span<const std::int32_t> ids, int count, span<float> weights) const {
+    float sum = 0.0f;
+    for (int j = 0; j < count; ++j) {
+      weights[j] = probs[ids[j]];
+      sum += weights[j];
+    }
+    if (renormalized && sum > 0.0f) {
+      for (int j = 0; j < count; ++j) weights[j] /= sum;
+    }
+  }
 
   //! d_probs [E] += ∂(Σ_j d_weights[j] · weights[j]) / ∂P for one token (d_logits untouched).
   SWITCHYARD_HD void accumulate(span<const float> probs, span<const float> /*logits*/,

@@ -22,9 +22,18 @@
 
 namespace switchyard::routing {
 
-//! Parameters of a linear router: `w [E, d]` (nn.Linear layout: logits = x · wᵀ).
+//! Parameters of a linear router: `w [E, d]` (nn.Linear layout: logits = x · wᵀ), plus the
+//! optional per-token compute knob of TopK, TopP and AdaptiveGating
+//! (docs/routers/dynamic_compute.md; routing/compute.hpp): empty views leave the router's
+//! members in force, bit for bit.
 struct linear_router_params {
   matrix_view<const float> w;  //!< [E, d]
+  //! [T] or empty: token t uses at most token_max_k[t] experts, in [1, width] (TopK: k_t =
+  //! min(k, cap); TopP: the cap after the top-p cut; AdaptiveGating: 1 forces top-1).
+  vector_view<const std::int32_t> token_max_k{};
+  //! [T] or empty: token t's threshold in place of the member: TopP's p (in (0, 1]),
+  //! AdaptiveGating's threshold (>= 0). TopK has none (shape_error if given).
+  vector_view<const float> token_threshold{};
 };
 
 //! Gradients of a linear router, accumulated (+=) into caller memory.

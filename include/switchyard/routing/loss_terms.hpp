@@ -152,35 +152,66 @@ namespace terms {
 
 //! Switch load balance E·Σ_e f_e·P̄_e, f_e the share of tokens whose top-1 is e, or (any_slot,
 //! Mixtral / top-p) the share of tokens that selected e in any slot. 0 for an empty batch.
+//!
+//! With `null_experts` = N > 0 (AdaMoE, Zeng et al. 2024: ids in [E − N, E) are null experts
+//! that compute nothing) the sum runs over the E' = E − N true experts only:
+//! E'·Σ_{e<E'} f_e·P̄_e, f_e counting the slots that name true expert e (a null slot counts
+//! for nothing; without any_slot a token counts only when its first slot is a true expert),
+//! P̄_e the mean over all tokens of the probability over all E (true and null) experts. Its
+//! gradient reaches the true experts' probabilities only. N = 0 is the plain loss, bit for bit.
 struct load_balance {
   static constexpr loss_target target = loss_target::probs;
   bool any_slot = false;
+  index_t null_experts = 0;  //!< N: the last N router ids are null experts (AdaMoE), 0 = none
 
   [[nodiscard]] index_t scratch_doubles(index_t experts) const { return 2 * experts; }
   [[nodiscard]] int slots(const plan_ref& plan, index_t t) const {
     return any_slot ? plan.counts[t] : (plan.counts[t] > 0 ? 1 : 0);
   }
+  //! E' = E − N (throws range_error naming null_experts unless 0 <= N < E).
+  [[nodiscard]] index_t true_experts(index_t experts) const {
+    if (null_experts < 0 || (experts > 0 && null_experts >= experts)) {
+      throw range_error("null_experts",
+                        detail::concat("null_experts must be in [0, E) = [0, ", experts,
+                                       "), got ", null_experts));
+    }
+    return experts - null_experts;
+  }
+  //! f counts of one token: all its counted slots, or with null experts those naming a true
+  //! expert (id < E').
+  void count_row(const plan_ref& plan, index_t t, index_t true_e, double* f) const {
+    const auto ids = detail::id_row(plan, t);
+    if (null_experts == 0) {
+      load_balance_count_row(ids, slots(plan, t), f);
+      return;
+    }
+    const int n = slots(plan, t);
+    for (int j = 0; j < n; ++j)
+      if (ids[j] < true_e) f[ids[j]] += 1.0;
+  }
 
   [[nodiscard]] float value(const plan_ref& plan, double* scratch) const {
     const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+    const index_t true_e = true_experts(e_count);
     if (tokens == 0) return 0.0f;
     double *f = scratch, *pbar = scratch + e_count;
     detail::zero(scratch, 2 * e_count);
     for (index_t t = 0; t < tokens; ++t) {
-      load_balance_count_row(detail::id_row(plan, t), slots(plan, t), f);
+      count_row(plan, t, true_e, f);
       probability_sum_row(detail::row(plan.probs, t, e_count), pbar);
     }
-    return load_balance_value(f, pbar, e_count, tokens, tokens);
+    return load_balance_value(f, pbar, true_e, tokens, tokens);
   }
 
   void backward(const plan_ref& plan, float coeff, float* d_probs, double* scratch) const {
     const index_t tokens = plan.num_tokens, e_count = plan.num_experts;
+    const index_t true_e = true_experts(e_count);
     if (tokens == 0 || coeff == 0.0f) return;
     double* f = scratch;
     detail::zero(f, e_count);
-    for (index_t t = 0; t < tokens; ++t) load_balance_count_row(detail::id_row(plan, t), slots(plan, t), f);
+    for (index_t t = 0; t < tokens; ++t) count_row(plan, t, true_e, f);
     const double scale =
-        static_cast<double>(coeff) * e_count / (static_cast<double>(tokens) * tokens);
+        static_cast<double>(coeff) * true_e / (static_cast<double>(tokens) * tokens);
     for (index_t t = 0; t < tokens; ++t)
       load_balance_backward_row(f, scale, detail::mutable_row(d_probs, t, e_count));
   }

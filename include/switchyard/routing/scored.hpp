@@ -84,17 +84,23 @@ struct weight_normalization {
 //! Parameters of a scored router (caller memory). `E = w.extent(0)` is the router width,
 //! which counts the identity (zero-computation) experts of LongCat-Flash.
 struct scored_router_params {
-  matrix_view<const float> w;                  //!< [E, d] router weight (logits = x · wᵀ)
-  vector_view<const float> b;                  //!< [E] router bias (gpt-oss; trainable) or empty
-  vector_view<const float> selection_bias;     //!< [E] added to the selection scores only (aux-loss-free balancing; not trained by gradient) or empty
-  matrix_view<const std::int32_t> hash_table;  //!< [vocab, k] (selection_kind::hash) or empty
-  vector_view<const std::int32_t> token_ids;   //!< [T] (selection_kind::hash) or empty
+  matrix_view<const float> w{};                  //!< [E, d] router weight (logits = x · wᵀ)
+  vector_view<const float> b{};                  //!< [E] router bias (gpt-oss; trainable) or empty
+  vector_view<const float> selection_bias{};     //!< [E] added to the selection scores only (aux-loss-free balancing; not trained by gradient) or empty
+  matrix_view<const std::int32_t> hash_table{};  //!< [vocab, k] (selection_kind::hash) or empty
+  vector_view<const std::int32_t> token_ids{};   //!< [T] (selection_kind::hash) or empty
+  //! MoE++ gating residual (Jin et al. 2024): the previous layer's router logits [T, E_prev]
+  //! (both this and `residual_w`, or neither); logits += prev_logits · residual_wᵀ.
+  matrix_view<const float> prev_logits{};
+  matrix_view<const float> residual_w{};  //!< [E, E_prev] projection of the previous logits (W_g)
 };
 
 //! Gradients of a scored router, accumulated (+=); an empty view skips that gradient.
 struct scored_router_grads {
-  matrix_view<float> w;  //!< [E, d]
-  vector_view<float> b;  //!< [E] (only with a router bias)
+  matrix_view<float> w{};  //!< [E, d]
+  vector_view<float> b{};  //!< [E] (only with a router bias)
+  matrix_view<float> residual_w{};   //!< [E, E_prev] (gating residual) or empty
+  matrix_view<float> prev_logits{};  //!< [T, E_prev] (gating residual; the caller chains it into the previous layer's d_logits) or empty
 };
 
 //! Auxiliary losses of a scored router: their values in forward, their coefficients in
@@ -162,23 +168,28 @@ SWITCHYARD_HD inline void score_backward_row(score_function fn, span<const float
 
 // ---- the scoring part ---------------------------------------------------------------------
 
-//! The scoring's own params: the router weight and its optional bias.
+//! The scoring's own params: the router weight, its optional bias and gating residual.
 struct scored_scoring_params {
-  matrix_view<const float> w;  //!< [E, d]
-  vector_view<const float> b;  //!< [E] or empty
+  matrix_view<const float> w;            //!< [E, d]
+  vector_view<const float> b;            //!< [E] or empty
+  matrix_view<const float> prev_logits{};  //!< [T, E_prev] or empty (gating residual)
+  matrix_view<const float> residual_w{};   //!< [E, E_prev] or empty (gating residual)
 };
 
-//! Scoring part of a scored router: logits = x · wᵀ (+ b) in float (the order of
-//! `linear_softmax_scores`, the bias added last), scores = fn(logits) per row; backward from
-//! d_logits to dx, grads.w and grads.b. `scores_backward` is the per-row hook of the generic
-//! route (d_scores -> d_logits).
+//! Scoring part of a scored router: logits = x · wᵀ (+ b) (+ prev_logits · residual_wᵀ) in
+//! float (the order of `linear_softmax_scores`, then the bias, then the gating residual, summed
+//! in its own float accumulator over E_prev), scores = fn(logits) per row; backward from
+//! d_logits to dx, grads.w, grads.b, grads.residual_w and grads.prev_logits. `scores_backward`
+//! is the per-row hook of the generic route (d_scores -> d_logits). The gating residual is
+//! MoE++'s (Jin et al. 2024, "MoE++: Accelerating Mixture-of-Experts Methods with
+//! Zero-Computation Experts", eq. 7: G_j(x) = W_j x + W_g^j G_{j−1}(x)).
 struct scored_linear {
   score_function fn = score_function::softmax;  //!< what plan.probs holds
 
   //! The scoring's params from a router's params.
   template <class P>
   [[nodiscard]] static scored_scoring_params params(const P& p) {
-    return {p.w, p.b};
+    return {p.w, p.b, p.prev_logits, p.residual_w};
   }
   //! E.
   [[nodiscard]] static index_t num_experts(const scored_scoring_params& p) { return p.w.extent(0); }
@@ -188,6 +199,18 @@ struct scored_linear {
   static void check(const matrix_view<const T>& x, const scored_scoring_params& p) {
     detail::check_linear_router_inputs(x, linear_router_params{p.w});
     if (detail::present(p.b)) check_view("params.b", p.b, {p.w.extent(0)}, "[E] router bias");
+    const bool prev = detail::present(p.prev_logits), proj = detail::present(p.residual_w);
+    if (prev != proj) {
+      throw shape_error(prev ? "params.residual_w" : "params.prev_logits",
+                        "params.prev_logits [T, E_prev] and params.residual_w [E, E_prev] (the "
+                        "gating residual) must be given together or not at all");
+    }
+    if (prev) {
+      check_view("params.prev_logits", p.prev_logits, {x.extent(0), -1},
+                 "[T, E_prev] with T = x.extent(0)");
+      check_view("params.residual_w", p.residual_w, {p.w.extent(0), p.prev_logits.extent(1)},
+                 "[E, E_prev] with E = params.w.extent(0), E_prev = params.prev_logits.extent(1)");
+    }
   }
 
   //! plan.logits and plan.probs (= fn(logits)) of every token; non_finite_error naming x on a
@@ -197,6 +220,8 @@ struct scored_linear {
                const plan_ref& plan) const {
     const index_t tokens = x.extent(0), d = x.extent(1), e_count = p.w.extent(0);
     const bool bias = detail::present(p.b);
+    const bool residual = detail::present(p.residual_w);
+    const index_t e_prev = residual ? p.residual_w.extent(1) : 0;
 #pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
     for (index_t t = 0; t < tokens; ++t) {
       float* lg = plan.logits.data() + t * e_count;
@@ -205,12 +230,20 @@ struct scored_linear {
         for (index_t i = 0; i < d; ++i) acc += to_float(x(t, i)) * p.w(e, i);
         lg[e] = bias ? acc + p.b(e) : acc;
       }
+      if (residual) {
+        for (index_t e = 0; e < e_count; ++e) {
+          float r = 0.0f;
+          for (index_t j = 0; j < e_prev; ++j) r += p.prev_logits(t, j) * p.residual_w(e, j);
+          lg[e] += r;
+        }
+      }
     }
     for (index_t i = 0; i < tokens * e_count; ++i) {
       if (!std::isfinite(plan.logits[i])) {
         throw non_finite_error(
             "x", detail::concat("x: router logits of token ", i / e_count,
-                                " are not finite (NaN or Inf in x, params.w or params.b); "
+                                " are not finite (NaN or Inf in x, params.w, params.b or the "
+                                "gating residual); "
                                 "Switchyard refuses to route non-finite tokens"));
       }
     }
@@ -227,8 +260,9 @@ struct scored_linear {
     score_backward_row(fn, scores, logits, d_scores, d_logits);
   }
 
-  //! dx += d_logits · w, grads.w += d_logitsᵀ · x, grads.b += Σ_t d_logits (each may be an
-  //! empty view: skipped).
+  //! dx += d_logits · w, grads.w += d_logitsᵀ · x, grads.b += Σ_t d_logits, grads.residual_w
+  //! += d_logitsᵀ · prev_logits, grads.prev_logits += d_logits · residual_w (each may be an
+  //! empty view: skipped; the gating residual's only with it in the params).
   template <ElementType T>
   static void backward(const matrix_view<const T>& x, const scored_scoring_params& p,
                        const float* d_logits, const matrix_view<float>& dx,
@@ -241,6 +275,45 @@ struct scored_linear {
         float acc = 0.0f;
         for (index_t t = 0; t < tokens; ++t) acc += d_logits[t * e_count + e];
         g.b(e) += acc;
+      }
+    }
+    residual_backward(p, d_logits, g);
+  }
+
+  //! The gating residual's gradients (see backward), each summed in float in a fixed order.
+  static void residual_backward(const scored_scoring_params& p, const float* d_logits,
+                                const scored_router_grads& g) {
+    const bool given = detail::present(p.residual_w);
+    if (!given) {
+      if (detail::present(g.residual_w) || detail::present(g.prev_logits)) {
+        throw shape_error(detail::present(g.residual_w) ? "grads.residual_w" : "grads.prev_logits",
+                          "grads.residual_w / grads.prev_logits need the gating residual "
+                          "(params.prev_logits and params.residual_w) in the params");
+      }
+      return;
+    }
+    const index_t tokens = p.prev_logits.extent(0), e_prev = p.prev_logits.extent(1),
+                  e_count = p.w.extent(0);
+    if (detail::present(g.residual_w)) {
+      check_view("grads.residual_w", g.residual_w, {e_count, e_prev}, "[E, E_prev]");
+#pragma omp parallel for schedule(static) if (e_count * e_prev * tokens > (1 << 16))
+      for (index_t e = 0; e < e_count; ++e) {
+        for (index_t j = 0; j < e_prev; ++j) {
+          float acc = 0.0f;
+          for (index_t t = 0; t < tokens; ++t) acc += d_logits[t * e_count + e] * p.prev_logits(t, j);
+          g.residual_w(e, j) += acc;
+        }
+      }
+    }
+    if (detail::present(g.prev_logits)) {
+      check_view("grads.prev_logits", g.prev_logits, {tokens, e_prev}, "[T, E_prev]");
+#pragma omp parallel for schedule(static) if (e_count * e_prev * tokens > (1 << 16))
+      for (index_t t = 0; t < tokens; ++t) {
+        for (index_t j = 0; j < e_prev; ++j) {
+          float acc = 0.0f;
+          for (index_t e = 0; e < e_count; ++e) acc += d_logits[t * e_count + e] * p.residual_w(e, j);
+          g.prev_logits(t, j) += acc;
+        }
       }
     }
   }

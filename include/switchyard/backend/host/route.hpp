@@ -9,6 +9,13 @@
 //! Plus conveniences for direct use of a router on the host (tests, tools, a plan made
 //! outside a layer): `host::route`, `host::route_backward` and `host::route_backward_logits`,
 //! which size an owning `routing_plan` and allocate the scratch.
+//!
+//! Routing replay (docs/routers/dynamic_compute.md): `host::router_replay` /
+//! `host::route_replay` score x like forward but take the selection (ids, counts) from the
+//! caller (an RL rollout's routing, a plan a forward returned), validated like any plan; the
+//! combine weights are the router's weight formula for those ids (its weights part's `apply`)
+//! and the loss terms see the replayed plan, so `router_backward` on the result gives the
+//! router its gradients.
 
 #include <algorithm>
 #include <array>
@@ -71,6 +78,21 @@ void select_tokens(const Rules& rules, const routing::plan_ref& plan) {
   }
 }
 
+//! Throws unsupported_error when `p` carries the per-token compute knob
+//! (linear_router_params::token_max_k / token_threshold) and router R does not take it
+//! (only routers with `token_knob`: TopK, TopP, AdaptiveGating).
+template <class R, class P>
+void refuse_token_knob(const R& /*r*/, const P& p) {
+  if constexpr (requires { p.token_max_k; p.token_threshold; } && !requires { R::token_knob; }) {
+    if (detail::present(p.token_max_k) || detail::present(p.token_threshold)) {
+      throw unsupported_error(
+          "switchyard: params.token_max_k / params.token_threshold (the per-token compute "
+          "knob) are taken by TopK, TopP and AdaptiveGating only; this router would ignore "
+          "them");
+    }
+  }
+}
+
 //! Generic forward of a composed router: checks the input and the router's options, the
 //! per-token rules (from `ws`), scores into `plan`, selects every token, and writes each loss
 //! term's value to its field of `losses`.
@@ -82,6 +104,7 @@ void composed_forward(const R& r, const matrix_view<const T>& x, const typename 
   const auto sp = scoring.params(p);
   scoring.check(x, sp);
   r.validate(scoring.num_experts(sp));
+  refuse_token_knob(r, p);
   const index_t tokens = x.extent(0), experts = r.num_experts(p);
   const auto rules = routing::token_rules(r, p, tokens, ws);
   const auto terms = r.loss_terms();
@@ -297,6 +320,83 @@ void route(const R& r, const matrix_view<const T>& x, const typename R::params_t
            routing::routing_plan& plan, typename R::losses_type& losses, Stats& stats) {
   route(r, x, p, plan, losses);
   r.token_importance(p, x.extent(0), stats);
+}
+
+//! Replay of a composed router (see the file comment): overwrites `plan` (sized T ×
+//! r.width(p) × E) with the router's logits and scores of x, the selection `ids` [T, W] /
+//! `counts` [T] (token t's first counts[t] entries of its row of ids; W may differ from the
+//! plan width), the router's combine weights for those ids, and `losses` with each term's
+//! value over the replayed plan. Scratch from `ws` (router_workspace_size bytes). Throws
+//! range_error naming `ids` / `counts` for a count outside [0, min(W, width)], an id outside
+//! [0, E) or an expert twice in a token's used slots (then routing::validate_plan checks the
+//! plan it wrote).
+template <routing::ComposedRouter R, ElementType T>
+void router_replay(const R& r, const matrix_view<const T>& x, const typename R::params_type& p,
+                   matrix_view<const std::int32_t> ids, vector_view<const std::int32_t> counts,
+                   const routing::plan_ref& plan, typename R::losses_type& losses,
+                   workspace_arena& ws) {
+  const auto scoring = routing::scoring_of(r);
+  const auto sp = scoring.params(p);
+  scoring.check(x, sp);
+  r.validate(scoring.num_experts(sp));
+  const index_t tokens = x.extent(0), experts = r.num_experts(p), width = r.width(p);
+  const auto terms = r.loss_terms();
+  const auto scratch = detail::carve_term_scratch(terms, experts, ws);
+  detail::require_plan(plan, tokens, width, experts);
+  check_view("counts", counts, {tokens}, "[T] with T = x.extent(0)");
+  check_view("ids", ids, {tokens, -1}, "[T, W] with T = x.extent(0)");
+  const index_t cols = ids.extent(1), cap = std::min(cols, width);
+  for (index_t t = 0; t < tokens; ++t) {
+    const index_t c = counts(t);
+    if (c < 0 || c > cap) {
+      throw range_error("counts", detail::concat("counts[", t, "] must be in [0, min(W, width)] = [0, ",
+                                                 cap, "] (W = ids.extent(1) = ", cols,
+                                                 ", width = r.width(params) = ", width, "), got ", c));
+    }
+    for (index_t j = 0; j < c; ++j) {
+      const index_t e = ids(t, j);
+      if (e < 0 || e >= experts) {
+        throw range_error("ids", detail::concat("ids[", t, ", ", j, "] must be in [0, E) = [0, ",
+                                                experts, "), got ", e));
+      }
+      for (index_t i = 0; i < j; ++i) {
+        if (ids(t, i) == ids(t, j)) {
+          throw range_error("ids", detail::concat("ids[", t, ", ", j, "] repeats expert ", e,
+                                                  " (also at [", t, ", ", i,
+                                                  "]); a token's used slots must name distinct "
+                                                  "experts"));
+        }
+      }
+    }
+  }
+  scoring.forward(x, sp, plan);
+  const auto weights_part = routing::weights_backward(r);
+  for (index_t t = 0; t < tokens; ++t) {
+    const int c = counts(t);
+    plan.counts[t] = c;
+    for (index_t j = 0; j < c; ++j) plan.expert_ids[t * width + j] = ids(t, j);
+    weights_part.apply(span<const float>(plan.probs.data() + t * experts, experts),
+                       span<const float>(plan.logits.data() + t * experts, experts),
+                       span<const std::int32_t>(plan.expert_ids.data() + t * width, width), c,
+                       span<float>(plan.weights.data() + t * width, width));
+  }
+  routing::validate_plan("plan", plan.const_view(), tokens, experts);
+  std::size_t i = 0;
+  detail::for_each_term(terms,
+                        [&](const auto& b) { losses.*(b.field) = b.term.value(plan, scratch[i++]); });
+}
+
+//! Convenience: `router_replay` into an owning plan (sized here), allocating the scratch.
+//! Backward: `host::route_backward(r, x, p, plan, d_weights, coeffs, dx, grads)`.
+template <routing::ComposedRouter R, ElementType T>
+void route_replay(const R& r, const matrix_view<const T>& x, const typename R::params_type& p,
+                  matrix_view<const std::int32_t> ids, vector_view<const std::int32_t> counts,
+                  routing::routing_plan& plan, typename R::losses_type& losses) {
+  const auto clamp = [](index_t v) { return v < 0 ? index_t{0} : v; };
+  plan.resize(x.extent(0), clamp(r.width(p)), clamp(r.num_experts(p)));
+  std::vector<std::byte> scratch(std::max<std::size_t>(1, router_workspace_size(r, x.extent(0), p)));
+  workspace_arena ws({scratch.data(), scratch.size()});
+  router_replay(r, x, p, ids, counts, plan.ref(), losses, ws);
 }
 
 }  // namespace switchyard::host

@@ -9,6 +9,7 @@
 
 #include "switchyard/core/error.hpp"
 #include "switchyard/routing/composition.hpp"
+#include "switchyard/routing/compute.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/linear_softmax.hpp"
 #include "switchyard/routing/plan.hpp"
@@ -56,6 +57,17 @@ struct AdaptiveGating {
 
   //! The per-token rule, for backends that run the selection themselves.
   [[nodiscard]] routing::adaptive_rule rule() const { return {threshold, renormalize}; }
+
+  //! The per-token rules: the member's rule, overridden per token by the compute knob of
+  //! the params (token_max_k, token_threshold; routing/compute.hpp), checked when `ws`
+  //! carves. Empty views: rule() for every token.
+  [[nodiscard]] routing::knob_rules<routing::adaptive_rule> token_rules(const params_type& p, index_t tokens,
+                                                       workspace_arena& ws) const {
+    return routing::make_knob_rules(rule(), p, tokens, width(p),
+                                    routing::knob_threshold::nonnegative, ws);
+  }
+  //! Takes the per-token compute knob of linear_router_params (host generic route).
+  static constexpr bool token_knob = true;
 
   // ---- the composition (run by a backend's generic route) ---------------------------------
   [[nodiscard]] routing::linear_softmax scoring() const { return {}; }

@@ -52,6 +52,9 @@ struct ScoredTopK {
   routing::weight_normalization normalize{};                          //!< step 7
   float scaling = 1.0f;          //!< step 8, routed_scaling_factor
   index_t sequence_length = 0;   //!< S of the sequence-level balance loss (0: the batch is one sequence)
+  //! AdaMoE null experts: the last N router ids compute nothing; `lb` balances the E − N true
+  //! experts only (terms::load_balance::null_experts). 0 <= N < E.
+  index_t null_experts = 0;
 
   [[nodiscard]] index_t num_experts(const params_type& p) const { return p.w.extent(0); }
   [[nodiscard]] index_t width(const params_type&) const { return k; }
@@ -108,6 +111,7 @@ struct ScoredTopK {
     if (!std::isfinite(scaling)) {
       throw range_error("scaling", detail::concat("scaling must be finite, got ", scaling));
     }
+    (void)routing::terms::load_balance{.null_experts = null_experts}.true_experts(experts);
     if (sequence_length < 0) {
       throw range_error("sequence_length",
                         detail::concat("sequence_length must be >= 0, got ", sequence_length));
@@ -167,7 +171,8 @@ struct ScoredTopK {
   }
   [[nodiscard]] auto loss_terms() const {
     return std::tuple{
-        routing::bind_loss<&losses_type::lb>(routing::terms::load_balance{.any_slot = true}),
+        routing::bind_loss<&losses_type::lb>(
+            routing::terms::load_balance{.any_slot = true, .null_experts = null_experts}),
         routing::bind_loss<&losses_type::sequence_balance>(
             routing::terms::sequence_balance{sequence_length}),
         routing::bind_loss<&losses_type::z>(routing::terms::scored_z_loss{})};

@@ -9,6 +9,7 @@
 
 #include "switchyard/core/error.hpp"
 #include "switchyard/routing/composition.hpp"
+#include "switchyard/routing/compute.hpp"
 #include "switchyard/routing/concepts.hpp"
 #include "switchyard/routing/linear_softmax.hpp"
 #include "switchyard/routing/plan.hpp"
@@ -36,6 +37,9 @@ struct TopP {
 
   float p = 0.4f;  //!< cumulative-probability threshold, 0 < p <= 1
   int max_k = 0;   //!< optional cap on experts per token (Switchyard extension); 0 = no cap
+  //! AdaMoE null experts: the last N router ids compute nothing; lb_loss balances the E − N
+  //! true experts only (terms::load_balance::null_experts). 0 <= N < E.
+  index_t null_experts = 0;
 
   [[nodiscard]] index_t num_experts(const params_type& prm) const { return prm.w.extent(0); }
   //! E, or max_k when capped.
@@ -53,10 +57,22 @@ struct TopP {
                         detail::concat("max_k must be 0 (no cap) or in [1, E] = [1, ",
                                                      experts, "], got ", max_k));
     }
+    (void)routing::terms::load_balance{.null_experts = null_experts}.true_experts(experts);
   }
 
   //! The per-token rule, for backends that run the selection themselves.
   [[nodiscard]] routing::topp_rule rule() const { return {p, max_k}; }
+
+  //! The per-token rules: the member's rule, overridden per token by the compute knob of
+  //! the params (token_max_k, token_threshold; routing/compute.hpp), checked when `ws`
+  //! carves. Empty views: rule() for every token.
+  [[nodiscard]] routing::knob_rules<routing::topp_rule> token_rules(const params_type& p, index_t tokens,
+                                                       workspace_arena& ws) const {
+    return routing::make_knob_rules(rule(), p, tokens, width(p),
+                                    routing::knob_threshold::probability, ws);
+  }
+  //! Takes the per-token compute knob of linear_router_params (host generic route).
+  static constexpr bool token_knob = true;
 
   // ---- the composition (run by a backend's generic route) ---------------------------------
   [[nodiscard]] routing::linear_softmax scoring() const { return {}; }
@@ -65,8 +81,8 @@ struct TopP {
   //! Entropy before z: the order their gradients add into d_logits.
   [[nodiscard]] auto loss_terms() const {
     return std::tuple{routing::bind_loss<&losses_type::dynamic_loss>(routing::terms::entropy{}),
-                      routing::bind_loss<&losses_type::lb_loss>(
-                          routing::terms::load_balance{.any_slot = true}),
+                      routing::bind_loss<&losses_type::lb_loss>(routing::terms::load_balance{
+                          .any_slot = true, .null_experts = null_experts}),
                       routing::bind_loss<&losses_type::z_loss>(routing::terms::z_loss{})};
   }
 };
