@@ -318,3 +318,85 @@ BOOST_AUTO_TEST_CASE(scored_topk_with_a_workspace_does_not_allocate) {
                                         .normalize = {.kind = routing::normalization::pnorm}},
                     false, true, seed + 2);
 }
+
+// ---- issue #13: expert kinds (identity, zero, constant) beside FFN and shared experts -----
+namespace {
+
+template <class D, ElementType T>
+void check_expert_kinds(std::uint64_t seed, const D& dispatch) {
+  constexpr index_t tokens = 40, d = 16, f = 12, fs = 10, experts = 5;
+  constexpr index_t identity = 1, zero = 2, constant = 2, all = experts + identity + zero + constant;
+  std::mt19937_64 g(seed);
+  test::layer_data<T> L(g, tokens, d, f, experts, true, true);
+  auto fill = [&](std::vector<T>& v, index_t n) {
+    for (float x : test::normal(g, static_cast<std::size_t>(n), 0.3f)) v.push_back(from_float<T>(x));
+  };
+  std::vector<T> sw1, sw2, cv, cg;
+  fill(sw1, 2 * fs * d);
+  fill(sw2, d * fs);
+  fill(cv, constant * d);
+  fill(cg, constant * 2 * d);
+  auto w = L.weights();
+  w.shared.w1 = make_view<const T>(sw1.data(), 1, 2 * fs, d);
+  w.shared.w2 = make_view<const T>(sw2.data(), 1, d, fs);
+  w.constant = {make_view<const T>(cv.data(), constant, d),
+                make_view<const T>(cg.data(), constant, 2, d)};
+  test::router_setup<routers::TopK> rs(g, {.k = 3}, tokens, d, all);
+  const MoELayer<routers::TopK, activation::swiglu, D> layer{
+      .router = rs.router, .dispatch = dispatch, .identity_experts = identity,
+      .zero_experts = zero, .constant_experts = constant};
+  const host_context host{};
+  const auto rp = rs.params(d);
+  std::vector<T> y(static_cast<std::size_t>(tokens * d)), dy(y.size(), from_float<T>(0.5f));
+  std::vector<float> dx(y.size()), dw1(L.w1.size()), db1(L.b1.size()), dw2(L.w2.size()),
+      db2(L.b2.size()), dsw1(sw1.size()), dsw2(sw2.size()), dcv(cv.size()), dcg(cg.size()),
+      drw(rs.w.size());
+  expert_grads eg{make_view(dw1.data(), experts, L.p, d), make_view(db1.data(), experts, L.p),
+                  make_view(dw2.data(), experts, d, f), make_view(db2.data(), experts, d)};
+  eg.shared.w1 = make_view(dsw1.data(), 1, 2 * fs, d);
+  eg.shared.w2 = make_view(dsw2.data(), 1, d, fs);
+  eg.constant = {make_view(dcv.data(), constant, d), make_view(dcg.data(), constant, 2, d)};
+  typename decltype(layer)::result_type res;
+  std::vector<std::byte> fws(layer.workspace_size(host, tokens, rp, w)),
+      bws(layer.backward_workspace_size(host, tokens, rp, w));
+  const auto xv = L.xv();
+  auto forward = [&] { layer.forward(host, xv, rp, w, make_view(y.data(), tokens, d), res, fws); };
+  auto backward = [&] {
+    layer.backward(host, xv, rp, w, res, make_view<const T>(dy.data(), tokens, d),
+                   routers::TopK::losses_type{}, make_view(dx.data(), tokens, d), eg,
+                   {make_view(drw.data(), all, d)}, bws);
+  };
+  forward();  // warm up
+  backward();
+  BOOST_TEST(allocations_of(forward) == 0, "forward with expert kinds allocated");
+  BOOST_TEST(allocations_of(backward) == 0, "backward with expert kinds allocated");
+  // The plan entry points with their queried workspaces.
+  const auto plan = res.state().plan.const_view();
+  std::vector<index_t> dropped(static_cast<std::size_t>(experts));
+  std::vector<float> d_weights(static_cast<std::size_t>(tokens * plan.width()));
+  std::vector<std::byte> efws(layer.experts_workspace_size(host, tokens, plan.width(), w)),
+      ebws(layer.experts_backward_workspace_size(host, tokens, plan.width(), w));
+  auto forward_experts = [&] {
+    layer.forward_experts(host, xv, plan, w, make_view(y.data(), tokens, d),
+                          span<index_t>{dropped.data(), dropped.size()}, efws);
+  };
+  auto backward_experts = [&] {
+    layer.backward_experts(host, xv, plan, w, make_view<const T>(dy.data(), tokens, d),
+                           make_view(dx.data(), tokens, d), eg,
+                           span<float>{d_weights.data(), d_weights.size()}, ebws);
+  };
+  forward_experts();
+  backward_experts();
+  BOOST_TEST(allocations_of(forward_experts) == 0, "forward_experts with expert kinds allocated");
+  BOOST_TEST(allocations_of(backward_experts) == 0, "backward_experts with expert kinds allocated");
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(expert_kinds_with_a_workspace_do_not_allocate) {
+  const std::uint64_t seed = test::base_seed() + 13801;
+  check_expert_kinds<dispatch::sorted_grouped, float>(seed, {});
+  check_expert_kinds<dispatch::dense, float>(seed + 1, {});
+  check_expert_kinds<dispatch::padded_capacity, switchyard::bfloat16>(seed + 2,
+                                                                       {.capacity_factor = 1.0f});
+}
