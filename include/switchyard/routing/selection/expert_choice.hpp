@@ -21,7 +21,8 @@
 namespace switchyard::routing {
 
 //! Tokens each expert takes: c = ceil(T · capacity_factor / E), capped at T (0 when T = 0).
-//! The product is formed in double, so c is exact for every T the index type holds.
+//! The product is formed in double; one within a relative 2⁻²² of an integer (the float
+//! factor's rounding) counts as that integer.
 //! `capacity_factor` must be finite and > 0 (the router checks it).
 SWITCHYARD_HD inline index_t expert_choice_capacity(index_t tokens, index_t experts,
                                                     float capacity_factor) {
@@ -29,8 +30,10 @@ SWITCHYARD_HD inline index_t expert_choice_capacity(index_t tokens, index_t expe
   const double want = static_cast<double>(tokens) * static_cast<double>(capacity_factor) /
                       static_cast<double>(experts);
   if (want >= static_cast<double>(tokens)) return tokens;
-  index_t c = static_cast<index_t>(want);  // floor (want >= 0), then up to the ceiling
-  if (static_cast<double>(c) < want) ++c;
+  // ceil, except that a product within float rounding of an integer is that integer: the
+  // factor is a float (0.4f is 0.4000000060), and T·0.4/E = 1 must give 1, not 2
+  index_t c = static_cast<index_t>(want);  // floor (want >= 0)
+  if (static_cast<double>(c) < want - want * 0x1p-22) ++c;
   return c;
 }
 
