@@ -10,6 +10,9 @@
 #include <switchyard/routing/routers/scored_topk.hpp>
 #include <switchyard/routing/routers/topk.hpp>
 #include <switchyard/routing/routers/topp.hpp>
+#include <switchyard/switchyard.hpp>
+
+#include <algorithm>
 
 #include <cmath>
 #include <cstring>
@@ -177,4 +180,58 @@ BOOST_AUTO_TEST_CASE(null_experts_range_is_checked) {
                              sy::routing::scored_router_params{.w = p.wv()});
       },
       "null_experts", "[0, E)");
+}
+
+// AdaMoE end to end: TopK over 6 FFN experts + 2 null experts, the layer's zero experts at ids
+// 6 and 7. The true experts per token and the FFN FLOPs from plan_compute agree with the
+// layer's own accounting (MoELayer::compute), y is the float64 sum over the true slots only,
+// and the load balance sees the true experts only.
+BOOST_AUTO_TEST_CASE(adamoe_layer_with_zero_experts) {
+  constexpr int T = 20, d = 8, dff = 12, E = 6, N = 2;
+  std::mt19937_64 g(st::base_seed() + 51);
+  const auto x = st::normal(g, T * d), gate = st::normal(g, (E + N) * d, 0.7f);
+  const auto w1 = st::normal(g, E * 2 * dff * d, 0.3f), w2 = st::normal(g, E * d * dff, 0.3f);
+  using Layer = sy::MoELayer<sy::routers::TopK, sy::activation::swiglu>;
+  Layer layer{.router = {.k = 3, .null_experts = N}};
+  layer.zero_experts = N;
+  const sy::expert_weights<float> w{make_view<const float>(w1.data(), E, 2 * dff, d), {},
+                                    make_view<const float>(w2.data(), E, d, dff), {}};
+  const sy::routing::linear_router_params rp{make_view<const float>(gate.data(), E + N, d)};
+  std::vector<float> y(T * d);
+  Layer::result_type res;
+  layer.forward(sy::host_context{}, make_view<const float>(x.data(), T, d), rp, w,
+                make_view(y.data(), T, d), res);
+  const auto cost = sy::routing::plan_compute(res.plan.ref(), E);
+  const auto acct = layer.compute(w, res.plan.ref().const_view());
+  BOOST_TEST(cost.ffn_assignments == acct.ffn_pairs);
+  BOOST_TEST(cost.assignments - cost.ffn_assignments == acct.non_ffn_pairs);
+  BOOST_TEST(cost.expert_flops(sy::routing::ffn_flops_per_slot(d, dff, true)) == acct.ffn_flops);
+  BOOST_TEST(cost.mean_ffn_k < 3.0);  // some token used a null expert
+  double max_err = 0.0;
+  for (int t = 0; t < T; ++t) {
+    std::vector<double> want(d, 0.0);
+    for (int j = 0; j < res.plan.counts[t]; ++j) {
+      const int e = res.plan.id(t, j);
+      if (e >= E) continue;  // null: outputs 0
+      std::vector<double> h(dff);
+      for (int f = 0; f < dff; ++f) {
+        double a = 0.0, u = 0.0;
+        for (int i = 0; i < d; ++i) {
+          a += double(w1[(e * 2 * dff + f) * d + i]) * x[t * d + i];
+          u += double(w1[(e * 2 * dff + dff + f) * d + i]) * x[t * d + i];
+        }
+        h[f] = a / (1.0 + std::exp(-a)) * u;
+      }
+      for (int i = 0; i < d; ++i) {
+        double o = 0.0;
+        for (int f = 0; f < dff; ++f) o += double(w2[(e * d + i) * dff + f]) * h[f];
+        want[i] += res.plan.weight(t, j) * o;
+      }
+    }
+    for (int i = 0; i < d; ++i) max_err = std::max(max_err, std::abs(y[t * d + i] - want[i]));
+  }
+  BOOST_TEST(max_err <= 1e-4);
+  const auto lg = st::logits64(st::to64(x), st::to64(gate), T, d, E + N);
+  BOOST_TEST(res.losses.lb_topk == null_lb64(lg, res.plan, T, E + N, N, true),
+             boost::test_tools::tolerance(1e-5));
 }
