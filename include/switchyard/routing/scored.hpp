@@ -93,6 +93,9 @@ struct scored_router_params {
   //! (both this and `residual_w`, or neither); logits += prev_logits · residual_wᵀ.
   matrix_view<const float> prev_logits{};
   matrix_view<const float> residual_w{};  //!< [E, E_prev] projection of the previous logits (W_g)
+  //! [T] or empty: the per-token compute knob, token t uses the first min(k, token_max_k[t])
+  //! of its k experts (in [1, k]; routing/compute.hpp). Empty: k for every token, bit for bit.
+  vector_view<const std::int32_t> token_max_k{};
 };
 
 //! Gradients of a scored router, accumulated (+=); an empty view skips that gradient.

@@ -9,6 +9,7 @@
 #include <switchyard/backend/host/route.hpp>
 #include <switchyard/routing/compute.hpp>
 #include <switchyard/routing/routers/adaptive_gating.hpp>
+#include <switchyard/routing/routers/scored_topk.hpp>
 #include <switchyard/routing/routers/topk.hpp>
 #include <switchyard/routing/routers/topp.hpp>
 
@@ -235,4 +236,29 @@ BOOST_AUTO_TEST_CASE(plan_compute_counts_ffn_slots_and_flops) {
   BOOST_TEST(sy::routing::ffn_flops_per_slot(64, 128, false) == 4.0 * 64 * 128);
   BOOST_TEST(ffn.expert_flops(10.0) == 20.0);
   BOOST_TEST(ffn.relative_to_topk(2) == 1.0 / 3);
+}
+
+BOOST_AUTO_TEST_CASE(scored_topk_cap_per_token) {
+  const st::router_problem p({12, 6, 8}, st::base_seed() + 10, 0.7f);
+  const auto make = [](int k) {
+    return sy::routers::ScoredTopK{.k = k,
+                                   .scoring = sy::routing::score_function::sigmoid,
+                                   .normalize = {.kind = sy::routing::normalization::sum},
+                                   .scaling = 2.0f};
+  };
+  std::vector<std::int32_t> caps(12);
+  for (int t = 0; t < 12; ++t) caps[t] = 1 + t % 3;
+  sy::routing::scored_router_params params{.w = p.wv()};
+  params.token_max_k = make_view<const std::int32_t>(caps.data(), 12);
+  const auto plan = st::route_plan(make(3), p.xv(), params);
+  for (int t = 0; t < 12; ++t) {
+    const auto one = p.token(t);
+    same_row(plan, t, st::route_plan(make(caps[t]), one.xv(),
+                                     sy::routing::scored_router_params{.w = one.wv()}));
+  }
+  BOOST_TEST(sy::routing::plan_compute(plan.ref()).mean_k == 2.0);
+  caps[4] = 4;
+  st::expect_error<sy::range_error>([&] { (void)st::route_plan(make(3), p.xv(), params); },
+                                    "params.token_max_k",
+                                    "params.token_max_k[4] must be in [1, k] = [1, 3], got 4");
 }

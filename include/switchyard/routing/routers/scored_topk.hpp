@@ -129,7 +129,8 @@ struct ScoredTopK {
 
   //! The batch's per-token rules: the selection bias and the hash table bound from `p`.
   //! When `ws` carves (a run, not a size query), checks what the rules read: T a multiple of
-  //! sequence_length, the selection bias [E] and finite, and for hash selection the table
+  //! sequence_length, the per-token cap token_max_k [T] in [1, k] (the compute knob), the
+  //! selection bias [E] and finite, and for hash selection the table
   //! [vocab, k] and the token ids [T] in range, the table rows the batch uses without a
   //! repeated expert (each error names its argument, index and value).
   [[nodiscard]] routing::scored_rules token_rules(const params_type& p, index_t tokens,
@@ -149,6 +150,19 @@ struct ScoredTopK {
       }
       rules.base.selection_bias = p.selection_bias.data_handle();
       rules.base.bias_stride = p.selection_bias.stride(0);
+    }
+    if (detail::present(p.token_max_k)) {
+      check_view("params.token_max_k", p.token_max_k, {tokens}, "[T] with T = x.extent(0)");
+      for (index_t t = 0; t < tokens; ++t) {
+        const index_t c = p.token_max_k(t);
+        if (c < 1 || c > k) {
+          throw range_error("params.token_max_k",
+                            detail::concat("params.token_max_k[", t, "] must be in [1, k] = [1, ",
+                                           k, "], got ", c));
+        }
+      }
+      rules.max_k = p.token_max_k.data_handle();
+      rules.max_k_stride = p.token_max_k.stride(0);
     }
     if (selection == routing::selection_kind::hash && tokens > 0) {
       check_hash(p, tokens, experts);

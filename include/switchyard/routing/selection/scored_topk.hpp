@@ -301,9 +301,15 @@ struct scored_rules {
   index_t table_col_stride = 1;             //!< elements between two entries of a row
   const std::int32_t* token_ids = nullptr;  //!< [T] (stride `token_stride`) or null
   index_t token_stride = 1;
+  const std::int32_t* max_k = nullptr;  //!< [T] per-token cap (stride `max_k_stride`) or null
+  index_t max_k_stride = 1;
 
   [[nodiscard]] SWITCHYARD_HD scored_selection rule(index_t t) const {
     scored_selection r = base;
+    if (max_k != nullptr) {
+      const int cap = static_cast<int>(max_k[t * max_k_stride]);
+      if (cap < r.k) r.k = cap;  // the first cap of the k (top-k order, or the hash row's)
+    }
     if (table != nullptr) {
       r.hash_row = table + static_cast<index_t>(token_ids[t * token_stride]) * table_row_stride;
       r.hash_stride = table_col_stride;
