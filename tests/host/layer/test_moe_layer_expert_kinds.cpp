@@ -569,6 +569,14 @@ BOOST_AUTO_TEST_CASE(flop_accounting_counts_ffn_slots_only) {
   BOOST_TEST(r.non_ffn_pairs == used - ffn);
   BOOST_TEST(r.ffn_flops ==
              2.0 * static_cast<double>(ffn) * static_cast<double>(2 * c.d_ff + c.d_ff) * c.d);
+  // The same accounting as the router side's routing::plan_compute over the same plan.
+  std::vector<std::int32_t> ids = pr.ids, counts = pr.counts;
+  std::vector<float> pw = pr.pw;
+  routing::plan_ref ref{c.tokens, c.width, c.all(), {ids.data(), ids.size()},
+                        {pw.data(), pw.size()}, {counts.data(), counts.size()}, {}, {}};
+  const routing::plan_compute_report pc = routing::plan_compute(ref, c.experts);
+  BOOST_TEST(pc.ffn_assignments == ffn);
+  BOOST_TEST(pc.expert_flops(routing::ffn_flops_per_slot(c.d, c.d_ff, true)) == r.ffn_flops);
   const ops::expert_ranges k = layer.expert_kinds(w);
   BOOST_TEST(k.total() == c.all());
   BOOST_TEST(layer.routed_experts(w) == c.all());
