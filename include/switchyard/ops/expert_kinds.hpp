@@ -241,17 +241,40 @@ struct expert_kind_backward_rows {
   }
 };
 
+//! Groups the used slots naming constant experts by expert, in pair order (token, then slot):
+//! `pairs[offsets[c] .. offsets[c + 1])` are the pair indices t·width + j of constant expert c.
+//! One thread (a counting sort over the plan); `offsets` has C + 1 entries.
+template <class Id>
+SWITCHYARD_HD inline void group_constant_pairs(const matrix_view<Id>& expert_ids,
+                                               const vector_view<Id>& counts, index_t tokens,
+                                               index_t width, const expert_ranges& kinds,
+                                               index_t* pairs, index_t* offsets) {
+  const index_t first = kinds.ffn + kinds.identity + kinds.zero;
+  for (index_t c = 0; c <= kinds.constant; ++c) offsets[c] = 0;
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t j = 0; j < static_cast<index_t>(counts(t)); ++j) {
+      const index_t id = expert_ids(t, j);
+      if (id >= first) ++offsets[id - first + 1];
+    }
+  for (index_t c = 0; c < kinds.constant; ++c) offsets[c + 1] += offsets[c];
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t j = 0; j < static_cast<index_t>(counts(t)); ++j) {
+      const index_t id = expert_ids(t, j);
+      if (id >= first) pairs[offsets[id - first]++] = t * width + j;
+    }
+  for (index_t c = kinds.constant; c > 0; --c) offsets[c] = offsets[c - 1];  // back to starts
+  offsets[0] = 0;
+}
+
 //! The constant experts' parameter gradients for one element r of [0, C·d) (c = r / d,
-//! i = r % d), summed over tokens then slots in order from `coef` (expert_kind_backward_rows):
-//! dv[c, i] += Σ α2·w · dy[t, i], dgate[c, k, i] += Σ dz_k · x[t, i] over the slots naming c.
-//! Empty gradient views are skipped.
-template <ElementType T, class Id>
+//! i = r % d), summed over expert c's pairs in pair order (`group_constant_pairs`) from `coef`
+//! (expert_kind_backward_rows): dv[c, i] += Σ α2·w · dy[t, i], dgate[c, k, i] += Σ dz_k ·
+//! x[t, i]. Empty gradient views are skipped.
+template <ElementType T>
 struct constant_param_grads {
-  matrix_view<Id> expert_ids;    //!< [T, width] the routed plan's ids
-  vector_view<Id> counts;        //!< [T] its used slots
-  index_t tokens = 0;            //!< T
+  const index_t* pairs;          //!< constant pairs grouped by expert
+  const index_t* offsets;        //!< [C + 1] expert c's pairs: [offsets[c], offsets[c + 1])
   index_t width = 0;             //!< slots per token
-  expert_ranges kinds;           //!< the id ranges
   matrix_view<const T> x;        //!< [T, d] tokens
   matrix_view<const T> dy;       //!< [T, d] output cotangent
   index_t d = 0;                 //!< model width
@@ -261,18 +284,14 @@ struct constant_param_grads {
 
   SWITCHYARD_HD void operator()(index_t r) const {
     const index_t c = r / d, i = r % d;
-    const index_t id = kinds.ffn + kinds.identity + kinds.zero + c;
     float sv = 0.0f, s0 = 0.0f, s1 = 0.0f;
-    for (index_t t = 0; t < tokens; ++t) {
-      const index_t n = counts(t);
-      for (index_t j = 0; j < n; ++j) {
-        if (static_cast<index_t>(expert_ids(t, j)) != id) continue;
-        const float* q = coef + (t * width + j) * 3;
-        sv += q[0] * to_float(dy(t, i));
-        const float xi = to_float(x(t, i));
-        s0 += q[1] * xi;
-        s1 += q[2] * xi;
-      }
+    for (index_t n = offsets[c]; n < offsets[c + 1]; ++n) {
+      const index_t p = pairs[n], t = p / width;
+      const float* q = coef + p * 3;
+      sv += q[0] * to_float(dy(t, i));
+      const float xi = to_float(x(t, i));
+      s0 += q[1] * xi;
+      s1 += q[2] * xi;
     }
     if (detail::present(dv)) dv(c, i) += sv;
     if (detail::present(dgate)) {

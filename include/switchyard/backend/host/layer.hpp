@@ -14,7 +14,8 @@
 //! forward  = [router scratch][add-on term [T, d] + add-on scratch][compacted plan]
 //!            [term [T, d]][phase region]
 //! backward = [d_weights [T·width]][router scratch][compacted plan + its d_weights]
-//!            [constant coefficients [T·width·3]][phase region][add-on dy [T, d] + scratch]
+//!            [constant coefficients [T·width·3], pairs [T·width], offsets [C + 1]]
+//!            [phase region][add-on dy [T, d] + scratch]
 //! The compacted plan (the FFN slots of a plan with non-FFN experts) exists when the layer has
 //! identity, zero or constant experts, the constant coefficients when it has constant experts,
 //! the float term [T, d] (shared + add-on terms, then the non-FFN slots' terms in slot order,
@@ -445,6 +446,8 @@ struct executor<host_context> {
         detail::compacted_plan::carve(ws, kinds, dm.tokens, dm.width);
     float* compact_dw = kinds ? ws.take<float>(dm.tokens * dm.width) : nullptr;
     float* coef = constant ? ws.take<float>(dm.tokens * dm.width * 3) : nullptr;
+    index_t* cpairs = constant ? ws.take<index_t>(dm.tokens * dm.width) : nullptr;
+    index_t* coffsets = constant ? ws.take<index_t>(layer.constant_experts + 1) : nullptr;
     const auto run_plan = cp.make(plan, kinds, ws.carving(), dm.tokens, dm.width, dm.experts);
     auto routed = [&](workspace_arena& a) {
       if (a.carving()) record_phase(layer, run_plan, dm.experts);
@@ -483,11 +486,12 @@ struct executor<host_context> {
                              w.constant.v, w.constant.gate, dm.d, compact_dw, d_weights, dx,
                              detail::present(dx), coef});
       if (constant && (detail::present(grads.constant.v) || detail::present(grads.constant.gate))) {
-        detail::run_static(layer.constant_experts * dm.d,
-                           dm.tokens * dm.width * layer.constant_experts * dm.d > (1 << 15),
-                           ops::constant_param_grads<T, const std::int32_t>{
-                               plan.expert_ids, plan.counts, dm.tokens, dm.width, r, x, dy, dm.d,
-                               coef, grads.constant.v, grads.constant.gate});
+        ops::group_constant_pairs(plan.expert_ids, plan.counts, dm.tokens, dm.width, r, cpairs,
+                                  coffsets);
+        detail::run_static(layer.constant_experts * dm.d, coffsets[r.constant] * dm.d > (1 << 15),
+                           ops::constant_param_grads<T>{cpairs, coffsets, dm.width, x, dy, dm.d,
+                                                        coef, grads.constant.v,
+                                                        grads.constant.gate});
       }
     }
     if (shared) {
