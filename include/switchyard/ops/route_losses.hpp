@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "switchyard/core/config.hpp"
+#include "switchyard/core/error.hpp"
 #include "switchyard/core/span.hpp"
 #include "switchyard/core/workspace.hpp"
 #include "switchyard/ops/route_rows.hpp"
@@ -268,15 +269,21 @@ struct device_loss_term<routing::terms::load_balance> {
     return {ws.take<double>(experts), nullptr};
   }
   static counted_slots slots(const term_type& term) {
+    if (term.null_experts != 0) {
+      throw unsupported_error(detail::concat(
+          "switchyard: the load balance with null_experts = ", term.null_experts,
+          " (AdaMoE) runs on the host backend only for now"));
+    }
     return term.any_slot ? counted_slots::every_used : counted_slots::top1;
   }
   template <class Launcher>
   static void forward(const Launcher& launch, const term_type& term, const routing::plan_ref& plan,
                       const scratch& s, float* value) {
+    const counted_slots counted = slots(term);  // refuses what the device does not run
     const plan_arrays a = arrays_of(plan);
     launch.tokens(a.experts,
                   expert_column_sums{a.ids, a.counts, a.probs, a.tokens, a.experts, a.width,
-                                     slots(term), s.f, s.pbar},
+                                     counted, s.f, s.pbar},
                   "switchyard::ops::expert_column_sums");
     launch.elements(1,
                     load_balance_finish{s.f, s.pbar, a.counts, a.tokens, a.experts, false, value},

@@ -27,6 +27,8 @@
 #include <utility>
 
 #include "switchyard/core/config.hpp"
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/view.hpp"
 #include "switchyard/core/workspace.hpp"
 #include "switchyard/ops/route_losses.hpp"
 #include "switchyard/ops/route_rows.hpp"
@@ -70,7 +72,21 @@ requires detail::has_fixed_rule<R>
 struct device_token_rules<R> {
   struct scratch {};
   static scratch carve(workspace_arena&, index_t) { return {}; }
-  static void check(const R&, const typename R::params_type&, index_t) {}
+  //! The per-token compute knob (params.token_max_k / token_threshold) is host-only for now:
+  //! refused here rather than ignored.
+  static void check(const R&, const typename R::params_type& p, index_t) {
+    const auto refuse = [](const char* name) {
+      throw unsupported_error(detail::concat("switchyard: params.", name,
+                                             " (the per-token compute knob) runs on the host "
+                                             "backend only for now"));
+    };
+    if constexpr (requires { p.token_max_k; }) {
+      if (detail::present(p.token_max_k)) refuse("token_max_k");
+    }
+    if constexpr (requires { p.token_threshold; }) {
+      if (detail::present(p.token_threshold)) refuse("token_threshold");
+    }
+  }
   template <class Launcher, class Faults>
   static auto make(const Launcher&, const R& r, const typename R::params_type&, index_t,
                    const scratch&, const Faults&) {
