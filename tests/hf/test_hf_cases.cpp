@@ -149,6 +149,9 @@ struct outputs {
   std::vector<float> y, logits, probs, weights, d_weights, d_logits, dx;
   std::vector<std::int32_t> ids, counts, kept;
   std::vector<index_t> dropped;  // [chunks, E]
+  index_t ffn_pairs = 0;         // pairs of the plans naming an FFN expert (id < E)
+  index_t phase_pairs = 0;       // pairs the routed expert phase was handed (expert_rows_probe)
+  index_t phase_max_id = -1;     // largest id the phase saw
   std::vector<float> gw1, gb1, gw2, gb2, gsw1, gsb1, gsw2, gsb2, gsgate, grw, grb;
 };
 
@@ -244,7 +247,17 @@ outputs run_layer(const inputs& in, const Router& router, const Act& act, const 
       }
     }
     sy::moe_result<typename Router::losses_type> res;
-    layer.forward(host, x, rp, w, y, res);
+    {
+      // The rows the routed expert phase computes: identity slots must cost none.
+      sy::host::expert_rows_probe probe;
+      layer.forward(host, x, rp, w, y, res);
+      index_t ffn_pairs = 0;
+      for (index_t t = 0; t < tc; ++t)
+        for (index_t j = 0; j < res.plan.counts[t]; ++j) ffn_pairs += res.plan.id(t, j) < E;
+      o.ffn_pairs += ffn_pairs;
+      o.phase_pairs += probe.stats.pairs;
+      o.phase_max_id = std::max(o.phase_max_id, probe.stats.max_id);
+    }
     const typename Router::losses_type no_aux{};  // the cases train no auxiliary loss
     layer.backward(host, x, rp, w, res, dy, no_aux, dx, g, rg);
 
@@ -461,6 +474,9 @@ void check_with(hf_case& c, inputs& in, const Act& act, const Dispatch& disp,
     check_rel("router_scores", as_double(o.probs), as_double(c.f32("router_scores")), tol.logits);
   }
   check_selection(c, in, o, tol);
+  // Only FFN pairs reach the expert GEMMs (identity experts are compacted out of the plan).
+  BOOST_CHECK_EQUAL(o.phase_pairs, o.ffn_pairs);
+  BOOST_CHECK_LT(o.phase_max_id, in.experts);
   if (c.has("topk_kept")) {
     BOOST_CHECK(o.kept == c.i32("topk_kept"));
     const auto ref = c.i32("dropped");
