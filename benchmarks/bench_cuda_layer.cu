@@ -14,8 +14,20 @@
 // The baselines' times come from the same process, right after the layer's iterations.
 // Backward's baselines are three times the forward baselines' (equal FLOPs).
 //
-// Shapes (T, d, d_ff, E): prefill 4096 × 1024 × 2816 with E = 8 and E = 64; decode T = 16
-// with E = 8 and E = 64. Inputs are random (a hash of the index), never zeros.
+// Shapes (T, d, d_ff, E, k): prefill 4096 × 1024 × 2816 with E = 8 and E = 64; decode T = 16
+// with E = 8 and E = 64 (k = 2), both dispatch policies. Then the issue-14 sweep, sorted-grouped
+// dispatch, real model sizes (docs/benchmarks/README.md): Mixtral-8x7B (4096, 14336, 8, 2),
+// Qwen3-30B-A3B (2048, 768, 128, 8), DeepSeek-V2-Lite routed (2048, 1408, 64, 6), OLMoE-1B-7B
+// (2048, 1024, 64, 8) at T = 1, 16, 64, 256, 1024, 4096, 16384 (Switch-Base-128 is left out:
+// its experts are ReLU, this binary's layer SwiGLU). Inputs are random (a hash of the index),
+// never zeros.
+//
+// Roofline (from cudaGetDeviceProperties / cudaDeviceGetAttribute, in the context and as
+// counters): HBM bandwidth = 2 · memory clock · bus width; peak dense BF16 = SMs · clock · the
+// tensor-core FLOPs per SM per clock of the architecture (sm_80 2048, sm_86/89 1024, sm_90 4096,
+// sm_100 8192; 0 = unknown). `roofline_flops` = achieved / peak FLOP/s; `roofline_hbm` = the
+// time to read the experts' weights the batch touches once (min(E, T·k) experts, bf16) and x, y
+// at peak bandwidth / the measured time (the decode target: >= 0.7 at T = 1).
 //
 // Without a GPU it prints why and exits 0 (nothing to measure; not a failure).
 #include <benchmark/benchmark.h>
@@ -41,7 +53,7 @@ using sy::index_t;
 namespace {
 
 using storage = sy::bfloat16;
-constexpr int k_top = 2;
+constexpr int k_default = 2;
 constexpr int fill_block = 256;  // threads per block of the random fill
 
 //! x[i] = scale · u(i), u uniform in [-1, 1) from a hash of (seed, i): random, never all zeros.
@@ -93,12 +105,12 @@ struct event_timer {
 
 //! One shape's weights, inputs and outputs on the device.
 struct problem {
-  index_t tokens, d, d_ff, experts, p;
+  index_t tokens, d, d_ff, experts, k, p;
   sy::cuda::stream_context sc;
   sy::cuda::device_array<storage> x, w1, w2, y, dy;
   sy::cuda::device_array<float> gate, dx, gw1, gw2, ggate;
-  problem(index_t t, index_t d_, index_t f, index_t e)
-      : tokens(t), d(d_), d_ff(f), experts(e), p(2 * f), sc(e),
+  problem(index_t t, index_t d_, index_t f, index_t e, index_t k_)
+      : tokens(t), d(d_), d_ff(f), experts(e), k(k_), p(2 * f), sc(e),
         x(t * d_, sc.stream()), w1(e * 2 * f * d_, sc.stream()), w2(e * d_ * f, sc.stream()),
         y(t * d_, sc.stream()), dy(t * d_, sc.stream()), gate(e * d_, sc.stream()),
         dx(t * d_, sc.stream()), gw1(e * 2 * f * d_, sc.stream()), gw2(e * d_ * f, sc.stream()),
@@ -120,7 +132,14 @@ struct problem {
     return {sy::make_view<const float>(gate.data(), experts, d)};
   }
   [[nodiscard]] double forward_flops() const {
-    return 2.0 * tokens * k_top * d * p + 2.0 * tokens * k_top * d_ff * d;
+    return 2.0 * tokens * k * d * p + 2.0 * tokens * k * d_ff * d;
+  }
+  //! Bytes a forward must move at least: the weights of the experts the batch can touch (each
+  //! once), x and y.
+  [[nodiscard]] double forward_bytes() const {
+    const double touched = static_cast<double>(std::min<index_t>(experts, tokens * k));
+    return touched * static_cast<double>(p + d_ff) * d * sizeof(storage) +
+           2.0 * static_cast<double>(tokens) * d * sizeof(storage);
   }
 };
 
@@ -145,7 +164,7 @@ baselines time_baselines(problem& pb, int reps) {
   const cudaStream_t s = pb.sc.stream();
   cublasHandle_t h = pb.sc.get().blas;
   sy::cuda::check(cublasSetStream(h, s), "cublasSetStream");
-  const index_t rows = pb.tokens * k_top;
+  const index_t rows = pb.tokens * pb.k;
   const index_t rows_e = std::max<index_t>(1, rows / pb.experts);
   sy::cuda::device_array<storage> a(rows * pb.d, s), hbuf(rows * pb.p, s), out(rows * pb.d, s);
   randomize(a, 6, 1.0f, s);
@@ -179,18 +198,51 @@ template <class Dispatch>
 using layer_type = sy::MoELayer<sy::routers::TopK, sy::activation::swiglu, Dispatch>;
 
 template <class Dispatch>
-layer_type<Dispatch> make_layer() {
+layer_type<Dispatch> make_layer(index_t k) {
   layer_type<Dispatch> l{};
-  l.router = {.k = k_top, .renormalize = true};
+  l.router = {.k = static_cast<int>(k), .renormalize = true};
   if constexpr (std::is_same_v<Dispatch, sy::dispatch::padded_capacity>) {
     l.dispatch.capacity_factor = 1.25f;
   }
   return l;
 }
 
+//! The device's peaks (0 when unknown), read once.
+struct roofline {
+  double hbm_bytes_per_s = 0.0, bf16_flops_per_s = 0.0;
+  std::string device;
+};
+
+const roofline& device_roofline() {
+  static const roofline r = [] {
+    roofline out;
+    int dev = 0;
+    cudaDeviceProp prop{};
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) return out;
+    int mem_khz = 0, sm_khz = 0, bus_bits = prop.memoryBusWidth;
+    (void)cudaDeviceGetAttribute(&mem_khz, cudaDevAttrMemoryClockRate, dev);
+    (void)cudaDeviceGetAttribute(&sm_khz, cudaDevAttrClockRate, dev);
+    out.device = prop.name;
+    out.hbm_bytes_per_s = 2.0 * mem_khz * 1e3 * bus_bits / 8.0;
+    const int cc = prop.major * 10 + prop.minor;
+    // Dense BF16 tensor-core FLOPs per SM per clock (vendor peak / (SMs · boost clock)).
+    const double per_sm_clk = cc == 80 ? 2048.0 : (cc == 86 || cc == 87 || cc == 89) ? 1024.0
+                              : cc == 90 ? 4096.0 : cc == 100 ? 8192.0 : 0.0;
+    out.bf16_flops_per_s = per_sm_clk * prop.multiProcessorCount * sm_khz * 1e3;
+    return out;
+  }();
+  return r;
+}
+
 void set_counters(benchmark::State& state, double flops, double seconds, const baselines& b,
-                  double baseline_factor) {
+                  double baseline_factor, double bytes = 0.0) {
+  const roofline& r = device_roofline();
   state.counters["TFLOPs"] = flops / seconds * 1e-12;
+  if (r.bf16_flops_per_s > 0.0) state.counters["roofline_flops"] = flops / seconds / r.bf16_flops_per_s;
+  if (bytes > 0.0 && r.hbm_bytes_per_s > 0.0) {
+    state.counters["roofline_hbm"] = bytes / r.hbm_bytes_per_s / seconds;
+    state.counters["GBs"] = bytes / seconds * 1e-9;
+  }
   state.counters["ms"] = 1e3 * seconds;
   state.counters["vs_dense"] = baseline_factor * b.dense / seconds;
   state.counters["vs_loop"] = baseline_factor * b.loop / seconds;
@@ -198,24 +250,24 @@ void set_counters(benchmark::State& state, double flops, double seconds, const b
   state.counters["loop_ms"] = 1e3 * baseline_factor * b.loop;
 }
 
-//! Args: T, d, d_ff, E. Forward with a caller workspace (routing, dispatch, experts, combine).
+//! Args: T, d, d_ff, E, k. Forward with a caller workspace (routing, dispatch, experts, combine).
 template <class Dispatch>
 void BM_forward(benchmark::State& state) try {
-  problem pb(state.range(0), state.range(1), state.range(2), state.range(3));
-  const auto layer = make_layer<Dispatch>();
+  problem pb(state.range(0), state.range(1), state.range(2), state.range(3), state.range(4));
+  const auto layer = make_layer<Dispatch>(pb.k);
   const auto& ctx = pb.sc.get();
   const auto w = pb.weights();
   const auto rp = pb.params();
   const auto x = sy::make_view<const storage>(pb.x.data(), pb.tokens, pb.d);
   const auto y = sy::make_view(pb.y.data(), pb.tokens, pb.d);
-  const auto n = sy::routing::plan_ref::required(pb.tokens, k_top, pb.experts);
+  const auto n = sy::routing::plan_ref::required(pb.tokens, pb.k, pb.experts);
   sy::cuda::device_array<std::int32_t> ids(n.slots, ctx.stream), counts(n.tokens, ctx.stream);
   sy::cuda::device_array<float> weights(n.slots, ctx.stream), logits(n.scores, ctx.stream),
       probs(n.scores, ctx.stream);
   sy::cuda::device_array<sy::routing::softmax_router_losses> losses(1, ctx.stream);
   sy::cuda::device_array<index_t> dropped(pb.experts, ctx.stream);
   const typename layer_type<Dispatch>::state_type st{
-      {pb.tokens, k_top, pb.experts, ids.view(), weights.view(), counts.view(), logits.view(), probs.view()},
+      {pb.tokens, pb.k, pb.experts, ids.view(), weights.view(), counts.view(), logits.view(), probs.view()},
       losses.data(), dropped.view()};
   sy::cuda::device_array<std::byte> ws(layer.workspace_size(ctx, pb.tokens, rp, w), ctx.stream);
   auto run = [&] { layer.forward(ctx, x, rp, w, y, st, ws.bytes()); };
@@ -231,28 +283,29 @@ void BM_forward(benchmark::State& state) try {
     ++iters;
   }
   sy::cuda::check_status(ctx, ws.bytes());
-  set_counters(state, pb.forward_flops(), total / static_cast<double>(iters), time_baselines(pb, 10), 1.0);
+  set_counters(state, pb.forward_flops(), total / static_cast<double>(iters), time_baselines(pb, 10), 1.0,
+               pb.forward_bytes());
 } catch (const std::exception& e) {  // a backend error skips this benchmark, not the run
   state.SkipWithError(e.what());
 }
 
-//! Args: T, d, d_ff, E. Backward (dx, expert weight gradients, router gradients) of a forward.
+//! Args: T, d, d_ff, E, k. Backward (dx, expert weight gradients, router gradients) of a forward.
 template <class Dispatch>
 void BM_backward(benchmark::State& state) try {
-  problem pb(state.range(0), state.range(1), state.range(2), state.range(3));
-  const auto layer = make_layer<Dispatch>();
+  problem pb(state.range(0), state.range(1), state.range(2), state.range(3), state.range(4));
+  const auto layer = make_layer<Dispatch>(pb.k);
   const auto& ctx = pb.sc.get();
   const auto w = pb.weights();
   const auto rp = pb.params();
   const auto x = sy::make_view<const storage>(pb.x.data(), pb.tokens, pb.d);
-  const auto n = sy::routing::plan_ref::required(pb.tokens, k_top, pb.experts);
+  const auto n = sy::routing::plan_ref::required(pb.tokens, pb.k, pb.experts);
   sy::cuda::device_array<std::int32_t> ids(n.slots, ctx.stream), counts(n.tokens, ctx.stream);
   sy::cuda::device_array<float> weights(n.slots, ctx.stream), logits(n.scores, ctx.stream),
       probs(n.scores, ctx.stream);
   sy::cuda::device_array<sy::routing::softmax_router_losses> losses(1, ctx.stream);
   sy::cuda::device_array<index_t> dropped(pb.experts, ctx.stream);
   const typename layer_type<Dispatch>::state_type st{
-      {pb.tokens, k_top, pb.experts, ids.view(), weights.view(), counts.view(), logits.view(), probs.view()},
+      {pb.tokens, pb.k, pb.experts, ids.view(), weights.view(), counts.view(), logits.view(), probs.view()},
       losses.data(), dropped.view()};
   sy::cuda::device_array<std::byte> ws(
       std::max(layer.workspace_size(ctx, pb.tokens, rp, w), layer.backward_workspace_size(ctx, pb.tokens, rp, w)),
@@ -284,9 +337,21 @@ void BM_backward(benchmark::State& state) try {
 }
 
 void shapes(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"T", "d", "d_ff", "E"});
-  for (int e : {8, 64}) b->Args({4096, 1024, 2816, e});
-  for (int e : {8, 64}) b->Args({16, 1024, 2816, e});
+  b->ArgNames({"T", "d", "d_ff", "E", "k"});
+  for (int e : {8, 64}) b->Args({4096, 1024, 2816, e, k_default});
+  for (int e : {8, 64}) b->Args({16, 1024, 2816, e, k_default});
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
+}
+
+//! The issue-14 model shapes (real sizes) over T = 1 … 16384.
+void model_sweep(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"T", "d", "d_ff", "E", "k"});
+  constexpr index_t models[][4] = {{4096, 14336, 8, 2},    // Mixtral-8x7B
+                                   {2048, 768, 128, 8},    // Qwen3-30B-A3B
+                                   {2048, 1408, 64, 6},    // DeepSeek-V2-Lite routed experts
+                                   {2048, 1024, 64, 8}};   // OLMoE-1B-7B
+  for (const auto& m : models)
+    for (index_t t : {1, 16, 64, 256, 1024, 4096, 16384}) b->Args({t, m[0], m[1], m[2], m[3]});
   b->UseManualTime()->Unit(benchmark::kMillisecond);
 }
 
@@ -294,6 +359,8 @@ BENCHMARK(BM_forward<sy::dispatch::sorted_grouped>)->Apply(shapes);
 BENCHMARK(BM_forward<sy::dispatch::padded_capacity>)->Apply(shapes);
 BENCHMARK(BM_backward<sy::dispatch::sorted_grouped>)->Apply(shapes);
 BENCHMARK(BM_backward<sy::dispatch::padded_capacity>)->Apply(shapes);
+BENCHMARK(BM_forward<sy::dispatch::sorted_grouped>)->Name("BM_forward_models")->Apply(model_sweep);
+BENCHMARK(BM_backward<sy::dispatch::sorted_grouped>)->Name("BM_backward_models")->Apply(model_sweep);
 
 }  // namespace
 
@@ -307,6 +374,11 @@ int main(int argc, char** argv) {
   }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  const roofline& r = device_roofline();
+  benchmark::AddCustomContext("switchyard_device", r.device);
+  benchmark::AddCustomContext("switchyard_hbm_GBs", std::to_string(r.hbm_bytes_per_s * 1e-9));
+  benchmark::AddCustomContext("switchyard_peak_bf16_TFLOPs",
+                              r.bf16_flops_per_s > 0.0 ? std::to_string(r.bf16_flops_per_s * 1e-12) : "unknown");
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;
