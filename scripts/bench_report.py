@@ -140,8 +140,11 @@ def compare_rows(path):
                     if key in node and "pass" not in info:
                         info["pass"] = str(node[key])
                 info["switchyard_ms"] = num(node.get("switchyard_ms"))
+                # hf_<impl>_ms (not hf_<impl>_reps_ms, the repetitions' list)
                 info["hf"] = {k[3:-3]: num(v) for k, v in node.items()
-                              if k.startswith("hf_") and k.endswith("_ms") and num(v)}
+                              if re.fullmatch(r"hf_\w+_ms", k) and "_reps" not in k and num(v)}
+                if node.get("scaled"):
+                    info["scaled"] = str(node["scaled"])
                 rows.append(info)
                 return
             for k, v in node.items():
@@ -264,6 +267,27 @@ def main():
                   f"{scaled_of(b)} |")
     md.append("")
 
+    # ---- summary: one row per (shape, T, routing) -------------------------------------------------
+    md.append("## Summary")
+    md.append("")
+    md.append("Whole layer forward and backward (ms), the expert phase against the equal-FLOP dense sgemm "
+              f"(target ≥ {TARGET_EXPERTS_VS_DENSE}×) and the layer against the per-expert GEMM loop "
+              "(above 1: Switchyard faster). Phases in the next table.")
+    md.append("")
+    md.append("| shape | T | routing | fwd | bwd | fwd + bwd | experts fwd vs dense | experts bwd vs dense | "
+              "layer fwd vs loop | layer bwd vs loop |")
+    md.append("|---|---|---|---|---|---|---|---|---|---|")
+    for s in shapes:
+        keys = sorted({(v, t) for (sh, v, t) in list(fwd) + list(bwd) if sh == s}, key=lambda x: (x[1], x[0]))
+        for variant, t in keys:
+            f, b = fwd.get((s, variant, t), {}), bwd.get((s, variant, t), {})
+            lf, lb = f.get("layer_ms"), b.get("layer_ms")
+            both = lf + lb if lf and lb else None
+            md.append(f"| {s} | {t} | {variant} | {fmt_ms(lf)} | {fmt_ms(lb)} | {fmt_ms(both)} | "
+                      f"{fmt_x(f.get('experts_vs_dense'))} | {fmt_x(b.get('experts_vs_dense'))} | "
+                      f"{fmt_x(f.get('layer_vs_loop'))} | {fmt_x(b.get('layer_vs_loop'))} |")
+    md.append("")
+
     # ---- phase table ------------------------------------------------------------------------------
     md.append("## Phases and baselines")
     md.append("")
@@ -378,7 +402,8 @@ def main():
             decode = ""
             if str(r["tokens"]) == "1" and eager and sw:
                 decode = f"{fmt_x(eager / sw)} {target_text(eager / sw, TARGET_DECODE_VS_EAGER)}"
-            md.append(f"| {r['shape']} | {r['tokens']} | {r['pass']} | {fmt_ms(sw)} | " +
+            shape_text = r["shape"] + (f" ({r['scaled']})" if r.get("scaled") else "")
+            md.append(f"| {shape_text} | {r['tokens']} | {r['pass']} | {fmt_ms(sw)} | " +
                       " | ".join(fmt_ms(r["hf"].get(i)) for i in impls) +
                       f" | {fmt_x(ratio)} | {tg} | {decode} |")
             crow.append((r, ratio, pk))
