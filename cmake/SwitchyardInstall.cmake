@@ -7,8 +7,9 @@
 #                                     found here, and loaded by the config only when the consumer
 #                                     finds the toolkit too (a host-only consumer needs no nvcc).
 #       switchyardHostBlasTargets.cmake  switchyard::host_blas (INTERFACE: switchyard::switchyard
-#                                     + what this build found of OpenMP::OpenMP_CXX and BLAS::BLAS
-#                                     with SWITCHYARD_HAS_CBLAS); the config finds those again
+#                                     + what this build found of OpenMP::OpenMP_CXX and a CBLAS,
+#                                     switchyard::scipy_openblas or BLAS::BLAS, with
+#                                     SWITCHYARD_HAS_CBLAS); the config finds those again
 #                                     (SwitchyardHostBlas.cmake, installed with it).
 # Included by the root CMakeLists.txt when SWITCHYARD_INSTALL is ON.
 include(CMakePackageConfigHelpers)
@@ -39,13 +40,18 @@ if(TARGET switchyard_cuda)
           DESTINATION "${SWITCHYARD_INSTALL_CMAKEDIR}" COMPONENT switchyard)
 endif()
 
-# switchyard::host_blas: the exported target names OpenMP::OpenMP_CXX and BLAS::BLAS, which the
-# config recreates with SwitchyardHostBlas.cmake from what this build found (recorded below).
+# switchyard::host_blas: the exported target names OpenMP::OpenMP_CXX and switchyard::scipy_openblas
+# or BLAS::BLAS, which the config recreates with SwitchyardHostBlas.cmake from what this build
+# found (recorded below).
 install(TARGETS switchyard_host_blas EXPORT switchyardHostBlasTargets COMPONENT switchyard)
 install(EXPORT switchyardHostBlasTargets NAMESPACE switchyard:: FILE switchyardHostBlasTargets.cmake
         DESTINATION "${SWITCHYARD_INSTALL_CMAKEDIR}" COMPONENT switchyard)
 install(FILES "${CMAKE_CURRENT_LIST_DIR}/SwitchyardHostBlas.cmake"
         DESTINATION "${SWITCHYARD_INSTALL_CMAKEDIR}" COMPONENT switchyard)
+# Which CBLAS (SWITCHYARD_HOST_BLAS_KIND: scipy-openblas, system, none) and, for scipy-openblas,
+# the package directory this build used: the config looks there first, then asks Python.
+set(SWITCHYARD_HOST_BLAS_KIND_BUILT "${SWITCHYARD_HOST_BLAS_KIND}")
+set(SWITCHYARD_SCIPY_OPENBLAS_DIR_BUILT "${SWITCHYARD_SCIPY_OPENBLAS_DIR}")
 foreach(_sy_part OPENMP CBLAS)
   if(SWITCHYARD_HOST_BLAS_${_sy_part})
     set(SWITCHYARD_HOST_BLAS_${_sy_part}_BUILT TRUE)

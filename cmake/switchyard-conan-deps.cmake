@@ -5,7 +5,8 @@
 #  - C++20;
 #  - switchyard::cuda when the CUDA toolkit is found;
 #  - switchyard::host_blas, always: switchyard::switchyard + what is found here of OpenMP and a
-#    CBLAS (BLA_VENDOR if set, else OpenBLAS; with SWITCHYARD_HAS_CBLAS). The package is
+#    CBLAS (SWITCHYARD_BLAS if the consumer sets it, else the system BLAS: BLA_VENDOR if set,
+#    else OpenBLAS; with SWITCHYARD_HAS_CBLAS). The package is
 #    header-only and built once for every configuration, so this is decided on the consumer's
 #    machine (SwitchyardHostBlas.cmake, packaged next to this file).
 include_guard(GLOBAL)
@@ -45,21 +46,33 @@ endif()
 
 include("${CMAKE_CURRENT_LIST_DIR}/SwitchyardHostBlas.cmake")
 if(NOT TARGET switchyard::host_blas)
-  switchyard_find_host_blas(VENDOR OpenBLAS OPENMP BLAS QUIET)
+  # The consumer's SWITCHYARD_BLAS if set (docs/blas.md), else the system BLAS: the package
+  # stays what Conan's own profile and system packages say, never a Python package found by
+  # chance; -DSWITCHYARD_BLAS=auto or scipy-openblas opts in to scipy-openblas32.
+  if(DEFINED SWITCHYARD_BLAS)
+    set(_switchyard_blas_mode "${SWITCHYARD_BLAS}")
+  else()
+    set(_switchyard_blas_mode system)
+  endif()
+  switchyard_find_host_blas(MODE "${_switchyard_blas_mode}" VENDOR OpenBLAS OPENMP QUIET)
   add_library(switchyard::host_blas INTERFACE IMPORTED)
   set_property(TARGET switchyard::host_blas PROPERTY INTERFACE_LINK_LIBRARIES switchyard::switchyard)
   if(SWITCHYARD_HOST_BLAS_OPENMP)
     set_property(TARGET switchyard::host_blas APPEND PROPERTY INTERFACE_LINK_LIBRARIES OpenMP::OpenMP_CXX)
   endif()
   if(SWITCHYARD_HOST_BLAS_CBLAS)
-    set_property(TARGET switchyard::host_blas APPEND PROPERTY INTERFACE_LINK_LIBRARIES BLAS::BLAS)
+    set_property(TARGET switchyard::host_blas APPEND PROPERTY INTERFACE_LINK_LIBRARIES
+                 ${SWITCHYARD_HOST_BLAS_TARGET})
     set_property(TARGET switchyard::host_blas APPEND PROPERTY INTERFACE_COMPILE_DEFINITIONS SWITCHYARD_HAS_CBLAS)
+  endif()
+  if(SWITCHYARD_HOST_BLAS_KIND STREQUAL "system")
     set_property(TARGET switchyard::host_blas APPEND PROPERTY
                  INTERFACE_SYSTEM_INCLUDE_DIRECTORIES "${SWITCHYARD_CBLAS_INCLUDE_DIR}")
     set_property(TARGET switchyard::host_blas APPEND PROPERTY
                  INTERFACE_INCLUDE_DIRECTORIES "${SWITCHYARD_CBLAS_INCLUDE_DIR}")
   endif()
   switchyard_describe_host_blas(_switchyard_host_blas_text)
-  message(STATUS "switchyard::host_blas: ${_switchyard_host_blas_text}")
+  message(STATUS "switchyard::host_blas (SWITCHYARD_BLAS=${_switchyard_blas_mode}): ${_switchyard_host_blas_text}")
   unset(_switchyard_host_blas_text)
+  unset(_switchyard_blas_mode)
 endif()

@@ -1,10 +1,15 @@
 #pragma once
 //! \file gemm.hpp
 //! Row-major single-precision GEMM for the host backend: `C = alpha · op(A) · op(B) + beta · C`.
-//! With a CBLAS (`SWITCHYARD_HAS_CBLAS` defined by the build and `<cblas.h>` present, e.g.
-//! Debian's OpenBLAS) it calls `cblas_sgemm`; otherwise a cache-blocked loop nest (OpenMP
-//! over output tiles, each element's k-reduction in one fixed order, so results do not depend
-//! on the thread count).
+//! With a CBLAS (`SWITCHYARD_HAS_CBLAS` defined by the build and `<cblas.h>` present) it calls
+//! its `sgemm`; otherwise a cache-blocked loop nest (OpenMP over output tiles, each element's
+//! k-reduction in one fixed order, so results do not depend on the thread count).
+//! Which CBLAS is the build's choice (CMake option `SWITCHYARD_BLAS`, docs/blas.md):
+//! - scipy-openblas (PyPI's scipy-openblas32, a current OpenBLAS): its `cblas.h` declares every
+//!   symbol with the prefix `scipy_` (`scipy_cblas_sgemm`, `scipy_openblas_set_num_threads`), so
+//!   it never clashes with another BLAS in the process; the target `switchyard::scipy_openblas`
+//!   defines `SWITCHYARD_BLAS_SCIPY_OPENBLAS` and the calls below take the prefixed names;
+//! - a system CBLAS (e.g. Debian's OpenBLAS): the plain names.
 
 #include <algorithm>
 #include <climits>
@@ -28,6 +33,68 @@
 #  define SWITCHYARD_HOST_BLAS_THREAD_CONTROL 0
 #endif
 
+#if SWITCHYARD_HOST_GEMM_CBLAS && defined(SWITCHYARD_BLAS_SCIPY_OPENBLAS)
+//! scipy-openblas declares only the prefixed thread controls; these forward OpenBLAS's plain
+//! names to them, so that code written against OpenBLAS's cblas.h (tests, user code setting the
+//! BLAS's thread count) builds with either library. switchyard's own code calls
+//! `switchyard::host::blas_threads()` / `set_blas_threads()`.
+inline int openblas_get_num_threads() { return scipy_openblas_get_num_threads(); }
+inline void openblas_set_num_threads(int num_threads) { scipy_openblas_set_num_threads(num_threads); }
+#endif
+
+namespace switchyard::detail {
+
+#if SWITCHYARD_HOST_GEMM_CBLAS
+//! The CBLAS's row-major sgemm under the name the linked library gives it.
+inline void cblas_sgemm_row_major(bool trans_a, bool trans_b, int m, int n, int k, float alpha,
+                                  const float* a, int lda, const float* b, int ldb, float beta,
+                                  float* c, int ldc) {
+#  if defined(SWITCHYARD_BLAS_SCIPY_OPENBLAS)
+  scipy_cblas_sgemm(
+#  else
+  cblas_sgemm(
+#  endif
+      CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m,
+      n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+#endif
+
+#if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
+//! OpenBLAS's runtime queries under the names the linked library gives them.
+inline int openblas_threads() {
+#  if defined(SWITCHYARD_BLAS_SCIPY_OPENBLAS)
+  return scipy_openblas_get_num_threads();
+#  else
+  return ::openblas_get_num_threads();
+#  endif
+}
+inline void set_openblas_threads(int n) {
+#  if defined(SWITCHYARD_BLAS_SCIPY_OPENBLAS)
+  scipy_openblas_set_num_threads(n);
+#  else
+  ::openblas_set_num_threads(n);
+#  endif
+}
+//! The kernel set OpenBLAS chose at load time ("SkylakeX", "Haswell", ...).
+inline const char* openblas_corename() {
+#  if defined(SWITCHYARD_BLAS_SCIPY_OPENBLAS)
+  return scipy_openblas_get_corename();
+#  else
+  return ::openblas_get_corename();
+#  endif
+}
+//! The library's build line ("OpenBLAS 0.3.21 NO_LAPACKE DYNAMIC_ARCH ... SkylakeX MAX_THREADS=64").
+inline const char* openblas_config() {
+#  if defined(SWITCHYARD_BLAS_SCIPY_OPENBLAS)
+  return scipy_openblas_get_config();
+#  else
+  return ::openblas_get_config();
+#  endif
+}
+#endif
+
+}  // namespace switchyard::detail
+
 namespace switchyard::host {
 
 //! Whether an operand is used as stored or transposed.
@@ -38,6 +105,26 @@ inline constexpr const char* gemm_backend_name() {
   return SWITCHYARD_HOST_GEMM_CBLAS ? "cblas" : "blocked";
 }
 
+//! The BLAS's own thread count (OpenBLAS's `openblas_get_num_threads()`); 1 where the BLAS
+//! offers no thread control.
+inline int blas_threads() {
+#if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
+  return detail::openblas_threads();
+#else
+  return 1;
+#endif
+}
+
+//! Sets the BLAS's own thread count (process-wide; OpenBLAS's `openblas_set_num_threads`); does
+//! nothing where the BLAS offers no thread control.
+inline void set_blas_threads(int n) {
+#if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
+  detail::set_openblas_threads(n);
+#else
+  (void)n;
+#endif
+}
+
 //! While alive, the BLAS runs each call on the calling thread only (OpenBLAS's global thread
 //! count is set to 1 and restored on destruction), so independent GEMMs can run in parallel
 //! OpenMP threads instead of each being split across threads (small expert GEMMs scale
@@ -46,13 +133,13 @@ class blas_single_thread_scope {
  public:
   blas_single_thread_scope() {
 #if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
-    previous_ = openblas_get_num_threads();
-    if (previous_ > 1) openblas_set_num_threads(1);
+    previous_ = detail::openblas_threads();
+    if (previous_ > 1) detail::set_openblas_threads(1);
 #endif
   }
   ~blas_single_thread_scope() {
 #if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
-    if (previous_ > 1) openblas_set_num_threads(previous_);
+    if (previous_ > 1) detail::set_openblas_threads(previous_);
 #endif
   }
   blas_single_thread_scope(const blas_single_thread_scope&) = delete;
@@ -135,11 +222,11 @@ inline void sgemm(op ta, op tb, index_t m, index_t n, index_t k, float alpha, co
     return;
   }
 #if SWITCHYARD_HOST_GEMM_CBLAS
-  cblas_sgemm(CblasRowMajor, ta == op::none ? CblasNoTrans : CblasTrans,
-              tb == op::none ? CblasNoTrans : CblasTrans, detail::blas_int("gemm m", m),
-              detail::blas_int("gemm n", n), detail::blas_int("gemm k", k), alpha, a,
-              detail::blas_int("gemm lda", lda), b, detail::blas_int("gemm ldb", ldb), beta, c,
-              detail::blas_int("gemm ldc", ldc));
+  detail::cblas_sgemm_row_major(ta == op::transpose, tb == op::transpose, detail::blas_int("gemm m", m),
+                                detail::blas_int("gemm n", n), detail::blas_int("gemm k", k), alpha,
+                                a, detail::blas_int("gemm lda", lda), b,
+                                detail::blas_int("gemm ldb", ldb), beta, c,
+                                detail::blas_int("gemm ldc", ldc));
 #else
   detail::sgemm_blocked(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #endif

@@ -49,8 +49,17 @@ int main() {
   // The BLAS really is linked: [1 2] · [3 4]ᵀ = 11.
   const float a[2] = {1, 2}, b[2] = {3, 4};
   float c = 0;
+#  ifdef SWITCHYARD_BLAS_SCIPY_OPENBLAS  // scipy-openblas32: every symbol prefixed scipy_
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, 1, 1, 2, 1.0f, a, 2, b, 2, 0.0f, &c, 1);
+#  else
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, 1, 1, 2, 1.0f, a, 2, b, 2, 0.0f, &c, 1);
-  std::printf("switchyard::host_blas: SWITCHYARD_HAS_CBLAS, cblas_sgemm -> %g (host GEMM: %s)\n",
+#  endif
+  std::printf("switchyard::host_blas: SWITCHYARD_HAS_CBLAS, %s -> %g (host GEMM: %s)\n",
+#  ifdef SWITCHYARD_BLAS_SCIPY_OPENBLAS
+              "scipy_cblas_sgemm",
+#  else
+              "cblas_sgemm",
+#  endif
               static_cast<double>(c), SWITCHYARD_CONSUMER_GEMM_NAME);
   errors += c == 11.0f ? 0 : 1;
 #endif
