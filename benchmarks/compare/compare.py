@@ -179,8 +179,15 @@ def write_f32(path, t):
 # ---- timing ------------------------------------------------------------------------------
 
 def time_runs(fn, warmup, reps, budget_ms):
+    """Times of up to `reps` runs after `warmup` untimed ones, stopping (after at least one)
+    once `budget_ms` is spent. A warm-up run longer than the budget is the only sample: at
+    that length the first run's one-time costs (page faults of fresh buffers) are noise."""
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        first = (time.perf_counter() - t0) * 1e3
+        if first > budget_ms:
+            return [first]
     out, start = [], time.perf_counter()
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -189,6 +196,12 @@ def time_runs(fn, warmup, reps, budget_ms):
         if (time.perf_counter() - start) * 1e3 > budget_ms:
             break
     return out
+
+
+def expert_gflop(spec, T):
+    """Forward FLOPs of the expert GEMMs: 2 · T · k · (P + d_ff) · d."""
+    P = 2 * spec["d_ff"] if gated(spec) else spec["d_ff"]
+    return 2.0 * T * spec["k"] * (P + spec["d_ff"]) * spec["d"] * 1e-9
 
 
 def batched_mm_bytes(spec, T):
@@ -293,9 +306,11 @@ def run_shape(name, spec, tokens, args, driver, data_root, entries):
                 skipped[f"hf_{impl}"] = f"{type(e).__name__}: {e}"[:300]
                 continue
             fwd[f"hf_{impl}_ms"] = statistics.median(tf)
+            fwd[f"hf_{impl}_min_ms"] = min(tf)
             fwd[f"hf_{impl}_reps_ms"] = tf
             if tb is not None:
                 fb[f"hf_{impl}_ms"] = statistics.median(tb)
+                fb[f"hf_{impl}_min_ms"] = min(tb)
                 fb[f"hf_{impl}_reps_ms"] = tb
             else:
                 f_fb()
@@ -335,9 +350,11 @@ def run_shape(name, spec, tokens, args, driver, data_root, entries):
             raise SystemExit(f"switchyard_compare failed on {name} T={T}:\n{proc.stderr}")
         res = json.loads((odir / "result.json").read_text())
         fwd["switchyard_ms"] = res["forward_ms"]
+        fwd["switchyard_min_ms"] = min(res["forward_reps_ms"])
         fwd["switchyard_reps_ms"] = res["forward_reps_ms"]
         if not args.forward_only:
             fb["switchyard_ms"] = res["forward_backward_ms"]
+            fb["switchyard_min_ms"] = min(res["forward_backward_reps_ms"])
             fb["switchyard_reps_ms"] = res["forward_backward_reps_ms"]
 
         # Outputs: Switchyard against the first HF implementation run (eager).
@@ -459,7 +476,9 @@ def markdown(doc):
                 "yes" if e["agree"] else f"**no** ({e['routing_mismatch_tokens']} tokens routed differently)"
                 if e["routing_mismatch_tokens"] else "**no**"]) + " |")
         out.append("")
-    notes = sorted({f"{k}: {v}" for e in doc["entries"] for k, v in e.get("skipped", {}).items()})
+    notes = sorted({f"{e['shape']} T={e['T']} {k}: {v}"
+                    for e in doc["entries"] for k, v in e.get("skipped", {}).items()})
+    notes += [f"{p['shape']} T={p['T']}: {p['why']}" for p in doc.get("skipped_points", [])]
     if notes:
         out += ["## Not run", ""] + [f"- {n}" for n in notes] + [""]
     out += ["## Notes", "",
@@ -475,7 +494,15 @@ def markdown(doc):
             "- Forward+backward: PyTorch clears the gradients (`grad = None`) and allocates new "
             "ones; Switchyard zeroes its accumulating gradients inside the timed region.",
             "- HF forward runs under `torch.inference_mode()`; batched_mm is skipped where its "
-            "per-pair weight copies would not fit in memory.", ""]
+            "per-pair weight copies would not fit in memory.",
+            "- HF eager's backward costs about (experts hit) × (expert weight bytes) whatever T: "
+            "each `gate_up_proj[expert_idx]` / `down_proj[expert_idx]` of its loop is a "
+            "`SelectBackward0`, which writes the slice's gradient into a zero tensor of the whole "
+            "[E, ·, ·] parameter, and the autograd engine sums those full-size tensors.",
+            "- A measurement whose warm-up run exceeds the time budget uses that run as its only "
+            "sample (both sides); `*_reps_ms` in the JSON lists every sample.",
+            f"- Points kept from earlier runs of the same date (`--merge`): "
+            f"{c.get('points_kept_from_earlier_runs', 0)}.", ""]
     return "\n".join(out)
 
 
@@ -494,6 +521,11 @@ def main():
     ap.add_argument("--max-weight-gib", type=float, default=2.5,
                     help="scale d_ff down (halving) until one copy of the expert weights fits")
     ap.add_argument("--max-batched-mm-gib", type=float, default=6.0)
+    ap.add_argument("--max-gflop", type=float, default=200.0,
+                    help="skip (shape, T) points whose expert GEMMs exceed this many GFLOP per "
+                         "forward (0: no limit)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other points of an existing compare-DATE.json")
     ap.add_argument("--forward-only", action="store_true")
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--data-dir", default=str(Path.home() / ".cache" / "switchyard-compare-data"))
@@ -527,22 +559,60 @@ def main():
     log(f"bench-compare: torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{args.threads} threads, BLAS {info['library']} ({info['kernel']}), load {load0[0]:.2f}")
 
-    entries = []
+    entries, skipped_points = [], []
     t_start = time.perf_counter()
+    out = Path(args.out_dir)
+    json_name = f"compare-{args.date}.json"
+    previous, previous_skips = [], []
+    if args.merge and (out / json_name).exists():
+        old = json.loads((out / json_name).read_text())
+        previous, previous_skips = old.get("entries", []), old.get("skipped_points", [])
+
+    def write(final):
+        load1 = os.getloadavg()
+        keys = {(e["shape"], e["T"], e["pass"]) for e in entries}
+        kept = [e for e in previous if (e["shape"], e["T"], e["pass"]) not in keys]
+        mine = {(p["shape"], p["T"]) for p in skipped_points} | {(k[0], k[1]) for k in keys}
+        skips = [p for p in previous_skips if (p["shape"], p["T"]) not in mine] + skipped_points
+        order = {n: i for i, n in enumerate(list(SHAPES) + list(QUICK_SHAPE))}
+        rows = sorted(kept + entries, key=lambda e: (order.get(e["shape"], 99), e["T"], e["pass"]))
+        doc = document(args, info, load0, load1, rows, skips,
+                       time.perf_counter() - t_start, json_name)
+        doc["context"]["points_kept_from_earlier_runs"] = len(kept)
+        md = markdown(doc)
+        if final:
+            print(md)
+        if not args.no_write:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / json_name).write_text(json.dumps(doc, indent=1) + "\n")
+            (out / f"compare-{args.date}.md").write_text(md + "\n")
+            log(f"wrote {out / json_name} and {out / f'compare-{args.date}.md'}")
+
     for name, spec in shapes.items():
         spec = scale_to_host(spec, args.max_weight_bytes)
         tokens = spec.get("tokens") or (QUICK_TOKENS if args.quick else TOKENS)
         if token_filter:
             tokens = [t for t in tokens if t in token_filter]
+        for T in list(tokens):
+            if args.max_gflop > 0 and expert_gflop(spec, T) > args.max_gflop:
+                tokens.remove(T)
+                skipped_points.append(
+                    {"shape": name, "T": T, "why": f"{expert_gflop(spec, T):.3g} GFLOP per forward "
+                     f"> --max-gflop {args.max_gflop:g}: minutes per pass per implementation on this host"})
+                log(f"{name} T={T}: skipped ({skipped_points[-1]['why']})")
         if not tokens:
             continue
         log(f"{name} d={spec['d']} d_ff={spec['d_ff']} E={spec['E']} k={spec['k']} tokens={tokens}"
             + (f"  (scaled: d_ff {spec['scaled']['d_ff'][0]} -> {spec['scaled']['d_ff'][1]})" if spec.get("scaled") else ""))
         run_shape(name, spec, tokens, args, driver, data_root, entries)
-    load1 = os.getloadavg()
+        write(final=False)  # what is done so far survives an interrupted run
+    write(final=True)
+    if not all(e["agree"] for e in entries):
+        log("bench-compare: some outputs do NOT agree within float32 tolerance (see the table)")
 
-    json_name = f"compare-{args.date}.json"
-    doc = {
+
+def document(args, info, load0, load1, entries, skipped_points, wall_s, json_name):
+    return {
         "format": "switchyard-compare/1",
         "date": args.date,
         "json_name": json_name,
@@ -552,24 +622,20 @@ def main():
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "numpy": np.__version__,
             "switchyard_commit": git_commit(), "blas": info,
+            "hf_grouped_mm_kernel": ("torch.nn.functional.grouped_mm"
+                                     if hasattr(torch.nn.functional, "grouped_mm") else
+                                     "torch._grouped_mm" if hasattr(torch, "_grouped_mm") else
+                                     "transformers' per-expert torch.mm loop (no grouped_mm in this torch)"),
             "loadavg_start": [round(v, 2) for v in load0], "loadavg_end": [round(v, 2) for v in load1],
             "noise": "Other jobs may share this machine (the load averages above): the times are "
                      "noisy; the ratios come from one run, the two sides measured back to back.",
             "warmup": args.warmup, "reps": args.reps, "budget_ms": args.budget_ms,
-            "seed": args.seed, "rel_tol": REL_TOL, "wall_s": round(time.perf_counter() - t_start, 1),
+            "seed": args.seed, "rel_tol": REL_TOL, "max_gflop": args.max_gflop,
+            "wall_s": round(wall_s, 1),
         },
         "entries": entries,
+        "skipped_points": skipped_points,
     }
-    md = markdown(doc)
-    print(md)
-    if not args.no_write:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / json_name).write_text(json.dumps(doc, indent=1) + "\n")
-        (out / f"compare-{args.date}.md").write_text(md + "\n")
-        log(f"wrote {out / json_name} and {out / f'compare-{args.date}.md'}")
-    if not all(e["agree"] for e in entries):
-        log("bench-compare: some outputs do NOT agree within float32 tolerance (see the table)")
 
 
 if __name__ == "__main__":
