@@ -7,7 +7,14 @@
 //! A BLAS computes row i of `C = A·op(B)` from row i of A and B only, but *which* instructions
 //! it uses depends on the call's shape. Measured with Debian's OpenBLAS 0.3.21 over every x86-64
 //! kernel set it ships (`OPENBLAS_CORETYPE` = Prescott … Sandybridge, Haswell, Zen, SkylakeX,
-//! Cooperlake):
+//! Cooperlake), and again with scipy-openblas32's OpenBLAS 0.3.34 (the default BLAS,
+//! docs/blas.md), which ships five x86-64 sets: Katmai (what Prescott/Core2/Penryn/Opteron
+//! select), Nehalem, Sandybridge, Haswell (also for Zen) and SkylakeX (also for Cooperlake and
+//! SapphireRapids). 0.3.34 behaves as 0.3.21 on every point below: the same SkylakeX
+//! small-kernel bound (rows of an NN call change kernel exactly up to M·N·K = 10^6; NT calls
+//! switch below it), SSE row tails below 4 rows (Katmai), Haswell's 6-of-12 row split; so the
+//! rule is unchanged, and `blas_batch_invariant()` is true on Katmai, Nehalem, Sandybridge and
+//! SkylakeX, false on Haswell:
 //! - A multi-threaded call splits the rows at thread-count-dependent places (seen: 1 vs 2
 //!   threads differ on Haswell/Zen kernels). Every call here is single-threaded
 //!   (`blas_single_thread_scope`); parallelism comes from running independent calls (experts,
