@@ -180,6 +180,7 @@ struct plan_stats {
   double mean_k = 0.0;
   double max_load_over_mean = 0.0;  // busiest expert's rows / mean rows per expert
   double top_share = 0.0;           // share of the pairs that went to the busiest expert
+  index_t touched = 0;              // experts with at least one pair (their weights are read)
 };
 
 template <class Plan>
@@ -193,6 +194,7 @@ plan_stats stats_of(const Plan& plan, index_t experts) {
     }
   }
   const index_t mx = load.empty() ? 0 : *std::max_element(load.begin(), load.end());
+  r.touched = static_cast<index_t>(std::count_if(load.begin(), load.end(), [](index_t v) { return v > 0; }));
   r.mean_k = plan.num_tokens() > 0 ? static_cast<double>(r.pairs) / static_cast<double>(plan.num_tokens()) : 0.0;
   if (r.pairs > 0) {
     r.max_load_over_mean = static_cast<double>(mx) * static_cast<double>(experts) / static_cast<double>(r.pairs);
@@ -395,6 +397,7 @@ void shape_counters(benchmark::State& st, const shape& s, index_t tokens, const 
   st.counters["mean_k"] = ps.mean_k;
   st.counters["max_load_over_mean"] = ps.max_load_over_mean;
   st.counters["top_expert_share"] = ps.top_share;
+  st.counters["experts_touched"] = static_cast<double>(ps.touched);
 }
 
 // ---- forward -------------------------------------------------------------------------------
@@ -490,6 +493,11 @@ void bm_forward(benchmark::State& st, const shape& s, index_t tokens, index_t tm
   st.counters["experts_vs_loop"] = ph.mean("loop", n) / ph.mean("experts", n);
   st.counters["layer_vs_loop"] = ph.mean("loop", n) / ph.mean("layer", n);
   st.counters["GFLOPs_layer"] = (expert_flops + router_flops) / ph.mean("layer", n) * 1e-9;
+  // The expert weights the phase must read at least once (memory-bound at small T, where the
+  // equal-FLOP dense sgemm reads one weight matrix instead of one per touched expert).
+  const double weight_bytes = static_cast<double>(ps.touched) * static_cast<double>(p + s.d_ff) * d * sizeof(float);
+  st.counters["weight_bytes"] = weight_bytes;
+  st.counters["experts_weight_GBs"] = weight_bytes / ph.mean("experts", n) * 1e-9;
   shape_counters(st, s, tokens, ps);
 }
 

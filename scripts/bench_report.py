@@ -194,6 +194,7 @@ def main():
     ap.add_argument("--compare-dir", default="")
     ap.add_argument("--compare", default="")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--note", default="", help="a paragraph printed under the title")
     args = ap.parse_args()
 
     doc = load_suites(args.inputs)
@@ -247,6 +248,18 @@ def main():
     md.append("Written by `scripts/bench` (docs/benchmarks/README.md explains every column). "
               "Times are means over the iterations; ratios are measured in the same iterations.")
     md.append("")
+    loads = [float(v) for v in re.findall(r"\d+\.\d+", args.load)]
+    cores = sctx["cores"] if isinstance(sctx["cores"], int) else os.cpu_count() or 1
+    if loads and max(loads) > 0.75 * cores:
+        md.append(f"**Busy machine**: load average up to {max(loads):.1f} on {cores} cores during the run "
+                  "(other processes competing for the cores): absolute times are pessimistic and noisy, "
+                  "most at small T where a parallel region waits for a descheduled thread; the ratios, "
+                  "taken within the same iterations, are steadier. Re-run on a quiet machine to quote "
+                  "absolute numbers.")
+        md.append("")
+    if args.note:
+        md.append(args.note)
+        md.append("")
     md.append("| | |")
     md.append("|---|---|")
     for k in ("device", "cores", "date", "git_commit", "compiler", "build_type", "blas", "blas_kernel",
@@ -272,11 +285,14 @@ def main():
     md.append("")
     md.append("Whole layer forward and backward (ms), the expert phase against the equal-FLOP dense sgemm "
               f"(target ≥ {TARGET_EXPERTS_VS_DENSE}×) and the layer against the per-expert GEMM loop "
-              "(above 1: Switchyard faster). Phases in the next table.")
+              "(above 1: Switchyard faster). At small T the expert phase is bound by reading the touched "
+              "experts' weights (last two columns) while the equal-FLOP dense sgemm reads one weight "
+              "matrix: `vs dense` there measures memory traffic, not GEMM efficiency. Phases in the next "
+              "table.")
     md.append("")
     md.append("| shape | T | routing | fwd | bwd | fwd + bwd | experts fwd vs dense | experts bwd vs dense | "
-              "layer fwd vs loop | layer bwd vs loop |")
-    md.append("|---|---|---|---|---|---|---|---|---|---|")
+              "layer fwd vs loop | layer bwd vs loop | experts touched | fwd expert weights GB/s |")
+    md.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in shapes:
         keys = sorted({(v, t) for (sh, v, t) in list(fwd) + list(bwd) if sh == s}, key=lambda x: (x[1], x[0]))
         for variant, t in keys:
@@ -285,7 +301,9 @@ def main():
             both = lf + lb if lf and lb else None
             md.append(f"| {s} | {t} | {variant} | {fmt_ms(lf)} | {fmt_ms(lb)} | {fmt_ms(both)} | "
                       f"{fmt_x(f.get('experts_vs_dense'))} | {fmt_x(b.get('experts_vs_dense'))} | "
-                      f"{fmt_x(f.get('layer_vs_loop'))} | {fmt_x(b.get('layer_vs_loop'))} |")
+                      f"{fmt_x(f.get('layer_vs_loop'))} | {fmt_x(b.get('layer_vs_loop'))} | "
+                      f"{int(f.get('experts_touched', b.get('experts_touched', 0)))} | "
+                      f"{fmt_g(f.get('experts_weight_GBs'))} |")
     md.append("")
 
     # ---- phase table ------------------------------------------------------------------------------
