@@ -322,8 +322,9 @@ struct expert_loop {
       // dA [n, f] = dY · W2 (W2 [d, f]), into dae's first f columns of each row (ld p).
       sy::host::sgemm(op::none, op::none, n, f, d, 1.0f, ye.data(), d, w2 + e * d * f, f, 0.0f,
                       dae.data(), p);
-      sy::host::sgemm(op::transpose, op::none, d, f, n, 1.0f, ye.data(), d, ae.data(), f, 1.0f,
-                      gw2 + e * d * f, f);
+      if (gw2 != nullptr)
+        sy::host::sgemm(op::transpose, op::none, d, f, n, 1.0f, ye.data(), d, ae.data(), f, 1.0f,
+                        gw2 + e * d * f, f);
       for (index_t r = 0; r < n; ++r) {  // dH [n, p] in place of dA
         const float* h = he.data() + r * p;
         float* dh = dae.data() + r * p;
@@ -338,8 +339,9 @@ struct expert_loop {
           }
         }
       }
-      sy::host::sgemm(op::transpose, op::none, p, d, n, 1.0f, dae.data(), p, xe.data(), d, 1.0f,
-                      gw1 + e * p * d, d);
+      if (gw1 != nullptr)
+        sy::host::sgemm(op::transpose, op::none, p, d, n, 1.0f, dae.data(), p, xe.data(), d, 1.0f,
+                        gw1 + e * p * d, d);
       sy::host::sgemm(op::none, op::none, n, d, p, 1.0f, dae.data(), p, w1 + e * p * d, d, 0.0f,
                       ye.data(), d);
       for (index_t r = 0; r < n; ++r) {
@@ -452,6 +454,17 @@ void bm_forward(benchmark::State& st, const shape& s, index_t tokens, index_t tm
   std::vector<float> y_loop(y.size());
   const double expert_flops = 2.0 * static_cast<double>(ps.pairs) * static_cast<double>(p + s.d_ff) * d;
   const double router_flops = 2.0 * static_cast<double>(tokens) * E * d;
+  // The loop computes what the layer computes: max |y_loop − y| / max |y| (a counter, so a
+  // baseline that drifted from the layer's math shows in the table; float32: ~1e-6).
+  {
+    loop.forward(fplan, D.x.data(), D.w1.data(), D.w2.data(), y_loop.data(), tokens);
+    double diff = 0.0, mag = 0.0;
+    for (std::size_t i = 0; i < y.size(); ++i) {
+      diff = std::max(diff, static_cast<double>(std::abs(y_loop[i] - y[i])));
+      mag = std::max(mag, static_cast<double>(std::abs(y[i])));
+    }
+    st.counters["loop_rel_diff"] = mag > 0.0 ? diff / mag : diff;
+  }
 
   phase_sums ph;
   for (auto _ : st) {
@@ -542,6 +555,21 @@ void bm_backward(benchmark::State& st, const shape& s, index_t tokens, index_t t
   expert_loop loop(s, tokens);
   const double expert_flops = 2.0 * static_cast<double>(ps.pairs) * static_cast<double>(3 * p + 2 * s.d_ff) * d;
   const double router_flops = 4.0 * static_cast<double>(tokens) * E * d;
+  // The loop computes what the layer computes: dx of the expert phase alone (no weight
+  // gradients on either side), max |dx_loop − dx| / max |dx|.
+  {
+    std::vector<float> dx_layer(dx.size(), 0.0f), dx_loop(dx.size(), 0.0f);
+    layer.template backward_experts<float>(ctx, x, fplan, w, dyv, sy::make_view(dx_layer.data(), tokens, d),
+                                           sy::expert_grads{}, {d_weights.data(), d_weights.size()},
+                                           {ews.data(), ews.size()});
+    loop.backward(fplan, D.x.data(), D.dy.data(), D.w1.data(), D.w2.data(), dx_loop.data(), nullptr, nullptr);
+    double diff = 0.0, mag = 0.0;
+    for (std::size_t i = 0; i < dx.size(); ++i) {
+      diff = std::max(diff, static_cast<double>(std::abs(dx_loop[i] - dx_layer[i])));
+      mag = std::max(mag, static_cast<double>(std::abs(dx_layer[i])));
+    }
+    st.counters["loop_rel_diff"] = mag > 0.0 ? diff / mag : diff;
+  }
 
   phase_sums ph;
   for (auto _ : st) {
