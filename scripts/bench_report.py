@@ -141,10 +141,12 @@ def compare_rows(path):
                         info["pass"] = str(node[key])
                 info["switchyard_ms"] = num(node.get("switchyard_ms"))
                 # hf_<impl>_ms (not hf_<impl>_reps_ms, the repetitions' list)
+                # (not the statistics beside them: hf_<impl>_min_ms, _max, _reps, ...)
                 info["hf"] = {k[3:-3]: num(v) for k, v in node.items()
-                              if re.fullmatch(r"hf_\w+_ms", k) and "_reps" not in k and num(v)}
+                              if re.fullmatch(r"hf_\w+_ms", k) and num(v)
+                              and not re.search(r"_(reps|min|max|mean|median|std|p\d+)_ms$", k)}
                 if node.get("scaled"):
-                    info["scaled"] = str(node["scaled"])
+                    info["scaled"] = scaled_text(node["scaled"])
                 rows.append(info)
                 return
             for k, v in node.items():
@@ -173,6 +175,15 @@ def compare_rows(path):
         r.setdefault("tokens", "?")
         r.setdefault("pass", "forward")
     return rows, None
+
+
+def scaled_text(v):
+    """A compare file's `scaled` field: "d_ff 14336→3584" from {"d_ff": [14336, 3584], ...}."""
+    if isinstance(v, dict):
+        parts = [f"{k} {a}→{b}" for k, pair in v.items()
+                 if isinstance(pair, (list, tuple)) and len(pair) == 2 for a, b in [pair]]
+        return ", ".join(parts) if parts else "scaled"
+    return str(v)[:60]
 
 
 def pass_kind(text):
@@ -424,7 +435,7 @@ def main():
             tg = target_text(ratio, TARGET_FWD_VS_HF if pk == "fwd" else TARGET_FWDBWD_VS_HF)
             eager = next((v for k, v in hf.items() if "eager" in k), None)
             decode = ""
-            if str(r["tokens"]) == "1" and eager and sw:
+            if str(r["tokens"]) == "1" and eager and sw and pk == "fwd":
                 decode = f"{fmt_x(eager / sw)} {target_text(eager / sw, TARGET_DECODE_VS_EAGER)}"
             shape_text = r["shape"] + (f" ({r['scaled']})" if r.get("scaled") else "")
             md.append(f"| {shape_text} | {r['tokens']} | {r['pass']} | {fmt_ms(sw)} | " +
