@@ -322,7 +322,9 @@ def main():
     md.append("")
     md.append("`vs dense` = equal-FLOP dense sgemm time / phase time; `vs loop` = per-expert GEMM loop "
               "time / phase time (above 1: faster than the baseline). Target: expert phase ≥ "
-              f"{TARGET_EXPERTS_VS_DENSE}× dense. GEMMs = expert phase − permute − combine (derived).")
+              f"{TARGET_EXPERTS_VS_DENSE}× dense. GEMMs = expert phase − permute − combine (derived). "
+              "Backward's permute and combine run inside `backward_experts` and cannot be timed apart "
+              "through the API; its route row is `router_backward`.")
     md.append("")
     md.append("| shape | T | routing | pass | phase | time (ms) | GFLOP/s | vs dense | vs loop | target |")
     md.append("|---|---|---|---|---|---|---|---|---|---|")
