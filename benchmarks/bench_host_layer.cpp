@@ -400,6 +400,7 @@ void shape_counters(benchmark::State& st, const shape& s, index_t tokens, const 
   st.counters["max_load_over_mean"] = ps.max_load_over_mean;
   st.counters["top_expert_share"] = ps.top_share;
   st.counters["experts_touched"] = static_cast<double>(ps.touched);
+  st.SetLabel(s.scaled == "1" ? "full size" : "scaled " + s.scaled);
 }
 
 // ---- forward -------------------------------------------------------------------------------

@@ -251,7 +251,15 @@ def main():
 
     def scaled_of(b):
         fs = b.get("flop_scale", 1.0)
-        return "1" if abs(fs - 1.0) < 1e-9 else f"{fs:g} of the FLOPs"
+        if abs(fs - 1.0) < 1e-9:
+            return "full size"
+        how = b.get("label", "").replace("scaled ", "")
+        return f"{how}: {fs:g} of the FLOPs" if how else f"{fs:g} of the FLOPs"
+
+    def scaled_short(s):
+        b = next((v for (sh, _, _), v in list(fwd.items()) + list(bwd.items()) if sh == s), {})
+        fs = b.get("flop_scale", 1.0)
+        return "full" if abs(fs - 1.0) < 1e-9 else (b.get("label", "").replace("scaled ", "") or f"{fs:g}")
 
     md = []
     md.append(f"# Host benchmarks, {sctx['date'][:10]}")
@@ -282,7 +290,7 @@ def main():
     # ---- shapes ---------------------------------------------------------------------------------
     md.append("## Shapes")
     md.append("")
-    md.append("| shape | d | d_ff | E | k | experts | scaled (FLOPs per token vs the model) |")
+    md.append("| shape | d | d_ff | E | k | experts | scaled on the host (FLOPs per token vs the model) |")
     md.append("|---|---|---|---|---|---|---|")
     for s in shapes:
         b = next(v for (sh, _, _), v in list(fwd.items()) + list(bwd.items()) if sh == s)
@@ -301,16 +309,16 @@ def main():
               "matrix: `vs dense` there measures memory traffic, not GEMM efficiency. Phases in the next "
               "table.")
     md.append("")
-    md.append("| shape | T | routing | fwd | bwd | fwd + bwd | experts fwd vs dense | experts bwd vs dense | "
+    md.append("| shape | scaled | T | routing | fwd | bwd | fwd + bwd | experts fwd vs dense | experts bwd vs dense | "
               "layer fwd vs loop | layer bwd vs loop | experts touched | fwd expert weights GB/s |")
-    md.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in shapes:
         keys = sorted({(v, t) for (sh, v, t) in list(fwd) + list(bwd) if sh == s}, key=lambda x: (x[1], x[0]))
         for variant, t in keys:
             f, b = fwd.get((s, variant, t), {}), bwd.get((s, variant, t), {})
             lf, lb = f.get("layer_ms"), b.get("layer_ms")
             both = lf + lb if lf and lb else None
-            md.append(f"| {s} | {t} | {variant} | {fmt_ms(lf)} | {fmt_ms(lb)} | {fmt_ms(both)} | "
+            md.append(f"| {s} | {scaled_short(s)} | {t} | {variant} | {fmt_ms(lf)} | {fmt_ms(lb)} | {fmt_ms(both)} | "
                       f"{fmt_x(f.get('experts_vs_dense'))} | {fmt_x(b.get('experts_vs_dense'))} | "
                       f"{fmt_x(f.get('layer_vs_loop'))} | {fmt_x(b.get('layer_vs_loop'))} | "
                       f"{int(f.get('experts_touched', b.get('experts_touched', 0)))} | "
