@@ -2,19 +2,39 @@
 //! \file linear_softmax.hpp
 //! The scoring shared by the softmax routers (top-k, top-p, DA-MoE, Adaptive Gating,
 //! HyperMoE): logits = x · Wᵀ with W [E, d] in nn.Linear layout, P = softmax(logits) in
-//! float32, and its backward to x and W; host loops over the rows of softmax.hpp. Also the
+//! float32, and its backward to x and W on the host. Also the
 //! plan-wide helpers `select_all`, `load_balance_loss`, `z_loss` and their backward (thin
 //! wrappers over loss_terms.hpp, for one-struct routers; they allocate their scratch).
+//!
+//! The host products (`detail::linear_logits`, `linear_backward`):
+//! - logits: every element is `host::gemm_nt_fixed`'s fixed sequence (4 lane partial sums over
+//!   k ≡ lane (mod 4) in increasing k, then (l0 + l2) + (l1 + l3), then the k tail), whatever
+//!   the row count, the row's position or the thread count: a token's logits, and so its
+//!   routing, depend on its row alone (batch- and thread-invariant on every CPU and BLAS).
+//!   Blocks of `router_row_block` tokens run on OpenMP threads; half / bfloat16 / strided x
+//!   rows are converted block by block into a 32 KiB stack buffer (no allocation).
+//! - dx += d_logits · W: `host::gemm_nn_fixed` over the same token blocks (one sum per element
+//!   in increasing e, then added to dx): a token's dx depends on its row alone.
+//! - grads.w += d_logitsᵀ · x: single-threaded `host::sgemm` calls over fixed blocks of
+//!   `router_grad_columns` columns of d, on OpenMP threads (each column block one call; half /
+//!   bfloat16 x through the stack buffer in fixed chunks of tokens, accumulated in token
+//!   order): the partition depends on the shapes alone, so the result does not depend on the
+//!   thread count.
+//! Views BLAS or the fixed kernels cannot read (strided w, dx or grads.w) take plain loops.
 //!
 //! NaN policy: a non-finite router logit (from NaN/Inf in `x` or `w`) throws
 //! `non_finite_error` naming the token; routing such a token would be arbitrary.
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "switchyard/backend/host/fixed_gemm.hpp"
+#include "switchyard/backend/host/gemm.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/parallel.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/routing/loss_terms.hpp"
 #include "switchyard/routing/plan.hpp"
@@ -65,26 +85,168 @@ void check_linear_router_inputs(const matrix_view<const T>& x, const linear_rout
   check_view("x", x, {-1, p.w.extent(1)}, "[T, d] with d = params.w.extent(1)");
 }
 
+//! Floats of the stack buffer the router's products convert rows into (32 KiB).
+inline constexpr index_t router_stage_floats = 8192;
+//! Tokens per work item of the router's token-row products (logits, dx).
+inline constexpr index_t router_row_block = 32;
+//! Columns of d per work item (one BLAS call) of the router's weight gradient.
+inline constexpr index_t router_grad_columns = 128;
+
+//! Σ_k a(k)·b(k) in `host::gemm_nt_fixed`'s per-element sequence (4 lane partial sums, then
+//! (l0 + l2) + (l1 + l3), then the tail; products rounded before they are added): the
+//! router's logits for operands the fixed kernels cannot read in place, with the same bits.
+template <class A, class B>
+SWITCHYARD_NO_CONTRACT_ATTR float fixed_dot(index_t k, const A& a, const B& b) {
+  SWITCHYARD_NO_CONTRACT_BEGIN
+  const index_t k4 = k / 4 * 4;
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+  for (index_t i = 0; i < k4; i += 4) {
+    const float p0 = a(i) * b(i), p1 = a(i + 1) * b(i + 1);
+    const float p2 = a(i + 2) * b(i + 2), p3 = a(i + 3) * b(i + 3);
+    s0 = s0 + p0;
+    s1 = s1 + p1;
+    s2 = s2 + p2;
+    s3 = s3 + p3;
+  }
+  float r = (s0 + s2) + (s1 + s3);
+  for (index_t i = k4; i < k; ++i) {
+    const float q = a(i) * b(i);
+    r = r + q;
+  }
+  return r;
+}
+
+//! logits [T, E] (row-major, overwritten) = x [T, d] · w [E, d]ᵀ, every element in
+//! `host::gemm_nt_fixed`'s order (see the file comment): blocks of router_row_block tokens
+//! on OpenMP threads; rows that are not contiguous float are converted block-wise into a
+//! stack buffer; a strided w (or d above the buffer) takes `fixed_dot`, the same bits.
+template <class T>
+void linear_logits(const matrix_view<const T>& x, const matrix_view<const float>& w,
+                   float* logits) {
+  const index_t tokens = x.extent(0), d = x.extent(1), e_count = w.extent(0);
+  if (tokens == 0 || e_count == 0) return;
+  const bool parallel = tokens * e_count * d > (1 << 16) && detail::openmp_parallel_available();
+  const bool float_rows = std::is_same_v<T, float> && x.stride(1) == 1;
+  const bool w_rows = w.stride(1) == 1;
+  if (d > 0 && w_rows && (float_rows || d <= router_stage_floats)) {
+    const index_t rows =
+        float_rows ? router_row_block : std::min(router_row_block, router_stage_floats / d);
+    const index_t blocks = (tokens + rows - 1) / rows;
+    detail::parallel_for(blocks, parallel, [&](index_t b) {
+      const index_t t0 = b * rows, m = std::min(rows, tokens - t0);
+      float* out = logits + t0 * e_count;
+      if constexpr (std::is_same_v<T, float>) {
+        if (float_rows) {
+          host::gemm_nt_fixed(m, e_count, d, &x(t0, 0), x.stride(0), w.data_handle(),
+                              w.stride(0), out, e_count, false);
+          return;
+        }
+      }
+      float stage[router_stage_floats];
+      for (index_t r = 0; r < m; ++r)
+        for (index_t i = 0; i < d; ++i) stage[r * d + i] = to_float(x(t0 + r, i));
+      host::gemm_nt_fixed(m, e_count, d, stage, d, w.data_handle(), w.stride(0), out, e_count,
+                          false);
+    });
+    return;
+  }
+  detail::parallel_for(tokens, parallel, [&](index_t t) {
+    for (index_t e = 0; e < e_count; ++e) {
+      logits[t * e_count + e] = fixed_dot(
+          d, [&](index_t i) { return to_float(x(t, i)); }, [&](index_t i) { return w(e, i); });
+    }
+  });
+}
+
+//! dx [T, d] += d_logits [T, E] · w [E, d]: `host::gemm_nn_fixed` over blocks of
+//! router_row_block tokens (one sum per element in increasing e, then added), a plain loop
+//! with that order for strided views.
+inline void linear_backward_dx(const float* d_logits, const matrix_view<const float>& w,
+                               const matrix_view<float>& dx) {
+  const index_t tokens = dx.extent(0), d = dx.extent(1), e_count = w.extent(0);
+  if (tokens == 0 || d == 0) return;
+  const bool parallel = tokens * e_count * d > (1 << 16) && detail::openmp_parallel_available();
+  if (dx.stride(1) == 1 && w.stride(1) == 1) {
+    const index_t blocks = (tokens + router_row_block - 1) / router_row_block;
+    detail::parallel_for(blocks, parallel, [&](index_t b) {
+      const index_t t0 = b * router_row_block, m = std::min(router_row_block, tokens - t0);
+      host::gemm_nn_fixed(m, d, e_count, d_logits + t0 * e_count, e_count, w.data_handle(),
+                          w.stride(0), &dx(t0, 0), dx.stride(0), true);
+    });
+    return;
+  }
+  detail::parallel_for(tokens, parallel, [&](index_t t) {
+    for (index_t i = 0; i < d; ++i) {
+      float acc = 0.0f;
+      for (index_t e = 0; e < e_count; ++e) acc += d_logits[t * e_count + e] * w(e, i);
+      dx(t, i) += acc;
+    }
+  });
+}
+
+//! gw [E, d] += d_logits [T, E]ᵀ · x [T, d]: one single-threaded `host::sgemm` per block of
+//! router_grad_columns columns (blocks on OpenMP threads); x rows that are not contiguous
+//! float go through a stack buffer in chunks of router_stage_floats / router_grad_columns
+//! tokens, accumulated in token order. A strided gw takes a plain loop (t in order).
+template <class T>
+void linear_backward_w(const matrix_view<const T>& x, const float* d_logits,
+                       const matrix_view<float>& gw) {
+  const index_t tokens = x.extent(0), d = x.extent(1), e_count = gw.extent(0);
+  if (d == 0 || e_count == 0) return;
+  const bool parallel = tokens * e_count * d > (1 << 16) && detail::openmp_parallel_available();
+  if (!(gw.stride(1) == 1 && gw.stride(0) >= d)) {
+    detail::parallel_for(e_count, parallel, [&](index_t e) {
+      for (index_t i = 0; i < d; ++i) {
+        float acc = 0.0f;
+        for (index_t t = 0; t < tokens; ++t) acc += d_logits[t * e_count + e] * to_float(x(t, i));
+        gw(e, i) += acc;
+      }
+    });
+    return;
+  }
+  (void)detail::blas_int("router tokens", tokens);
+  (void)detail::blas_int("router width d", d);
+  (void)detail::blas_int("router experts", e_count);
+  const bool float_rows = std::is_same_v<T, float> && x.stride(1) == 1;
+  const index_t blocks = (d + router_grad_columns - 1) / router_grad_columns;
+  const host::blas_single_thread_scope single_threaded_blas;
+  detail::parallel_for(blocks, parallel, [&](index_t b) {
+    const index_t c0 = b * router_grad_columns, n = std::min(router_grad_columns, d - c0);
+    float* out = &gw(0, c0);
+    if constexpr (std::is_same_v<T, float>) {
+      if (float_rows) {
+        host::sgemm(host::op::transpose, host::op::none, e_count, n, tokens, 1.0f, d_logits,
+                    e_count, &x(0, c0), x.stride(0), 1.0f, out, gw.stride(0));
+        return;
+      }
+    }
+    constexpr index_t chunk = router_stage_floats / router_grad_columns;
+    float stage[router_stage_floats];
+    for (index_t t0 = 0; t0 < tokens; t0 += chunk) {
+      const index_t m = std::min(chunk, tokens - t0);
+      for (index_t r = 0; r < m; ++r)
+        for (index_t i = 0; i < n; ++i) stage[r * n + i] = to_float(x(t0 + r, c0 + i));
+      host::sgemm(host::op::transpose, host::op::none, e_count, n, m, 1.0f,
+                  d_logits + t0 * e_count, e_count, stage, n, 1.0f, out, gw.stride(0));
+    }
+  });
+}
+
 }  // namespace switchyard::detail
 
 namespace switchyard::routing {
 
-//! logits[t, e] = Σ_i x[t, i] · w[e, i] (float accumulation), probs = softmax(logits),
-//! written to plan.logits / plan.probs (plan must be sized). Throws non_finite_error on a
-//! non-finite logit.
+//! logits[t, e] = Σ_i x[t, i] · w[e, i] (float, the fixed order of the file comment), probs =
+//! softmax(logits), written to plan.logits / plan.probs (plan must be sized). Throws
+//! non_finite_error on a non-finite logit.
 template <ElementType T>
 void linear_softmax_scores(const matrix_view<const T>& x, const linear_router_params& p,
                            const plan_ref& plan) {
-  const index_t tokens = x.extent(0), d = x.extent(1), e_count = p.w.extent(0);
-#pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
+  const index_t tokens = x.extent(0), e_count = p.w.extent(0);
+  detail::linear_logits(x, p.w, plan.logits.data());
+#pragma omp parallel for schedule(static) if (tokens * e_count > (1 << 14))
   for (index_t t = 0; t < tokens; ++t) {
-    float* lg = plan.logits.data() + t * e_count;
-    for (index_t e = 0; e < e_count; ++e) {
-      float acc = 0.0f;
-      for (index_t i = 0; i < d; ++i) acc += to_float(x(t, i)) * p.w(e, i);
-      lg[e] = acc;
-    }
-    softmax(span<const float>(lg, e_count),
+    softmax(span<const float>(plan.logits.data() + t * e_count, e_count),
             span<float>(plan.probs.data() + t * e_count, e_count));
   }
   bool bad = false;
@@ -168,8 +330,8 @@ inline void softmax_backward_rows(const plan_ref& plan, const float* d_probs, fl
   }
 }
 
-//! Backward of logits = x · wᵀ: dx [T, d] += d_logits · w, grads.w [E, d] += d_logitsᵀ · x.
-//! Either output may be an empty view (skipped).
+//! Backward of logits = x · wᵀ: dx [T, d] += d_logits · w, grads.w [E, d] += d_logitsᵀ · x
+//! (the host products of the file comment). Either output may be an empty view (skipped).
 template <ElementType T>
 void linear_backward(const matrix_view<const T>& x, const linear_router_params& p,
                      const float* d_logits, const matrix_view<float>& dx,
@@ -177,23 +339,11 @@ void linear_backward(const matrix_view<const T>& x, const linear_router_params& 
   const index_t tokens = x.extent(0), d = x.extent(1), e_count = p.w.extent(0);
   if (detail::present(dx)) {
     check_view("dx", dx, {tokens, d}, "[T, d]");
-#pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
-    for (index_t t = 0; t < tokens; ++t)
-      for (index_t i = 0; i < d; ++i) {
-        float acc = 0.0f;
-        for (index_t e = 0; e < e_count; ++e) acc += d_logits[t * e_count + e] * p.w(e, i);
-        dx(t, i) += acc;
-      }
+    detail::linear_backward_dx(d_logits, p.w, dx);
   }
   if (detail::present(g.w)) {
     check_view("grads.w", g.w, {e_count, d}, "[E, d]");
-#pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
-    for (index_t e = 0; e < e_count; ++e)
-      for (index_t i = 0; i < d; ++i) {
-        float acc = 0.0f;
-        for (index_t t = 0; t < tokens; ++t) acc += d_logits[t * e_count + e] * to_float(x(t, i));
-        g.w(e, i) += acc;
-      }
+    detail::linear_backward_w(x, d_logits, g.w);
   }
 }
 

@@ -180,7 +180,7 @@ struct scored_scoring_params {
 };
 
 //! Scoring part of a scored router: logits = x · wᵀ (+ b) (+ prev_logits · residual_wᵀ) in
-//! float (the order of `linear_softmax_scores`, then the bias, then the gating residual, summed
+//! float (`linear_softmax_scores`'s fixed order, then the bias, then the gating residual, summed
 //! in its own float accumulator over E_prev), scores = fn(logits) per row; backward from
 //! d_logits to dx, grads.w, grads.b, grads.residual_w and grads.prev_logits. `scores_backward`
 //! is the per-row hook of the generic route (d_scores -> d_logits). The gating residual is
@@ -225,13 +225,12 @@ struct scored_linear {
     const bool bias = detail::present(p.b);
     const bool residual = detail::present(p.residual_w);
     const index_t e_prev = residual ? p.residual_w.extent(1) : 0;
+    detail::linear_logits(x, p.w, plan.logits.data());
 #pragma omp parallel for schedule(static) if (tokens * e_count * d > (1 << 16))
     for (index_t t = 0; t < tokens; ++t) {
       float* lg = plan.logits.data() + t * e_count;
-      for (index_t e = 0; e < e_count; ++e) {
-        float acc = 0.0f;
-        for (index_t i = 0; i < d; ++i) acc += to_float(x(t, i)) * p.w(e, i);
-        lg[e] = bias ? acc + p.b(e) : acc;
+      if (bias) {
+        for (index_t e = 0; e < e_count; ++e) lg[e] = lg[e] + p.b(e);
       }
       if (residual) {
         for (index_t e = 0; e < e_count; ++e) {

@@ -5,6 +5,7 @@
 //! gradients per expert, and the combine's backward per token (`switchyard/ops/`).
 
 #include <algorithm>
+#include <utility>
 
 #include "switchyard/backend/host/dispatch_plan.hpp"
 #include "switchyard/backend/host/expert_forward.hpp"
@@ -48,11 +49,19 @@ namespace switchyard::host {
 //! ∂/∂(combine weights) = ⟨dy_t, FFN_e(x_t)⟩ per used slot (⟨dy_t, x_t⟩ for a dropped
 //! `scaled_input` pair, 0 otherwise). Measuring arena: only counts the workspace.
 //!
-//! One work item per expert (its weight gradients are one thread's sums over its rows, in row
-//! order). Experts run in parallel when their weights need no conversion panel and the
-//! weight-gradient views are BLAS-writable (the GEMMs then accumulate into them directly);
-//! otherwise in order through one shared panel / gradient buffer. Which of the two is decided
-//! by the layouts alone, never by the thread count.
+//! Two parallel passes, each over a partition fixed by the data alone (never by the thread
+//! count), each output element written by one call:
+//! 1. Token rows: every work item (a block of at most row_panels::block rows of one expert,
+//!    as the forward's) recomputes H, A, Y, forms its dY rows and d_weights, then dA, dH and
+//!    dX, all row-wise. Float weights BLAS can read: all items in parallel (so one hot expert,
+//!    or E below the thread count, still uses every thread); weights needing a conversion
+//!    panel: the experts in parallel on at most `host::panel_slots` threads, each converted
+//!    into its thread's slot, its items in order. Dense dispatch: expert after expert, each
+//!    one's items in parallel.
+//! 2. Weight gradients: per expert, tasks of 256 rows of dW2 or dW1 (each one single call
+//!    summing the expert's real rows in row order) and one for both bias gradients; tasks
+//!    write disjoint parts, in parallel when the gradient views are BLAS-writable, else in
+//!    order through one shared buffer. No partial sums are reduced across threads.
 //!
 //! `dm.weight_on_input` (y_t = Σ_j FFN_{e_tj}(u_tj), u_tj = w_tj · x_t): the activations are
 //! recomputed from the scaled rows u, the dY rows are dy_t unweighted, the weight gradients
@@ -72,12 +81,13 @@ void experts_backward(const DispatchPolicy& dispatch, const Act& act, const expe
   float* xs = ws.take<float>(rows * dm.d);     // [R, d] gathered x rows
   float* h = ws.take<float>(rows * dm.p);      // [R, P] pre-activation, then dH
   float* a = ws.take<float>(rows * dm.d_ff);   // [R, d_ff] activation
-  float* ys = ws.take<float>(rows * dm.d);     // [R, d] expert outputs (for d_weights)
-  float* dys = ws.take<float>(rows * dm.d);    // [R, d] dY rows, then dX rows
+  float* ys = ws.take<float>(rows * dm.d);     // [R, d] expert outputs (for d_weights), then dX
+  float* dys = ws.take<float>(rows * dm.d);    // [R, d] dY rows
   float* da = ws.take<float>(rows * dm.d_ff);  // [R, d_ff]
   float* pair_dx = grouped ? nullptr : ws.take<float>(dm.tokens * dm.width * dm.d);
-  float* w1_buf = detail::needs_panel(w.w1) ? ws.take<float>(dm.p * dm.d) : nullptr;
-  float* w2_buf = detail::needs_panel(w.w2) ? ws.take<float>(dm.d * dm.d_ff) : nullptr;
+  const index_t slots = panel_slots(dm);  // conversion panels: one per expert run at once
+  float* w1_buf = detail::needs_panel(w.w1) ? ws.take<float>(slots * dm.p * dm.d) : nullptr;
+  float* w2_buf = detail::needs_panel(w.w2) ? ws.take<float>(slots * dm.d * dm.d_ff) : nullptr;
   const bool gw1_direct = !detail::present(grads.w1) || detail::blas_layout(grads.w1);
   const bool gw2_direct = !detail::present(grads.w2) || detail::blas_layout(grads.w2);
   // One expert's dW1 [P, d] / dW2 [d, d_ff] for gradient views BLAS cannot write (always
@@ -92,86 +102,107 @@ void experts_backward(const DispatchPolicy& dispatch, const Act& act, const expe
   host::plan_groups(dispatch, plan, g);
   std::fill(d_weights, d_weights + tokens * width, 0.0f);
 
-  // Forward recompute of one expert over m rows into (he, ae, ye).
-  auto recompute = [&](index_t e, index_t m, const float* xe, float* he, float* ae, float* ye,
-                       detail::float_panel w1, detail::float_panel w2) {
+  // Token-row part of one work item (rows [r, r + m) of expert e, a multiple of the panel
+  // rule's granule): recompute H, A, Y; the dY rows (and d_weights) by `dy_rows`; dA = dY·W2;
+  // dH through the activation (in place over H); dX = dH·W1 into the Y rows (Y is dead once
+  // d_weights exists). Rows depend on their own token alone.
+  auto rows_backward = [&](index_t e, index_t r, index_t m, const auto& dy_rows,
+                           detail::float_panel w1, detail::float_panel w2) {
+    const float* xe = xs + r * d;
+    float* he = h + r * p;
+    float* ae = a + r * f;
+    float* ye = ys + r * d;
+    float* dye = dys + r * d;
+    float* dae = da + r * f;
     detail::gemm_rows(rp, op::none, op::transpose, m, p, d, xe, d, w1.data, w1.ld, he, p);
     if (w.has_b1()) detail::add_bias(w.b1, e, he, m, p, p);
     detail::run_range(0, m, ops::activate_rows<Act>{act, he, p, ae, f, f});
     detail::gemm_rows(rp, op::none, op::transpose, m, d, f, ae, f, w2.data, w2.ld, ye, d);
     if (w.has_b2()) detail::add_bias(w.b2, e, ye, m, d, d);
+    detail::run_range(r, r + m, dy_rows);
+    detail::gemm_rows(rp, op::none, op::none, m, f, d, dye, d, w2.data, w2.ld, dae, f);
+    detail::run_range(0, m, ops::activate_backward_rows<Act>{act, he, p, dae, f, f});
+    detail::gemm_rows(rp, op::none, op::none, m, d, p, he, p, w1.data, w1.ld, ye, d);
   };
 
-  // grad[e] += Lᵀ · R over the n real rows (L [n, rows of grad[e]], R [n, its columns]):
-  // straight into the gradient view when BLAS can write it, else through `tmp` (either way
-  // decided by the view's layout, never by the thread count).
-  auto accumulate_weight_grad = [&](const tensor_view<float, 3>& grad, bool direct, float* tmp,
-                                    index_t e, index_t n, const float* l, index_t ldl,
-                                    const float* r, index_t ldr) {
-    if (!detail::present(grad)) return;
-    const index_t rows = grad.extent(1), cols = grad.extent(2);
-    if (direct) {
-      detail::gemm_rows(rp, op::transpose, op::none, rows, cols, n, l, ldl, r, ldr,
-                        &grad(e, 0, 0), grad.stride(1), true);
+  // Weight-gradient part of expert e over its n real rows from row r0: task `task` of
+  // `grad_tasks` (fixed by the shapes): dW2 rows [c, c + grad_chunk) += dY[:, c..]ᵀ · A,
+  // dW1 rows [c, c + grad_chunk) += dH[:, c..]ᵀ · X (one call over the n rows each, straight
+  // into the gradient view when BLAS can write it, else through one shared buffer), or the
+  // bias gradients (column sums in row order). Tasks write disjoint parts of the gradients.
+  constexpr index_t grad_chunk = 256;
+  const index_t w2_tasks = (d + grad_chunk - 1) / grad_chunk;
+  const index_t w1_tasks = (p + grad_chunk - 1) / grad_chunk;
+  const index_t grad_tasks = w2_tasks + w1_tasks + 1;
+  auto weight_grads = [&](index_t e, index_t n, index_t r0, index_t task) {
+    const bool is_w2 = task < w2_tasks, is_w1 = !is_w2 && task < w2_tasks + w1_tasks;
+    if (!is_w2 && !is_w1) {
+      detail::add_bias_grad(grads.b2, e, dys + r0 * d, n, d, d);
+      detail::add_bias_grad(grads.b1, e, h + r0 * p, n, p, p);
       return;
     }
-    detail::gemm_rows(rp, op::transpose, op::none, rows, cols, n, l, ldl, r, ldr, tmp, cols);
+    const tensor_view<float, 3>& grad = is_w2 ? grads.w2 : grads.w1;
+    if (!detail::present(grad)) return;
+    const index_t c0 = (is_w2 ? task : task - w2_tasks) * grad_chunk;
+    const index_t rows_all = is_w2 ? d : p, cols = is_w2 ? f : d;
+    const index_t rows = std::min(grad_chunk, rows_all - c0);
+    const float* lhs = is_w2 ? dys + r0 * d + c0 : h + r0 * p + c0;
+    const index_t ldl = is_w2 ? d : p;
+    const float* rhs = is_w2 ? a + r0 * f : xs + r0 * d;
+    const index_t ldr = is_w2 ? f : d;
+    if (is_w2 ? gw2_direct : gw1_direct) {
+      detail::gemm_rows(rp, op::transpose, op::none, rows, cols, n, lhs, ldl, rhs, ldr,
+                        &grad(e, c0, 0), grad.stride(1), true);
+      return;
+    }
+    float* tmp = is_w2 ? gw2 : gw1;
+    detail::gemm_rows(rp, op::transpose, op::none, rows, cols, n, lhs, ldl, rhs, ldr, tmp, cols);
     for (index_t i = 0; i < rows; ++i)
-      for (index_t c = 0; c < cols; ++c) grad(e, i, c) += tmp[i * cols + c];
-  };
-
-  // One expert over m padded rows (the first n real) whose x rows are `xe` and dY rows `dye`
-  // (padding rows zero); writes dX rows over dye. Weight gradients sum the n real rows.
-  auto run_expert = [&](index_t e, index_t n, index_t m, const float* xe, float* he,
-                        const float* ae, float* dye, float* dae, detail::float_panel w1,
-                        detail::float_panel w2) {
-    // dA = dY · W2 ([m, d] × [d, d_ff]); dW2 += dYᵀ · A; db2 += Σ_rows dY.
-    detail::gemm_rows(rp, op::none, op::none, m, f, d, dye, d, w2.data, w2.ld, dae, f);
-    accumulate_weight_grad(grads.w2, gw2_direct, gw2, e, n, dye, d, ae, f);
-    detail::add_bias_grad(grads.b2, e, dye, n, d, d);
-    // dH from dA through the activation, in place over H.
-    detail::run_range(0, m, ops::activate_backward_rows<Act>{act, he, p, dae, f, f});
-    // dW1 += dHᵀ · X ([P, n] × [n, d]); db1 += Σ_rows dH; dX = dH · W1 ([m, P] × [P, d]).
-    accumulate_weight_grad(grads.w1, gw1_direct, gw1, e, n, he, p, xe, d);
-    detail::add_bias_grad(grads.b1, e, he, n, p, p);
-    detail::gemm_rows(rp, op::none, op::none, m, d, p, he, p, w1.data, w1.ld, dye, d);
+      for (index_t c = 0; c < cols; ++c) grad(e, c0 + i, c) += tmp[i * cols + c];
   };
 
   const blas_single_thread_scope single_threaded_blas;
   const bool panels = w1_buf != nullptr || w2_buf != nullptr;
-  const bool parallel = !panels && gw1_direct && gw2_direct &&
-                        detail::openmp_parallel_available();
+  const bool parallel = detail::openmp_parallel_available();
+  // Weight-gradient tasks write the gradient views directly in parallel; through the shared
+  // buffers (views BLAS cannot write) they run in order.
+  const bool parallel_grads = gw1_direct && gw2_direct && parallel;
+  auto slot_panels = [&](index_t e, index_t slot) {
+    return std::pair{
+        detail::expert_panel(w.w1, e, w1_buf == nullptr ? nullptr : w1_buf + slot * p * d),
+        detail::expert_panel(w.w2, e, w2_buf == nullptr ? nullptr : w2_buf + slot * d * f)};
+  };
   if (grouped) {
-    detail::pad_groups(l, rp, dm.experts);
+    const index_t n_items = detail::pad_groups(l, rp, dm.experts);
     detail::gather_phase_rows(x, plan.weights, g, rp, dm, xs);
     const ops::grouped_dy_rows<T, W> dy_rows{plan.weights, g.row_pair.data(), width, d, dy, ys, dys,
                                              d_weights, dm.weight_on_input};
-    // One expert: recompute, dY rows (w_tj · dy_t; padding rows 0), d_weights, backward.
-    auto one = [&](index_t e, detail::float_panel w1, detail::float_panel w2) {
-      const index_t n = g.row_count[e], r0 = g.row_begin[e], m = rp.padded(n);
-      if (n == 0) return;
-      float* xe = xs + r0 * d;
-      float* he = h + r0 * p;
-      float* ae = a + r0 * f;
-      float* ye = ys + r0 * d;
-      float* dye = dys + r0 * d;
-      recompute(e, m, xe, he, ae, ye, w1, w2);
-      detail::run_range(r0, r0 + m, dy_rows);
-      run_expert(e, n, m, xe, he, ae, dye, da + r0 * f, w1, w2);
-    };
     if (!panels) {
-      detail::parallel_for(dm.experts, parallel, [&](index_t e) {
-        one(e, detail::expert_panel(w.w1, e, nullptr), detail::expert_panel(w.w2, e, nullptr));
+      // Every row block of every expert in parallel.
+      detail::parallel_for(n_items, parallel, [&](index_t i) {
+        const detail::work_item& it = l.items[i];
+        const auto wp = slot_panels(it.expert, 0);
+        rows_backward(it.expert, it.row, it.rows, dy_rows, wp.first, wp.second);
       });
     } else {
-      for (index_t e = 0; e < dm.experts; ++e) {
-        if (g.row_count[e] == 0) continue;
-        one(e, detail::expert_panel(w.w1, e, w1_buf), detail::expert_panel(w.w2, e, w2_buf));
-      }
+      // Each expert converted into its thread's panel slot, its row blocks in order.
+      detail::parallel_for_slots(dm.experts, slots, parallel, [&](index_t e, index_t slot) {
+        const index_t r0 = g.row_begin[e], m = rp.padded(g.row_count[e]);
+        if (m == 0) return;
+        const auto wp = slot_panels(e, slot);
+        for (index_t r = 0; r < m; r += row_panels::block)
+          rows_backward(e, r0 + r, std::min(row_panels::block, m - r), dy_rows, wp.first,
+                        wp.second);
+      });
     }
+    detail::parallel_for(dm.experts * grad_tasks, parallel_grads, [&](index_t i) {
+      const index_t e = i / grad_tasks, n = g.row_count[e];
+      if (n > 0) weight_grads(e, n, g.row_begin[e], i % grad_tasks);
+    });
   } else {
-    // Dense: every used expert over all T rows (padded), one after another (shared buffers).
-    // Weight on the input: each expert's scaled rows are loaded before it runs.
+    // Dense: every used expert over all T rows (padded), one after another (shared buffers),
+    // its row blocks and then its weight-gradient tasks in parallel. Weight on the input: each
+    // expert's scaled rows are loaded before it runs.
     const index_t m = rp.padded(tokens);
     const bool parallel_load = tokens * d > (1 << 15);
     if (!dm.weight_on_input) detail::run_static(m, parallel_load, ops::load_rows<T>{x, tokens, d, xs});
@@ -182,23 +213,26 @@ void experts_backward(const DispatchPolicy& dispatch, const Act& act, const expe
                            ops::load_scaled_rows<T, Id, W>{x, plan.expert_ids, plan.weights, plan.counts,
                                                            e, tokens, d, xs});
       }
-      const detail::float_panel w1 = detail::expert_panel(w.w1, e, w1_buf);
-      const detail::float_panel w2 = detail::expert_panel(w.w2, e, w2_buf);
-      recompute(e, m, xs, h, a, ys, w1, w2);
+      const auto wp = slot_panels(e, 0);
       // Masked dY: Σ of the slots naming e (padding rows zero), and those slots' d_weights.
-      detail::run_range(0, m, ops::dense_dy_rows<T, Id, W>{plan.expert_ids, plan.weights, plan.counts, e,
-                                                          tokens, width, d, dy, ys, dys, d_weights,
-                                                          dm.weight_on_input});
-      run_expert(e, tokens, m, xs, h, a, dys, da, w1, w2);
+      const ops::dense_dy_rows<T, Id, W> dy_rows{plan.expert_ids, plan.weights, plan.counts, e,
+                                                 tokens, width, d, dy, ys, dys, d_weights,
+                                                 dm.weight_on_input};
+      const index_t n_items = detail::dense_items(rp, tokens, e, l.items);
+      detail::parallel_for(n_items, parallel, [&](index_t i) {
+        rows_backward(e, l.items[i].row, l.items[i].rows, dy_rows, wp.first, wp.second);
+      });
+      detail::parallel_for(grad_tasks, parallel_grads,
+                           [&](index_t task) { weight_grads(e, tokens, 0, task); });
       detail::run_range(0, tokens, ops::keep_dense_slots<Id>{plan.expert_ids, plan.counts, e, width, d,
-                                                              dys, pair_dx});
+                                                              ys, pair_dx});
     }
   }
 
   // dx_t += Σ_j dX rows of its slots (times w_tj under weight_on_input, which also gives the
   // kept slots' d_weights), in slot order; dropped scaled_input pairs: w_tj · dy_t.
   const ops::combine_backward_slots<T, Id, W> combine{
-      plan.weights, plan.counts, g.pair_row.data(), width, d, grouped ? dys : pair_dx, x, dy,
+      plan.weights, plan.counts, g.pair_row.data(), width, d, grouped ? ys : pair_dx, x, dy,
       g.drop == dispatch::dropped_output::scaled_input, d_weights, dx,
       detail::present(dx), dm.weight_on_input};
   detail::run_static(tokens, tokens * width * d > (1 << 15), combine);

@@ -69,13 +69,18 @@ void combine(const routing::plan_view<Id, W>& plan, const dispatch::expert_group
 }
 
 //! Runs every forward work item over the padded rows of `xs` [R, d], writing the expert
-//! outputs to the same rows of `ys` (which may be xs). Float weights BLAS can read: items in parallel. Weights
-//! needing a conversion panel: items in order on this thread, each expert converted once.
-//! Either way each item makes the same calls, so the result does not depend on the threads.
+//! outputs to the same rows of `ys` (which may be xs). Float weights BLAS can read: items in
+//! parallel. Weights needing a conversion panel (`w1_buf` / `w2_buf`: `slots` panels each,
+//! `host::panel_slots`): items of several experts (in expert order, as pad_groups and
+//! dense_items make them): the experts in parallel on at most `slots` threads, each converted
+//! once into its thread's slot and its items run in order; items of one expert: it is
+//! converted once, then its items run in parallel. Either way each item makes the same calls
+//! on the same float panel, so the result does not depend on the threads or the slots.
 template <class Act, ElementType T>
 void run_work_items(const Act& act, const row_panels& rp, const expert_weights<T>& w,
                     const expert_dims& dm, const work_item* items, index_t n_items,
-                    const float* xs, float* ys, float* h, float* w1_buf, float* w2_buf) {
+                    const float* xs, float* ys, float* h, float* w1_buf, float* w2_buf,
+                    index_t slots = 1) {
   const blas_single_thread_scope single_threaded_blas;
   auto one = [&](index_t i, float_panel w1, float_panel w2) {
     const work_item& it = items[i];
@@ -84,25 +89,36 @@ void run_work_items(const Act& act, const row_panels& rp, const expert_weights<T
                    h + detail::row_offset(it.row, dm.p),
                    ys + detail::row_offset(it.row, dm.d), w1, w2);
   };
+  const bool parallel = detail::openmp_parallel_available();
   const bool panels = w1_buf != nullptr || w2_buf != nullptr;
   if (!panels) {
-    detail::parallel_for(
-        n_items, detail::openmp_parallel_available(), [&](index_t i) {
-          one(i, expert_panel(w.w1, items[i].expert, nullptr),
-              expert_panel(w.w2, items[i].expert, nullptr));
-        });
+    detail::parallel_for(n_items, parallel, [&](index_t i) {
+      one(i, expert_panel(w.w1, items[i].expert, nullptr),
+          expert_panel(w.w2, items[i].expert, nullptr));
+    });
     return;
   }
-  index_t converted = -1;
-  float_panel w1{}, w2{};
-  for (index_t i = 0; i < n_items; ++i) {
-    if (items[i].expert != converted) {
-      converted = items[i].expert;
-      w1 = expert_panel(w.w1, converted, w1_buf);
-      w2 = expert_panel(w.w2, converted, w2_buf);
-    }
-    one(i, w1, w2);
+  if (n_items == 0) return;
+  const index_t first = items[0].expert, last = items[n_items - 1].expert;
+  if (first == last) {
+    const float_panel w1 = expert_panel(w.w1, first, w1_buf);
+    const float_panel w2 = expert_panel(w.w2, first, w2_buf);
+    detail::parallel_for(n_items, parallel, [&](index_t i) { one(i, w1, w2); });
+    return;
   }
+  // Experts [first, last] in parallel; expert e's items are [lo, hi) (sorted by expert).
+  const work_item* end = items + n_items;
+  const auto by_expert = [](const work_item& it, index_t e) { return it.expert < e; };
+  detail::parallel_for_slots(last - first + 1, slots, parallel, [&](index_t k, index_t slot) {
+    const index_t e = first + k;
+    const work_item* lo = std::lower_bound(items, end, e, by_expert);
+    if (lo == end || lo->expert != e) return;
+    const float_panel w1 =
+        expert_panel(w.w1, e, w1_buf == nullptr ? nullptr : w1_buf + slot * dm.p * dm.d);
+    const float_panel w2 =
+        expert_panel(w.w2, e, w2_buf == nullptr ? nullptr : w2_buf + slot * dm.d * dm.d_ff);
+    for (const work_item* it = lo; it != end && it->expert == e; ++it) one(it - items, w1, w2);
+  });
 }
 
 }  // namespace switchyard::detail
@@ -133,8 +149,9 @@ void experts_forward(const DispatchPolicy& dispatch, const Act& act, const exper
   float* h = ws.take<float>(rows * dm.p);   // [R, P] pre-activation, then A over [R, d_ff]
   float* y_all = grouped ? nullptr : ws.take<float>(rows * dm.d);  // dense: [T, d]
   float* pair_out = grouped ? nullptr : ws.take<float>(dm.tokens * dm.width * dm.d);
-  float* w1_buf = detail::needs_panel(w.w1) ? ws.take<float>(dm.p * dm.d) : nullptr;
-  float* w2_buf = detail::needs_panel(w.w2) ? ws.take<float>(dm.d * dm.d_ff) : nullptr;
+  const index_t slots = panel_slots(dm);  // conversion panels: one per expert run at once
+  float* w1_buf = detail::needs_panel(w.w1) ? ws.take<float>(slots * dm.p * dm.d) : nullptr;
+  float* w2_buf = detail::needs_panel(w.w2) ? ws.take<float>(slots * dm.d * dm.d_ff) : nullptr;
   if (!ws.carving()) return;
   detail::check_gemm_dims(dm, rows);
 
@@ -144,7 +161,7 @@ void experts_forward(const DispatchPolicy& dispatch, const Act& act, const exper
   if (grouped) {
     const index_t n_items = detail::pad_groups(l, rp, dm.experts);
     detail::gather_phase_rows(x, plan.weights, g, rp, dm, xs);
-    detail::run_work_items(act, rp, w, dm, l.items, n_items, xs, xs, h, w1_buf, w2_buf);
+    detail::run_work_items(act, rp, w, dm, l.items, n_items, xs, xs, h, w1_buf, w2_buf, slots);
     detail::combine(plan, g, xs, x, extra, y, dm.weight_on_input);
     return;
   }
@@ -160,7 +177,7 @@ void experts_forward(const DispatchPolicy& dispatch, const Act& act, const exper
                                                          e, dm.tokens, dm.d, xs});
     }
     const index_t n_items = detail::dense_items(rp, dm.tokens, e, l.items);
-    detail::run_work_items(act, rp, w, dm, l.items, n_items, xs, y_all, h, w1_buf, w2_buf);
+    detail::run_work_items(act, rp, w, dm, l.items, n_items, xs, y_all, h, w1_buf, w2_buf, slots);
     detail::run_range(0, dm.tokens, ops::keep_dense_slots<Id>{plan.expert_ids, plan.counts, e, dm.width,
                                                                dm.d, y_all, pair_out});
   }

@@ -37,6 +37,26 @@ inline row_panels panels_for(const expert_dims& dm) {
   return dm.batch_invariant ? row_panels::batch_invariant() : row_panels::for_shape(dm.d, dm.d_ff);
 }
 
+//! Most conversion-panel slots a phase carves (`panel_slots`).
+inline constexpr index_t max_panel_slots = 8;
+//! Bytes of conversion panels a phase may carve beyond its first slot (`panel_slots`).
+inline constexpr double panel_slot_budget = 64.0 * 1024 * 1024;
+
+//! Conversion-panel slots of a phase whose expert weights need a float panel (half /
+//! bfloat16 storage, a layout BLAS cannot read): as many experts are converted and run at
+//! once, one per thread. A function of the shapes alone (the workspace query sees no thread
+//! count): min(max_panel_slots, E, slots whose W1 + W2 panels fit panel_slot_budget), at
+//! least 1. Results do not depend on it: each expert is one thread's, in any slot.
+inline index_t panel_slots(const expert_dims& dm) {
+  const double slot_bytes =
+      4.0 * (static_cast<double>(dm.p) * static_cast<double>(dm.d) +
+             static_cast<double>(dm.d) * static_cast<double>(dm.d_ff));
+  index_t fit = max_panel_slots;
+  if (slot_bytes > 0.0 && panel_slot_budget / slot_bytes < static_cast<double>(max_panel_slots))
+    fit = static_cast<index_t>(panel_slot_budget / slot_bytes);
+  return std::max<index_t>(1, std::min<index_t>(fit, std::max<index_t>(dm.experts, 1)));
+}
+
 }  // namespace switchyard::host
 
 namespace switchyard::detail {

@@ -50,8 +50,17 @@ float_panel expert_panel(const tensor_view<const T, 3>& w, index_t e, float* buf
               w.stride(1)};
     }
   }
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t c = 0; c < cols; ++c) buffer[r * cols + c] = to_float(w(e, r, c));
+  const T* base = w.data_handle();
+  const index_t s0 = w.stride(0), s1 = w.stride(1), s2 = w.stride(2);
+  for (index_t r = 0; r < rows; ++r) {
+    const T* src = base + detail::offset3(e, r, 0, s0, s1, s2);
+    float* dst = buffer + r * cols;
+    if (s2 == 1) {
+      for (index_t c = 0; c < cols; ++c) dst[c] = to_float(src[c]);
+    } else {
+      for (index_t c = 0; c < cols; ++c) dst[c] = to_float(src[c * s2]);
+    }
+  }
   return {buffer, cols};
 }
 

@@ -29,6 +29,7 @@
 #include <cstddef>
 #include <vector>
 
+#include "switchyard/backend/host/blas_info.hpp"
 #include "switchyard/backend/host/experts.hpp"
 #include "switchyard/backend/host/route.hpp"
 #include "switchyard/backend/host/shared_experts.hpp"
@@ -279,6 +280,7 @@ struct executor<host_context> {
                       const typename Layer::router_params& rp, const expert_weights<T>& w,
                       const matrix_view<T>& y, const typename Layer::state_type& state,
                       span<std::byte> workspace, const typename Layer::addon_params& ap) {
+    host::warn_if_generic_blas();  // once per process: a BLAS on generic kernels is slow
     detail::require_finite_tokens<T>(x);
     const index_t tokens = x.extent(0);
     std::vector<std::byte> owned;
@@ -321,6 +323,7 @@ struct executor<host_context> {
                        const expert_grads& grads, const typename Layer::router_grads& rgrads,
                        span<std::byte> workspace, const typename Layer::addon_params& ap,
                        const typename Layer::addon_grads& ag) {
+    host::warn_if_generic_blas();  // once per process: a BLAS on generic kernels is slow
     const auto plan = state.plan.const_view();
     routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w));
     const index_t tokens = state.plan.num_tokens, width = state.plan.width;
