@@ -21,6 +21,10 @@ vcpkg_cmake_configure(
     -DSWITCHYARD_BUILD_BENCHMARKS=OFF
     -DSWITCHYARD_ENABLE_CUDA=OFF
     -DSWITCHYARD_INSTALL=ON
+    # The host BLAS from vcpkg's world (FindBLAS: vcpkg's openblas port, or the system's), never
+    # a Python package found by chance on the build machine: the installed config must not name
+    # a path outside the package (docs/blas.md). SWITCHYARD_BLAS=auto opts in to scipy-openblas32.
+    -DSWITCHYARD_BLAS=system
 )
 vcpkg_cmake_install()
 vcpkg_cmake_config_fixup(PACKAGE_NAME switchyard CONFIG_PATH lib/cmake/switchyard)
