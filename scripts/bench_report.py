@@ -210,6 +210,12 @@ def main():
 
     doc = load_suites(args.inputs)
     ctx = doc.get("context", {})
+    # Re-reporting an earlier output (host-<date>.json): what the run recorded is the default.
+    prev = doc.get("switchyard_context", {})
+    args.load = args.load or prev.get("load_average", "")
+    args.seconds = args.seconds or prev.get("run_seconds", "")
+    args.build_type = args.build_type or prev.get("build_type", "")
+    args.note = args.note or prev.get("note", "")
     sctx = {
         "device": ctx.get("switchyard_cpu_model") or cpu_model(),
         "cores": ctx.get("num_cpus", os.cpu_count()),
@@ -226,6 +232,7 @@ def main():
         "shapes": ctx.get("switchyard_shapes", "unknown"),
         "load_average": args.load,
         "run_seconds": args.seconds,
+        "note": args.note,
     }
     doc["switchyard_context"] = sctx
 
