@@ -7,12 +7,12 @@
 //! wrappers over loss_terms.hpp, for one-struct routers; they allocate their scratch).
 //!
 //! The host products (`detail::linear_logits`, `linear_backward`):
-//! - logits: every element is `host::gemm_nt_fixed`'s fixed sequence (4 lane partial sums over
-//!   k ≡ lane (mod 4) in increasing k, then (l0 + l2) + (l1 + l3), then the k tail), whatever
-//!   the row count, the row's position or the thread count: a token's logits, and so its
-//!   routing, depend on its row alone (batch- and thread-invariant on every CPU and BLAS).
-//!   Blocks of `router_row_block` tokens run on OpenMP threads; half / bfloat16 / strided x
-//!   rows are converted block by block into a 32 KiB stack buffer (no allocation).
+//! - logits: every element is one float sum in increasing i of rounded products (the plain
+//!   loop's sequence, and ops::router_logits' on a device), whatever the row count, the row's
+//!   position or the thread count: a token's logits, and so its routing, depend on its row
+//!   alone (batch- and thread-invariant on every CPU and BLAS). Tiles of 2 tokens × 8 experts
+//!   keep 16 independent sums in flight; blocks of `router_row_block` tokens run on OpenMP
+//!   threads.
 //! - dx += d_logits · W: `host::gemm_nn_fixed` over the same token blocks (one sum per element
 //!   in increasing e, then added to dx): a token's dx depends on its row alone.
 //! - grads.w += d_logitsᵀ · x: single-threaded `host::sgemm` calls over fixed blocks of
@@ -85,76 +85,68 @@ void check_linear_router_inputs(const matrix_view<const T>& x, const linear_rout
   check_view("x", x, {-1, p.w.extent(1)}, "[T, d] with d = params.w.extent(1)");
 }
 
-//! Floats of the stack buffer the router's products convert rows into (32 KiB).
+//! Floats of the stack buffer the router's weight gradient converts x columns into (32 KiB).
 inline constexpr index_t router_stage_floats = 8192;
-//! Tokens per work item of the router's token-row products (logits, dx).
+//! Tokens per work item of the router's token-row products (logits, dx); even.
 inline constexpr index_t router_row_block = 32;
 //! Columns of d per work item (one BLAS call) of the router's weight gradient.
 inline constexpr index_t router_grad_columns = 128;
 
-//! Σ_k a(k)·b(k) in `host::gemm_nt_fixed`'s per-element sequence (4 lane partial sums, then
-//! (l0 + l2) + (l1 + l3), then the tail; products rounded before they are added): the
-//! router's logits for operands the fixed kernels cannot read in place, with the same bits.
-template <class A, class B>
-SWITCHYARD_NO_CONTRACT_ATTR float fixed_dot(index_t k, const A& a, const B& b) {
+//! Experts whose logits one pass over a token row computes at once (independent sums).
+inline constexpr index_t router_expert_group = 8;
+
+//! logits of tokens [t0, t0 + m) (m <= 2) for experts [e0, e0 + g) (g <= router_expert_group):
+//! each element one float sum in increasing i of rounded products, starting from +0 — the
+//! sequence of ops::router_logits — with 2·8 independent sums in flight (the plain loop waits
+//! on one addition at a time).
+template <class T>
+SWITCHYARD_NO_CONTRACT_ATTR void linear_logits_tile(const matrix_view<const T>& x,
+                                                    const matrix_view<const float>& w,
+                                                    index_t t0, index_t m, index_t e0, index_t g,
+                                                    float* logits) {
   SWITCHYARD_NO_CONTRACT_BEGIN
-  const index_t k4 = k / 4 * 4;
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-  for (index_t i = 0; i < k4; i += 4) {
-    const float p0 = a(i) * b(i), p1 = a(i + 1) * b(i + 1);
-    const float p2 = a(i + 2) * b(i + 2), p3 = a(i + 3) * b(i + 3);
-    s0 = s0 + p0;
-    s1 = s1 + p1;
-    s2 = s2 + p2;
-    s3 = s3 + p3;
+  constexpr index_t G = router_expert_group;
+  const index_t d = x.extent(1), e_count = w.extent(0), xs = x.stride(1), ws = w.stride(1);
+  const T* x0 = &x(t0, 0);
+  const T* x1 = m > 1 ? &x(t0 + 1, 0) : x0;
+  const float* wr[G];
+  for (index_t q = 0; q < G; ++q) wr[q] = &w(e0 + (q < g ? q : 0), 0);
+  float a0[G] = {}, a1[G] = {};
+  for (index_t i = 0; i < d; ++i) {
+    const float u = to_float(x0[i * xs]), v = to_float(x1[i * xs]);
+    for (index_t q = 0; q < G; ++q) {
+      const float wq = wr[q][i * ws];
+      const float p0 = u * wq, p1 = v * wq;
+      a0[q] = a0[q] + p0;
+      a1[q] = a1[q] + p1;
+    }
   }
-  float r = (s0 + s2) + (s1 + s3);
-  for (index_t i = k4; i < k; ++i) {
-    const float q = a(i) * b(i);
-    r = r + q;
+  for (index_t q = 0; q < g; ++q) {
+    logits[t0 * e_count + e0 + q] = a0[q];
+    if (m > 1) logits[(t0 + 1) * e_count + e0 + q] = a1[q];
   }
-  return r;
 }
 
-//! logits [T, E] (row-major, overwritten) = x [T, d] · w [E, d]ᵀ, every element in
-//! `host::gemm_nt_fixed`'s order (see the file comment): blocks of router_row_block tokens
-//! on OpenMP threads; rows that are not contiguous float are converted block-wise into a
-//! stack buffer; a strided w (or d above the buffer) takes `fixed_dot`, the same bits.
+//! logits [T, E] (row-major, overwritten) = x [T, d] · w [E, d]ᵀ, every element one float sum
+//! in increasing i (see the file comment): tiles of 2 tokens × router_expert_group experts,
+//! blocks of router_row_block tokens on OpenMP threads. Any strides, any storage type of x.
 template <class T>
 void linear_logits(const matrix_view<const T>& x, const matrix_view<const float>& w,
                    float* logits) {
   const index_t tokens = x.extent(0), d = x.extent(1), e_count = w.extent(0);
   if (tokens == 0 || e_count == 0) return;
-  const bool parallel = tokens * e_count * d > (1 << 16) && detail::openmp_parallel_available();
-  const bool float_rows = std::is_same_v<T, float> && x.stride(1) == 1;
-  const bool w_rows = w.stride(1) == 1;
-  if (d > 0 && w_rows && (float_rows || d <= router_stage_floats)) {
-    const index_t rows =
-        float_rows ? router_row_block : std::min(router_row_block, router_stage_floats / d);
-    const index_t blocks = (tokens + rows - 1) / rows;
-    detail::parallel_for(blocks, parallel, [&](index_t b) {
-      const index_t t0 = b * rows, m = std::min(rows, tokens - t0);
-      float* out = logits + t0 * e_count;
-      if constexpr (std::is_same_v<T, float>) {
-        if (float_rows) {
-          host::gemm_nt_fixed(m, e_count, d, &x(t0, 0), x.stride(0), w.data_handle(),
-                              w.stride(0), out, e_count, false);
-          return;
-        }
-      }
-      float stage[router_stage_floats];
-      for (index_t r = 0; r < m; ++r)
-        for (index_t i = 0; i < d; ++i) stage[r * d + i] = to_float(x(t0 + r, i));
-      host::gemm_nt_fixed(m, e_count, d, stage, d, w.data_handle(), w.stride(0), out, e_count,
-                          false);
-    });
+  if (d == 0) {
+    std::fill(logits, logits + tokens * e_count, 0.0f);
     return;
   }
-  detail::parallel_for(tokens, parallel, [&](index_t t) {
-    for (index_t e = 0; e < e_count; ++e) {
-      logits[t * e_count + e] = fixed_dot(
-          d, [&](index_t i) { return to_float(x(t, i)); }, [&](index_t i) { return w(e, i); });
-    }
+  const bool parallel = tokens * e_count * d > (1 << 16) && detail::openmp_parallel_available();
+  const index_t blocks = (tokens + router_row_block - 1) / router_row_block;
+  detail::parallel_for(blocks, parallel, [&](index_t b) {
+    const index_t t_end = std::min(tokens, (b + 1) * router_row_block);
+    for (index_t t = b * router_row_block; t < t_end; t += 2)
+      for (index_t e0 = 0; e0 < e_count; e0 += router_expert_group)
+        linear_logits_tile(x, w, t, std::min<index_t>(2, t_end - t), e0,
+                           std::min(router_expert_group, e_count - e0), logits);
   });
 }
 
@@ -236,7 +228,7 @@ void linear_backward_w(const matrix_view<const T>& x, const float* d_logits,
 
 namespace switchyard::routing {
 
-//! logits[t, e] = Σ_i x[t, i] · w[e, i] (float, the fixed order of the file comment), probs =
+//! logits[t, e] = Σ_i x[t, i] · w[e, i] (float, i in increasing order), probs =
 //! softmax(logits), written to plan.logits / plan.probs (plan must be sized). Throws
 //! non_finite_error on a non-finite logit.
 template <ElementType T>

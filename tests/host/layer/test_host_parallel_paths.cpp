@@ -271,9 +271,9 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(parallel_paths_are_thread_invariant_and_exact, C, 
 }
 
 // The router's products alone, outside a layer: logits bitwise those of one token at a time
-// (batch invariance of the fixed order) and equal across thread counts; the dx / dW products
+// (batch invariance of the in-order sums) and equal across thread counts; the dx / dW products
 // bitwise across thread counts, for float and bfloat16 tokens, and a strided router weight
-// (the fixed_dot path) giving the same logits as a contiguous one.
+// giving the same logits as a contiguous one.
 BOOST_AUTO_TEST_CASE(router_products_are_thread_and_batch_invariant) {
   const thread_guard guard;
   std::mt19937_64 g(test::base_seed() + 1415);
@@ -305,7 +305,7 @@ BOOST_AUTO_TEST_CASE(router_products_are_thread_and_batch_invariant) {
       for (std::size_t i = 0; i < one.size(); ++i) BOOST_TEST(bits(many[i]) == bits(one[i]));
     }
     // Batch invariance of the logits: each token alone gives the same bits; so does the
-    // strided weight (fixed_dot).
+    // strided weight.
     std::vector<float> alone(static_cast<std::size_t>(e)), strided(static_cast<std::size_t>(t * e));
     bool same = true;
     for (index_t r = 0; r < t; r += 17) {
