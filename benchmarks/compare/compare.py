@@ -147,7 +147,8 @@ def stacked(t):
 
 def stacked_grad(t):
     if isinstance(t, list):
-        return torch.stack([p.grad for p in t])
+        # Switch's per-expert Linear modules: an expert no token chose has no gradient (0).
+        return torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in t])
     return t.grad
 
 
@@ -472,6 +473,11 @@ def markdown(doc):
            f"- Outputs: max |Δ| relative to max |HF eager| per tensor (forward: y; "
            f"forward+backward: y, dx, router and expert weight gradients); agreement means "
            f"≤ {REL_TOL:g} and the same experts for every token.", ""]
+    if len(doc.get("runs", [])) > 1:
+        out += ["Assembled from several runs (`--merge`), each with its own load:", ""]
+        out += [f"- `{r['command']}`: load {r['loadavg_start']} → {r['loadavg_end']}, "
+                f"{r['wall_s']} s, {len(r['points'])} points" for r in doc["runs"]]
+        out.append("")
     scaled = {e["shape"]: e["scaled"] for e in doc["entries"] if e.get("scaled")}
     for s, v in scaled.items():
         out.append(f"- **{s} is scaled down**: d_ff {v['d_ff'][0]} → {v['d_ff'][1]} "
@@ -598,10 +604,14 @@ def main():
     t_start = time.perf_counter()
     out = Path(args.out_dir)
     json_name = f"compare-{args.date}.json"
-    previous, previous_skips = [], []
+    previous, previous_skips, previous_runs = [], [], []
     if args.merge and (out / json_name).exists():
         old = json.loads((out / json_name).read_text())
         previous, previous_skips = old.get("entries", []), old.get("skipped_points", [])
+        previous_runs = old.get("runs") or [{k: old["context"].get(k) for k in (
+            "loadavg_start", "loadavg_end", "wall_s", "switchyard_commit")} | {
+            "command": old.get("command"),
+            "points": sorted({f"{e['shape']} T={e['T']}" for e in previous})}]
 
     def write(final):
         load1 = os.getloadavg()
@@ -614,6 +624,11 @@ def main():
         doc = document(args, info, load0, load1, rows, skips,
                        time.perf_counter() - t_start, json_name)
         doc["context"]["points_kept_from_earlier_runs"] = len(kept)
+        doc["runs"] = previous_runs + [{
+            "command": doc["command"], "loadavg_start": doc["context"]["loadavg_start"],
+            "loadavg_end": doc["context"]["loadavg_end"], "wall_s": doc["context"]["wall_s"],
+            "switchyard_commit": doc["context"]["switchyard_commit"],
+            "points": sorted({f"{e['shape']} T={e['T']}" for e in entries})}]
         md = markdown(doc)
         if final:
             print(md)
@@ -625,7 +640,7 @@ def main():
 
     for name, spec in shapes.items():
         spec = scale_to_host(spec, args.max_weight_bytes)
-        tokens = spec.get("tokens") or (QUICK_TOKENS if args.quick else TOKENS)
+        tokens = list(spec.get("tokens") or (QUICK_TOKENS if args.quick else TOKENS))
         if token_filter:
             tokens = [t for t in tokens if t in token_filter]
         for T in list(tokens):
