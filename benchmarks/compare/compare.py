@@ -519,7 +519,10 @@ def markdown(doc):
             "- Mixtral / Qwen3 / OLMoE: Switchyard `presets::qwen_moe(k, norm_topk_prob)`, SwiGLU, "
             "sorted_grouped dispatch, caller workspaces.",
             "- Forward+backward: PyTorch clears the gradients (`grad = None`) and allocates new "
-            "ones; Switchyard zeroes its accumulating gradients inside the timed region.",
+            "ones; Switchyard zeroes its accumulating gradients inside the timed region. At small "
+            "T that zeroing writes every expert's gradient (2.25 GiB for Switch-Base-128, 2.25 GiB "
+            "Qwen3-30B-A3B) while PyTorch leaves an unchosen Switch expert's gradient unallocated: "
+            "probably most of Switchyard's Switch T = 1 forward+backward (not profiled).",
             "- HF forward runs under `torch.inference_mode()`; batched_mm is skipped where its "
             "per-pair weight copies would not fit in memory.",
             "- HF eager's backward costs about (experts hit) × (expert weight bytes) whatever T: "
