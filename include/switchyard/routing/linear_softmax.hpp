@@ -15,12 +15,10 @@
 //!   threads.
 //! - dx += d_logits · W: `host::gemm_nn_fixed` over the same token blocks (one sum per element
 //!   in increasing e, then added to dx): a token's dx depends on its row alone.
-//! - grads.w += d_logitsᵀ · x: single-threaded `host::sgemm` calls over fixed blocks of
-//!   `router_grad_columns` columns of d, on OpenMP threads (each column block one call; half /
-//!   bfloat16 x through the stack buffer in fixed chunks of tokens, accumulated in token
-//!   order): the partition depends on the shapes alone, so the result does not depend on the
-//!   thread count.
-//! Views BLAS or the fixed kernels cannot read (strided w, dx or grads.w) take plain loops.
+//! - grads.w += d_logitsᵀ · x: one float sum per element over t in increasing order, then
+//!   added (the plain loop's sequence), in tiles of 4 experts × 16 columns of d with 64 sums in
+//!   flight, column blocks on OpenMP threads: the result does not depend on the thread count.
+//! A strided w or dx takes a plain loop for dx (the same order).
 //!
 //! NaN policy: a non-finite router logit (from NaN/Inf in `x` or `w`) throws
 //! `non_finite_error` naming the token; routing such a token would be arbitrary.
@@ -31,7 +29,6 @@
 #include <vector>
 
 #include "switchyard/backend/host/fixed_gemm.hpp"
-#include "switchyard/backend/host/gemm.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/parallel.hpp"
@@ -85,12 +82,8 @@ void check_linear_router_inputs(const matrix_view<const T>& x, const linear_rout
   check_view("x", x, {-1, p.w.extent(1)}, "[T, d] with d = params.w.extent(1)");
 }
 
-//! Floats of the stack buffer the router's weight gradient converts x columns into (32 KiB).
-inline constexpr index_t router_stage_floats = 8192;
 //! Tokens per work item of the router's token-row products (logits, dx); even.
 inline constexpr index_t router_row_block = 32;
-//! Columns of d per work item (one BLAS call) of the router's weight gradient.
-inline constexpr index_t router_grad_columns = 128;
 
 //! Experts whose logits one pass over a token row computes at once (independent sums).
 inline constexpr index_t router_expert_group = 8;
@@ -176,51 +169,47 @@ inline void linear_backward_dx(const float* d_logits, const matrix_view<const fl
   });
 }
 
-//! gw [E, d] += d_logits [T, E]ᵀ · x [T, d]: one single-threaded `host::sgemm` per block of
-//! router_grad_columns columns (blocks on OpenMP threads); x rows that are not contiguous
-//! float go through a stack buffer in chunks of router_stage_floats / router_grad_columns
-//! tokens, accumulated in token order. A strided gw takes a plain loop (t in order).
+//! gw[e, c] for e in [e0, e0 + ge) (ge <= 4), c in [c0, c0 + nc) (nc <= 16): one float sum over
+//! t in increasing order of rounded products d_logits[t, e]·x[t, c], then added to gw — the
+//! plain loop's sequence — 64 independent sums per pass over the tokens.
+template <class T>
+SWITCHYARD_NO_CONTRACT_ATTR void linear_backward_w_tile(const matrix_view<const T>& x,
+                                                        const float* d_logits,
+                                                        const matrix_view<float>& gw, index_t e0,
+                                                        index_t ge, index_t c0, index_t nc) {
+  SWITCHYARD_NO_CONTRACT_BEGIN
+  const index_t tokens = x.extent(0), e_count = gw.extent(0);
+  float acc[4][16] = {};
+  for (index_t t = 0; t < tokens; ++t) {
+    float xv[16] = {};
+    for (index_t j = 0; j < nc; ++j) xv[j] = to_float(x(t, c0 + j));
+    for (index_t q = 0; q < 4; ++q) {
+      const float l = d_logits[t * e_count + e0 + (q < ge ? q : 0)];
+      for (index_t j = 0; j < 16; ++j) {
+        const float pr = l * xv[j];
+        acc[q][j] = acc[q][j] + pr;
+      }
+    }
+  }
+  for (index_t q = 0; q < ge; ++q)
+    for (index_t j = 0; j < nc; ++j) gw(e0 + q, c0 + j) += acc[q][j];
+}
+
+//! gw [E, d] += d_logits [T, E]ᵀ · x [T, d]: every element one float sum over t in increasing
+//! order, then added (the plain loop's bits, whatever the thread count): tiles of 4 experts ×
+//! 16 columns, blocks of 16 columns on OpenMP threads.
 template <class T>
 void linear_backward_w(const matrix_view<const T>& x, const float* d_logits,
                        const matrix_view<float>& gw) {
-  const index_t tokens = x.extent(0), d = x.extent(1), e_count = gw.extent(0);
+  const index_t d = x.extent(1), e_count = gw.extent(0);
   if (d == 0 || e_count == 0) return;
-  const bool parallel = tokens * e_count * d > (1 << 16) && detail::openmp_parallel_available();
-  if (!(gw.stride(1) == 1 && gw.stride(0) >= d)) {
-    detail::parallel_for(e_count, parallel, [&](index_t e) {
-      for (index_t i = 0; i < d; ++i) {
-        float acc = 0.0f;
-        for (index_t t = 0; t < tokens; ++t) acc += d_logits[t * e_count + e] * to_float(x(t, i));
-        gw(e, i) += acc;
-      }
-    });
-    return;
-  }
-  (void)detail::blas_int("router tokens", tokens);
-  (void)detail::blas_int("router width d", d);
-  (void)detail::blas_int("router experts", e_count);
-  const bool float_rows = std::is_same_v<T, float> && x.stride(1) == 1;
-  const index_t blocks = (d + router_grad_columns - 1) / router_grad_columns;
-  const host::blas_single_thread_scope single_threaded_blas;
+  const bool parallel =
+      x.extent(0) * e_count * d > (1 << 16) && detail::openmp_parallel_available();
+  const index_t blocks = (d + 15) / 16;
   detail::parallel_for(blocks, parallel, [&](index_t b) {
-    const index_t c0 = b * router_grad_columns, n = std::min(router_grad_columns, d - c0);
-    float* out = &gw(0, c0);
-    if constexpr (std::is_same_v<T, float>) {
-      if (float_rows) {
-        host::sgemm(host::op::transpose, host::op::none, e_count, n, tokens, 1.0f, d_logits,
-                    e_count, &x(0, c0), x.stride(0), 1.0f, out, gw.stride(0));
-        return;
-      }
-    }
-    constexpr index_t chunk = router_stage_floats / router_grad_columns;
-    float stage[router_stage_floats];
-    for (index_t t0 = 0; t0 < tokens; t0 += chunk) {
-      const index_t m = std::min(chunk, tokens - t0);
-      for (index_t r = 0; r < m; ++r)
-        for (index_t i = 0; i < n; ++i) stage[r * n + i] = to_float(x(t0 + r, c0 + i));
-      host::sgemm(host::op::transpose, host::op::none, e_count, n, m, 1.0f,
-                  d_logits + t0 * e_count, e_count, stage, n, 1.0f, out, gw.stride(0));
-    }
+    const index_t c0 = b * 16, nc = std::min<index_t>(16, d - c0);
+    for (index_t e0 = 0; e0 < e_count; e0 += 4)
+      linear_backward_w_tile(x, d_logits, gw, e0, std::min<index_t>(4, e_count - e0), c0, nc);
   });
 }
 
