@@ -33,21 +33,15 @@ namespace {
 //! Sets the OpenMP and (where the BLAS offers it) the BLAS thread count.
 void set_threads(int n) {
   omp_set_num_threads(n);
-#if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
-  openblas_set_num_threads(n);
-#endif
+  host::set_blas_threads(n);
 }
 
 struct thread_guard {
   int omp = omp_get_max_threads();
-#if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
-  int blas = openblas_get_num_threads();
-#endif
+  int blas = host::blas_threads();
   ~thread_guard() {
     omp_set_num_threads(omp);
-#if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
-    openblas_set_num_threads(blas);
-#endif
+    host::set_blas_threads(blas);
   }
 };
 
@@ -204,7 +198,7 @@ using thread_combos = boost::mp11::mp_append<
 
 // Shapes: d·d_ff = 256·336 passes the small-kernel bound at 12 rows (calls of 12, 16, 20, …
 // rows); 96·64 needs calls of >= 164 rows (the floor); both use the BLAS where one is linked.
-// Float runs both; half and bfloat16 (converted weight panels, serial experts) the second.
+// Float runs both; half and bfloat16 (converted weight panels, experts in parallel on panel slots) the second.
 struct shape {
   index_t tokens, d, f;
 };

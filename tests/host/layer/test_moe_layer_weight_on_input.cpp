@@ -395,20 +395,14 @@ namespace {
 //! Sets the OpenMP and (where the BLAS offers it) the BLAS thread count; restores on exit.
 struct thread_guard {
   int omp = omp_get_max_threads();
-#if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
-  int blas = openblas_get_num_threads();
-#endif
+  int blas = host::blas_threads();
   static void set(int n) {
     omp_set_num_threads(n);
-#if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
-    openblas_set_num_threads(n);
-#endif
+    host::set_blas_threads(n);
   }
   ~thread_guard() {
     omp_set_num_threads(omp);
-#if SWITCHYARD_HOST_BLAS_THREAD_CONTROL
-    openblas_set_num_threads(blas);
-#endif
+    host::set_blas_threads(blas);
   }
 };
 
