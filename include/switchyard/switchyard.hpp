@@ -37,6 +37,8 @@
 #include "switchyard/routing/selection/relu.hpp"
 #include "switchyard/routing/routers/remoe.hpp"
 #include "switchyard/training/remoe_controller.hpp"
+#include "switchyard/training/aux_loss.hpp"
+#include "switchyard/training/grad_accumulation.hpp"
 #include "switchyard/routing/selection/expert_choice.hpp"
 #include "switchyard/routing/routers/expert_choice.hpp"
 #include "switchyard/activation/functors.hpp"

@@ -36,6 +36,7 @@
 #include "switchyard/routing/loss_terms.hpp"
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/softmax.hpp"
+#include "switchyard/routing/loss_fields.hpp"
 
 namespace switchyard::routing {
 
@@ -64,6 +65,12 @@ struct softmax_router_losses {
   float lb_switch = 0.0f;  //!< E · Σ_e f_e · P̄_e, f from the top-1 choice (Switch)
   float lb_topk = 0.0f;    //!< E · Σ_e f_e · P̄_e, f from every selected slot (Mixtral)
   float z = 0.0f;          //!< mean_t logsumexp(logits_t)²  (ST-MoE)
+  //! The fields backward reads as coefficients (training/aux_loss.hpp).
+  static constexpr auto coefficient_fields() {
+    return std::tuple{loss_field<&softmax_router_losses::lb_switch>{"lb_switch"},
+                      loss_field<&softmax_router_losses::lb_topk>{"lb_topk"},
+                      loss_field<&softmax_router_losses::z>{"z"}};
+  }
 };
 
 }  // namespace switchyard::routing

@@ -26,6 +26,7 @@
 #include "switchyard/routing/linear_softmax.hpp"
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/softmax.hpp"
+#include "switchyard/routing/loss_fields.hpp"
 
 namespace switchyard::routing {
 
@@ -112,6 +113,12 @@ struct scored_router_losses {
   float lb = 0.0f;                //!< E · Σ_e f_e · P̄_e over the plan's scores, f from every selected slot
   float sequence_balance = 0.0f;  //!< DeepSeek-V3's complementary sequence-wise balance loss
   float z = 0.0f;                 //!< mean_t logsumexp(logits_t)² (ST-MoE)
+  //! The fields backward reads as coefficients (training/aux_loss.hpp).
+  static constexpr auto coefficient_fields() {
+    return std::tuple{loss_field<&scored_router_losses::lb>{"lb"},
+                      loss_field<&scored_router_losses::sequence_balance>{"sequence_balance"},
+                      loss_field<&scored_router_losses::z>{"z"}};
+  }
 };
 
 // ---- rows: one token ----------------------------------------------------------------------

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "switchyard/core/view.hpp"
+#include "switchyard/routing/loss_fields.hpp"
 
 namespace switchyard::routing {
 
@@ -42,6 +43,13 @@ struct dynmoe_losses {
   [[nodiscard]] static dynmoe_losses uniform(float c) { return {c, c, c, c}; }
   //! Upstream's coefficients: 0.01 for every part (`DY: Examples/DeepSpeed-MoE/train.py`).
   [[nodiscard]] static dynmoe_losses deepspeed() { return uniform(0.01f); }
+  //! The fields backward reads as coefficients (training/aux_loss.hpp).
+  static constexpr auto coefficient_fields() {
+    return std::tuple{loss_field<&dynmoe_losses::sim_loss>{"sim_loss"},
+                      loss_field<&dynmoe_losses::simple_loss>{"simple_loss"},
+                      loss_field<&dynmoe_losses::load_balance_loss>{"load_balance_loss"},
+                      loss_field<&dynmoe_losses::efficiency_loss>{"efficiency_loss"}};
+  }
 };
 
 }  // namespace switchyard::routing

@@ -14,6 +14,7 @@
 #include "switchyard/routing/linear_softmax.hpp"
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/selection/adaptive.hpp"
+#include "switchyard/routing/loss_fields.hpp"
 
 namespace switchyard::routing {
 
@@ -23,6 +24,11 @@ struct adaptive_gating_losses {
   float z_loss = 0.0f;  //!< mean_t logsumexp(logits_t)²  (ST-MoE)
   //! Diagnostic, not a loss: share of tokens routed to two experts (ignored as a coefficient).
   float top2_fraction = 0.0f;
+  //! The fields backward reads as coefficients (training/aux_loss.hpp).
+  static constexpr auto coefficient_fields() {
+    return std::tuple{loss_field<&adaptive_gating_losses::lb_loss>{"lb_loss"},
+                      loss_field<&adaptive_gating_losses::z_loss>{"z_loss"}};
+  }
 };
 
 }  // namespace switchyard::routing

@@ -32,6 +32,7 @@
 #include "switchyard/routing/linear_softmax.hpp"
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/selection/expert_choice.hpp"
+#include "switchyard/routing/loss_fields.hpp"
 
 namespace switchyard::routing {
 
@@ -41,6 +42,10 @@ struct expert_choice_losses {
   index_t capacity = 0;         //!< c: tokens each expert took
   index_t routed_pairs = 0;     //!< E · c, the plan's (token, expert) pairs
   index_t unrouted_tokens = 0;  //!< tokens no expert took (count 0, output 0)
+  //! None: backward reads no coefficient (training/aux_loss.hpp).
+  static constexpr auto coefficient_fields() {
+    return std::tuple<>{};
+  }
 };
 
 }  // namespace switchyard::routing

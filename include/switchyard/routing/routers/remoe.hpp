@@ -36,6 +36,7 @@
 #include "switchyard/routing/linear_softmax.hpp"
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/selection/relu.hpp"
+#include "switchyard/routing/loss_fields.hpp"
 
 namespace switchyard::routing {
 
@@ -50,6 +51,11 @@ struct remoe_losses {
   index_t capped_pairs = 0;   //!< active pairs the max_k cap cut (not in the plan)
   index_t capped_tokens = 0;  //!< tokens with more than max_k positive gates
   float sparsity = 0.0f;      //!< 1 − active_pairs / (T · E) (ReMoE's measure; 0 when T = 0)
+  //! The fields backward reads as coefficients (training/aux_loss.hpp).
+  static constexpr auto coefficient_fields() {
+    return std::tuple{loss_field<&remoe_losses::l1>{"l1"},
+                      loss_field<&remoe_losses::l1_balanced>{"l1_balanced"}};
+  }
 };
 
 }  // namespace switchyard::routing

@@ -14,6 +14,7 @@
 #include "switchyard/routing/linear_softmax.hpp"
 #include "switchyard/routing/plan.hpp"
 #include "switchyard/routing/selection/topp.hpp"
+#include "switchyard/routing/loss_fields.hpp"
 
 namespace switchyard::routing {
 
@@ -22,6 +23,12 @@ struct topp_losses {
   float dynamic_loss = 0.0f;  //!< mean_t −Σ_e P_te log P_te (router entropy, "dynamic loss")
   float lb_loss = 0.0f;  //!< E · Σ_e f_e · P̄_e, f_e = share of tokens selecting e in any slot
   float z_loss = 0.0f;   //!< mean_t logsumexp(logits_t)²  (ST-MoE)
+  //! The fields backward reads as coefficients (training/aux_loss.hpp).
+  static constexpr auto coefficient_fields() {
+    return std::tuple{loss_field<&topp_losses::dynamic_loss>{"dynamic_loss"},
+                      loss_field<&topp_losses::lb_loss>{"lb_loss"},
+                      loss_field<&topp_losses::z_loss>{"z_loss"}};
+  }
 };
 
 }  // namespace switchyard::routing
