@@ -37,10 +37,11 @@ template <auto Member>
 struct loss_field {
   using losses_type = typename ::switchyard::detail::member_pointer_traits<
       decltype(Member)>::struct_type;  //!< the losses struct S
-  static_assert(std::is_same_v<typename ::switchyard::detail::member_pointer_traits<
-                                   decltype(Member)>::value_type,
-                               float>,
-                "loss_field: a coefficient field must be a float member");
+  static_assert(
+      std::is_same_v<
+          typename ::switchyard::detail::member_pointer_traits<decltype(Member)>::value_type,
+          float>,
+      "loss_field: a coefficient field must be a float member");
   static constexpr auto member = Member;  //!< the member pointer `&S::field`
   const char* name = "";                  //!< the member's name, e.g. "lb_loss"
 
@@ -52,7 +53,9 @@ struct loss_field {
 
 //! True when `S::coefficient_fields()` exists (every router's losses struct has it).
 template <class S>
-concept has_coefficient_fields = requires { S::coefficient_fields(); };
+concept has_coefficient_fields = requires {
+  S::coefficient_fields();
+};
 
 //! The number of coefficient fields of `S`.
 template <has_coefficient_fields S>

@@ -50,8 +50,7 @@ std::string coefficient_names() {
 inline void check_coefficient_value(std::string_view name, float value) {
   if (!std::isfinite(value) || value < 0.0f) {
     throw range_error(std::string(name),
-                      detail::concat(name, ": a coefficient must be finite and >= 0, got ",
-                                                   value));
+                      detail::concat(name, ": a coefficient must be finite and >= 0, got ", value));
   }
 }
 
@@ -95,9 +94,10 @@ void set_coefficient(Losses& c, std::string_view name, float value) {
     }
   });
   if (!found) {
-    throw range_error(std::string(name),
-                      detail::concat("'", name, "' is not a coefficient of this router's losses; known: ",
-                                                   detail::coefficient_names<Losses>()));
+    throw range_error(
+        std::string(name),
+        detail::concat("'", name, "' is not a coefficient of this router's losses; known: ",
+                       detail::coefficient_names<Losses>()));
   }
 }
 
@@ -113,9 +113,10 @@ template <coefficient_set Losses>
     }
   });
   if (!found) {
-    throw range_error(std::string(name),
-                      detail::concat("'", name, "' is not a coefficient of this router's losses; known: ",
-                                                   detail::coefficient_names<Losses>()));
+    throw range_error(
+        std::string(name),
+        detail::concat("'", name, "' is not a coefficient of this router's losses; known: ",
+                       detail::coefficient_names<Losses>()));
   }
   return out;
 }
@@ -137,18 +138,16 @@ template <coefficient_set Losses>
     if (item.empty()) continue;
     const auto eq = item.find('=');
     if (eq == std::string_view::npos || eq == 0) {
-      throw range_error("spec", detail::concat(
-                                    "spec: expected items name=value, got '", item, "' in '",
-                                    spec, "'"));
+      throw range_error("spec", detail::concat("spec: expected items name=value, got '", item,
+                                               "' in '", spec, "'"));
     }
     const std::string_view name = item.substr(0, eq);
     const std::string_view text = item.substr(eq + 1);
     float value = 0.0f;
     const auto r = std::from_chars(text.data(), text.data() + text.size(), value);
     if (text.empty() || r.ec != std::errc{} || r.ptr != text.data() + text.size()) {
-      throw range_error(std::string(name), detail::concat(
-                                               name, ": expected a number, got '", text,
-                                               "' in item '", item, "'"));
+      throw range_error(std::string(name), detail::concat(name, ": expected a number, got '", text,
+                                                          "' in item '", item, "'"));
     }
     set_coefficient(base, name, value);
   }
@@ -190,32 +189,32 @@ void validate_coefficients(const Losses& c) {
 //! The two factors multiply where they overlap. Computed in double, returned as float.
 template <coefficient_set Losses>
 struct aux_loss_schedule {
-  Losses coefficients{};       //!< full-strength coefficients (diagnostic fields copied as is)
-  index_t warmup_steps = 0;    //!< >= 0; 0 = no warmup
-  index_t decay_start = -1;    //!< -1 = no decay, else the first step of the decay (>= 0)
-  index_t decay_steps = 0;     //!< >= 0: length of the cosine decay
-  float final_scale = 1.0f;    //!< in [0, 1]: the scale after the decay
+  Losses coefficients{};     //!< full-strength coefficients (diagnostic fields copied as is)
+  index_t warmup_steps = 0;  //!< >= 0; 0 = no warmup
+  index_t decay_start = -1;  //!< -1 = no decay, else the first step of the decay (>= 0)
+  index_t decay_steps = 0;   //!< >= 0: length of the cosine decay
+  float final_scale = 1.0f;  //!< in [0, 1]: the scale after the decay
 
   //! range_error naming the field: a coefficient negative or not finite ("lb_loss", …),
   //! warmup_steps or decay_steps negative, decay_start < -1, final_scale outside [0, 1].
   void validate() const {
     validate_coefficients(coefficients);
     if (warmup_steps < 0) {
-      throw range_error("warmup_steps", detail::concat(
-                                            "warmup_steps must be >= 0, got ", warmup_steps));
+      throw range_error("warmup_steps",
+                        detail::concat("warmup_steps must be >= 0, got ", warmup_steps));
     }
     if (decay_start < -1) {
-      throw range_error("decay_start",
-                        detail::concat(
-                            "decay_start must be -1 (no decay) or >= 0, got ", decay_start));
+      throw range_error(
+          "decay_start",
+          detail::concat("decay_start must be -1 (no decay) or >= 0, got ", decay_start));
     }
     if (decay_steps < 0) {
-      throw range_error("decay_steps", detail::concat(
-                                           "decay_steps must be >= 0, got ", decay_steps));
+      throw range_error("decay_steps",
+                        detail::concat("decay_steps must be >= 0, got ", decay_steps));
     }
     if (!(final_scale >= 0.0f && final_scale <= 1.0f)) {
-      throw range_error("final_scale", detail::concat(
-                                           "final_scale must be in [0, 1], got ", final_scale));
+      throw range_error("final_scale",
+                        detail::concat("final_scale must be in [0, 1], got ", final_scale));
     }
   }
 

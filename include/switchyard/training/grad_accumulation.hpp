@@ -102,9 +102,10 @@ class gradient_accumulator {
     sums_.resize(buffers_.size());
     for (std::size_t b = 0; b < buffers_.size(); ++b) {
       if (!buffers_[b].empty() && buffers_[b].data() == nullptr) {
-        throw null_pointer_error(detail::concat("buffers[", b, "]"),
-                                 detail::concat("buffers[", b, "]: data pointer is null but the span has ",
-                                                buffers_[b].size(), " elements"));
+        throw null_pointer_error(
+            detail::concat("buffers[", b, "]"),
+            detail::concat("buffers[", b, "]: data pointer is null but the span has ",
+                           buffers_[b].size(), " elements"));
       }
       sums_[b].assign(buffers_[b].size(), 0.0);
       for (std::size_t lo = 0; lo < buffers_[b].size(); lo += chunk) items_.emplace_back(b, lo);

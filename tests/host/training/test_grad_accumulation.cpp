@@ -134,7 +134,8 @@ BOOST_AUTO_TEST_CASE(accumulator_errors_and_plain_arithmetic) {
              "weight");
   BOOST_TEST(range_error_argument([&] { (void)acc.sums(3); }) == "b");
   try {
-    sy::training::gradient_accumulator bad({sy::span<float>(a), sy::span<float>(static_cast<float*>(nullptr), 4)});
+    sy::training::gradient_accumulator bad(
+        {sy::span<float>(a), sy::span<float>(static_cast<float*>(nullptr), 4)});
     BOOST_FAIL("a null buffer was accepted");
   } catch (const sy::null_pointer_error& e) {
     BOOST_TEST(e.argument() == "buffers[1]");
@@ -158,7 +159,8 @@ struct router_buffers {
 template <>
 struct router_buffers<sy::routers::DynMoE> {
   std::vector<float> w, th;
-  router_buffers(index_t e, index_t d) : w(static_cast<std::size_t>(e * d)), th(static_cast<std::size_t>(e)) {}
+  router_buffers(index_t e, index_t d)
+      : w(static_cast<std::size_t>(e * d)), th(static_cast<std::size_t>(e)) {}
   sy::routing::dynmoe_grads view(index_t e, index_t d) {
     return {sy::make_view(w.data(), d, e), sy::make_view(th.data(), e)};
   }
@@ -188,13 +190,17 @@ struct grads {
     return s;
   }
 };
-const char* const grad_names[] = {"dx", "dW1", "db1", "dW2", "db2", "router w", "router thresholds"};
+const char* const grad_names[] = {
+    "dx", "dW1", "db1", "dW2", "db2", "router w", "router thresholds"};
 
 template <class R>
 R make_router() {
-  if constexpr (std::is_same_v<R, sy::routers::TopK>) return {.k = 2};
-  else if constexpr (std::is_same_v<R, sy::routers::TopP>) return {.p = 0.6f};
-  else return R{};
+  if constexpr (std::is_same_v<R, sy::routers::TopK>)
+    return {.k = 2};
+  else if constexpr (std::is_same_v<R, sy::routers::TopP>)
+    return {.p = 0.6f};
+  else
+    return R{};
 }
 
 //! A layer, its weights and a batch with a loss L = mean_t ⟨y_t, g_t⟩ (g random): the
@@ -222,18 +228,21 @@ struct problem {
     std::vector<float> x(L.x.begin() + begin * d, L.x.begin() + (begin + n) * d);
     std::vector<float> dy(static_cast<std::size_t>(n * d)), y(dy.size());
     for (std::size_t i = 0; i < dy.size(); ++i)
-      dy[i] = static_cast<float>(static_cast<double>(g[begin * d + i]) / static_cast<double>(n_mean));
+      dy[i] =
+          static_cast<float>(static_cast<double>(g[begin * d + i]) / static_cast<double>(n_mean));
     typename decltype(layer)::result_type res;
     const auto xv = sy::make_view<const float>(x.data(), n, d);
     // Sub-batch router params: the router's own rows (DA-MoE-style per-token params do not
     // appear here; TopK/TopP/DynMoE params are per expert).
     const auto rp = rs.params(d);
-    layer.template forward<float>(sy::host_context{}, xv, rp, L.weights(), sy::make_view(y.data(), n, d), res);
+    layer.template forward<float>(sy::host_context{}, xv, rp, L.weights(),
+                                  sy::make_view(y.data(), n, d), res);
     layer.template backward<float>(
-        sy::host_context{}, xv, rp, L.weights(), res, sy::make_view<const float>(dy.data(), n, d), coeffs,
-        sy::make_view(out.dx.data() + begin * d, n, d),
-        {sy::make_view(out.dw1.data(), experts, L.p, d), sy::make_view(out.db1.data(), experts, L.p),
-         sy::make_view(out.dw2.data(), experts, d, f), sy::make_view(out.db2.data(), experts, d)},
+        sy::host_context{}, xv, rp, L.weights(), res, sy::make_view<const float>(dy.data(), n, d),
+        coeffs, sy::make_view(out.dx.data() + begin * d, n, d),
+        {sy::make_view(out.dw1.data(), experts, L.p, d),
+         sy::make_view(out.db1.data(), experts, L.p), sy::make_view(out.dw2.data(), experts, d, f),
+         sy::make_view(out.db2.data(), experts, d)},
         out.rb.view(experts, d));
   }
 
@@ -271,14 +280,15 @@ struct problem {
         bool same = true;
         for (std::size_t j = 0; j < s.size(); ++j)
           same = same && s[j] == expect[b][j] && (*bufs[b])[j] == static_cast<float>(expect[b][j]);
-        BOOST_TEST(same, grad_names[b] << ": float64 sums differ from the weighted sum of the buffers");
+        BOOST_TEST(same,
+                   grad_names[b] << ": float64 sums differ from the weighted sum of the buffers");
       }
     }
     return out;
   }
 
   //! A = Σ_t |G_t| per element: each token alone (dy = g_t / T), magnitudes summed in double
-//! (dx: the row's largest magnitude); `sums` receives Σ_t G_t in double.
+  //! (dx: the row's largest magnitude); `sums` receives Σ_t G_t in double.
   std::vector<std::vector<double>> token_magnitudes(std::vector<std::vector<double>>* sums) const {
     auto probe = make_grads();
     const auto bufs = probe.all();
@@ -314,6 +324,10 @@ void check_accumulation(std::uint64_t seed, bool batch_invariant) {
   std::mt19937_64 gen(seed);
   const problem<R> pb(gen, batch_invariant);
   const typename R::losses_type no_aux{};
+  // One thread for the many small runs (results do not depend on it; fewer parallel regions
+  // keep the test quick on a loaded 2-core machine); 2 threads for the determinism check.
+  const thread_guard guard;
+  set_threads(1);
   auto full = pb.full(no_aux);
   auto acc = pb.accumulated(4, no_aux, true);
   std::vector<std::vector<double>> token_sum;
@@ -344,8 +358,6 @@ void check_accumulation(std::uint64_t seed, bool batch_invariant) {
   }
 
   // Deterministic: the same bits run to run and with 1 or 2 threads.
-  const thread_guard guard;
-  set_threads(1);
   auto one = pb.accumulated(4, no_aux);
   set_threads(2);
   auto two = pb.accumulated(4, no_aux);
@@ -386,7 +398,7 @@ BOOST_AUTO_TEST_CASE(aux_losses_are_per_micro_batch) {
     expert_scale = std::max(expert_scale, static_cast<double>(std::abs(full.dw2[j])));
   }
   BOOST_TEST_MESSAGE("router w: max diff " << router_diff << " of max " << router_scale
-                                          << "; dW2: " << expert_diff << " of " << expert_scale);
+                                           << "; dW2: " << expert_diff << " of " << expert_scale);
   BOOST_TEST(router_diff > 1e-3 * router_scale);
   BOOST_TEST(expert_diff <= 1e-5 * expert_scale);
 }
