@@ -16,10 +16,11 @@
 #include <charconv>
 #include <cmath>
 #include <cstddef>
+#include <locale>
 #include <numbers>
+#include <sstream>
 #include <string>
 #include <string_view>
-#include <system_error>
 #include <tuple>
 #include <utility>
 
@@ -59,6 +60,21 @@ inline std::string coefficient_text(float v) {
   char buf[32];
   const auto r = std::to_chars(buf, buf + sizeof buf, v);
   return std::string(buf, r.ptr);
+}
+
+//! Reads `text` as a whole float in the classic "C" locale (whatever the global locale);
+//! false when it is empty, has other characters after the number, or is out of float range.
+inline bool parse_coefficient_text(std::string_view text, float& value) {
+  if (text.empty()) return false;
+  std::istringstream is{std::string(text)};
+  is.imbue(std::locale::classic());
+  float v = 0.0f;
+  is >> v;
+  if (is.fail()) return false;
+  is.peek();  // at the end of the text: eof
+  if (!is.eof()) return false;
+  value = v;
+  return true;
 }
 
 }  // namespace switchyard::detail
@@ -144,8 +160,7 @@ template <coefficient_set Losses>
     const std::string_view name = item.substr(0, eq);
     const std::string_view text = item.substr(eq + 1);
     float value = 0.0f;
-    const auto r = std::from_chars(text.data(), text.data() + text.size(), value);
-    if (text.empty() || r.ec != std::errc{} || r.ptr != text.data() + text.size()) {
+    if (!detail::parse_coefficient_text(text, value)) {
       throw range_error(std::string(name), detail::concat(name, ": expected a number, got '", text,
                                                           "' in item '", item, "'"));
     }
