@@ -166,7 +166,10 @@ baselines time_baselines(problem& pb, int reps) {
   sy::cuda::check(cublasSetStream(h, s), "cublasSetStream");
   const index_t rows = pb.tokens * pb.k;
   const index_t rows_e = std::max<index_t>(1, rows / pb.experts);
-  sy::cuda::device_array<storage> a(rows * pb.d, s), hbuf(rows * pb.p, s), out(rows * pb.d, s);
+  // The loop gives every expert rows_e >= 1 rows: E·rows_e can exceed T·k (T = 16, E = 64).
+  const index_t rows_all = std::max(rows, pb.experts * rows_e);
+  sy::cuda::device_array<storage> a(rows_all * pb.d, s), hbuf(rows_all * pb.p, s),
+      out(rows_all * pb.d, s);
   randomize(a, 6, 1.0f, s);
   randomize(hbuf, 7, 1.0f, s);
   auto dense = [&] {

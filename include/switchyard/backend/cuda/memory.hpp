@@ -20,9 +20,18 @@
 
 namespace switchyard::cuda {
 
-//! The device `stream` runs on.
+//! The device `stream` runs on. While the stream is being captured into a CUDA graph,
+//! cudaStreamGetDevice is not permitted (cudaErrorStreamCaptureUnsupported, which would also
+//! invalidate the capture), so the current device is taken instead: capture a stream of the
+//! current device (as CUDA's own graph examples do).
 inline int stream_device(cudaStream_t stream) {
   int device = -1;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+  if (capture != cudaStreamCaptureStatusNone) {
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    return device;
+  }
   check(cudaStreamGetDevice(stream, &device), "cudaStreamGetDevice");
   return device;
 }

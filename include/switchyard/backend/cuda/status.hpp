@@ -56,6 +56,8 @@ struct device_status {
   index_t width;    //!< plan slots per token
   index_t tokens;   //!< T
   int routed;       //!< 1: the layer routed (plan errors name state.plan), 0: forward_experts
+  int reserved;     //!< 0; names the 4 bytes that would be padding, so the whole word is written
+                    //!< before it is copied (compute-sanitizer initcheck reads every byte)
 
   //! Clears every kind and records the sizes (what the executor's reset kernel runs).
   SWITCHYARD_HD void reset(index_t d_, index_t experts_, index_t width_, index_t tokens_,
@@ -66,6 +68,7 @@ struct device_status {
     width = width_;
     tokens = tokens_;
     routed = routed_ ? 1 : 0;
+    reserved = 0;
   }
   //! The sizes recorded by `reset`.
   [[nodiscard]] status_shape shape() const {
@@ -91,6 +94,8 @@ struct device_status {
 };
 
 
+static_assert(std::has_unique_object_representations_v<device_status>,
+              "device_status: no padding bytes (every byte is written before the copy to the host)");
 static_assert(std::is_trivial_v<device_status>,
               "the status word is reset by a kernel and copied byte-wise: keep it trivial");
 
