@@ -195,6 +195,19 @@ int main(int argc, char** argv) {
                   name.c_str(), m.epoch + 1, m.loss, m.accuracy, m.accuracy_easy, m.accuracy_hard,
                   m.mean_k, m.mean_k_easy, m.mean_k_hard,
                   load_bar(m.load, cfg.experts, cfg.layers).c_str(), router_metric(name, m).c_str());
+      for (const auto& ev : r.dynmoe_events) {  // DynMoE's adaptive updates in this epoch
+        if (quiet || ev.step / cfg.steps_per_epoch != m.epoch || (ev.removed == 0 && ev.added < 0))
+          continue;
+        std::string removed;
+        for (std::size_t e = 0; e < ev.mask_before.size(); ++e)
+          if (ev.mask_before[e] == 1 && ev.routing_records[e] == 0.0f) removed += " " + std::to_string(e);
+        int active = 0;
+        for (auto v : ev.mask_after) active += v;
+        const std::string added = ev.added >= 0 ? "added slot " + std::to_string(ev.added) : "added none";
+        std::printf("%-15s   layer %d, update after forward %lld: removed slot(s)%s, %s, %d active\n",
+                    name.c_str(), ev.layer, static_cast<long long>(ev.forward),
+                    removed.empty() ? " none" : removed.c_str(), added.c_str(), active);
+      }
     }
     std::printf("%-15s loss %.3f -> %.3f (last epoch / first epoch %.2f), %.2f s\n", name.c_str(),
                 r.epochs.front().loss, r.epochs.back().loss, r.loss_ratio(), seconds);

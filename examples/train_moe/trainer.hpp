@@ -69,7 +69,7 @@ struct config {
   int layers = 1;               //!< MoE layers (residual blocks)
   int tokens = 64;              //!< tokens per batch (one "sample" of the curriculum)
   int steps_per_epoch = 16;     //!< batches per epoch; the data set holds tokens · steps_per_epoch
-  int epochs = 12;              //!< passes over the data set
+  int epochs = 30;              //!< passes over the data set
   std::string optimizer = "adam";  //!< sgd (with momentum) or adam
   double lr = 0.01;                //!< learning rate
   double momentum = 0.9;           //!< SGD momentum
