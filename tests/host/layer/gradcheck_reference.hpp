@@ -266,6 +266,8 @@ struct relu_act {
   static type make() { return {}; }
   static double value(double h, double) { return h > 0.0 ? h : 0.0; }
   static double margin(double h, double) { return std::abs(h); }
+  static constexpr int required = 1;
+  static int branches(double h, double) { return h < 0.0 ? 1 : 0; }  // the zero branch
 };
 struct gelu_act {
   using type = sy::activation::gelu;
@@ -305,6 +307,11 @@ inline double clamp_margin(double g, double u) {
   const double L = clamp_limit;
   return std::min({std::abs(g - L), std::abs(u - L), std::abs(u + L)});
 }
+//! Which clipped branches (gate above, up above, up below the limit) a (gate, up) pair takes.
+inline int clamp_branches(double g, double u) {
+  const double L = clamp_limit;
+  return (g > L ? 1 : 0) | (u > L ? 2 : 0) | (u < -L ? 4 : 0);
+}
 struct clamped_swiglu_act {
   using type = sy::activation::clamped_swiglu;
   static type make() { return {.limit = clamp_limit}; }
@@ -313,6 +320,8 @@ struct clamped_swiglu_act {
     return ref_silu(std::min(g, L)) * std::clamp(u, -L, L);
   }
   static double margin(double g, double u) { return clamp_margin(g, u); }
+  static constexpr int required = 7;
+  static int branches(double g, double u) { return clamp_branches(g, u); }
 };
 struct gpt_oss_swiglu_act {
   using type = sy::activation::gpt_oss_swiglu;
@@ -323,6 +332,20 @@ struct gpt_oss_swiglu_act {
     return (u + 1.0) * g * ref_sigmoid(static_cast<double>(alpha) * g);
   }
   static double margin(double g, double u) { return clamp_margin(g, u); }
+  static constexpr int required = 7;
+  static int branches(double g, double u) { return clamp_branches(g, u); }
+};
+//! The branches a draw must take (every bit of A::required among the kept pairs' A::branches,
+//! else it is redrawn): ReLU's zero branch, each clamp clipping.
+template <class A>
+constexpr int required_branches() {
+  if constexpr (requires { A::required; }) return A::required;
+  else return 0;
+}
+//! What the reference saw of the activation's kinks over the FFNs it evaluated.
+struct kink_stats {
+  double margin = 1e300;  //!< smallest distance of a pre-activation to a kink
+  int branches = 0;       //!< the non-smooth activation's branches taken (A::branches bits)
 };
 //! A pre-activation closer than this to a kink redraws the case: a perturbation (h = 1e-6)
 //! moves a pre-activation by < 1e-5 and float rounding of the library's by ~1e-6, so either
@@ -1111,10 +1134,10 @@ std::vector<char> reference_keep(const route& r, index_t T, index_t E,
 
 // ---- the reference layer ---------------------------------------------------------------
 
-//! FFN_e(x_t) in double through activation case A; `margin` becomes min(margin, the distance
-//! of this FFN's pre-activations to a kink of A).
+//! FFN_e(x_t) in double through activation case A; `k` records the distance of this FFN's
+//! pre-activations to a kink of A and the branches they take.
 template <class A>
-void ffn(const problem& q, index_t e, const double* xt, double* out, double& margin) {
+void ffn(const problem& q, index_t e, const double* xt, double* out, kink_stats& k) {
   constexpr bool gated = sy::activation_traits<typename A::type>::is_gated;
   vec h(static_cast<std::size_t>(q.p)), a(static_cast<std::size_t>(q.f));
   for (index_t r = 0; r < q.p; ++r) {
@@ -1125,7 +1148,8 @@ void ffn(const problem& q, index_t e, const double* xt, double* out, double& mar
   for (index_t c = 0; c < q.f; ++c) {
     const double up = gated ? h[q.f + c] : 0.0;
     a[c] = A::value(h[c], up);
-    margin = std::min(margin, A::margin(h[c], up));
+    k.margin = std::min(k.margin, A::margin(h[c], up));
+    if constexpr (required_branches<A>() != 0) k.branches |= A::branches(h[c], up);
   }
   for (index_t o = 0; o < q.d; ++o) {
     double s = q.b2[e * q.d + o];
@@ -1149,7 +1173,7 @@ inline double dot(const double* a, const double* b, index_t n) {
 //! a dropped pass-through pair, 0 for a dropped zero pair or an unused slot (Σ g·y = ⟨w, c⟩).
 template <class A>
 vec slot_contributions(const problem& q, const route& r, const std::vector<char>& keep,
-                       bool pass_through, double& margin) {
+                       bool pass_through, kink_stats& margin) {
   vec c(r.ids.size(), 0.0), out(static_cast<std::size_t>(q.d));
   for (index_t t = 0; t < q.T; ++t) {
     const double* xt = &q.x[t * q.d];
@@ -1172,7 +1196,7 @@ vec slot_contributions(const problem& q, const route& r, const std::vector<char>
 //! pairs still give w_tj · x_t: FFN(w·x) = w·x for them, docs/layer.md).
 template <class A>
 double layer_term(const problem& q, const route& r, const std::vector<char>& keep,
-                  bool pass_through, bool weight_on_input, double& margin) {
+                  bool pass_through, bool weight_on_input, kink_stats& margin) {
   if (!weight_on_input) return dot(r.weights, slot_contributions<A>(q, r, keep, pass_through, margin));
   double s = 0.0;
   vec xs(static_cast<std::size_t>(q.d)), out(xs);
@@ -1302,13 +1326,17 @@ bool run_draw(R rc, std::uint64_t seed, std::string& why, std::vector<block_resu
     return false;
   }
   ref_dropped.resize(static_cast<std::size_t>(q.E), 0);  // identity experts drop nothing
-  double margin = no_kink;
+  kink_stats margin;
   {
     const vec c = slot_contributions<A>(q, base, keep, pass_through, margin);
     const double ref = layer_term<A>(q, base, keep, pass_through, weight_on_input, margin);
-    if (margin < kink_margin) {
-      why = "a pre-activation lies within " + std::to_string(margin) +
+    if (margin.margin < kink_margin) {
+      why = "a pre-activation lies within " + std::to_string(margin.margin) +
             " of a kink of the activation";
+      return false;
+    }
+    if ((margin.branches & required_branches<A>()) != required_branches<A>()) {
+      why = "the activation's non-smooth branches are not all taken";
       return false;
     }
     BOOST_TEST(res.dropped == ref_dropped, "dropped pairs per expert");
@@ -1338,7 +1366,7 @@ bool run_draw(R rc, std::uint64_t seed, std::string& why, std::vector<block_resu
     if (const auto m = describe_mismatch(r, base); !m.empty())
       throw plan_changed{std::string("the selection changes under a perturbation of ") + name +
                          "[" + std::to_string(i) + "]: " + m};
-    double unused = no_kink;
+    kink_stats unused;
     return layer_term<A>(q, r, keep, pass_through, weight_on_input, unused) + r.aux;
   };
   auto check = [&](const char* name, vec& param, const std::vector<float>& got) {
@@ -1398,7 +1426,15 @@ std::string type_label() {
   return s;
 }
 
-//! Draws until one is usable (each redraw logged with its reason), then checks it; FAILS after
+//! The activation case's name without its "_act" suffix (for labels).
+template <class A>
+std::string act_label() {
+  std::string a = type_label<A>();
+  if (a.size() > 4 && a.substr(a.size() - 4) == "_act") a.resize(a.size() - 4);
+  return a;
+}
+
+//! Draws until one is usable (each redraw logged with its reason), then checks it; fails after
 //! `max_draws` rejected draws (a library plan that never matches the float64 selection is a
 //! bug in the selection or the reference, not bad luck).
 template <class R, class A, class D>
@@ -1420,7 +1456,7 @@ void check_combo(const R& proto, const std::string& label) {
     BOOST_TEST_MESSAGE(label << ": redrawing (seed " << seed << "): " << why);
     reasons += "\n  seed " + std::to_string(seed) + ": " + why;
   }
-  BOOST_FAIL(label << ": no usable draw in " << max_draws << ":" << reasons);
+  BOOST_ERROR(label << ": no usable draw in " << max_draws << ":" << reasons);
 }
 
 //! A typed combination: router case × activation case × dispatch case.
@@ -1430,9 +1466,7 @@ struct combo {
   using act_case = A;
   using dispatch_case = D;
   static std::string label() {
-    std::string a = type_label<A>();
-    if (a.size() > 4 && a.substr(a.size() - 4) == "_act") a.resize(a.size() - 4);
-    return type_label<R>() + " x " + a + " x " + type_label<D>();
+    return type_label<R>() + " x " + act_label<A>() + " x " + type_label<D>();
   }
   static void run() { check_combo<R, A, D>(R{}, label()); }
 };
