@@ -11,6 +11,7 @@
 // well below its start or became non-finite.
 #include "trainer.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdarg>
@@ -147,8 +148,17 @@ int main(int argc, char** argv) {
   (void)threads;
 #endif
   std::vector<std::string> routers;
-  if (router == "all") routers = train_moe::router_names();
-  else routers.push_back(router);
+  if (router == "all") {
+    routers = train_moe::router_names();
+  } else {
+    const auto& known = train_moe::router_names();
+    if (std::find(known.begin(), known.end(), router) == known.end()) {
+      std::fprintf(stderr, "train_moe: unknown router '%s'\n", router.c_str());
+      usage();
+      return 2;
+    }
+    routers.push_back(router);
+  }
 
   std::printf("train_moe: %d easy tasks (one skill), %d hard (two skills), %d tokens x %d batches, %d epochs, "
               "E = %d, d = %d, d_ff = %d, %d MoE layer(s), %s lr %g, %d micro-batch(es), seed %llu\n",

@@ -543,7 +543,7 @@ class trainer {
       m.unrouted = unrouted / routed_tokens;
       m.top2_share = two / routed_tokens;
       m.sparsity = sparsity / (steps * layers);
-      m.lambda = tr.controller_.lambda;
+      m.lambda = is_remoe ? tr.controller_.lambda : 0.0;
       m.load = load;
       double active_sum = 0;
       for (int l = 0; l < layers; ++l) {

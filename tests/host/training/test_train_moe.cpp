@@ -229,7 +229,7 @@ BOOST_AUTO_TEST_CASE(adaptive_gating_curriculum_between_epochs) {
 
 // (5) DeepSeek-V3's aux-loss-free selection bias (γ = 0.01 per step) against the same run with
 // γ = 0: the load imbalance max/mean over the last 4 epochs is lower, by at least 15 %
-// (observed: 1.05 against 1.5).
+// (observed: 1.12 against 1.56 for seed 1, 1.12 against 2.13 for seed 2).
 BOOST_AUTO_TEST_CASE(selection_bias_lowers_load_imbalance) {
   for (std::uint64_t seed : {1u, 2u}) {
     const run_result biased = train_moe::train(small("deepseek", seed));
@@ -246,7 +246,8 @@ BOOST_AUTO_TEST_CASE(selection_bias_lowers_load_imbalance) {
 }
 
 // (6) ReMoE: the controller (λ ← λ·α^sign(target − sparsity) each step) holds the measured
-// sparsity near its target 0.75: the mean over the last 6 of 20 epochs is within 0.04.
+// sparsity near its target 0.75: the mean over the last 6 of 20 epochs is within 0.04
+// (observed 0.745).
 BOOST_AUTO_TEST_CASE(remoe_controller_holds_sparsity) {
   config c = small("remoe");
   c.epochs = 20;
@@ -283,7 +284,8 @@ BOOST_AUTO_TEST_CASE(runs_are_bitwise_reproducible) {
 }
 
 // (8) Gradient accumulation: with aux coefficients 0, 2 micro-batches give the loss curve of
-// 1 within 2 % of the loss at every step (observed: TBD).
+// 1 within 1e-4 of the loss, relative, at every step (observed 1.4e-7: float rounding of
+// the split sums; no routing decision flips), and the first step's loss within 1e-6.
 BOOST_AUTO_TEST_CASE(micro_batches_match_one_batch) {
   config c = small("topk");
   c.aux = "none";
@@ -295,6 +297,6 @@ BOOST_AUTO_TEST_CASE(micro_batches_match_one_batch) {
   for (std::size_t s = 0; s < one.step_loss.size(); ++s)
     worst = std::max(worst, std::abs(one.step_loss[s] - two.step_loss[s]) / one.step_loss[s]);
   BOOST_TEST_MESSAGE("micro-batches: largest relative loss difference " << worst);
-  BOOST_TEST(worst < 0.02);
+  BOOST_TEST(worst < 1e-4);
   BOOST_TEST(std::abs(one.step_loss[0] - two.step_loss[0]) < 1e-6);
 }
