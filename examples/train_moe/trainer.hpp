@@ -4,12 +4,12 @@
 //! `examples/train_moe` (the program), `tests/host/training/test_train_moe.cpp` (the papers'
 //! behaviours asserted on it) and, later, a GPU run through another layer runner.
 //!
-//! The task (`train_moe::dataset`) needs routing: every token belongs to one of `tasks`
-//! sub-tasks (its id reaches the model through an embedding) and carries a feature vector
-//! u ∈ R^m. The first half of the sub-tasks are easy: 2 classes, the sign of one projection
-//! of u (linear: the residual path alone can solve them). The other half are hard: 4 classes,
-//! two bits that are each the XOR of the signs of two projections (the product's sign: not
-//! linear in u, so the expert FFNs must compute them). Every sub-task has its own classes.
+//! The task (`train_moe::dataset`) needs routing: every token belongs to a task (its id reaches
+//! the model through an embedding) and carries a feature vector u ∈ R^m. Skill s is one bit
+//! of u, the XOR of the signs of two projections (not linear in u: an expert FFN must compute
+//! it). Easy tasks ask for one skill (2 classes); hard tasks for two at once (4 classes). The
+//! experts are small (d_ff = 4, about one skill each), so a hard token is best served by two
+//! experts. Every task has its own classes.
 //!
 //! The model: h0 = embedding[task] + P·u (P trainable, [d, m]); h_{l+1} = h_l + MoE_l(h_l) for
 //! `layers` MoE layers (SwiGLU experts with biases, `dispatch::sorted_grouped`); logits =
@@ -40,6 +40,7 @@
 #include <switchyard/training/selection_bias.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -100,13 +101,16 @@ struct config {
   //! steps; over a hundred, λ grows past what the target needs before the sparsity (which
   //! lags it) answers, and ReLU gates that died stay dead: 1.05 settles near the target.
   float remoe_alpha = 1.05f;
-  int dynmoe_period = 8;             //!< DynMoE: schedule period, in training forwards
+  //! DynMoE: schedule period, in training forwards (one per micro-batch; an update the
+  //! schedule asks for runs after the step's optimizer update, never between a forward and
+  //! its backward).
+  int dynmoe_period = 8;
   std::string dynmoe_mask;           //!< DynMoE: initial mask, '1'/'0' per slot (empty: all active)
   int dynmoe_starved_slot = -1;      //!< DynMoE: slot whose threshold starts unreachable (-1: none)
   float dynmoe_threshold = 0.0f;     //!< DynMoE: initial threshold logit G of the active slots
   int hyper_adapter = 4;             //!< HyperMoE: adapter width a
 
-  //! The CTest-sized run (a few seconds for every router on one core).
+  //! The CTest-sized run (under a second for every router on one core).
   [[nodiscard]] static config small() {
     config c;
     c.epochs = 8;
@@ -452,7 +456,7 @@ class trainer {
           store_[b.thresholds].value[static_cast<std::size_t>(e)] =
               e == cfg.dynmoe_starved_slot ? 20.0f : cfg.dynmoe_threshold;
         }
-        for (int id : {b.w1, b.b1, b.w2, b.b2, b.router_w, b.thresholds}) {
+        for (int id : std::array<int, 6>{b.w1, b.b1, b.w2, b.b2, b.router_w, b.thresholds}) {
           store_[id].slots = E;
           store_[id].layer = l;
         }
@@ -631,7 +635,8 @@ class trainer {
     gen_[1] = store_.add("linear1.w", static_cast<std::size_t>(bott) * (h_in + d_le),
                          1.0 / std::sqrt(h_in + d_le), rng_);
     gen_[2] = store_.add("linear1.b", bott, 0.0, rng_);
-    // The heads start small (HyperMoE's "hyperfanin" init): the model starts as the plain MoE.
+    // The heads start small, as HyperMoE's "hyperfanin" init (uniform ±bound) has them, at 100×
+    // its bound so that a run of a few hundred steps moves the generated adapter.
     const double up = sy::layer::hyperfanin_bound(bott, a), down = sy::layer::hyperfanin_bound(bott, d);
     gen_[3] = store_.add("weight_up.w", static_cast<std::size_t>(a) * d * bott, -up * 100, rng_);
     gen_[4] = store_.add("weight_up.b", static_cast<std::size_t>(a) * d, 0.0, rng_);
@@ -924,7 +929,7 @@ class trainer {
         if (ev.step != step - 1 || !ev.next_slot_grad.empty()) continue;
         const block& b = blocks_[static_cast<std::size_t>(ev.layer)];
         ev.next_slot_grad.assign(static_cast<std::size_t>(E), 0.0);
-        for (int id : {b.w1, b.b1, b.w2, b.b2}) {
+        for (int id : std::array<int, 4>{b.w1, b.b1, b.w2, b.b2}) {
           const tensor& t = store_[id];
           for (std::size_t i = 0; i < t.size(); ++i)
             ev.next_slot_grad[static_cast<std::size_t>(t.slot_of(i))] += std::abs(static_cast<double>(t.buffer[i]));
@@ -992,7 +997,7 @@ class trainer {
   void reset_slot(block& b, int e) {
     rng r(cfg_.seed * 1000003u + static_cast<std::uint64_t>(opt_.steps) * 131u + static_cast<std::uint64_t>(e));
     const double scale_w1 = 1.0 / std::sqrt(cfg_.d), scale_w2 = 0.5 / std::sqrt(cfg_.d_ff);
-    for (int id : {b.w1, b.b1, b.w2, b.b2, b.router_w, b.thresholds}) {
+    for (int id : std::array<int, 6>{b.w1, b.b1, b.w2, b.b2, b.router_w, b.thresholds}) {
       tensor& t = store_[id];
       for (std::size_t i = 0; i < t.size(); ++i) {
         if (t.slot_of(i) != e) continue;
