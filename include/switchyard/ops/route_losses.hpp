@@ -7,7 +7,9 @@
 //! Every reduction runs in a fixed order, so the result is the same run to run however the
 //! work is spread: per-expert sums (f, P̄) are one item per expert looping over the tokens
 //! in order (the host's order: bit for bit its doubles); sums over tokens are per-token rows
-//! into a [T] array, then one item adding them in token order. The entropy is the one value
+//! into a [T] array, then one item adding them in token order. (The CUDA backend runs
+//! `expert_column_sums` and `mean_of_rows` as block kernels with these very additions in this
+//! very order: backend/cuda/route_reductions.cuh.) The entropy is the one value
 //! whose host order (one running sum over all T·E terms) is not kept: its device value is the
 //! token-ordered sum of per-token entropies (a few ulps of a double from the host's, the same
 //! float almost always); its backward row is the host's.
@@ -50,19 +52,25 @@ struct expert_column_sums {
   double* f = nullptr;     //!< [E] output
   double* pbar = nullptr;  //!< [E] output, or null
 
+  //! Counted slots of token t naming expert e.
+  SWITCHYARD_HD index_t count_of(index_t e, index_t t) const {
+    const index_t w = width;
+    const int c = readable_slots(counts[t], w);
+    const int used = slots == counted_slots::every_used ? c
+                     : slots == counted_slots::top1     ? (c > 0 ? 1 : 0)
+                                                        : (c == 1 ? 1 : 0);
+    index_t fe = 0;
+    for (int j = 0; j < used; ++j) fe += ids[t * w + j] == e ? 1 : 0;
+    return fe;
+  }
+
   SWITCHYARD_HD void operator()(index_t e) const {
-    const index_t n = tokens, w = width, stride = experts;
+    const index_t n = tokens, stride = experts;
     // f as an integer count (the host's sum of 1.0s is exact, so the same double), in its own
     // loop: the compiler may unroll and reorder it, the loads of P̄'s double chain then
     // pipeline (P̄ itself is summed strictly in token order).
     index_t fe = 0;
-    for (index_t t = 0; t < n; ++t) {
-      const int c = readable_slots(counts[t], w);
-      const int used = slots == counted_slots::every_used ? c
-                       : slots == counted_slots::top1     ? (c > 0 ? 1 : 0)
-                                                          : (c == 1 ? 1 : 0);
-      for (int j = 0; j < used; ++j) fe += ids[t * w + j] == e ? 1 : 0;
-    }
+    for (index_t t = 0; t < n; ++t) fe += count_of(e, t);
     f[e] = static_cast<double>(fe);
     if (pbar == nullptr) return;
     double pe = 0.0;

@@ -38,6 +38,7 @@
 #include "switchyard/backend/cuda/gemm.hpp"
 #include "switchyard/backend/cuda/launch.cuh"
 #include "switchyard/backend/cuda/memory.hpp"
+#include "switchyard/backend/cuda/route_reductions.cuh"
 #include "switchyard/backend/cuda/status.hpp"
 #include "switchyard/backend/cuda/tuning.hpp"
 #include "switchyard/core/config.hpp"
@@ -90,18 +91,20 @@ struct device_router {
                 "(docs/cuda.md, custom routers)");
 };
 
-//! The launcher of the route's steps (ops/route_steps.hpp): `cuda::for_each` on a stream,
-//! per-token work in blocks of tuning::tokens_block, per-element work of tuning::rows_block.
+//! The launcher of the route's steps (ops/route_steps.hpp): `cuda::route_step` on a stream
+//! (`cuda::for_each`, except the long fixed-order reductions, which run on block kernels with
+//! the same bits: backend/cuda/route_reductions.cuh), per-token work in blocks of
+//! tuning::tokens_block, per-element work of tuning::rows_block.
 struct kernel_launcher {
   cudaStream_t stream = nullptr;
 
   template <class F>
   void tokens(index_t n, const F& f, const char* name) const {
-    for_each<tuning::tokens_block>(stream, n, f, name);
+    route_step<tuning::tokens_block>(stream, n, f, name);
   }
   template <class F>
   void elements(index_t n, const F& f, const char* name) const {
-    for_each<tuning::rows_block>(stream, n, f, name);
+    route_step<tuning::rows_block>(stream, n, f, name);
   }
 };
 
