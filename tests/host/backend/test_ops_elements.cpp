@@ -74,6 +74,45 @@ double value(const T& v) {
 
 }  // namespace
 
+BOOST_AUTO_TEST_CASE(pipelined_router_sums_are_the_plain_functors_bitwise) {
+  std::mt19937_64 rng(sy::test::base_seed() + 104);
+  const auto check = [&](auto tag, index_t tokens, index_t d, index_t experts, index_t x_stride) {
+    using T = decltype(tag);
+    // x strided along a row (x_stride > 1), as the element path allows.
+    const auto xv = as<T>(sy::test::normal(rng, tokens * d * x_stride));
+    const auto x =
+        sy::make_strided_view<const T, 2>(xv.data(), {tokens, d}, {d * x_stride, x_stride});
+    const auto wv = sy::test::normal(rng, experts * d, 0.1f);
+    const auto w = sy::make_view<const float>(wv.data(), experts, d);
+    std::vector<float> logits(tokens * experts, -1.0f), logits_ref(tokens * experts, -2.0f);
+    run(tokens * experts, sy::ops::router_logits<T>{x, w, logits_ref.data()});
+    run(tokens * experts, sy::cuda::router_logits_pipelined<T>{{x, w, logits.data()}});
+    BOOST_TEST(same_bits(logits, logits_ref));
+    double ref = 0.0;  // element (tokens-1, experts-1) against float64
+    for (index_t k = 0; k < d; ++k)
+      ref += value(x(tokens - 1, k)) * wv[static_cast<std::size_t>((experts - 1) * d + k)];
+    BOOST_TEST(std::abs(logits.back() - ref) <= 1e-4 * (1.0 + std::abs(ref)));
+
+    const auto dl = sy::test::normal(rng, tokens * experts);
+    const auto g0 = sy::test::normal(rng, experts * d);  // accumulated into (+=)
+    std::vector<float> gw = g0, gw_ref = g0;
+    run(experts * d, sy::ops::linear_dw_elements<T>{
+                         dl.data(), x, sy::make_view<float>(gw_ref.data(), experts, d)});
+    run(experts * d, sy::cuda::linear_dw_pipelined<T>{
+                         {dl.data(), x, sy::make_view<float>(gw.data(), experts, d)}});
+    BOOST_TEST(same_bits(gw, gw_ref));
+    double gref = g0[0];
+    for (index_t t = 0; t < tokens; ++t)
+      gref += static_cast<double>(dl[static_cast<std::size_t>(t * experts)]) * value(x(t, 0));
+    BOOST_TEST(std::abs(gw[0] - gref) <= 1e-4 * (1.0 + std::abs(gref)));
+  };
+  // Lengths below, at and past the 16 pipelined terms, with tails.
+  check(sy::bfloat16{}, 37, 67, 5, 1);
+  check(sy::half{}, 8, 8, 3, 2);
+  check(float{}, 3, 5, 4, 1);
+  check(sy::bfloat16{}, 64, 16, 8, 3);
+}
+
 BOOST_AUTO_TEST_CASE(staged_reductions_are_the_functors_bitwise) {
   std::mt19937_64 rng(sy::test::base_seed() + 105);
   // T = 2500: three chunks of the staged kernels (1024, 1024, 452).

@@ -3,6 +3,11 @@
 //! Device layouts of the router's long fixed-order sums (`__host__ __device__`, host-testable,
 //! no CUDA runtime): the same floating-point operations in the same order as the ops/ functors
 //! they replace on the GPU — so the same bits — with the work laid out for the GPU:
+//! - `router_logits_pipelined`, `linear_dw_pipelined`: ops::router_logits /
+//!   ops::linear_dw_elements with their loads ahead of their sums (16 terms loaded, then added
+//!   in order), so that a thread keeps 32 loads in flight rather than waiting for each before
+//!   its add (one bfloat16 forward and backward at T = 4096, d = 1024, E = 8 on an H200: 67 µs
+//!   and 498 µs as plain loops);
 //! - `staged_column_sums`, `staged_mean`: the pieces of the one-block kernels of
 //!   backend/cuda/route_reductions.cuh that run ops::expert_column_sums and ops::mean_of_rows
 //!   (one thread per expert over T tokens in order: 1 ms and 264 µs per call there): a block's
@@ -12,9 +17,70 @@
 #include <cstdint>
 
 #include "switchyard/core/config.hpp"
+#include "switchyard/core/element_type.hpp"
+#include "switchyard/core/view.hpp"
 #include "switchyard/ops/route_losses.hpp"
+#include "switchyard/ops/route_rows.hpp"
 
 namespace switchyard::cuda {
+
+//! Terms of a pipelined sum loaded before they are added.
+inline constexpr index_t pipelined_terms = 16;
+
+//! ops::router_logits<T> (element i = t·E + e: Σ_k x[t, k] · w[e, k] in float, k in order)
+//! with its loads ahead of its sum.
+template <ElementType T>
+struct router_logits_pipelined {
+  ops::router_logits<T> f;  //!< the plain functor (its members)
+
+  SWITCHYARD_HD void operator()(index_t i) const {
+    constexpr index_t U = pipelined_terms;
+    const matrix_view<const T> x = f.x;
+    const matrix_view<const float> w = f.w;
+    const index_t experts = w.extent(0), d = x.extent(1);
+    const index_t t = i / experts, e = i % experts;
+    float acc = 0.0f;
+    index_t k = 0;
+    for (; k + U <= d; k += U) {
+      float a[U], b[U];
+      for (index_t q = 0; q < U; ++q) {
+        a[q] = to_float(x(t, k + q));
+        b[q] = w(e, k + q);
+      }
+      for (index_t q = 0; q < U; ++q) acc += a[q] * b[q];
+    }
+    for (; k < d; ++k) acc += to_float(x(t, k)) * w(e, k);
+    f.logits[i] = acc;
+  }
+};
+
+//! ops::linear_dw_elements<T> (element i' = e·d + i: grad_w[e, i] += Σ_t d_logits[t, e] ·
+//! x[t, i] in float, t in order) with its loads ahead of its sum.
+template <ElementType T>
+struct linear_dw_pipelined {
+  ops::linear_dw_elements<T> f;  //!< the plain functor (its members)
+
+  SWITCHYARD_HD void operator()(index_t flat) const {
+    constexpr index_t U = pipelined_terms;
+    const float* dl = f.d_logits;
+    const matrix_view<const T> x = f.x;
+    const matrix_view<float> grad_w = f.grad_w;
+    const index_t experts = grad_w.extent(0), d = grad_w.extent(1), tokens = x.extent(0);
+    const index_t e = flat / d, i = flat % d;
+    float acc = 0.0f;
+    index_t t = 0;
+    for (; t + U <= tokens; t += U) {
+      float a[U], b[U];
+      for (index_t q = 0; q < U; ++q) {
+        a[q] = dl[(t + q) * experts + e];
+        b[q] = to_float(x(t + q, i));
+      }
+      for (index_t q = 0; q < U; ++q) acc += a[q] * b[q];
+    }
+    for (; t < tokens; ++t) acc += dl[t * experts + e] * to_float(x(t, i));
+    grad_w(e, i) += acc;
+  }
+};
 
 //! Tokens one chunk of the staged reductions holds.
 inline constexpr index_t staged_chunk = 1024;

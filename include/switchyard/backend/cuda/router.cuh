@@ -13,7 +13,8 @@
 //! - logits [T, E] = x · Wᵀ: cuBLAS (`cublasGemmEx`, CUBLAS_COMPUTE_32F; the GEMMs are
 //!   row-major intents in backend/cuda/route_gemm.hpp) when x is float and both operands have unit
 //!   stride along a row, else `ops::router_logits` (float
-//!   accumulation in index order, the host's loop);
+//!   accumulation in index order, the host's loop; run as `cuda::router_logits_pipelined`,
+//!   the same sums with their loads ahead: backend/cuda/ordered_rows.hpp);
 //! - then the steps of ops/route_steps.hpp on kernels: the per-token rules (DA-MoE's
 //!   importance pass on the device), softmax and the router's own `__host__ __device__`
 //!   selection rule per token (a token with a non-finite logit is recorded in the status word
@@ -21,7 +22,8 @@
 //!   device losses struct;
 //! - backward: the fused per-token d_logits, then dx += d_logits · W and grads.w +=
 //!   d_logitsᵀ · x (cuBLAS with beta = 1 where the operands allow it, else per-element
-//!   kernels summing in index order). No atomics on floats anywhere: run to run bitwise.
+//!   kernels summing in index order; grads.w's as `cuda::linear_dw_pipelined`). No atomics
+//!   on floats anywhere: run to run bitwise.
 //!
 //! Stream-ordered on ctx.stream, no synchronisation, no allocation (scratch from the arena).
 
@@ -38,6 +40,7 @@
 #include "switchyard/backend/cuda/gemm.hpp"
 #include "switchyard/backend/cuda/launch.cuh"
 #include "switchyard/backend/cuda/memory.hpp"
+#include "switchyard/backend/cuda/ordered_rows.hpp"
 #include "switchyard/backend/cuda/route_reductions.cuh"
 #include "switchyard/backend/cuda/status.hpp"
 #include "switchyard/backend/cuda/tuning.hpp"
@@ -177,9 +180,9 @@ void cuda_router_logits(const cuda::context& ctx, const matrix_view<const T>& x,
       return;
     }
   }
-  cuda::for_each<cuda::tuning::rows_block>(ctx.stream, tokens * experts,
-                                           ops::router_logits<T>{x, w, logits},
-                                           "switchyard::ops::router_logits");
+  cuda::for_each<cuda::tuning::rows_block>(
+      ctx.stream, tokens * experts, cuda::router_logits_pipelined<T>{{x, w, logits}},
+      "switchyard::cuda::router_logits_pipelined");
 }
 
 //! dx += d_logits · w and grad_w += d_logitsᵀ · x on the stream (either may be absent).
@@ -211,9 +214,9 @@ void cuda_router_linear_backward(const cuda::context& ctx, const matrix_view<con
         return;
       }
     }
-    cuda::for_each<cuda::tuning::rows_block>(ctx.stream, experts * d,
-                                             ops::linear_dw_elements<T>{d_logits, x, grad_w},
-                                             "switchyard::ops::linear_dw_elements");
+    cuda::for_each<cuda::tuning::rows_block>(
+        ctx.stream, experts * d, cuda::linear_dw_pipelined<T>{{d_logits, x, grad_w}},
+        "switchyard::cuda::linear_dw_pipelined");
   }
 }
 
