@@ -189,6 +189,27 @@ SWITCHYARD_HD inline float dot_row(const matrix_view<const T>& dy, index_t t, co
   return s;
 }
 
+//! `dot_row` with its loads ahead of its sum: 16 columns are loaded, then added in column order
+//! (the same float sum of the same products, so bitwise dot_row; a GPU thread then has 32 loads
+//! in flight instead of waiting for each before its add).
+template <ElementType T>
+SWITCHYARD_HD inline float dot_row_pipelined(const matrix_view<const T>& dy, index_t t,
+                                             const float* row, index_t d) {
+  constexpr index_t unroll = 16;
+  float s = 0.0f;
+  index_t i = 0;
+  for (; i + unroll <= d; i += unroll) {
+    float a[unroll], b[unroll];
+    for (index_t q = 0; q < unroll; ++q) {
+      a[q] = to_float(dy(t, i + q));
+      b[q] = row[i + q];
+    }
+    for (index_t q = 0; q < unroll; ++q) s += a[q] * b[q];
+  }
+  for (; i < d; ++i) s += to_float(dy(t, i)) * row[i];
+  return s;
+}
+
 //! Backward, grouped layout, one expert row r: dY row = w_tj · dy_t and d_weights[p] =
 //! ⟨dy_t, Y row⟩ for the row's pair p = (t, j); a padding row (negative pair) gets zeros. With
 //! `weight_on_input`: dY row = dy_t, and d_weights is left to the combine's backward.
@@ -220,6 +241,47 @@ struct grouped_dy_rows {
     const float wt = weights(t, j);
     for (index_t i = 0; i < n; ++i) out[i] = wt * to_float(dy(t, i));
     d_weights[pr] = dot_row(dy, t, ys + r * n, n);
+  }
+};
+
+//! `grouped_dy_rows`' dY one element at a time, index i = r·d + c (coalesced on the GPU; the
+//! row form's per-element arithmetic, so bitwise its dys), and its copy rounded to T when
+//! `dys_t` is non-null. The d_weights dot is `grouped_dy_weights`' (one per row).
+template <ElementType T, class W>
+struct grouped_dy_elements {
+  grouped_dy_rows<T, W> rows;  //!< the row form (its members)
+  T* dys_t = nullptr;          //!< [rows, d] dY rounded to T, or null
+
+  SWITCHYARD_HD void operator()(index_t i) const {
+    const index_t n = rows.d, r = i / n, c = i - r * n;
+    const index_t pr = rows.row_pair[r];
+    float v = 0.0f;
+    if (pr >= 0) {
+      const index_t t = pr / rows.width;
+      if (rows.weight_on_input) {
+        v = to_float(rows.dy(t, c));
+      } else {
+        const float wt = rows.weights(t, pr % rows.width);
+        v = wt * to_float(rows.dy(t, c));
+      }
+    }
+    rows.dys[i] = v;
+    if (dys_t != nullptr) dys_t[i] = from_float<T>(v);
+  }
+};
+
+//! `grouped_dy_rows`' d_weights alone, row r: d_weights[p] = ⟨dy_t, Y row⟩ for the row's pair
+//! p = (t, j) (the same dot, columns in order); nothing for a padding row or
+//! `weight_on_input`. Reads ys only, so it may run before or after `grouped_dy_elements`.
+template <ElementType T, class W>
+struct grouped_dy_weights {
+  grouped_dy_rows<T, W> rows;  //!< the row form (its members)
+
+  SWITCHYARD_HD void operator()(index_t r) const {
+    const index_t pr = rows.row_pair[r];
+    if (pr < 0 || rows.weight_on_input) return;
+    const index_t n = rows.d, t = pr / rows.width;
+    rows.d_weights[pr] = dot_row_pipelined(rows.dy, t, rows.ys + r * n, n);
   }
 };
 

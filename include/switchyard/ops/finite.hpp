@@ -2,8 +2,8 @@
 //! \file finite.hpp
 //! The NaN policy's scan as a per-row functor (backend-neutral; see gather.hpp): the first
 //! non-finite column of one row, so that a backend can name the first bad element in
-//! row-major order (the host scans in a loop, the CUDA backend records the smallest index on
-//! the device).
+//! row-major order (the host scans in a loop); and as a per-element test (the CUDA backend
+//! records the smallest flat index on the device).
 
 #include <cuda/std/cmath>
 
@@ -25,6 +25,19 @@ struct first_non_finite {
       if (!::cuda::std::isfinite(v)) return i;
     }
     return -1;
+  }
+};
+
+//! Whether element i = t·d + c of x is a NaN or Inf (`first_non_finite` one element at a time:
+//! the smallest such i is t·d + first_non_finite(t) of the first row with one, so a backend
+//! keeping the smallest i names the same element; coalesced on the GPU).
+template <ElementType T>
+struct non_finite_element {
+  matrix_view<const T> x;  //!< [T, d]
+
+  SWITCHYARD_HD bool operator()(index_t i) const {
+    const index_t n = x.extent(1), t = i / n, c = i - t * n;
+    return !::cuda::std::isfinite(to_float(x(t, c)));
   }
 };
 

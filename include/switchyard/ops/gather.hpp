@@ -113,6 +113,18 @@ struct load_rows {
   }
 };
 
+//! `load_rows` one element at a time, index i = t·d + c (coalesced on the GPU; the same
+//! values).
+template <ElementType T>
+struct load_row_elements {
+  load_rows<T> f;  //!< the row form (its members)
+
+  SWITCHYARD_HD void operator()(index_t i) const {
+    const index_t n = f.d, t = i / n, c = i - t * n;
+    f.rows[i] = t < f.tokens ? to_float(f.x(t, c)) : 0.0f;
+  }
+};
+
 //! The dense layout's slot rows: for token t, copies expert e's output row t into the pair
 //! row of every used slot naming e (`pair_out` is [T·width, d]).
 template <class Id>

@@ -74,6 +74,88 @@ double value(const T& v) {
 
 }  // namespace
 
+BOOST_AUTO_TEST_CASE(grouped_dy_elements_and_weights_are_grouped_dy_rows_as_bitwise) {
+  std::mt19937_64 rng(sy::test::base_seed() + 101);
+  using T = sy::bfloat16;
+  // d = 37: not a multiple of the pipelined dot's 16 terms (the tail loop runs).
+  const index_t tokens = 5, width = 2, d = 37, rows = 9;
+  const auto wts = sy::test::uniform(rng, tokens * width, 0.1f, 1.0f);
+  const auto weights = sy::make_view<const float>(wts.data(), tokens, width);
+  const auto dyv = as<T>(sy::test::normal(rng, tokens * d));
+  const auto dy = sy::make_view<const T>(dyv.data(), tokens, d);
+  const std::vector<index_t> row_pair = {1, 2, 5, -1, 0, 4, 9, -1, 7};
+  const auto ys = sy::test::normal(rng, rows * d);
+  for (const bool on_input : {false, true}) {
+    std::vector<float> dys(rows * d, -3.0f), dys_ref(rows * d, -4.0f);
+    std::vector<float> dw(tokens * width, -1.0f), dw_ref(tokens * width, -1.0f);
+    std::vector<T> dys_t(rows * d), dys_t_ref(rows * d);
+    run(rows, sy::ops::grouped_dy_rows_as<T, const float>{
+                  {weights, row_pair.data(), width, d, dy, ys.data(), dys_ref.data(), dw_ref.data(),
+                   on_input},
+                  dys_t_ref.data()});
+    const sy::ops::grouped_dy_rows<T, const float> f{
+        weights, row_pair.data(), width, d, dy, ys.data(), dys.data(), dw.data(), on_input};
+    run(rows * d, sy::ops::grouped_dy_elements<T, const float>{f, dys_t.data()});
+    run(rows, sy::ops::grouped_dy_weights<T, const float>{f});
+    BOOST_TEST(same_bits(dys, dys_ref));
+    BOOST_TEST(same_bits(dys_t, dys_t_ref));
+    BOOST_TEST(same_bits(dw, dw_ref));
+  }
+  // The pipelined dot against a float64 reference (sanity) and dot_row (bitwise), d = 1..40.
+  for (index_t n = 1; n <= 40; ++n) {
+    const float got = sy::ops::dot_row_pipelined(dy, 1, ys.data() + 3 * d, n);
+    BOOST_TEST(sy::detail::float_bits(got) ==
+               sy::detail::float_bits(sy::ops::dot_row(dy, 1, ys.data() + 3 * d, n)));
+    double ref = 0.0;
+    for (index_t i = 0; i < n; ++i)
+      ref += value(dy(1, i)) * ys[static_cast<std::size_t>(3 * d + i)];
+    BOOST_TEST(std::abs(got - ref) <= 1e-4 * (1.0 + std::abs(ref)));
+  }
+}
+
+BOOST_AUTO_TEST_CASE(non_finite_elements_record_the_row_scans_first_element) {
+  std::mt19937_64 rng(sy::test::base_seed() + 102);
+  using T = sy::half;
+  const index_t tokens = 6, d = 11;
+  const float nan = std::numeric_limits<float>::quiet_NaN(),
+              inf = std::numeric_limits<float>::infinity();
+  const auto run_case = [&](const std::vector<std::pair<index_t, float>>& bad) {
+    auto xf = sy::test::normal(rng, tokens * d);
+    for (const auto& [i, v] : bad) xf[static_cast<std::size_t>(i)] = v;
+    const auto xv = as<T>(xf);
+    const auto x = sy::make_view<const T>(xv.data(), tokens, d);
+    sy::cuda::device_status rows{}, elems{};
+    rows.reset(d, 1, 1, tokens, true);
+    elems.reset(d, 1, 1, tokens, true);
+    const sy::ops::first_non_finite<T> scan{x};
+    for (index_t t = 0; t < tokens; ++t) {  // record_non_finite_rows' body (backend/cuda/layer.cuh)
+      const index_t i = scan(t);
+      if (i >= 0) rows.record(sy::cuda::status_kind::non_finite_x, t * d + i);
+    }
+    const sy::ops::non_finite_element<T> test{x};
+    for (index_t i = tokens * d - 1; i >= 0; --i)  // any order: the smallest index wins
+      if (test(i)) elems.record(sy::cuda::status_kind::non_finite_x, i);
+    const int k = static_cast<int>(sy::cuda::status_kind::non_finite_x);
+    BOOST_TEST(rows.first[k] == elems.first[k]);
+    return elems.first[k];
+  };
+  BOOST_TEST(run_case({{4 * d + 7, nan}, {5 * d + 1, inf}, {4 * d + 9, -inf}}) == 4u * d + 7u);
+  BOOST_TEST(run_case({{2 * d + 10, inf}, {3 * d, nan}}) == 2u * d + 10u);
+  BOOST_TEST(run_case({}) == std::numeric_limits<unsigned long long>::max());
+}
+
+BOOST_AUTO_TEST_CASE(load_row_elements_are_load_rows) {
+  std::mt19937_64 rng(sy::test::base_seed() + 103);
+  using T = sy::bfloat16;
+  const index_t tokens = 4, padded = 6, d = 9;
+  const auto xv = as<T>(sy::test::normal(rng, tokens * d));
+  const auto x = sy::make_view<const T>(xv.data(), tokens, d);
+  std::vector<float> got(padded * d, -1.0f), want(padded * d, -2.0f);
+  run(padded, sy::ops::load_rows<T>{x, tokens, d, want.data()});
+  run(padded * d, sy::ops::load_row_elements<T>{{x, tokens, d, got.data()}});
+  BOOST_TEST(same_bits(got, want));
+}
+
 BOOST_AUTO_TEST_CASE(pipelined_router_sums_are_the_plain_functors_bitwise) {
   std::mt19937_64 rng(sy::test::base_seed() + 104);
   const auto check = [&](auto tag, index_t tokens, index_t d, index_t experts, index_t x_stride) {
