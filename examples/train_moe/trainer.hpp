@@ -173,6 +173,9 @@ struct run_result {
   std::vector<std::vector<std::int32_t>> top2_counts;
   std::vector<dynmoe_event> dynmoe_events;
   std::vector<int> active_per_step;     //!< DynMoE: layer 0's active slots at each step's start
+  //! Every trained tensor's name and mean |value − initial value| at the end (a tensor every
+  //! step left alone, e.g. one whose gradient never arrives, shows 0).
+  std::vector<std::pair<std::string, double>> parameter_change;
   //! Last epoch's mean loss over the first epoch's.
   [[nodiscard]] double loss_ratio() const {
     return epochs.empty() ? 1.0 : epochs.back().loss / epochs.front().loss;
@@ -495,6 +498,8 @@ class trainer {
     sy::training::aux_loss_schedule<losses_type> aux_schedule{.coefficients = coefficients_,
                                                               .warmup_steps = cfg_.aux_warmup};
     int step = 0;
+    std::vector<std::vector<float>> initial;
+    for (const auto& t : store_.all()) initial.push_back(t.value);
     out.initial_loss = evaluate_batch(0);
     for (int epoch = 0; epoch < cfg_.epochs; ++epoch) {
       out.batch_order.push_back(order);
@@ -520,6 +525,13 @@ class trainer {
           order.assign(c.order.begin(), c.order.end());
         }
       }
+    }
+    for (std::size_t i = 0; i < store_.all().size(); ++i) {
+      const tensor& t = store_.all()[i];
+      double change = 0;
+      for (std::size_t j = 0; j < t.size(); ++j)
+        change += std::abs(static_cast<double>(t.value[j]) - initial[i][j]);
+      out.parameter_change.emplace_back(t.name, change / static_cast<double>(t.size()));
     }
     return out;
   }

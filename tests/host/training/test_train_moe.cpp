@@ -70,6 +70,8 @@ BOOST_AUTO_TEST_CASE(every_router_learns) {
       // the untrained model is near chance (16 classes: ln 16 = 2.77) and the first epoch learns
       BOOST_TEST(r.initial_loss > 2.0);
       BOOST_TEST(r.epochs.front().loss < r.initial_loss);
+      // every parameter trains: the router's, the experts', HyperMoE's add-on tensors
+      for (const auto& [tensor, change] : r.parameter_change) BOOST_TEST(change > 0.0, tensor);
     }
   }
 }
