@@ -53,19 +53,22 @@ using vec = std::vector<double>;
 
 // ---- the problem, every parameter in double (exact float values) -------------------------
 
-//! E counts every id the router may pick; the last Z of them are identity experts (no FFN
-//! weights: LongCat-Flash's zero-computation experts), so the FFN weights hold E − Z experts.
+//! E counts every id the router may pick: the FFN experts, then Z identity experts
+//! (LongCat-Flash's zero-computation experts: output x), then N zero experts (AdaMoE's null
+//! experts: output 0), so the FFN weights hold E − Z − N experts.
 struct problem {
-  index_t T = 16, d = 6, f = 4, p = 4, E = 4, Z = 0;
+  index_t T = 16, d = 6, f = 4, p = 4, E = 4, Z = 0, N = 0;
   vec x, wr, thr, rb, w1, b1, w2, b2, g;  // wr: router gate (layout per router), thr: DynMoE G,
                                           // rb: router bias (ScoredTopK params.b) or empty
-  index_t ffn_experts() const { return E - Z; }
+  vec rw, pl;  // MoE++ gating residual: residual_w [E, E_prev], prev_logits [T, E_prev] or empty
+  index_t ffn_experts() const { return E - Z - N; }
+  bool is_zero_expert(index_t e) const { return e >= E - N; }
 };
 
 //! The router's trainable parameters in float (values or gradients): gate, DynMoE
-//! thresholds, router bias.
+//! thresholds, router bias, gating residual.
 struct fstore {
-  std::vector<float> wr, thr, rb;
+  std::vector<float> wr, thr, rb, rw, pl;
 };
 
 inline vec draw(std::mt19937_64& rng, index_t n, float s, float shift = 0.0f) {
@@ -753,6 +756,8 @@ struct scored_preset {
   index_t identity = 0;          //!< MoELayer::identity_experts (LongCat-Flash)
   bool weight_on_input = false;  //!< MoELayer::router_weight_on_input (Llama-4)
   index_t vocab = 0;             //!< hash selection: params.hash_table [vocab, k], token_ids [T]
+  index_t null = 0;     //!< router null_experts = MoELayer::zero_experts (AdaMoE)
+  index_t residual = 0; //!< E_prev of the MoE++ gating residual (params.prev_logits, residual_w)
 };
 
 //! ScoredTopK over E = 4 FFN experts (+ `identity`), the preset's options at run time (one
@@ -766,16 +771,23 @@ struct scored_case : linear_gate {
   std::vector<std::int32_t> table, token_ids;
 
   explicit scored_case(scored_preset p) : preset(std::move(p)), router(preset.router) {
-    E = 4 + preset.identity;
+    E = 4 + preset.identity + preset.null;
   }
   std::string name() const { return preset.name; }
   index_t width() const { return router.k; }
   index_t identity_experts() const { return preset.identity; }
+  index_t zero_experts() const { return preset.null; }
   bool weight_on_input() const { return preset.weight_on_input; }
   void init(std::mt19937_64& rng, problem& q) {
     init_gate(rng, q);
     q.rb.clear();
     if (preset.bias) q.rb = draw(rng, q.E, 0.5f);
+    q.rw.clear();
+    q.pl.clear();
+    if (preset.residual > 0) {
+      q.rw = draw(rng, q.E * preset.residual, 0.5f);
+      q.pl = draw(rng, q.T * preset.residual, 1.0f);
+    }
     if (preset.selection_bias) sel_bias = sy::test::normal(rng, static_cast<std::size_t>(q.E), 0.4f);
     if (preset.vocab > 0) {
       table.clear();
@@ -794,6 +806,10 @@ struct scored_case : linear_gate {
     router_type::params_type p;
     p.w = view(s.wr, q);
     if (preset.bias) p.b = sy::make_view<const float>(s.rb.data(), q.E);
+    if (preset.residual > 0) {
+      p.residual_w = sy::make_view<const float>(s.rw.data(), q.E, preset.residual);
+      p.prev_logits = sy::make_view<const float>(s.pl.data(), q.T, preset.residual);
+    }
     if (preset.selection_bias) p.selection_bias = sy::make_view<const float>(sel_bias.data(), q.E);
     if (preset.vocab > 0) {
       p.hash_table = sy::make_view<const std::int32_t>(table.data(), preset.vocab, router.k);
@@ -805,6 +821,10 @@ struct scored_case : linear_gate {
     router_type::grads_type g;
     g.w = gview(s.wr, q);
     if (preset.bias) g.b = sy::make_view(s.rb.data(), q.E);
+    if (preset.residual > 0) {
+      g.residual_w = sy::make_view(s.rw.data(), q.E, preset.residual);
+      g.prev_logits = sy::make_view(s.pl.data(), q.T, preset.residual);
+    }
     return g;
   }
   router_type::losses_type coeffs() const { return {0.3f, 0.25f, 0.05f}; }
@@ -824,6 +844,8 @@ struct scored_case : linear_gate {
       for (index_t e = 0; e < n; ++e) {
         double v = q.rb.empty() ? 0.0 : q.rb[e];
         for (index_t i = 0; i < q.d; ++i) v += q.x[t * q.d + i] * q.wr[at(q, e, i)];
+        for (index_t i = 0; i < preset.residual; ++i)
+          v += q.pl[t * preset.residual + i] * q.rw[e * preset.residual + i];
         l[e] = v;
       }
       if (fn == score_function::softmax) {
@@ -894,8 +916,21 @@ struct scored_case : linear_gate {
       }
       for (index_t j = 0; j < k; ++j) r.weights[t * k + j] = raw[j] / N * router.scaling;
     }
-    // Losses on plan.probs (= sc) and plan.logits (= lg).
-    const double lb = ref_lb(r, sc, T, n, true), z = ref_z(lg, T, n);
+    // Losses on plan.probs (= sc) and plan.logits (= lg); lb over the E' = E − null true
+    // experts (f from their slots, P̄ of their scores), E' · Σ_{e<E'} f_e/T · P̄_e/T.
+    double lb = 0.0;
+    {
+      const index_t true_e = n - preset.null;
+      vec f(static_cast<std::size_t>(n), 0.0), pbar(f);
+      for (index_t t = 0; t < T; ++t) {
+        for (index_t j = 0; j < k; ++j)
+          if (r.ids[t * k + j] < true_e) f[r.ids[t * k + j]] += 1.0 / T;
+        for (index_t e = 0; e < n; ++e) pbar[e] += sc[t * n + e] / T;
+      }
+      for (index_t e = 0; e < true_e; ++e) lb += f[e] * pbar[e];
+      lb *= static_cast<double>(true_e);
+    }
+    const double z = ref_z(lg, T, n);
     const index_t S = router.sequence_length > 0 ? router.sequence_length : T;
     double seq = 0.0;
     for (index_t first = 0; first < T; first += S) {
@@ -916,10 +951,12 @@ struct scored_case : linear_gate {
   }
   void prepare(const problem&, const route&, const vec&) {}
   std::string exercised(const route& r) const {
-    if (preset.identity == 0) return {};
-    int ffn = 0, ident = 0;
-    for (std::size_t i = 0; i < r.ids.size(); ++i) (r.ids[i] >= E - preset.identity ? ident : ffn)++;
-    return ident > 0 && ffn > 0 ? std::string{} : "no mix of FFN and identity slots";
+    const index_t n_ffn = E - preset.identity - preset.null;
+    int ffn = 0, ident = 0, null = 0;
+    for (int id : r.ids) (id < n_ffn ? ffn : id < n_ffn + preset.identity ? ident : null)++;
+    if (preset.identity > 0 && (ident == 0 || ffn == 0)) return "no mix of FFN and identity slots";
+    if (preset.null > 0 && (null == 0 || ffn == 0)) return "no mix of FFN and null-expert slots";
+    return {};
   }
 };
 
@@ -1170,7 +1207,8 @@ inline double dot(const double* a, const double* b, index_t n) {
 }
 
 //! c [T, W]: ⟨g_t, FFN_{e_tj}(x_t)⟩ for a kept FFN pair, ⟨g_t, x_t⟩ for an identity expert or
-//! a dropped pass-through pair, 0 for a dropped zero pair or an unused slot (Σ g·y = ⟨w, c⟩).
+//! a dropped pass-through pair, 0 for a zero expert, a dropped zero pair or an unused slot
+//! (Σ g·y = ⟨w, c⟩).
 template <class A>
 vec slot_contributions(const problem& q, const route& r, const std::vector<char>& keep,
                        bool pass_through, kink_stats& margin) {
@@ -1180,6 +1218,7 @@ vec slot_contributions(const problem& q, const route& r, const std::vector<char>
     const double* gt = &q.g[t * q.d];
     for (int j = 0; j < r.counts[t]; ++j) {
       const int e = r.ids[t * r.W + j];
+      if (q.is_zero_expert(e)) continue;  // AdaMoE null expert: no term
       if (e >= q.ffn_experts() || (!keep[t * r.W + j] && pass_through)) {
         c[t * r.W + j] = dot(gt, xt, q.d);
       } else if (keep[t * r.W + j]) {
@@ -1206,6 +1245,7 @@ double layer_term(const problem& q, const route& r, const std::vector<char>& kee
     for (int j = 0; j < r.counts[t]; ++j) {
       const int e = r.ids[t * r.W + j];
       const double w = r.weights[t * r.W + j];
+      if (q.is_zero_expert(e)) continue;
       if (e >= q.ffn_experts() || (!keep[t * r.W + j] && pass_through)) {
         s += w * dot(gt, xt, q.d);
       } else if (keep[t * r.W + j]) {
@@ -1235,10 +1275,11 @@ struct block_result {
 // the entry itself (an entry that nearly cancels keeps the absolute error of its terms). The
 // test therefore accepts |got − fd| <= rtol·(|fd_i| + max_block |fd|) with rtol = 1e-4: the
 // largest error measured over 30 seeds × every case of test_moe_layer_backward_routers.cpp was
-// 2.1e-6 of that scale (the per-block worst is printed with --log_level=message; the
-// activation, ScoredTopK, ReMoE and ExpertChoice files measure the same order, see their
-// comments), so ~50x headroom, while a 1.001 scaling of the expert dx, a missing loss term or
-// a slot/expert mix-up is ≥ 5e-4 of it and fails.
+// 2.1e-6 of that scale (the per-block worst is printed with --log_level=message), and over 12
+// seeds × every case of the test_moe_layer_gradcheck_*.cpp files 2.8e-6 (ScoredTopK; the
+// activation, ReMoE and ExpertChoice files 1.3e-6), so ~35x headroom, while a 1.001 scaling of
+// the expert dx or of an activation's derivative, a missing loss term or a slot/expert mix-up
+// is ≥ 5e-4 of it and fails.
 constexpr double rtol = 1e-4;
 constexpr int max_draws = 8;
 
@@ -1256,6 +1297,7 @@ bool run_draw(R rc, std::uint64_t seed, std::string& why, std::vector<block_resu
   problem q;
   q.E = rc.E;
   if constexpr (requires { rc.identity_experts(); }) q.Z = rc.identity_experts();
+  if constexpr (requires { rc.zero_experts(); }) q.N = rc.zero_experts();
   bool weight_on_input = false;
   if constexpr (requires { rc.weight_on_input(); }) weight_on_input = rc.weight_on_input();
   const index_t EF = q.ffn_experts();
@@ -1271,9 +1313,11 @@ bool run_draw(R rc, std::uint64_t seed, std::string& why, std::vector<block_resu
   // ---- library forward + backward in float ----
   auto xf = as_float(q.x), w1f = as_float(q.w1), b1f = as_float(q.b1), w2f = as_float(q.w2),
        b2f = as_float(q.b2), gf = as_float(q.g);
-  const fstore rf{as_float(q.wr), as_float(q.thr), as_float(q.rb)};
+  const fstore rf{as_float(q.wr), as_float(q.thr), as_float(q.rb), as_float(q.rw),
+                  as_float(q.pl)};
   fstore rg{std::vector<float>(q.wr.size()), std::vector<float>(q.thr.size()),
-            std::vector<float>(q.rb.size())};
+            std::vector<float>(q.rb.size()), std::vector<float>(q.rw.size()),
+            std::vector<float>(q.pl.size())};
   const sy::expert_weights<float> w{sy::make_view<const float>(w1f.data(), EF, q.p, q.d),
                                     sy::make_view<const float>(b1f.data(), EF, q.p),
                                     sy::make_view<const float>(w2f.data(), EF, q.d, q.f),
@@ -1282,6 +1326,7 @@ bool run_draw(R rc, std::uint64_t seed, std::string& why, std::vector<block_resu
   sy::MoELayer<router_type, act_type, typename D::type> layer{
       .router = rc.router, .activation = A::make(), .dispatch = D::make()};
   layer.identity_experts = q.Z;
+  layer.zero_experts = q.N;
   layer.router_weight_on_input = weight_on_input;
   std::vector<float> y(static_cast<std::size_t>(q.T * q.d));
   typename decltype(layer)::result_type res;
@@ -1325,7 +1370,7 @@ bool run_draw(R rc, std::uint64_t seed, std::string& why, std::vector<block_resu
     why = "no pair dropped";
     return false;
   }
-  ref_dropped.resize(static_cast<std::size_t>(q.E), 0);  // identity experts drop nothing
+  ref_dropped.resize(static_cast<std::size_t>(q.E), 0);  // identity / zero experts drop nothing
   kink_stats margin;
   {
     const vec c = slot_contributions<A>(q, base, keep, pass_through, margin);
@@ -1406,6 +1451,8 @@ bool run_draw(R rc, std::uint64_t seed, std::string& why, std::vector<block_resu
         rg.wr));
     if (!q.thr.empty()) verdicts.push_back(check("router thresholds", q.thr, rg.thr));
     if (!q.rb.empty()) verdicts.push_back(check("router b", q.rb, rg.rb));
+    if (!q.rw.empty()) verdicts.push_back(check("router residual_w", q.rw, rg.rw));
+    if (!q.pl.empty()) verdicts.push_back(check("router prev_logits", q.pl, rg.pl));
     verdicts.push_back(check("W1", q.w1, dw1));
     verdicts.push_back(check("b1", q.b1, db1));
     verdicts.push_back(check("W2", q.w2, dw2));

@@ -7,8 +7,10 @@
 // routing/scored.hpp in double: scores, selection bias, group limit, hash table, softmax after
 // top-k, normalisations, scaling; losses lb, sequence_balance over sequences of 8 tokens, z,
 // all with nonzero coefficients). Parameters: x, router w, router b (gpt-oss, and OLMoE with a
-// bias added to reach params.b through a full softmax), W1, b1, W2, b2; Llama-4 with the
-// layer's router_weight_on_input; LongCat-Flash with one identity expert (router width E + 1).
+// bias added to reach params.b through a full softmax), the MoE++ gating residual's residual_w
+// and prev_logits, W1, b1, W2, b2; Llama-4 with the layer's router_weight_on_input;
+// LongCat-Flash with one identity expert (router width E + 1); AdaMoE with one null expert
+// (router null_experts = MoELayer::zero_experts = 1: lb over the true experts).
 //
 // The selection bias and the hash table have no gradient (scored_router_grads has no field for
 // them): they only choose experts, so the check is that the plan, the combine weights and
@@ -32,6 +34,10 @@ namespace presets = sy::routers::presets;
 std::vector<bwd::scored_preset> all_presets() {
   auto seq = [](sy::routers::ScoredTopK r) {
     r.sequence_length = 8;
+    return r;
+  };
+  auto with_null = [](sy::routers::ScoredTopK r, sy::index_t n) {
+    r.null_experts = n;
     return r;
   };
   return {
@@ -63,6 +69,12 @@ std::vector<bwd::scored_preset> all_presets() {
        .router = seq(presets::longcat_flash(2, 1.5f)),
        .selection_bias = true,
        .identity = 1},
+      {.name = "AdaMoE(qwen_moe no norm, 1 null expert)",
+       .router = with_null(seq(presets::qwen_moe(2, false)), 1),
+       .null = 1},
+      {.name = "MoE++ gating residual(qwen_moe norm, E_prev 3)",
+       .router = seq(presets::qwen_moe(2, true)),
+       .residual = 3},
   };
 }
 
