@@ -113,6 +113,55 @@ BOOST_AUTO_TEST_CASE(grouped_dy_elements_and_weights_are_grouped_dy_rows_as_bitw
   }
 }
 
+BOOST_AUTO_TEST_CASE(dense_dy_and_slot_elements_are_the_dense_row_forms_bitwise) {
+  std::mt19937_64 rng(sy::test::base_seed() + 106);
+  using T = sy::bfloat16;
+  using Id = const std::int32_t;
+  // The dense layout: expert e's rows [e·T, e·T + T). d = 37 (the pipelined dot's tail runs);
+  // token 3 names expert 1 twice (both slots get the dot, its dY adds both weights), token 4
+  // uses no slot, token 5 one of two.
+  const index_t tokens = 7, width = 2, experts = 3, d = 37, rows = experts * tokens;
+  const std::vector<std::int32_t> idv = {0, 2, 1, 2, 2, 1, 1, 1, 0, 0, 2, 1, 1, 2};
+  const std::vector<std::int32_t> cv = {2, 2, 1, 2, 0, 1, 2};
+  const auto ids = sy::make_view<Id>(idv.data(), tokens, width);
+  const auto counts = sy::make_view<Id>(cv.data(), tokens);
+  const auto wts = sy::test::uniform(rng, tokens * width, 0.1f, 1.0f);
+  const auto weights = sy::make_view<const float>(wts.data(), tokens, width);
+  const auto dyv = as<T>(sy::test::normal(rng, tokens * d));
+  const auto dy = sy::make_view<const T>(dyv.data(), tokens, d);
+  const auto ys = sy::test::normal(rng, rows * d);
+  for (const bool on_input : {false, true}) {
+    std::vector<float> dys(rows * d, -3.0f), dys_ref(rows * d, -4.0f);
+    std::vector<float> dw(tokens * width, -1.0f), dw_ref(tokens * width, -1.0f);
+    std::vector<T> dys_t(rows * d), dys_t_ref(rows * d);
+    run(rows, sy::ops::dense_dy_rows_as<T, Id, const float>{
+                  {ids, weights, counts, 0, tokens, width, d, dy, ys.data(), dys_ref.data(),
+                   dw_ref.data(), on_input},
+                  dys_t_ref.data()});
+    const sy::ops::dense_dy_rows<T, Id, const float> f{
+        ids, weights, counts, 0, tokens, width, d, dy, ys.data(), dys.data(), dw.data(), on_input};
+    run(rows * d, sy::ops::dense_dy_elements<T, Id, const float>{f, dys_t.data()});
+    run(rows, sy::ops::dense_dy_weights<T, Id, const float>{f});
+    BOOST_TEST(same_bits(dys, dys_ref));
+    BOOST_TEST(same_bits(dys_t, dys_t_ref));
+    BOOST_TEST(same_bits(dw, dw_ref));
+    // Token 3's dY row of expert 1 against float64: (w_30 + w_31) · dy_3 (1 · dy_3 on input).
+    const double w = on_input ? 1.0 : static_cast<double>(wts[6]) + wts[7];
+    for (index_t c = 0; c < d; ++c)
+      BOOST_TEST(std::abs(dys[static_cast<std::size_t>((tokens + 3) * d + c)] - w * value(dy(3, c))) <=
+                 1e-6 * (1.0 + std::abs(w * value(dy(3, c)))));
+  }
+  // keep_dense_slots_all: pair rows of every used slot (the others keep their sentinel).
+  std::vector<float> pair(tokens * width * d, -5.0f), pair_ref(tokens * width * d, -5.0f);
+  run(rows, sy::ops::keep_dense_slots_all<Id>{
+                {ids, counts, 0, width, d, ys.data(), pair_ref.data()}, tokens});
+  run(rows * d, sy::ops::keep_dense_slot_elements<Id>{
+                    {ids, counts, 0, width, d, ys.data(), pair.data()}, tokens});
+  BOOST_TEST(same_bits(pair, pair_ref));
+  // Token 1's slot 1 names expert 2: its pair row is expert 2's row 1.
+  BOOST_TEST(pair[static_cast<std::size_t>(3 * d + 5)] == ys[static_cast<std::size_t>((2 * tokens + 1) * d + 5)]);
+}
+
 BOOST_AUTO_TEST_CASE(non_finite_elements_record_the_row_scans_first_element) {
   std::mt19937_64 rng(sy::test::base_seed() + 102);
   using T = sy::half;
