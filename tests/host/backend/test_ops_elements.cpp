@@ -4,9 +4,12 @@
 // sums (backend/cuda/ordered_rows.hpp) against ops::router_logits / ops::linear_dw_elements;
 // and the staged reductions' pieces (chunked as the block kernels of
 // backend/cuda/route_reductions.cuh run them) against ops::expert_column_sums /
-// ops::mean_of_rows.
+// ops::mean_of_rows; the dense layout's per-element dY and slot copies against
+// ops::dense_dy_rows_as / ops::keep_dense_slots_all; the staged token counts against the
+// one-thread count_tokens / load_balance_finish / two_expert_share_finish.
 #include <boost/test/unit_test.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -148,8 +151,8 @@ BOOST_AUTO_TEST_CASE(dense_dy_and_slot_elements_are_the_dense_row_forms_bitwise)
     // Token 3's dY row of expert 1 against float64: (w_30 + w_31) · dy_3 (1 · dy_3 on input).
     const double w = on_input ? 1.0 : static_cast<double>(wts[6]) + wts[7];
     for (index_t c = 0; c < d; ++c)
-      BOOST_TEST(std::abs(dys[static_cast<std::size_t>((tokens + 3) * d + c)] - w * value(dy(3, c))) <=
-                 1e-6 * (1.0 + std::abs(w * value(dy(3, c)))));
+      BOOST_TEST(std::abs(dys[static_cast<std::size_t>((tokens + 3) * d + c)] -
+                          w * value(dy(3, c))) <= 1e-6 * (1.0 + std::abs(w * value(dy(3, c)))));
   }
   // keep_dense_slots_all: pair rows of every used slot (the others keep their sentinel).
   std::vector<float> pair(tokens * width * d, -5.0f), pair_ref(tokens * width * d, -5.0f);
@@ -159,7 +162,8 @@ BOOST_AUTO_TEST_CASE(dense_dy_and_slot_elements_are_the_dense_row_forms_bitwise)
                     {ids, counts, 0, width, d, ys.data(), pair.data()}, tokens});
   BOOST_TEST(same_bits(pair, pair_ref));
   // Token 1's slot 1 names expert 2: its pair row is expert 2's row 1.
-  BOOST_TEST(pair[static_cast<std::size_t>(3 * d + 5)] == ys[static_cast<std::size_t>((2 * tokens + 1) * d + 5)]);
+  BOOST_TEST(pair[static_cast<std::size_t>(3 * d + 5)] ==
+             ys[static_cast<std::size_t>((2 * tokens + 1) * d + 5)]);
 }
 
 BOOST_AUTO_TEST_CASE(non_finite_elements_record_the_row_scans_first_element) {
@@ -301,4 +305,91 @@ BOOST_AUTO_TEST_CASE(staged_reductions_are_the_functors_bitwise) {
     got = s.finish(sum);
     BOOST_TEST(sy::detail::float_bits(got) == sy::detail::float_bits(want));
   }
+}
+
+namespace {
+
+// The token-count functors as they were before their pieces (the references).
+void old_count_tokens(const std::int32_t* counts, index_t tokens, std::int32_t count,
+                      index_t* out) {
+  index_t n = 0;
+  for (index_t t = 0; t < tokens; ++t) n += counts[t] == count ? 1 : 0;
+  *out = n;
+}
+float old_load_balance_finish(const double* f, const double* pbar, const std::int32_t* counts,
+                              index_t tokens, index_t experts, bool singles) {
+  index_t f_count = tokens;
+  if (singles) {
+    f_count = 0;
+    for (index_t t = 0; t < tokens; ++t) f_count += counts[t] == 1 ? 1 : 0;
+  }
+  return f_count == 0 ? 0.0f : sy::routing::load_balance_value(f, pbar, experts, f_count, tokens);
+}
+float old_two_expert_share(const std::int32_t* counts, index_t tokens) {
+  index_t top2 = 0;
+  for (index_t t = 0; t < tokens; ++t) top2 += counts[t] == 2 ? 1 : 0;
+  return tokens == 0 ? 0.0f : static_cast<float>(static_cast<double>(top2) / tokens);
+}
+
+// kernels::staged_token_count's work: `threads` threads count strided shares (here added in
+// reverse thread order), then one finish with the total.
+template <class F>
+void staged_count(const F& f, index_t threads) {
+  index_t total = 0;
+  if (f.counts_tokens()) {
+    for (index_t th = threads - 1; th >= 0; --th) {
+      index_t mine = 0;
+      for (index_t t = th; t < f.tokens; t += threads) mine += f.count_of(t);
+      total += mine;
+    }
+  }
+  f.finish(total);
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(staged_token_counts_are_the_one_thread_counts_bitwise) {
+  std::mt19937_64 rng(sy::test::base_seed() + 107);
+  const index_t tokens = 2500, experts = 7;
+  std::vector<std::int32_t> counts(tokens);
+  std::uniform_int_distribution<int> cnt(-1, 4);
+  for (auto& v : counts) v = cnt(rng);
+  const auto fv = sy::test::uniform(rng, experts, 0.0f, 300.0f);
+  const auto pv = sy::test::uniform(rng, experts, 0.0f, 400.0f);
+  const std::vector<double> f(fv.begin(), fv.end()), pbar(pv.begin(), pv.end());
+  for (const index_t n : {tokens, index_t{0}, index_t{1}, index_t{255}, index_t{257}}) {
+    for (const index_t threads : {index_t{1}, index_t{256}}) {
+      for (const std::int32_t c : {1, 2, 3}) {
+        index_t want = -1, got = -2;
+        old_count_tokens(counts.data(), n, c, &want);
+        staged_count(sy::ops::count_tokens{counts.data(), n, c, &got}, threads);
+        BOOST_TEST(got == want);
+      }
+      for (const bool singles : {false, true}) {
+        float got = -2.0f;
+        const float want =
+            old_load_balance_finish(f.data(), pbar.data(), counts.data(), n, experts, singles);
+        staged_count(sy::ops::load_balance_finish{f.data(), pbar.data(), counts.data(), n, experts,
+                                                  singles, &got},
+                     threads);
+        BOOST_TEST(sy::detail::float_bits(got) == sy::detail::float_bits(want));
+        // The one-item functor itself (its pieces in one loop).
+        float one = -3.0f;
+        sy::ops::load_balance_finish{f.data(), pbar.data(), counts.data(), n,
+                                     experts,  singles,     &one}(0);
+        BOOST_TEST(sy::detail::float_bits(one) == sy::detail::float_bits(want));
+      }
+      float got = -2.0f;
+      staged_count(sy::ops::two_expert_share_finish{counts.data(), n, &got}, threads);
+      BOOST_TEST(sy::detail::float_bits(got) ==
+                 sy::detail::float_bits(old_two_expert_share(counts.data(), n)));
+    }
+  }
+  // A float64 sanity check of the share: the tokens using two experts, counted directly.
+  double two = 0.0;
+  for (const auto v : counts) two += v == 2 ? 1.0 : 0.0;
+  float share = -1.0f;
+  sy::ops::two_expert_share_finish{counts.data(), tokens, &share}(0);
+  BOOST_TEST(std::abs(share - two / tokens) <= 1e-7);
+  BOOST_TEST(two > 0.0);
 }
