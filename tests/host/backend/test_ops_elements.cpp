@@ -6,7 +6,8 @@
 // backend/cuda/route_reductions.cuh run them) against ops::expert_column_sums /
 // ops::mean_of_rows; the dense layout's per-element dY and slot copies against
 // ops::dense_dy_rows_as / ops::keep_dense_slots_all; the staged token counts against the
-// one-thread count_tokens / load_balance_finish / two_expert_share_finish.
+// one-thread count_tokens / load_balance_finish / two_expert_share_finish; DynMoE's staged
+// usage and threshold gradient against ops::dynmoe_usage_column / ops::dynmoe_threshold_grad.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -392,4 +393,94 @@ BOOST_AUTO_TEST_CASE(staged_token_counts_are_the_one_thread_counts_bitwise) {
   sy::ops::two_expert_share_finish{counts.data(), tokens, &share}(0);
   BOOST_TEST(std::abs(share - two / tokens) <= 1e-7);
   BOOST_TEST(two > 0.0);
+}
+
+BOOST_AUTO_TEST_CASE(staged_dynmoe_reductions_are_the_functors_bitwise) {
+  std::mt19937_64 rng(sy::test::base_seed() + 108);
+  // T = 2500: three chunks (1024, 1024, 452); ids may repeat within a token (1/k added once
+  // per hit), k = 0 tokens are not routed.
+  const index_t tokens = 2500, e_max = 6, chunk = sy::cuda::staged_chunk, threads = 256;
+  std::vector<std::int32_t> ids(tokens * e_max), counts(tokens);
+  std::uniform_int_distribution<int> id(0, e_max - 1), cnt(0, static_cast<int>(e_max));
+  for (auto& v : ids) v = id(rng);
+  for (auto& v : counts) v = cnt(rng);
+  for (const bool share : {false, true}) {
+    for (const bool with_me : {true, false}) {
+      std::vector<double> me_ref(e_max, -1.0), ce_ref(e_max, -1.0), me(e_max, -1.0),
+          ce(e_max, -1.0);
+      std::vector<index_t> cnt_ref(2, -1), cnt_got(2, -1);
+      run(e_max, sy::ops::dynmoe_usage_column{tokens, e_max, ids.data(), counts.data(),
+                                              with_me ? me_ref.data() : nullptr, ce_ref.data(),
+                                              cnt_ref.data(), cnt_ref.data() + 1, share});
+      const sy::cuda::staged_usage_column s{{tokens, e_max, ids.data(), counts.data(),
+                                             with_me ? me.data() : nullptr, ce.data(),
+                                             cnt_got.data(), cnt_got.data() + 1, share}};
+      // The kernel's work per expert: every thread stages and counts its strided share (here
+      // the threads in reverse order), then one thread adds the staged chunk in token order.
+      std::vector<std::int32_t> hits(static_cast<std::size_t>(chunk)),
+          slots(static_cast<std::size_t>(chunk));
+      for (index_t e = e_max - 1; e >= 0; --e) {
+        index_t h = 0, r = 0, n = 0;
+        double m = 0.0;
+        for (index_t t0 = 0; t0 < tokens; t0 += chunk) {
+          const index_t c = std::min(chunk, tokens - t0);
+          for (index_t th = threads - 1; th >= 0; --th) {
+            for (index_t k = th; k < c; k += threads) {
+              slots[static_cast<std::size_t>(k)] = s.slots(t0 + k);
+              hits[static_cast<std::size_t>(k)] = s.hits(e, t0 + k);
+              h += hits[static_cast<std::size_t>(k)];
+              r += slots[static_cast<std::size_t>(k)] != 0 ? 1 : 0;
+              n += slots[static_cast<std::size_t>(k)];
+            }
+          }
+          m = sy::cuda::staged_usage_column::add(m, hits.data(), slots.data(), c);
+        }
+        s.finish(e, m, h, r, n);
+      }
+      BOOST_TEST(same_bits(me, me_ref));
+      BOOST_TEST(same_bits(ce, ce_ref));
+      BOOST_TEST(cnt_got == cnt_ref);
+    }
+  }
+  // A float64 sanity check of one expert's usage: m = Σ over hits of 1/k.
+  {
+    std::vector<double> me(e_max), ce(e_max);
+    std::vector<index_t> c2(2);
+    run(e_max, sy::ops::dynmoe_usage_column{tokens, e_max, ids.data(), counts.data(), me.data(),
+                                            ce.data(), c2.data(), c2.data() + 1, false});
+    double ref = 0.0, hits2 = 0.0;
+    for (index_t t = 0; t < tokens; ++t)
+      for (index_t j = 0; j < counts[static_cast<std::size_t>(t)]; ++j)
+        if (ids[static_cast<std::size_t>(t * e_max + j)] == 2) {
+          ref += 1.0 / counts[static_cast<std::size_t>(t)];
+          hits2 += 1.0;
+        }
+    BOOST_TEST(std::abs(me[2] - ref) <= 1e-9 * ref);
+    BOOST_TEST(ce[2] == hits2);
+    BOOST_TEST(hits2 > 0.0);
+  }
+  // dynmoe_threshold_grad: grads.thresholds(e) += (−Σ_t g[t, e]) · θ(1 − θ) · s.
+  const auto gv = sy::test::normal(rng, tokens * e_max, 1.0f);
+  std::vector<double> g(gv.begin(), gv.end());
+  for (std::size_t i = 0; i < g.size(); i += 53) g[i] *= 1e9;  // order matters
+  const auto theta = sy::test::uniform(rng, e_max, 0.05f, 0.95f);
+  const auto grad0 = sy::test::normal(rng, e_max, 1.0f);
+  std::vector<float> grad_ref(grad0), grad(grad0);
+  const float scale = 1.7f;
+  run(e_max, sy::ops::dynmoe_threshold_grad{tokens, e_max, g.data(), theta.data(), scale,
+                                            sy::make_view<float>(grad_ref.data(), e_max)});
+  const sy::cuda::staged_threshold_grad s{
+      {tokens, e_max, g.data(), theta.data(), scale, sy::make_view<float>(grad.data(), e_max)}};
+  std::vector<double> staged(static_cast<std::size_t>(chunk));
+  for (index_t e = 0; e < e_max; ++e) {
+    double dtheta = 0.0;
+    for (index_t t0 = 0; t0 < tokens; t0 += chunk) {
+      const index_t c = std::min(chunk, tokens - t0);
+      for (index_t k = c - 1; k >= 0; --k) staged[static_cast<std::size_t>(k)] = s.term(e, t0 + k);
+      dtheta = sy::cuda::staged_threshold_grad::sub(dtheta, staged.data(), c);
+    }
+    s.finish(e, dtheta);
+  }
+  BOOST_TEST(same_bits(grad, grad_ref));
+  BOOST_TEST(!same_bits(grad, grad0));
 }
