@@ -200,6 +200,54 @@ struct dense_dy_rows_as {
   }
 };
 
+//! `dense_dy_rows_as`' dY one element at a time, index i = r·d + c of row r = e·T + t
+//! (coalesced on the GPU): the row form's per-element arithmetic — w = the weights of t's
+//! slots naming e added in slot order (1 with `weight_on_input`), dY = w · dy_t — so bitwise
+//! its dys, and its copy rounded to T when `dys_t` is non-null. The d_weights dots are
+//! `dense_dy_weights`' (one per row).
+template <ElementType T, class Id, class W>
+struct dense_dy_elements {
+  dense_dy_rows<T, Id, W> rows;  //!< ys / dys: the [E·T, d] buffers' starts
+  T* dys_t = nullptr;            //!< [E·T, d] dY rounded to T, or null
+
+  SWITCHYARD_HD void operator()(index_t i) const {
+    const index_t n = rows.d, r = i / n, c = i - r * n;
+    const index_t tokens = rows.tokens, e = r / tokens, t = r - e * tokens;
+    float wt = 0.0f;
+    const index_t used = rows.counts(t);
+    for (index_t j = 0; j < used; ++j) {
+      if (rows.expert_ids(t, j) != e) continue;
+      if (rows.weight_on_input) {
+        wt = 1.0f;
+        continue;
+      }
+      wt += rows.weights(t, j);
+    }
+    const float v = wt * to_float(rows.dy(t, c));
+    rows.dys[i] = v;
+    if (dys_t != nullptr) dys_t[i] = from_float<T>(v);
+  }
+};
+
+//! `dense_dy_rows_as`' d_weights alone, row r = e·T + t: d_weights of every used slot of t
+//! naming e = ⟨dy_t, Y row r⟩ (the same dot, columns in order: `dot_row_pipelined`); nothing
+//! with `weight_on_input`. Reads ys only, so it may run before or after `dense_dy_elements`.
+template <ElementType T, class Id, class W>
+struct dense_dy_weights {
+  dense_dy_rows<T, Id, W> rows;  //!< ys / dys: the [E·T, d] buffers' starts
+
+  SWITCHYARD_HD void operator()(index_t r) const {
+    if (rows.weight_on_input) return;
+    const index_t n = rows.d, tokens = rows.tokens, e = r / tokens, t = r - e * tokens;
+    const index_t used = rows.counts(t);
+    for (index_t j = 0; j < used; ++j) {
+      if (rows.expert_ids(t, j) != e) continue;
+      rows.d_weights[dispatch::pair_index(t, j, rows.width)] =
+          dot_row_pipelined(rows.dy, t, rows.ys + r * n, n);
+    }
+  }
+};
+
 //! dH from dA through the activation, element i = r·d_ff + c (in place over H, the host's
 //! `activate_backward_rows` arithmetic per element: column c, and d_ff + c when gated), and
 //! its T copy; a padding row (e < 0) gets dH = 0 (its H is never biased or computed from a
@@ -258,6 +306,25 @@ struct keep_dense_slots_all {
     f.expert = e;
     f.rows = slots.rows + e * tokens * slots.d;
     f(t);
+  }
+};
+
+//! `keep_dense_slots_all` one element at a time, index i = r·d + c of row r = e·T + t
+//! (coalesced on the GPU): copies element c of expert e's row t into the pair row of every
+//! used slot of t naming e (the same copies).
+template <class Id>
+struct keep_dense_slot_elements {
+  keep_dense_slots<Id> slots;  //!< rows: the [E·T, d] buffer's start
+  index_t tokens = 0;          //!< T
+
+  SWITCHYARD_HD void operator()(index_t i) const {
+    const index_t n = slots.d, r = i / n, c = i - r * n;
+    const index_t e = r / tokens, t = r - e * tokens;
+    const index_t used = slots.counts(t);
+    for (index_t j = 0; j < used; ++j) {
+      if (slots.expert_ids(t, j) != e) continue;
+      slots.pair_out[dispatch::pair_index(t, j, slots.width) * n + c] = slots.rows[i];
+    }
   }
 };
 

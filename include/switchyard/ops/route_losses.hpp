@@ -9,7 +9,9 @@
 //! in order (the host's order: bit for bit its doubles); sums over tokens are per-token rows
 //! into a [T] array, then one item adding them in token order. (The CUDA backend runs
 //! `expert_column_sums` and `mean_of_rows` as block kernels with these very additions in this
-//! very order: backend/cuda/route_reductions.cuh.) The entropy is the one value
+//! very order, and the token counts of `count_tokens`, `load_balance_finish` and
+//! `two_expert_share_finish` as integer counts in parallel: backend/cuda/route_reductions.cuh.)
+//! The entropy is the one value
 //! whose host order (one running sum over all T·E terms) is not kept: its device value is the
 //! token-ordered sum of per-token entropies (a few ulps of a double from the host's, the same
 //! float almost always); its backward row is the host's.
@@ -80,16 +82,25 @@ struct expert_column_sums {
 };
 
 //! How many tokens use exactly `count` slots (one item; tokens in order).
+//! (`counts_tokens`, `count_of` and `finish` are its pieces, for a backend that counts in
+//! parallel: an integer count, exact in any order; likewise the two finishes below.)
 struct count_tokens {
   const std::int32_t* counts = nullptr;  //!< [T]
   index_t tokens = 0;
   std::int32_t count = 1;
   index_t* out = nullptr;  //!< one index_t
 
+  //! Whether the result counts tokens.
+  SWITCHYARD_HD static constexpr bool counts_tokens() { return true; }
+  //! Token t's count: 1 when it uses exactly `count` slots.
+  SWITCHYARD_HD index_t count_of(index_t t) const { return counts[t] == count ? 1 : 0; }
+  //! Writes the result from the count over every token.
+  SWITCHYARD_HD void finish(index_t n) const { *out = n; }
+
   SWITCHYARD_HD void operator()(index_t) const {
     index_t n = 0;
-    for (index_t t = 0; t < tokens; ++t) n += counts[t] == count ? 1 : 0;
-    *out = n;
+    for (index_t t = 0; t < tokens; ++t) n += count_of(t);
+    finish(n);
   }
 };
 
@@ -103,13 +114,21 @@ struct load_balance_finish {
   bool singles = false;  //!< F = tokens using exactly one expert (Adaptive Gating)
   float* out = nullptr;  //!< the losses field
 
-  SWITCHYARD_HD void operator()(index_t) const {
-    index_t f_count = tokens;
-    if (singles) {
-      f_count = 0;
-      for (index_t t = 0; t < tokens; ++t) f_count += counts[t] == 1 ? 1 : 0;
-    }
+  //! Whether the value counts tokens (`singles`).
+  SWITCHYARD_HD bool counts_tokens() const { return singles; }
+  //! Token t's count: 1 when it uses exactly one expert.
+  SWITCHYARD_HD index_t count_of(index_t t) const { return counts[t] == 1 ? 1 : 0; }
+  //! Writes the value from the count of single-expert tokens (ignored unless `singles`).
+  SWITCHYARD_HD void finish(index_t singles_count) const {
+    const index_t f_count = singles ? singles_count : tokens;
     *out = f_count == 0 ? 0.0f : routing::load_balance_value(f, pbar, experts, f_count, tokens);
+  }
+
+  SWITCHYARD_HD void operator()(index_t) const {
+    index_t n = 0;
+    if (counts_tokens())
+      for (index_t t = 0; t < tokens; ++t) n += count_of(t);
+    finish(n);
   }
 };
 
@@ -119,10 +138,19 @@ struct two_expert_share_finish {
   index_t tokens = 0;
   float* out = nullptr;  //!< the losses field
 
+  //! Whether the value counts tokens.
+  SWITCHYARD_HD static constexpr bool counts_tokens() { return true; }
+  //! Token t's count: 1 when it uses exactly two experts.
+  SWITCHYARD_HD index_t count_of(index_t t) const { return counts[t] == 2 ? 1 : 0; }
+  //! Writes the share from the count of two-expert tokens.
+  SWITCHYARD_HD void finish(index_t top2) const {
+    *out = tokens == 0 ? 0.0f : static_cast<float>(static_cast<double>(top2) / tokens);
+  }
+
   SWITCHYARD_HD void operator()(index_t) const {
     index_t top2 = 0;
-    for (index_t t = 0; t < tokens; ++t) top2 += counts[t] == 2 ? 1 : 0;
-    *out = tokens == 0 ? 0.0f : static_cast<float>(static_cast<double>(top2) / tokens);
+    for (index_t t = 0; t < tokens; ++t) top2 += count_of(t);
+    finish(top2);
   }
 };
 

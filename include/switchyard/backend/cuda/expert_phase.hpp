@@ -386,10 +386,11 @@ void experts_forward_phase(const Exec& exec, const D& policy, const Act& act, co
 
   const float* rows = ys;
   if constexpr (K == layout::dense) {
-    exec.launch(E * tokens,
-                ops::keep_dense_slots_all<Id>{
+    // Per element (coalesced): bitwise keep_dense_slots_all (one thread per row over d).
+    exec.launch(E * tokens * d,
+                ops::keep_dense_slot_elements<Id>{
                     {plan.expert_ids, plan.counts, 0, width, d, ys, pair_out}, tokens},
-                "switchyard::ops::keep_dense_slots_all");
+                "switchyard::ops::keep_dense_slot_elements");
     rows = pair_out;
   }
   exec.launch(
@@ -494,11 +495,14 @@ void experts_backward_phase(const Exec& exec, const D& policy, const Act& act,
 
   // dY rows (w_tj · dy_t, float and T) and d_weights of every used pair.
   if constexpr (dense) {
-    exec.launch(E * tokens,
-                ops::dense_dy_rows_as<T, Id, W>{{plan.expert_ids, plan.weights, plan.counts, 0,
-                                                 tokens, width, d, dy, ys, dys, d_weights},
-                                                dys_t},
-                "switchyard::ops::dense_dy_rows_as");
+    // Per element (coalesced), then the per-row d_weights dots (reading ys only): bitwise
+    // dense_dy_rows_as (one thread per row over d columns, like grouped_dy_rows_as below).
+    const ops::dense_dy_rows<T, Id, W> dy_rows{plan.expert_ids, plan.weights, plan.counts, 0,
+                                               tokens, width, d, dy, ys, dys, d_weights};
+    exec.launch(E * tokens * d, ops::dense_dy_elements<T, Id, W>{dy_rows, dys_t},
+                "switchyard::ops::dense_dy_elements");
+    exec.launch(E * tokens, ops::dense_dy_weights<T, Id, W>{dy_rows},
+                "switchyard::ops::dense_dy_weights");
   } else {
     // Per element (coalesced), then the per-row d_weights dots (reading ys only): bitwise
     // grouped_dy_rows_as, whose one thread per row over d columns took 1.1 ms at T = 4096,
@@ -551,10 +555,10 @@ void experts_backward_phase(const Exec& exec, const D& policy, const Act& act,
         5, [&](const expert_gemm_rows& r) { return expert_gemm::d_x(l, r); },
         "switchyard::cuda::experts_backward: dXs = dH·W1");
     if constexpr (dense) {
-      exec.launch(E * tokens,
-                  ops::keep_dense_slots_all<Id>{
+      exec.launch(E * tokens * d,
+                  ops::keep_dense_slot_elements<Id>{
                       {plan.expert_ids, plan.counts, 0, width, d, ys, pair_dx}, tokens},
-                  "switchyard::ops::keep_dense_slots_all");
+                  "switchyard::ops::keep_dense_slot_elements");
       dx_rows = pair_dx;
     }
   }

@@ -12,10 +12,14 @@
 //!   backend/cuda/route_reductions.cuh that run ops::expert_column_sums and ops::mean_of_rows
 //!   (one thread per expert over T tokens in order: 1 ms and 264 µs per call there): a block's
 //!   threads stage a chunk of the inputs in shared memory and count slots (integers: exact in
-//!   any order), then one thread adds the staged values in token order, as the functor does.
+//!   any order), then one thread adds the staged values in token order, as the functor does;
+//! - `staged_usage_column`, `staged_threshold_grad`: the same for DynMoE's two reductions of
+//!   one thread per expert over T tokens (ops::dynmoe_usage_column, ops::dynmoe_threshold_grad;
+//!   backend/cuda/dynmoe.cuh runs their kernels).
 
 #include <cstdint>
 
+#include "switchyard/backend/cuda/dynmoe_rows.hpp"
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/view.hpp"
@@ -112,6 +116,61 @@ struct staged_mean {
   //! The value from the sum (the functor's division and rounding; 0 for T = 0).
   SWITCHYARD_HD float finish(double s) const {
     return f.tokens == 0 ? 0.0f : static_cast<float>(s / f.tokens);
+  }
+};
+
+//! The pieces of the staged `ops::dynmoe_usage_column`: per token, its slots k and its hits of
+//! expert e (integers, staged by any thread); the routed count T' and Σ k (integers, in any
+//! order); then one thread adds 1/k once per hit, tokens in order (the functor's double
+//! additions); ce = the hit count (the functor's sum of 1.0s: exact).
+struct staged_usage_column {
+  ops::dynmoe_usage_column f;  //!< the plain functor (its members)
+
+  //! Token t's slots k.
+  SWITCHYARD_HD std::int32_t slots(index_t t) const { return f.counts[t]; }
+  //! Token t's slots naming expert e.
+  SWITCHYARD_HD std::int32_t hits(index_t e, index_t t) const {
+    const index_t k = f.counts[t];
+    std::int32_t h = 0;
+    for (index_t j = 0; j < k; ++j) h += f.ids[t * f.e_max + j] == e ? 1 : 0;
+    return h;
+  }
+  //! m + 1/k once per hit, the n staged tokens in order (the functor's double additions).
+  SWITCHYARD_HD static double add(double m, const std::int32_t* hits, const std::int32_t* k,
+                                  index_t n) {
+    for (index_t s = 0; s < n; ++s)
+      for (std::int32_t h = 0; h < hits[s]; ++h) m += 1.0 / static_cast<double>(k[s]);
+    return m;
+  }
+  //! Writes expert e's outputs from m, its hit count, T' (tokens with k != 0) and Σ k.
+  SWITCHYARD_HD void finish(index_t e, double m, index_t hit_count, index_t r, index_t n) const {
+    double c = static_cast<double>(hit_count);
+    if (f.share) c /= r > 1 ? r : index_t{1};
+    if (f.me != nullptr) f.me[e] = m;
+    f.ce[e] = c;
+    if (e == 0) {
+      *f.routed = r;
+      if (f.total != nullptr) *f.total = n;
+    }
+  }
+};
+
+//! The pieces of the staged `ops::dynmoe_threshold_grad`: g[t, e] staged, then one thread
+//! subtracts them in token order (the functor's double subtractions) and adds the gradient.
+struct staged_threshold_grad {
+  ops::dynmoe_threshold_grad f;  //!< the plain functor (its members)
+
+  //! The term of token t for expert e.
+  SWITCHYARD_HD double term(index_t e, index_t t) const { return f.g[t * f.e_max + e]; }
+  //! dtheta − the n staged terms, in order.
+  SWITCHYARD_HD static double sub(double dtheta, const double* staged, index_t n) {
+    for (index_t k = 0; k < n; ++k) dtheta -= staged[k];
+    return dtheta;
+  }
+  //! grads.thresholds(e) += the functor's expression of dtheta.
+  SWITCHYARD_HD void finish(index_t e, double dtheta) const {
+    const double th = f.theta[e];
+    f.grad(e) += static_cast<float>(dtheta * th * (1.0 - th) * f.s);
   }
 };
 
