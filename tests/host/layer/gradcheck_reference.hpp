@@ -25,6 +25,10 @@
 // plan's ids, so a slot/expert-order mix-up of d_weights changes the expected gradient.
 #include <boost/test/unit_test.hpp>
 
+#include <boost/mp11.hpp>
+
+#include <tuple>
+
 #include <boost/core/demangle.hpp>
 
 #include <algorithm>
@@ -1519,3 +1523,25 @@ struct combo {
 };
 
 }  // namespace bwd
+
+// ---- the dispatch axis, shared by every gradcheck file -----------------------------------
+// (global names, so that Boost.Test's case names read e.g. combo<TopP_p05, gelu_act, dense>)
+
+struct sorted_grouped : bwd::sorted_grouped_case {};
+struct dense : bwd::dense_case {};
+struct padded_capacity_no_drops : bwd::padded_capacity_no_drops_case {};
+struct padded_capacity_drop_zero : bwd::padded_capacity_drop_zero_case {};
+struct padded_capacity_drop_scaled_input : bwd::padded_capacity_drop_scaled_input_case {};
+
+//! Every dispatch case.
+using gradcheck_dispatch_cases =
+    boost::mp11::mp_list<sorted_grouped, dense, padded_capacity_no_drops, padded_capacity_drop_zero,
+                         padded_capacity_drop_scaled_input>;
+
+//! Router case R × every activation case of the list Acts × every dispatch case, as the
+//! std::tuple BOOST_AUTO_TEST_CASE_TEMPLATE takes.
+template <class R, class Acts>
+using gradcheck_activation_combos = boost::mp11::mp_rename<
+    boost::mp11::mp_product_q<boost::mp11::mp_bind_front<bwd::combo, R>, Acts,
+                              gradcheck_dispatch_cases>,
+    std::tuple>;

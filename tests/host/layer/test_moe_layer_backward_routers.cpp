@@ -42,11 +42,6 @@ struct TopP_p07_max_k2 : bwd::topp_case<700, 2> {};
 //! AdaptiveGating threshold 0.2, renormalised; the top2_fraction coefficient must be ignored.
 struct AdaptiveGating_t02 : bwd::adaptive_gating_case {};
 
-struct sorted_grouped : bwd::sorted_grouped_case {};
-struct dense : bwd::dense_case {};
-struct padded_capacity_no_drops : bwd::padded_capacity_no_drops_case {};
-struct padded_capacity_drop_zero : bwd::padded_capacity_drop_zero_case {};
-struct padded_capacity_drop_scaled_input : bwd::padded_capacity_drop_scaled_input_case {};
 
 template <class R, class A>
 struct with {
@@ -63,9 +58,7 @@ using router_cases = boost::mp11::mp_list<
     with<DAMoE_precomputed_importance_k1to3, bwd::gelu_act>,
     with<DAMoE_attention_col_mean_k1to2, bwd::swiglu_act>, with<DynMoE_training, bwd::swiglu_act>,
     with<DynMoE_eval, bwd::gelu_act>>;
-using dispatch_cases =
-    boost::mp11::mp_list<sorted_grouped, dense, padded_capacity_no_drops, padded_capacity_drop_zero,
-                         padded_capacity_drop_scaled_input>;
+using dispatch_cases = gradcheck_dispatch_cases;
 using combos =
     boost::mp11::mp_rename<boost::mp11::mp_product<combo_of, router_cases, dispatch_cases>, std::tuple>;
 

@@ -1,7 +1,8 @@
-// Whole-layer gradient check, activation axis: MoELayer::backward with TopK k = 2, renormalised (fixed k per token) × the
-// activations relu, gelu_tanh, silu (the plain activations; gelu is in test_moe_layer_backward_routers.cpp) × every dispatch (sorted_grouped, dense, padded_capacity without drops /
-// dropping to zero / passing w·x through) against float64 central differences of the
-// reference layer of gradcheck_reference.hpp, for x, router w, W1, b1, W2, b2 with nonzero
+// Whole-layer gradient check, activation axis: MoELayer::backward with TopK k = 2, renormalised
+// (fixed k per token) × the activations relu, gelu_tanh, silu (the plain activations; gelu is in
+// test_moe_layer_backward_routers.cpp) × every dispatch (sorted_grouped, dense, padded_capacity
+// without drops / dropping to zero / passing w·x through) against float64 central differences of
+// the reference layer of gradcheck_reference.hpp, for x, router w, W1, b1, W2, b2 with nonzero
 // aux-loss coefficients (redraws, kinks and tolerance: that header).
 //
 // Coverage of the activation axis (the four test_moe_layer_gradcheck_act_*.cpp files with
@@ -18,20 +19,9 @@
 #include "host/layer/gradcheck_reference.hpp"
 
 struct TopK_k2_renorm : bwd::topk_case<2, true, false> {};
-struct sorted_grouped : bwd::sorted_grouped_case {};
-struct dense : bwd::dense_case {};
-struct padded_capacity_no_drops : bwd::padded_capacity_no_drops_case {};
-struct padded_capacity_drop_zero : bwd::padded_capacity_drop_zero_case {};
-struct padded_capacity_drop_scaled_input : bwd::padded_capacity_drop_scaled_input_case {};
 
-template <class A, class D>
-using combo_of = bwd::combo<TopK_k2_renorm, A, D>;
-using activations = boost::mp11::mp_list<bwd::relu_act, bwd::gelu_tanh_act, bwd::silu_act>;
-using dispatch_cases =
-    boost::mp11::mp_list<sorted_grouped, dense, padded_capacity_no_drops, padded_capacity_drop_zero,
-                         padded_capacity_drop_scaled_input>;
-using combos =
-    boost::mp11::mp_rename<boost::mp11::mp_product<combo_of, activations, dispatch_cases>, std::tuple>;
+using combos = gradcheck_activation_combos<
+    TopK_k2_renorm, boost::mp11::mp_list<bwd::relu_act, bwd::gelu_tanh_act, bwd::silu_act>>;
 
 BOOST_AUTO_TEST_CASE_TEMPLATE(layer_backward_matches_float64_central_differences, C, combos) {
   C::run();

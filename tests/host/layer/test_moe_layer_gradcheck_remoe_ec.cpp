@@ -16,17 +16,10 @@
 
 struct ReMoE_max_k2 : bwd::remoe_case {};
 struct ExpertChoice_cf1 : bwd::expert_choice_case {};
-struct sorted_grouped : bwd::sorted_grouped_case {};
-struct dense : bwd::dense_case {};
-struct padded_capacity_no_drops : bwd::padded_capacity_no_drops_case {};
-struct padded_capacity_drop_zero : bwd::padded_capacity_drop_zero_case {};
-struct padded_capacity_drop_scaled_input : bwd::padded_capacity_drop_scaled_input_case {};
 
 using router_cases = boost::mp11::mp_list<ReMoE_max_k2, ExpertChoice_cf1>;
 using activations = boost::mp11::mp_list<bwd::swiglu_act, bwd::gelu_act>;
-using dispatch_cases =
-    boost::mp11::mp_list<sorted_grouped, dense, padded_capacity_no_drops, padded_capacity_drop_zero,
-                         padded_capacity_drop_scaled_input>;
+using dispatch_cases = gradcheck_dispatch_cases;
 using combos = boost::mp11::mp_rename<
     boost::mp11::mp_product<bwd::combo, router_cases, activations, dispatch_cases>, std::tuple>;
 

@@ -87,14 +87,7 @@ void check_preset(const bwd::scored_preset& p) {
 
 }  // namespace
 
-struct sorted_grouped : bwd::sorted_grouped_case {};
-struct dense : bwd::dense_case {};
-struct padded_capacity_no_drops : bwd::padded_capacity_no_drops_case {};
-struct padded_capacity_drop_zero : bwd::padded_capacity_drop_zero_case {};
-struct padded_capacity_drop_scaled_input : bwd::padded_capacity_drop_scaled_input_case {};
-using dispatch_cases =
-    std::tuple<sorted_grouped, dense, padded_capacity_no_drops, padded_capacity_drop_zero,
-               padded_capacity_drop_scaled_input>;
+using dispatch_cases = boost::mp11::mp_rename<gradcheck_dispatch_cases, std::tuple>;
 
 BOOST_AUTO_TEST_CASE_TEMPLATE(every_preset_with_swiglu, D, dispatch_cases) {
   for (const auto& p : all_presets()) check_preset<bwd::swiglu_act, D>(p);
