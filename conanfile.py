@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Conan 2 recipe for Switchyard, a header-only C++20/CUDA Mixture-of-Experts library.
 
 System requirement (not a Conan package): the CUDA toolkit (CUDA 13.0 tested). Switchyard
@@ -27,6 +28,7 @@ required_conan_version = ">=2.0"
 
 class SwitchyardConan(ConanFile):
     name = "switchyard"
+    license = "Apache-2.0"
     description = "Header-only C++20/CUDA Mixture-of-Experts layers with dynamic routers"
     topics = ("mixture-of-experts", "moe", "cuda", "header-only", "routing")
     package_type = "header-library"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA MoE layer (TopK k = 2, SwiGLU experts, bfloat16 storage, float accumulation) on a
 // GPU, against what a user would run instead, measured in the same run:
 // - `dense`: one cuBLAS GEMM pair of equal FLOPs ([T·k, d]·[d, 2·d_ff] then [T·k, d_ff]·[d_ff, d],

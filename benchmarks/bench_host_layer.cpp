@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Host MoE layer benchmarks (issue #14): the model shapes of docs/benchmarks/README.md, token
 // counts 1, 16, 256, 4096, uniform and Zipf-skewed routing, each phase a user can call, and two
 // baselines timed in the same iterations: one dense sgemm of equal FLOPs and the per-expert

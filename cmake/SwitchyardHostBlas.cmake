@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # What switchyard::host_blas carries, found in one place for every route: the build tree
 # (CMakeLists.txt: add_subdirectory, FetchContent, the tests/examples/benchmarks), the installed
 # switchyard-config.cmake (installed next to it) and the Conan build module (packaged next to it).

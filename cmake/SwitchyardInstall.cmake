@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # Install rules and the CMake package for find_package(switchyard CONFIG):
 #   <prefix>/include/switchyard/...                      the headers (header-only library)
 #   <prefix>/${SWITCHYARD_INSTALL_CMAKEDIR}/             switchyard-config.cmake, -config-version.cmake,

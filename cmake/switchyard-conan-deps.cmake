@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # CMake build module of the Conan package (conanfile.py, cmake_build_modules): CMakeDeps
 # generates switchyard-config.cmake and the switchyard::switchyard target from package_info;
 # this adds what it cannot express, the same as the installed switchyard-config.cmake:

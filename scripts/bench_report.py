@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Turns the host benchmarks' Google Benchmark JSON into docs/benchmarks/host-<date>.{json,md,png}.
 
 Usage (scripts/bench calls it):

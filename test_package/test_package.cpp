@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Conan test_package: route a batch whose top-2 experts are known (identity gate) with
 // routers::TopK; exit 1 when the plan is wrong.
 #include <switchyard/switchyard.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // gpu_capability: what the CUDA backend needs from this GPU, its driver, cuBLAS and CUB,
 // printed as JSON lines (one object per line, "kind" first) for scripts/gpu-check.
 //

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Switchyard's host MoE layer against Hugging Face's MoE blocks in PyTorch (issue #14).
 
 For each shape and token count: builds the Hugging Face block with seeded random float32

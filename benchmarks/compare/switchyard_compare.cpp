@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Switchyard's side of scripts/bench-compare (benchmarks/compare/README.md).
 //
 // Reads a case description written by benchmarks/compare/compare.py (JSON: family, shape,

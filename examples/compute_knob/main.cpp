@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Compute knob: one top-p MoE layer serves the same batch at three compute settings (p = 0.3,
 // 0.6, 0.9, each a per-call copy of the router) and once with a per-token p from a view (the
 // first half of the batch "easy", p = 0.3, the second half "hard", p = 0.9). Per setting it

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // A user-defined selection rule in a Mixture-of-Experts layer. The rule ("confident top-k")
 // takes experts in descending probability, at most k of them, and stops early once the ones
 // taken hold `mass` of the probability; weights are renormalised. One static_assert checks it.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // A DeepSeek-V3-style MoE layer on the host backend: sigmoid scores, an aux-loss-free
 // selection bias, group-limited top-k (8 groups, the best 3 kept by the sum of their top-2
 // scores), sum-normalised weights scaled by routed_scaling_factor, and one shared expert that

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // GPU quickstart: the quickstart's top-k SwiGLU layer on the GPU (CUDA backend), checked
 // against the same layer on the host. Builds the weights on the host, copies them to the
 // device, runs forward and backward under a cuda::stream_context with caller workspaces, and

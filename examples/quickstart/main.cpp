@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Quickstart: a top-p Mixture-of-Experts layer (SwiGLU experts, sorted-grouped dispatch) on
 // random tokens, on the host backend. Prints how many experts each token used, the tokens
 // each expert got, the mean k, the expert FLOPs as a share of top-2's, and the router's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file cuda_runner.cuh
 //! The GPU layer runner of `examples/train_moe` (trainer.hpp's runner seam): every MoE

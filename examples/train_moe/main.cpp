@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // train_moe: a small model (embedding -> residual MoE layer(s) -> linear head) trained end to
 // end with Switchyard on the host backend, on a synthetic task whose hard tokens need more
 // experts (trainer.hpp; README.md beside this file). One progress line per epoch; CSV and PNG

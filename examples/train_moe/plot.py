@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Plot examples/train_moe's CSV: loss, accuracy, experts per token and load imbalance against
 the epoch, one line per router.
 

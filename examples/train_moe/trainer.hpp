@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file trainer.hpp
 //! A small model trained end to end with Switchyard's MoE layer on the host backend, shared by

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // examples/train_moe on the GPU: the same small model (examples/train_moe/trainer.hpp) trained
 // with every MoE layer's forward and backward on the CUDA backend (train_moe::cuda_runner,
 // examples/train_moe/cuda_runner.cuh) and, for comparison, on the host; for each router the

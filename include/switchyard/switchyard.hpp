@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file switchyard.hpp
 //! Umbrella header: everything that compiles with a plain C++20 host compiler, the host

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # Overlay port for Switchyard (header-only). Use from a checkout:
 #   vcpkg install switchyard --overlay-ports=<switchyard>/ports
 # or, in manifest mode, add "switchyard" to vcpkg.json and
@@ -33,9 +34,4 @@ vcpkg_cmake_config_fixup(PACKAGE_NAME switchyard CONFIG_PATH lib/cmake/switchyar
 file(REMOVE_RECURSE "${CURRENT_PACKAGES_DIR}/lib" "${CURRENT_PACKAGES_DIR}/debug")
 
 file(INSTALL "${CMAKE_CURRENT_LIST_DIR}/usage" DESTINATION "${CURRENT_PACKAGES_DIR}/share/${PORT}")
-if(EXISTS "${SOURCE_PATH}/LICENSE")
-  vcpkg_install_copyright(FILE_LIST "${SOURCE_PATH}/LICENSE")
-else()
-  file(WRITE "${CURRENT_PACKAGES_DIR}/share/${PORT}/copyright"
-       "Switchyard: see the repository it was built from (no LICENSE file in this revision).\n")
-endif()
+vcpkg_install_copyright(FILE_LIST "${SOURCE_PATH}/LICENSE")

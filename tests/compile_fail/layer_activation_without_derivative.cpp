@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Must not compile: a user's activation with no derivative, used in a MoELayer. The
 // diagnostic is the one sentence from switchyard::check_activation, not a template wall.
 #include <switchyard/layer/moe_layer.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Must not compile: a layer run under host_context in a translation unit that included the
 // layer but no backend. The diagnostic must be the one sentence naming the header.
 #include <switchyard/layer/moe_layer.hpp>

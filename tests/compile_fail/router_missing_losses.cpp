@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Must not compile: a router without `losses_type`.
 #include <switchyard/routing/concepts.hpp>
 #include <switchyard/routing/linear_softmax.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Must not compile: a user's selection rule that forgot `select`. The diagnostic is the one
 // sentence from switchyard::check_selection_rule.
 #include <switchyard/routing/concepts.hpp>

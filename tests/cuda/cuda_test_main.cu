@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Main of every GPU test executable. Without a GPU it prints why and exits 77, which CTest
 // maps to "Skipped" (SKIP_RETURN_CODE), never "Passed". Only two answers of
 // cudaGetDeviceCount mean "this machine has no GPU": cudaErrorNoDevice (a driver, no device;

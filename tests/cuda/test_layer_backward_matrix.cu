@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA layer's backward with every activation the other GPU files do not run against the
 // host layer's, over float and bfloat16 (tests/cuda/support/layer_backward.cuh says what is
 // compared): TopK (k = 1 raw and k = 2 renormalised) × relu, gelu_tanh, silu, geglu,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA layer's backward with every other router (TopP, AdaptiveGating, DA-MoE with its
 // attention on the device, DynMoE in training and eval) × swiglu × sorted_grouped against the
 // host layer's, over float and bfloat16 (tests/cuda/support/layer_backward.cuh says what is

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA layer's backward with the TopK router (k = 1 and 2) against the host layer's, over
 // float and bfloat16: swiglu with sorted_grouped, padded_capacity (both dropped-output modes)
 // and dense, gelu with sorted_grouped, and the HyperMoE add-on with sorted_grouped

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Bad input to the CUDA layer, as a user sees it: the typed exception naming the argument.
 // - too little workspace (forward and backward) → shape_error("workspace");
 // - x in pageable or pinned host memory → memory_space_error("x");

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA layer's forward with the DA-MoE router (default importance: column means of the
 // attention probabilities, on the device) and the DynMoE router (training and eval; a masked
 // expert slot holding NaN weights) against the host layer, for swiglu and gelu ×

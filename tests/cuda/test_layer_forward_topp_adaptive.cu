@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA layer's forward with the TopP and AdaptiveGating routers against the host layer,
 // for swiglu and gelu × sorted_grouped, padded_capacity (both dropped-output modes) and dense
 // × float, half and bfloat16 (tests/cuda/support/layer_forward.cuh says what is compared).

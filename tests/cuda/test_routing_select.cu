@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The device routing kernels run the same __host__ __device__ softmax and selection rules as
 // the host backend: on fresh random logits the plans must match the host's (ids and counts
 // exactly; weights to the last-ulp differences of expf/logf between host and device libm).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // examples/train_moe's training run with every MoE layer on the GPU (train_moe::cuda_runner)
 // against the same run on the host (train_moe::host_runner), for TopK, TopP, AdaptiveGating
 // and DynMoE on the host tests' small configuration (config::small(): 8 epochs of 12 steps,

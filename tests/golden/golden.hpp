@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // Golden harness: reads a case file (format in shared/golden/README.md), checks it against the
 // README (case_problems: known keys only, required keys present, tolerances no looser than the

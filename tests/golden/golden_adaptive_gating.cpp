@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Golden checker for `adaptive_gating` (spec §5): the router, and op=curriculum_order.
 #include <switchyard/routing/routers/adaptive_gating.hpp>
 #include <switchyard/training/curriculum.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Golden checker for `da_moe` (spec §2, the documented Switchyard rule).
 #include <switchyard/routing/routers/da_moe.hpp>
 

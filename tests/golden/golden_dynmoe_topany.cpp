@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Golden checker for `dynmoe_topany` (spec §3): the routing cases (forward plan, losses and
 // straight-through gradients) and op=adaptive_update (record in training mode, then remove /
 // add experts).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Golden checker for `hypermoe` (spec §4), both upstream variants, run through the library's
 // layer: `MoELayer<routers::TopK, Act, Dispatch, layer::hypermoe_addon>` gives `moe_output`
 // (upstream's layer output) and the same layer without the add-on gives `expert_output`;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The golden suite: every *.json in $SWITCHYARD_GOLDEN_DIR (default: ../shared/golden beside
 // the checkout) becomes one Boost.Test case, checked by the checker registered for its
 // `method`. Each file is first checked against shared/golden/README.md (golden.hpp,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Negative tests of the golden harness itself: every check it makes must be able to fail.
 // `golden_harness_rejects_bad_cases` copies real golden files (of the build's default golden
 // directory) into a temporary directory with

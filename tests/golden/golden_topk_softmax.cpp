@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Golden checker for `topk_softmax` (spec §0.1).
 #include <switchyard/routing/routers/topk.hpp>
 

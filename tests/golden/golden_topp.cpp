@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Golden checker for `topp` (spec §1).
 #include <switchyard/routing/routers/topp.hpp>
 

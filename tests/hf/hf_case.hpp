@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // Reader of the Hugging Face layer cases (`hf-moe-case/1`, ../shared/hf-cases/README.md): the
 // JSON header, the raw little-endian arrays of the .bin, and a check of the header against the

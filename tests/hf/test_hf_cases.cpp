@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The Hugging Face acceptance cases (issue #12): every case in $SWITCHYARD_HF_CASES_DIR
 // (default: ../shared/hf-cases beside the checkout; format in its README.md) becomes one
 // Boost.Test case. The test builds the layer the case's router description names —

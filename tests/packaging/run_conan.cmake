@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # Runs `conan create . --build=missing` for the recipe at the repository root, as CTest test
 # packaging.conan. Offline and isolated: CONAN_HOME lives in the build tree (the user's
 # ~/.conan2 is untouched), a default profile is detected there, and its remotes are disabled

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # Configures, builds and runs one packaging consumer (cmake -P, driven by CTest).
 #   -DCONSUMER_SOURCE=<dir> -DCONSUMER_BINARY=<dir>   the consumer project and its build dir
 #   -DGENERATOR=... [-DMAKE_PROGRAM=...] -DCXX_COMPILER=... [-DCUDA_COMPILER=...]

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # packaging.vcpkg: the vcpkg tool cannot be installed on our machines, so this proves the
 # overlay port ports/switchyard/ by running its portfile.cmake itself (cmake -P) with vcpkg's
 # helpers emulated (vcpkg_cmake_configure/-install/-config_fixup, vcpkg_install_copyright: the

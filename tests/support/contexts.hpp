@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // One test body, every execution context: a layer test written against a `context_fixture`
 // runs on the host today and, once the CUDA backend adds its fixture (device copies of the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // Seeded random inputs for tests: fresh values every test, reproducible from the seed the
 // test prints on failure. Never zeros.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // Router testbed: what the router tests share instead of copying it. A random problem
 // (x [T, d], gate w [E, d], optional attention [H, T, T]), shapes as data, routing through the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file concepts.hpp
 //! What an activation policy must provide, as a concept, and `check_activation<F>()`, which

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file functors.hpp
 //! The expert FFN's activations as `__host__ __device__` functors, each with its derivative

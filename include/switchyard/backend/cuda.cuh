@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file cuda.cuh
 //! The CUDA backend (compile with nvcc as C++20, link switchyard::cuda): `cuda::context`,

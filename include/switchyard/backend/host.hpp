@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file host.hpp
 //! The host backend: include it (or switchyard/switchyard.hpp) to run a layer under

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file config.hpp
 //! Compiler requirements, the host/device annotation and the library version.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file context.hpp
 //! Execution contexts and the seam between a layer and its backends.

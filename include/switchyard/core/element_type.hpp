@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file element_type.hpp
 //! Storage element types: float, half (IEEE binary16) and bfloat16. All math runs in float;

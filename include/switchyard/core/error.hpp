@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file error.hpp
 //! Typed exceptions. Every message names the argument, what was expected and what was received.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file parallel.hpp
 //! `parallel_for`: an OpenMP loop that no exception escapes. Each body runs inside a try; the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file policy.hpp
 //! The policy vocabulary in one place: every tag a policy declares as `policy_kind`, and the

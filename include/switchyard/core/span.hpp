@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file span.hpp
 //! The one span of the library: libcu++'s `cuda::std::span` (header-only, the same type in

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file view.hpp
 //! Non-owning views over caller memory: `::cuda::std::mdspan` (libcu++, header-only, usable

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file workspace.hpp
 //! Two-phase workspace, CUB style: a policy runs the same carving code twice, first over a

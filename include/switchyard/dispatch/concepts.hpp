@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file concepts.hpp
 //! What a dispatch policy must provide, and `check_dispatch<D>()`, one sentence per missing

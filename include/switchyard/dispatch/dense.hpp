@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file dense.hpp
 //! `dispatch::dense`: every expert over every token, masked by the plan: the backend runs

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file groups.hpp
 //! What a dispatch policy produces from a routing plan: where each (token, slot) pair's

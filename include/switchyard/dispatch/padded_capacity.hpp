@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file padded_capacity.hpp
 //! `dispatch::padded_capacity`: GShard / Switch expert capacity. Each expert owns a block of

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file sorted_grouped.hpp
 //! `dispatch::sorted_grouped`: the (token, slot) pairs sorted by expert. Every pair gets the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file addon.hpp
 //! The hook for a module the layer applies after routing (HyperMoE is one: it is conditioned

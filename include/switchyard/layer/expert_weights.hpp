@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file expert_weights.hpp
 //! The expert FFNs' parameters as views over caller memory, and their gradients.

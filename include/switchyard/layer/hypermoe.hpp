@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file hypermoe.hpp
 //! HyperMoE (Zhao et al., ACL 2024; spec `routing-algorithms.md` §4): a module the layer

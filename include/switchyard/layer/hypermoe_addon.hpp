@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file hypermoe_addon.hpp
 //! Composes HyperMoE (`layer::hypermoe_module`, layer/hypermoe.hpp) into `MoELayer` through

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file moe_layer.hpp
 //! `switchyard::MoELayer<Router, Activation, Dispatch, AddOn>`: routes `x [T, d]` with any

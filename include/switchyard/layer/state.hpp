@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file state.hpp
 //! What a layer's forward leaves for its backward, in caller memory: the routing plan (ids,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file activate.hpp
 //! The activation of the expert FFN over one row, forward and backward, as per-row functors

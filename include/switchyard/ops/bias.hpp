@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file bias.hpp
 //! Bias add (per row) and bias gradient (per column) of one expert as functors

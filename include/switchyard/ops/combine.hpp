@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file combine.hpp
 //! The combine of the expert phase as per-token functors (backend-neutral; see gather.hpp for

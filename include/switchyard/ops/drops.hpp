@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file drops.hpp
 //! Drop accounting of the expert phase as a per-expert functor (backend-neutral; see

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file expert_kinds.hpp
 //! Non-FFN expert kinds (issue #13): a plan id past the E FFN experts names an expert that runs

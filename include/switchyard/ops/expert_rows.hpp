@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file expert_rows.hpp
 //! Functors of the CUDA expert phase (backend-neutral; see gather.hpp for the convention),

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file finite.hpp
 //! The NaN policy's scan as a per-row functor (backend-neutral; see gather.hpp): the first

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file gather.hpp
 //! Row loads of the expert phase as per-row functors (backend-neutral): a backend runs

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file identity_experts.hpp
 //! Identity (zero-computation) experts, LongCat-Flash: since issue #13 one of the non-FFN

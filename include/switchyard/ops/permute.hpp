@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file permute.hpp
 //! The permutation of the dispatch as per-token, per-pair, per-row and per-expert functors

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file route_losses.hpp
 //! The loss terms of routing/loss_terms.hpp as per-row and per-expert functors

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file route_rows.hpp
 //! The generic route of a composed router as per-row functors (backend-neutral; see

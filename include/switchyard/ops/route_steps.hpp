@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file route_steps.hpp
 //! The generic route of a composed router (routing::ComposedRouter) as a sequence of

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file composition.hpp
 //! Routers as compositions (docs/design.md, "Routers are compositions"): a composed router

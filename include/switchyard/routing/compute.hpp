@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file compute.hpp
 //! The per-request compute knob and what a plan costs (issue #13; docs/routers/dynamic_compute.md).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file concepts.hpp
 //! What a policy must provide, as C++20 concepts, plus `check_*` helpers that state each

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file da_moe_rows.hpp
 //! DA-MoE's token importance as per-token functors, for a backend whose params live where the

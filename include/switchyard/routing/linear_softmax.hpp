@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file linear_softmax.hpp
 //! The scoring shared by the softmax routers (top-k, top-p, DA-MoE, Adaptive Gating,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file loss_fields.hpp
 //! Names for the coefficient fields of a router's `losses_type`. Each losses struct lists the

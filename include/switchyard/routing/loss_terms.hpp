@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file loss_terms.hpp
 //! The auxiliary losses of the softmax routers as parts a router lists (docs/design.md,

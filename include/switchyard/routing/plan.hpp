@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file plan.hpp
 //! The RoutingPlan: the one data structure between router and dispatch. Padded to a fixed

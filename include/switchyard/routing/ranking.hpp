@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file ranking.hpp
 //! Walks one token's scores in stable descending order (ties -> lower expert index), the

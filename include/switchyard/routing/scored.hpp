@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file scored.hpp
 //! The vocabulary of the production routers (issue #12; ../shared/hf-cases/README.md, "The

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file softmax.hpp
 //! Per-token (one row of E scores) softmax, logsumexp and the Jacobian products of the softmax

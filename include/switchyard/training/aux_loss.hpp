@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file aux_loss.hpp
 //! Auxiliary-loss coefficients: set, parse and print them by name, and schedule their

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file curriculum.hpp
 //! Adaptive Gating's curriculum ordering (spec §5, Li et al., EMNLP 2023 §3.2): each sample's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file dynmoe_update.hpp
 //! DynMoE's adaptive expert count (spec §3.5, `DY-ds: layer.py::MoE.forward`,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file grad_accumulation.hpp
 //! Gradient accumulation over micro-batches with deterministic results: `micro_batches` splits

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file remoe_controller.hpp
 //! ReMoE's adaptive L1 coefficient (Wang et al., ICLR 2025, §3.3; thu-ml/ReMoE): after each

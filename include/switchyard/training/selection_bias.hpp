@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file selection_bias.hpp
 //! DeepSeek-V3's auxiliary-loss-free load balancing (arXiv 2412.19437, §2.1.2; Wang et al.,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // Comparisons of the GPU layer with the host layer, and the tolerances they use.
 //

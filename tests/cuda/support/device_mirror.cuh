@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // Device copies of host test data for the GPU layer tests: `device_mirror` uploads any host
 // view (same extents and strides, device pointer) and keeps the copies alive;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // The GPU layer's backward against the host layer's backward on the DEVICE's forward state
 // (downloaded into a host moe_result, so both sides differentiate the same selection): dx,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // The GPU layer's forward against the host layer: one templated body per layer type
 // (`forward_matches_host<Layer, RouterKit, AddOnKit>`), run over the three storage types, a

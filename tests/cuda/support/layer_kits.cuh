@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // Per-router and per-add-on set-ups of the GPU layer tests: seeded random parameters in host
 // memory, the same parameters as device views (through a device_mirror), the router

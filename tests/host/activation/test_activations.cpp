@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Activation functors: values against float64 formulas, derivatives against central
 // differences of those formulas, the gated trait, and the concept checks. The clamped gated
 // ones (DeepSeek-V4, gpt-oss) also at points on both sides of their limits, where the clamps

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // host::blas_runtime() (backend/host/blas_info.hpp) and the CBLAS mapping of gemm.hpp: the
 // fields agree with each other and with the build (scipy-openblas or a system CBLAS); the
 // generic-kernel rule on Intel and AMD kernel names; host::sgemm through whichever library is

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA expert phase's GEMM descriptions (backend/cuda/gemm.hpp), checked without a GPU:
 // every row-major intent mapped by to_column_major and run by a naive column-major GEMM with
 // cuBLAS's semantics must equal a naive row-major reference — generic descriptions with

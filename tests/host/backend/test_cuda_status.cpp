@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA backend's device status word and the NaN scan run on the host (the very code the
 // kernels run): the smallest index wins whatever the order of the records, each kind becomes
 // the host backend's typed exception naming the argument and the coordinates, and the row

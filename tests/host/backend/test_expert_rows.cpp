@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA expert phase without a GPU: the per-row functors of ops/expert_rows.hpp against the
 // host backend's functors (bitwise), and the whole device pipeline of
 // backend/cuda/expert_phase.hpp — the same workspace carving, row layout, GEMM descriptions

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The host backend's batch-invariant GEMMs (backend/host/fixed_gemm.hpp) and the row-panel
 // rule (backend/host/row_panels.hpp):
 // 1. gemm_nt_fixed / gemm_nn_fixed against a float64 reference over many shapes (every code

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The backend-neutral functors of switchyard/ops/ run one index at a time on the host, against
 // plainly written expectations: gather with padding rows, in-place gated activation, bias
 // gradient, combine with a dropped pass-through pair, an unused slot and the add-on term, and

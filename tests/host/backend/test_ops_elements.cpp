@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The GPU layouts of the per-row and long-sum functors, run on the host in index order against
 // the functors they replace on the device, bit for bit: the per-element forms of
 // ops::grouped_dy_rows_as, ops::first_non_finite and ops::load_rows; the pipelined router

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA dispatch's permutation functors (switchyard/ops/permute.hpp) run on the host, in
 // the order backend/cuda/dispatch.cuh launches them, with std::stable_sort standing in for
 // the radix sort and a plain count for the histogram: on random plans (several T, width, E,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Element types: conversions round to nearest even, bit-exactly, against a float64 reference
 // of the rounding rule; special values survive. Exhaustive over all 2^16 patterns of half and
 // bfloat16: exact decoding, bit-exact round trips, and every adjacent pair's midpoint (ties to

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Views: extents and strides are 64-bit; check_view names the argument and shapes.
 #include <boost/test/unit_test.hpp>
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Two-phase workspace: the measured size fits the carving from any start address; a span
 // that is too small throws naming the sizes.
 #include <boost/test/unit_test.hpp>

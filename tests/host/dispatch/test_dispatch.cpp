@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Dispatch planning (host::plan_groups of sorted_grouped, padded_capacity in token-major and
 // slot-major order with a factor or an absolute expert_capacity, dense) against plainly
 // computed expectations, and the host GEMM (CBLAS and the blocked fallback) against float64.

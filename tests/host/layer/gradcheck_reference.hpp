@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // The float64 reference of MoELayer's forward and backward used by the whole-layer gradient
 // checks (test_moe_layer_backward_routers.cpp, test_moe_layer_gradcheck_*.cpp): the problem

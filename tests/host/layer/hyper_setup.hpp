@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // HyperMoE parameters for the layer tests: {rows, cols} of each tensor (cols 0 = vector),
 // seeded random values, parameter and gradient views.

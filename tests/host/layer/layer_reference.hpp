@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 // Float64 reference of the MoE layer, written plainly (loops over tokens, slots and
 // features), independent of the library's dispatch/backend code; plus per-router set-ups

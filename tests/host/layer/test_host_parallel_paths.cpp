@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The host layer's parallel paths (issue #14, "backward as parallel as forward"): float, half
 // and bfloat16 experts (the latter two through per-thread conversion panels), the router's
 // logits and gradients through the fixed kernels and BLAS, forward and backward. Every output

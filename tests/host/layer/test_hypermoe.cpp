@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // HyperMoE module (spec §4): forward against a float64 reference written here, the
 // unselected-sum identity, determinism and batch invariance, gradients of every parameter
 // kind and of x against central finite differences of the float64 reference, the init

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The HyperMoE device add-on's pieces (layer/hypermoe/device_rows.hpp), run on the host in the
 // order the CUDA backend runs them (a serial loop for each launch and each block phase, std
 // sort and scan for CUB), against layer::hypermoe_module: the groups (first-use order, token

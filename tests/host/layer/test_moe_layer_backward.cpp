@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // MoELayer backward against central finite differences of a float64 reference layer (top-k
 // routing, softmax, load-balance and z losses, expert FFNs, capacity drops written out
 // plainly here), for every parameter kind: x, router w, W1, b1, W2, b2, with caller-chosen

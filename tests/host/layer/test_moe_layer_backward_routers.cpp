@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // MoELayer::backward through EVERY router of the linear-gate and DynMoE families × EVERY
 // dispatch against float64 central differences of the float64 reference layer of
 // gradcheck_reference.hpp (router scoring, selection, combine weights, aux losses, capacity

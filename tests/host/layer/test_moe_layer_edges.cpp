@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // MoELayer: determinism across runs and OpenMP thread counts, edge shapes, a token routed to
 // no expert, bad input (every error names the argument and the expectation), workspace
 // (size query, caller memory, no allocation), 64-bit index arithmetic, strided views, the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Non-FFN expert kinds on the host layer (issue #13): identity experts (x_t), zero experts (0)
 // and constant experts (MoE++: α1·x_t + α2·v_c, [α1, α2] = softmax(gate_c · x_t)), mixed in one
 // plan with FFN experts (and a shared expert), tokens routed only to non-FFN experts included:

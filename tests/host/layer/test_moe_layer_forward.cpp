@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // MoELayer forward against the float64 reference layer (layer_reference.hpp), over a typed
 // list of router × activation × dispatch × dtype, on fresh seeded inputs; and the three
 // dispatches agree when nothing is dropped.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Whole-layer gradient check, activation axis: MoELayer::backward with TopK k = 2, renormalised
 // (fixed k per token) × the activations geglu, clamped_swiglu, gpt_oss_swiglu (the gated
 // activations; swiglu is in test_moe_layer_backward_routers.cpp; the clamps at limit 1.5 so that

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Whole-layer gradient check, activation axis: MoELayer::backward with TopP p = 0.5, raw weights (a
 // variable number of experts per token) × the activations geglu, clamped_swiglu, gpt_oss_swiglu
 // (the gated activations; swiglu is in test_moe_layer_backward_routers.cpp; the clamps at limit 1.5

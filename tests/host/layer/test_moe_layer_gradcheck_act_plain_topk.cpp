@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Whole-layer gradient check, activation axis: MoELayer::backward with TopK k = 2, renormalised
 // (fixed k per token) × the activations relu, gelu_tanh, silu (the plain activations; gelu is in
 // test_moe_layer_backward_routers.cpp) × every dispatch (sorted_grouped, dense, padded_capacity

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Whole-layer gradient check, activation axis: MoELayer::backward with TopP p = 0.5, raw weights (a
 // variable number of experts per token) × the activations relu, gelu_tanh, silu (the plain
 // activations; gelu is in test_moe_layer_backward_routers.cpp) × every dispatch (sorted_grouped,

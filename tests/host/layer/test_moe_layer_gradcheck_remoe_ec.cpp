@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Whole-layer gradient check of routers::ReMoE (ReLU routing, max_k = 2 of E = 4, L1 and
 // load-balanced L1 with nonzero coefficients) and routers::ExpertChoice (capacity factor 1: a
 // token gets 0…E experts) × swiglu and gelu × every dispatch (sorted_grouped, dense,

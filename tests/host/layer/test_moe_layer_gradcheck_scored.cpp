@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Whole-layer gradient check of routers::ScoredTopK, the production routers: MoELayer::backward
 // with each preset of routing/routers/presets.hpp (its options at run time: one layer type
 // serves them all) × swiglu × every dispatch (sorted_grouped, dense, padded_capacity without

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // HyperMoE composed into MoELayer through the add-on hook: y = Σ_j w_j·Expert_j(x) + hyper(x)
 // and the gradients are the plain layer's plus the module's own.
 #include <boost/test/unit_test.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Same bits on any machine (docs/design.md): the host layer's outputs do not depend on the
 // OpenMP / OpenBLAS thread count (every output of forward and backward, every router ×
 // dispatch × dtype), and a token's y and dx do not depend on the other tokens of its batch

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Shared experts (y_t += g_t · Σ_s FFN_s(x_t), g_t = σ(x_t · gateᵀ) or 1) and identity
 // (zero-computation) experts (plan ids in [E, E + Z) contribute w_tj · x_t) on the host layer:
 // forward against a float64 reference written here (float, half, bfloat16), backward against

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // MoELayer::router_weight_on_input (Llama-4: y_t = Σ_j FFN_{e_tj}(w_tj · x_t), no weight on
 // the output) through the plan entry points forward_experts / backward_experts, against a
 // float64 reference written here: forward in float, half and bfloat16; backward (dx, W1, b1,

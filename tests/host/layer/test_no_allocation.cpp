@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Forward and backward given a workspace of the queried size perform no heap allocation
 // (issue #10): every router × every dispatch × float and bfloat16, the HyperMoE add-on, with
 // the state in caller memory (moe_state views) and in a reused host owner (moe_result).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The public functions that take an owning routing::routing_plan outside the layer's forward
 // (HyperMoE's Switch capacity and load-balance loss, the GPT-2 cv² loss, DynMoE's recorder)
 // validate it before indexing with it (issue #9 follow-up): an expert id outside [0, E), an

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Outputs recorded before the execution-context refactor (issue #10), compared bit for bit:
 // every router × dispatch (with and without capacity drops) × element type, on toy shapes
 // (blocked loops) and on batch_invariant shapes (fixed-order kernels), forward and backward,

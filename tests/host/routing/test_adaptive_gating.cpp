@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Adaptive Gating router (spec §5) and the curriculum ordering: plan properties on fresh random
 // inputs, determinism and batch invariance, losses and gradients (d_logits with the aux-loss
 // coefficients, dx, dw) against float64 references / central differences, and bad input.

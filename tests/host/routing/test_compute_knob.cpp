@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The per-token compute knob (linear_router_params::token_max_k / token_threshold) of TopK,
 // TopP and AdaptiveGating: each token's selection is the member's rule with the token's cap
 // and threshold (bitwise the router with that member on the token alone), a knob equal to the

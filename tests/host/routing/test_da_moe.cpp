@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // DA-MoE router (spec §2): importance policies vs float64 references, per-token K from the
 // relative importance, plan properties, determinism, gradients (d_logits with every aux loss,
 // dx, dw) against float64 central differences, and every bad-input error.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The CUDA backend's generic route, run on the host: the very functors and launch sequence
 // the GPU runs (ops/route_rows.hpp, ops/route_losses.hpp, ops/route_steps.hpp,
 // routing/da_moe_rows.hpp), through a sequential launcher, against the host backend's route

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // DynMoE top-any router (spec §3): plan properties on fresh random inputs, losses and
 // straight-through gradients against a float64 reference written here (central differences),
 // the adaptive expert update on crafted records, the record/update schedule, every

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The DynMoE device route's functors (backend/cuda/dynmoe_rows.hpp), run on the host by a
 // serial launcher in the very order the CUDA backend launches them, against
 // routers::DynMoE::forward/backward: plan, logits, probs, the four losses, dx and every

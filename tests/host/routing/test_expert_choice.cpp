@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Expert-choice routing (Zhou et al. 2022, routers::ExpertChoice): the capacity c, each expert
 // taking exactly c tokens against a brute-force float64-free reference of the choice (every
 // expert's tokens sorted by S[:, e], ties to the lower token), token rows in descending S with

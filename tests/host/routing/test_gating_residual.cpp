@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // MoE++'s gating residual (Jin et al. 2024) in routers::ScoredTopK's scoring: logits =
 // x · wᵀ + prev_logits · residual_wᵀ. The logits against float64; dx, grads.w,
 // grads.residual_w and grads.prev_logits against float64 central finite differences of the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // AdaMoE null experts (Zeng et al. 2024) on the router side: `null_experts` = N makes the
 // load-balance terms of TopK, TopP and ScoredTopK balance the E − N true experts only. Values
 // against a float64 reference, gradients (dx, dw, d_logits) against float64 central finite

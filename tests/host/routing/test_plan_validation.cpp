@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // routing::validate_plan rejects a plan that names the same expert twice for one token (with
 // `dense` dispatch backward would add that expert's dx twice), directly and through every
 // user-facing plan entry point of MoELayer (forward_experts, backward_experts) for each

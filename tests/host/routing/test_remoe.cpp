@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // ReLU routing (ReMoE, routers::ReMoE): plan properties on random inputs (every positive gate up
 // to max_k, descending, weights = g), the cap counted, the L1 losses and the sparsity against a
 // float64 reference, ties, float64 central-difference gradients of dx and dW (selected slots and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // ReMoE's adaptive L1 coefficient (training::remoe_controller): the update rule step by step,
 // its errors, and a synthetic training run in which a ReMoE router's activity is driven up by a
 // task gradient and down by λ·L1: λ rises while the gates are denser than the target, falls

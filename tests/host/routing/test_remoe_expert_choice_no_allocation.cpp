@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // routers::ReMoE and routers::ExpertChoice in a layer: forward and backward given workspaces of
 // the queried sizes perform no heap allocation (float and bfloat16 storage, sorted_grouped and
 // dense dispatch). Global operator new/delete are replaced by counting versions, active only

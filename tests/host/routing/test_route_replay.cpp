@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Routing replay (host::route_replay / host::router_replay): a caller's selection (an RL
 // rollout's routing) for which the router recomputes its logits, scores, combine weights and
 // losses. Replaying the router's own choice gives its plan and losses bit for bit (TopK, TopP,

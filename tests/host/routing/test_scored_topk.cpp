@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // routers::ScoredTopK (the production routers, README steps 1-8): properties on fresh random
 // inputs against float64 / brute-force references written here, the losses' values, the
 // presets, and every error path naming its argument.

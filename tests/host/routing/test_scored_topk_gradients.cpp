@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // routers::ScoredTopK backward: the library's float dx, grads.w and grads.b against float64
 // central finite differences of a float64 reference of the whole router output
 // Σ d_w ⊙ weights + c_lb·lb + c_seq·sequence_balance + c_z·z (the selection fixed at the

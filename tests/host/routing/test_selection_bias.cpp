@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // DeepSeek-V3's aux-loss-free selection-bias update (training/selection_bias.hpp): the load
 // count against a direct count, the sign rule, the plan overload equal to count + update, a
 // few updates balancing a skewed router, and the errors.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Top-k router: properties on fresh random inputs, gradients against float64 central
 // differences, and every bad-input error.
 #include <boost/test/unit_test.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Top-p router (spec §1): plan properties on fresh random inputs, determinism and batch
 // invariance, gradients (d_logits with every aux loss, dx, dw) against float64 central
 // differences, and every bad-input error.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // training/aux_loss.hpp and the routers' coefficient_fields() (routing/loss_fields.hpp):
 // - every router's losses type lists its coefficient fields; the list agrees with the
 //   router's loss_terms() (a term with a gradient ↔ a listed field) and with its backward

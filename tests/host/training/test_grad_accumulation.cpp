@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // training::micro_batches and training::gradient_accumulator (training/grad_accumulation.hpp):
 // the split, and gradient accumulation through a real MoELayer. With the aux coefficients at
 // 0 (a loss that is a mean over tokens), 4 micro-batches of unequal size accumulate to the

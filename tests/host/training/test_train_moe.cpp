@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // The papers' behaviours on examples/train_moe's model (trainer.hpp), trained end to end on
 // the host backend with fixed seeds and small settings: every router learns; top-p gives hard
 // tokens more experts than easy ones; DynMoE removes a starved expert and adds one for the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file addon.cuh
 //! How the CUDA backend runs an add-on module (layer/addon.hpp): through `device_addon<A>`,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file context.hpp
 //! `switchyard::cuda::context`: where a layer runs on the GPU — a stream, a cuBLAS handle and

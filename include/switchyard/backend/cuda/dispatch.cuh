@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file dispatch.cuh
 //! The dispatch policies on the device: a routing plan (device memory) to `device_groups`,

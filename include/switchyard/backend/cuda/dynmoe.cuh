@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file dynmoe.cuh
 //! The device route of `routers::DynMoE` (`device_router<routers::DynMoE>`, contract in

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file dynmoe_rows.hpp
 //! `routers::DynMoE` as backend-neutral per-index functors and the two pipelines that run

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file error.hpp
 //! The one place CUDA runtime and cuBLAS statuses are checked: every call goes through

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file expert_gemm.cuh
 //! The expert phase's device executor (`device_expert_exec`, for expert_phase.hpp): functors

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file expert_phase.hpp
 //! The CUDA expert phase's pipeline, written once over an executor of its primitives (launch a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file experts.cuh
 //! The expert phase on the device: gather, the [gate|up] and down projections as cuBLAS

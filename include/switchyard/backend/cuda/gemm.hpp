@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file gemm.hpp
 //! The expert phase's GEMMs as descriptions, with no CUDA header (g++ compiles this file, and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file hypermoe.cuh
 //! The HyperMoE add-on on the device (`device_addon<layer::hypermoe_addon>`, contract in

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file launch.cuh
 //! The one launch adapter of the CUDA backend: `cuda::for_each(stream, n, f, name)` runs a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file layer.cuh
 //! The CUDA backend's executor: `backend::executor<cuda::context>`, what `MoELayer`'s entry

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file memory.hpp
 //! Device memory for the CUDA backend: the checks every entry point runs before any launch

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file ordered_rows.hpp
 //! Device layouts of the router's long fixed-order sums (`__host__ __device__`, host-testable,

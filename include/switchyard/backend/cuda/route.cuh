@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file route.cuh
 //! Device routing for any SelectionRule on precomputed logits or scores, one thread per

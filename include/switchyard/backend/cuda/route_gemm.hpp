@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file route_gemm.hpp
 //! The linear scoring's three GEMMs as row-major intents (`cuda::gemm_desc`, mapped to

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file route_reductions.cuh
 //! Block kernels for the route's two long fixed-order reductions, `ops::expert_column_sums`

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file router.cuh
 //! How the CUDA backend runs a router: a composed router with linear-softmax scoring (TopK,

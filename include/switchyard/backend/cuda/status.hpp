@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file status.hpp
 //! The device status word: what the kernels found wrong in the *data* (a non-finite token or

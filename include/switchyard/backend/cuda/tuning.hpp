@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file tuning.hpp
 //! The CUDA backend's tuning values as data: block sizes, the decode threshold of the

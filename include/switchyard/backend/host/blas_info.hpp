@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file blas_info.hpp
 //! `host::blas_runtime()`: which GEMM the host backend runs on this machine (library, version,

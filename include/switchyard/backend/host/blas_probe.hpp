@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file blas_probe.hpp
 //! `host::blas_batch_invariant()`: whether the linked BLAS keeps a token row's bits wherever

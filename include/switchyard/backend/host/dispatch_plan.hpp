@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file dispatch_plan.hpp
 //! Host planning of the dispatch policies: `host::plan_groups(policy, plan, groups)` turns a

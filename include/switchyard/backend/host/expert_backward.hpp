@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file expert_backward.hpp
 //! Backward of the host expert phase (`host::experts_backward`): recomputes each expert's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file expert_forward.hpp
 //! Forward of the host expert phase: one GEMM pair per work item with the bias and

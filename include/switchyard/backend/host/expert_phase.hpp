@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file expert_phase.hpp
 //! The sizes and row layout of one host expert phase: `expert_dims`, the row-panel rule it

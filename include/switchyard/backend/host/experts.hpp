@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file experts.hpp
 //! Host execution of the expert FFNs for a routing plan: dispatch planning (any policy from

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file fixed_gemm.hpp
 //! The host backend's batch-invariant GEMMs: row-major products whose every output element

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file gemm.hpp
 //! Row-major single-precision GEMM for the host backend: `C = alpha · op(A) · op(B) + beta · C`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file gemm_rows.hpp
 //! The expert phase's GEMM plumbing: expert weight slices as float panels BLAS can read

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file layer.hpp
 //! The host backend's executor: `backend::executor<host_context>`, what `MoELayer`'s entry

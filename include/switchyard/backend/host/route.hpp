@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file route.hpp
 //! How the host backend runs a router: its forward into a caller's plan_ref with scratch from

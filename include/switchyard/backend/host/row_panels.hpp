@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file row_panels.hpp
 //! The row-panel rule of the host backend: how the rows of one expert are cut into GEMM calls

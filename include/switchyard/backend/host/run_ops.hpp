@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file run_ops.hpp
 //! How the host backend runs the backend-neutral functors of `switchyard/ops/`: `f(i)` for

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file shared_experts.hpp
 //! Shared (always-on) experts on the host: `y_shared_t = g_t · Σ_s FFN_s(x_t)` with

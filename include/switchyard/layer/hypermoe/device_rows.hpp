@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file device_rows.hpp
 //! `layer::hypermoe_module` (module.hpp) in a backend-neutral form the CUDA backend runs

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file gpt2_variant.hpp
 //! GPT-2 variant of HyperMoE (spec §4.2): logits = x·w_gate with w_gate [d, E] — pass

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file kernels.hpp
 //! The pieces `hypermoe_module` (module.hpp) is built from: the hypernetwork's affine maps,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file module.hpp
 //! `layer::hypermoe_module`: HyperMoE's forward `hyper(x)` and its backward (the math is in

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file owned_plan.hpp
 //! The check the HyperMoE variant functions (switch_variant.hpp, gpt2_variant.hpp) run on the

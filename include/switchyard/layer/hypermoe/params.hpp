@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file params.hpp
 //! HyperMoE's parameter and gradient views (`hypermoe_params`, `hypermoe_grads`), the sizes

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file switch_variant.hpp
 //! Switch-Transformer variant of HyperMoE (spec §4.1): top-1 routing =

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file kernels.hpp
 //! The per-row pieces of `routers::DynMoE` (routing/routers/dynmoe.hpp) and its scratch

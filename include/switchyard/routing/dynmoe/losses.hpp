@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file losses.hpp
 //! DynMoE's four auxiliary losses (DeepSpeed `loss.py`) and the backward of the two that

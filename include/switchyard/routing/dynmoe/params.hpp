@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file params.hpp
 //! What a DynMoE gate (`routers::DynMoE`, routing/routers/dynmoe.hpp) reads and writes: its

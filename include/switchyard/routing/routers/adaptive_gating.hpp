@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file adaptive_gating.hpp
 //! `routers::AdaptiveGating`: linear + softmax scoring, top-1 or top-2 per token (spec §5, Li et

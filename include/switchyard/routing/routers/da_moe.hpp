@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file da_moe.hpp
 //! `routers::DAMoE`: linear + softmax scoring; the number of experts K_t of each token comes

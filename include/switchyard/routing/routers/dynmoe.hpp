@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file dynmoe.hpp
 //! `routers::DynMoE`: DynMoE top-any gating, DeepSpeed variant (spec §3; Guo et al., "Dynamic

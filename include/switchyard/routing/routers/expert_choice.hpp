@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file expert_choice.hpp
 //! `routers::ExpertChoice`: expert-choice routing (Zhou et al., "Mixture-of-Experts with

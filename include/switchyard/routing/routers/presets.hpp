@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file presets.hpp
 //! `routers::ScoredTopK` configured (`routers::presets::deepseek_v3(8, 8, 4, true, 2.5f)`, also

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file remoe.hpp
 //! `routers::ReMoE`: ReLU routing (Wang et al., "ReMoE: Fully Differentiable Mixture-of-Experts

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file scored_topk.hpp
 //! `routers::ScoredTopK`: the one router of the production MoE models of 2024-26 (DeepSeek-V2/

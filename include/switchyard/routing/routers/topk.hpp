@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file topk.hpp
 //! `routers::TopK`: linear + softmax scoring, top-k selection (spec §0.1). Switch is

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file topp.hpp
 //! `routers::TopP`: linear + softmax scoring, top-p selection (spec §1, Huang et al., ACL 2024

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file adaptive.hpp
 //! Adaptive Gating selection (spec §5, Li et al., EMNLP 2023): a token uses its top-2 experts

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file relu.hpp
 //! ReLU routing's per-token selection (ReMoE, Wang et al., ICLR 2025): the scores are the

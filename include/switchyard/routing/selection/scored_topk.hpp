@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file scored_topk.hpp
 //! One token's selection and combine weights for the production routers (README steps 3-8),

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file topany.hpp
 //! DynMoE top-any selection (spec §3.2): every expert whose score beats its own threshold is

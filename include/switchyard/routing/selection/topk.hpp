@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file topk.hpp
 //! Classic top-k selection (spec §0.1): the first k experts of the stable descending order

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 #pragma once
 //! \file topp.hpp
 //! Top-p selection (spec §1, Huang et al. 2024 "Harder Tasks Need More Experts"): the shortest

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // A packaging consumer: includes Switchyard the way its route (CMake file next to it) provides,
 // routes a known batch and exits non-zero when the plan is wrong.
 // Consumers linking switchyard::host_blas also define what that target must have brought:

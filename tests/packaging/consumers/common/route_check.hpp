@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // Shared by every packaging consumer: route four tokens whose top-2 experts are known (the gate
 // is the identity, so the logits are the tokens themselves; token 3 is a tie, which goes to the
 // lower expert index) with routers::TopK and check the plan. Returns the number of mismatches.

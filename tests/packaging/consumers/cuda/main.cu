@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // CUDA packaging consumer: routes the known batch on the host (routers::TopK) and on the device
 // (switchyard::cuda::softmax_select with the router's own rule), and checks both.
 // Exits 77 (CTest: Skipped) when there is no CUDA device.
