@@ -257,6 +257,21 @@ struct linear_dw_elements {
 
 // ---- GEMM operands -----------------------------------------------------------------------------
 
+//! Token rows [t0, t0 + n) of x (any storage type and strides) as contiguous float rows
+//! (exact), element i = r·d + c of out [n, d]: the router's float GEMM operand when x is half,
+//! bfloat16 or not row-major.
+template <ElementType T>
+struct rows_as_float {
+  matrix_view<const T> x;  //!< [T, d] tokens
+  index_t t0 = 0;          //!< first token
+  float* out = nullptr;    //!< [n, d] output
+
+  SWITCHYARD_HD void operator()(index_t i) const {
+    const index_t d = x.extent(1), r = i / d, c = i - r * d;
+    out[i] = to_float(x(t0 + r, c));
+  }
+};
+
 //! Leading dimension of a row-major [rows, cols] view usable as a GEMM operand (unit stride
 //! along a row, rows not overlapping), or -1 when it is not (the element functors above run
 //! instead).

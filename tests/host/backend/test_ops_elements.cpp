@@ -211,6 +211,27 @@ BOOST_AUTO_TEST_CASE(load_row_elements_are_load_rows) {
   BOOST_TEST(same_bits(got, want));
 }
 
+BOOST_AUTO_TEST_CASE(rows_as_float_copies_a_token_range_exactly) {
+  // The router's float GEMM operand on the GPU: token rows [t0, t0 + n) of a strided x, each
+  // element the exact float of the stored value, row-major [n, d].
+  std::mt19937_64 rng(sy::test::base_seed() + 103);
+  const auto check = [&](auto tag, index_t tokens, index_t d, index_t x_stride, index_t t0) {
+    using T = decltype(tag);
+    const auto xv = as<T>(sy::test::normal(rng, tokens * d * x_stride));
+    const auto x =
+        sy::make_strided_view<const T, 2>(xv.data(), {tokens, d}, {d * x_stride, x_stride});
+    const index_t n = tokens - t0;
+    std::vector<float> got(static_cast<std::size_t>(n * d), std::numeric_limits<float>::quiet_NaN());
+    run(n * d, sy::ops::rows_as_float<T>{x, t0, got.data()});
+    for (index_t r = 0; r < n; ++r)
+      for (index_t c = 0; c < d; ++c)
+        BOOST_TEST(got[static_cast<std::size_t>(r * d + c)] == value(x(t0 + r, c)));
+  };
+  check(sy::bfloat16{}, 7, 13, 1, 0);
+  check(sy::half{}, 9, 5, 3, 4);
+  check(float{}, 5, 6, 2, 2);
+}
+
 BOOST_AUTO_TEST_CASE(pipelined_router_sums_are_the_plain_functors_bitwise) {
   std::mt19937_64 rng(sy::test::base_seed() + 104);
   const auto check = [&](auto tag, index_t tokens, index_t d, index_t experts, index_t x_stride) {

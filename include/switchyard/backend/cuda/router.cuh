@@ -12,10 +12,13 @@
 //!   router's options, the plan's sizes, and that the params are device memory of the
 //!   stream's device;
 //! - logits [T, E] = x · Wᵀ: cuBLAS (`cublasGemmEx`, CUBLAS_COMPUTE_32F; the GEMMs are
-//!   row-major intents in backend/cuda/route_gemm.hpp) when x is float and both operands have unit
-//!   stride along a row, else `ops::router_logits` (float
-//!   accumulation in index order, the host's loop; run as `cuda::router_logits_pipelined`,
-//!   the same sums with their loads ahead: backend/cuda/ordered_rows.hpp);
+//!   row-major intents in backend/cuda/route_gemm.hpp) on x when it is float and row-major,
+//!   else on exact float copies of x (`ops::rows_as_float`, `tuning::router_float_rows` tokens
+//!   at a time in the route's workspace: a half/bfloat16 model's router GEMM is no longer a
+//!   loop, 4.45 ms at T = 4096, d = 2048, E = 128 on an H200); only when W is not row-major
+//!   `ops::router_logits` (float accumulation in index order, the host's loop; run as
+//!   `cuda::router_logits_pipelined`, the same sums with their loads ahead:
+//!   backend/cuda/ordered_rows.hpp);
 //! - then the steps of ops/route_steps.hpp on kernels: the per-token rules (DA-MoE's
 //!   importance pass on the device), softmax and the router's own `__host__ __device__`
 //!   selection rule per token (a token with a non-finite logit is recorded in the status word
@@ -23,7 +26,8 @@
 //!   device losses struct;
 //! - backward: the fused per-token d_logits, then dx += d_logits · W and grads.w +=
 //!   d_logitsᵀ · x (cuBLAS with beta = 1 where the operands allow it, else per-element
-//!   kernels summing in index order; grads.w's as `cuda::linear_dw_pipelined`). No atomics
+//!   kernels summing in index order; grads.w's from the float copies of x chunk by chunk,
+//!   else as `cuda::linear_dw_pipelined`). No atomics
 //!   on floats anywhere: run to run bitwise.
 //!
 //! Stream-ordered on ctx.stream, no synchronisation, no allocation (scratch from the arena).
@@ -166,20 +170,42 @@ inline void cuda_router_gemm(const cuda::context& ctx, const cuda::gemm_desc& g,
               what);
 }
 
-//! logits [T, E] = x · wᵀ on the stream (see the file comment for the choice of path).
+//! Floats of the route's scratch for x as float rows (`router_float_rows` tokens at a time).
+inline index_t cuda_router_float_scratch(index_t tokens, index_t d) {
+  return std::min(tokens, cuda::tuning::router_float_rows) * d;
+}
+
+//! logits [T, E] = x · wᵀ on the stream: cuBLAS on x when it is float and row-major, else
+//! cuBLAS on float copies of `router_float_rows` tokens at a time in `scratch` (exact
+//! conversions), else (w not row-major, sizes cuBLAS cannot take) the fixed-order loop.
 template <ElementType T>
 void cuda_router_logits(const cuda::context& ctx, const matrix_view<const T>& x,
-                        const matrix_view<const float>& w, float* logits) {
+                        const matrix_view<const float>& w, float* logits, float* scratch) {
   const index_t tokens = x.extent(0), d = x.extent(1), experts = w.extent(0);
   if (tokens == 0 || experts == 0) return;
+  const index_t ld_w = ops::row_major_ld(w);
   if constexpr (std::is_same_v<T, float>) {
-    const index_t ld_x = ops::row_major_ld(x), ld_w = ops::row_major_ld(w);
+    const index_t ld_x = ops::row_major_ld(x);
     const cuda::gemm_desc g = ops::router_logits_gemm(tokens, d, experts, ld_x, ld_w);
     if (ld_x > 0 && ld_w > 0 && ops::blas_compatible(g)) {
       cuda_bind_router_blas(ctx);
       cuda_router_gemm(ctx, g, x.data_handle(), w.data_handle(), logits, "router logits GEMM");
       return;
     }
+  }
+  if (scratch != nullptr && ld_w > 0 &&
+             ops::blas_compatible(ops::router_logits_gemm(
+                 std::min(tokens, cuda::tuning::router_float_rows), d, experts, d, ld_w))) {
+    cuda_bind_router_blas(ctx);
+    for (index_t t0 = 0; t0 < tokens; t0 += cuda::tuning::router_float_rows) {
+      const index_t n = std::min(cuda::tuning::router_float_rows, tokens - t0);
+      cuda::for_each<cuda::tuning::rows_block>(ctx.stream, n * d,
+                                               ops::rows_as_float<T>{x, t0, scratch},
+                                               "switchyard::ops::rows_as_float");
+      cuda_router_gemm(ctx, ops::router_logits_gemm(n, d, experts, d, ld_w), scratch,
+                       w.data_handle(), logits + t0 * experts, "router logits GEMM");
+    }
+    return;
   }
   cuda::for_each<cuda::tuning::rows_block>(
       ctx.stream, tokens * experts, cuda::router_logits_pipelined<T>{{x, w, logits}},
@@ -190,7 +216,8 @@ void cuda_router_logits(const cuda::context& ctx, const matrix_view<const T>& x,
 template <ElementType T>
 void cuda_router_linear_backward(const cuda::context& ctx, const matrix_view<const T>& x,
                                  const matrix_view<const float>& w, const float* d_logits,
-                                 const matrix_view<float>& dx, const matrix_view<float>& grad_w) {
+                                 const matrix_view<float>& dx, const matrix_view<float>& grad_w,
+                                 float* scratch) {
   const index_t tokens = x.extent(0), d = x.extent(1), experts = w.extent(0);
   if (present(dx) && tokens * d > 0) {
     const index_t ld_w = ops::row_major_ld(w), ld_dx = ops::row_major_ld(dx);
@@ -205,8 +232,9 @@ void cuda_router_linear_backward(const cuda::context& ctx, const matrix_view<con
     }
   }
   if (present(grad_w) && experts * d > 0) {
+    const index_t ld_g = ops::row_major_ld(grad_w);
     if constexpr (std::is_same_v<T, float>) {
-      const index_t ld_x = ops::row_major_ld(x), ld_g = ops::row_major_ld(grad_w);
+      const index_t ld_x = ops::row_major_ld(x);
       const cuda::gemm_desc g = ops::router_grad_w_gemm(tokens, d, experts, ld_x, ld_g);
       if (ld_x > 0 && ld_g > 0 && ops::blas_compatible(g)) {
         cuda_bind_router_blas(ctx);
@@ -214,6 +242,22 @@ void cuda_router_linear_backward(const cuda::context& ctx, const matrix_view<con
                          "router grads.w GEMM");
         return;
       }
+    }
+    if (scratch != nullptr && ld_g > 0 &&
+               ops::blas_compatible(ops::router_grad_w_gemm(
+                   std::min(tokens, cuda::tuning::router_float_rows), d, experts, d, ld_g))) {
+      // grads.w += Σ over chunks of d_logits[chunk]ᵀ · x[chunk], chunks in token order.
+      cuda_bind_router_blas(ctx);
+      for (index_t t0 = 0; t0 < tokens; t0 += cuda::tuning::router_float_rows) {
+        const index_t n = std::min(cuda::tuning::router_float_rows, tokens - t0);
+        cuda::for_each<cuda::tuning::rows_block>(ctx.stream, n * d,
+                                                 ops::rows_as_float<T>{x, t0, scratch},
+                                                 "switchyard::ops::rows_as_float");
+        cuda_router_gemm(ctx, ops::router_grad_w_gemm(n, d, experts, d, ld_g),
+                         d_logits + t0 * experts, scratch, grad_w.data_handle(),
+                         "router grads.w GEMM");
+      }
+      return;
     }
     cuda::for_each<cuda::tuning::rows_block>(
         ctx.stream, experts * d, cuda::linear_dw_pipelined<T>{{d_logits, x, grad_w}},
@@ -261,11 +305,14 @@ template <routing::ComposedRouter R>
 std::size_t cuda_composed_workspace_size(const R& r, index_t tokens,
                                          const typename R::params_type& p) {
   const index_t experts = r.num_experts(p);
+  const index_t d = r.scoring().params(p).w.extent(1);
   workspace_arena fwd;
   const ops::forward_route<R> forward_steps(tokens, experts, fwd);
+  (void)fwd.take<float>(cuda_router_float_scratch(tokens, d));  // x as float rows
   workspace_arena bwd;
   (void)bwd.take<float>(tokens * experts);  // d_logits
   const ops::backward_route<R> backward_steps(tokens, experts, bwd);
+  (void)bwd.take<float>(cuda_router_float_scratch(tokens, d));  // x as float rows
   return std::max(fwd.required(), bwd.required());
 }
 
@@ -277,6 +324,7 @@ void cuda_composed_forward(const cuda::context& ctx, const R& r, const matrix_vi
   cuda_require_linear_scoring(r);
   const index_t tokens = x.extent(0), experts = r.num_experts(p);
   const ops::forward_route<R> steps(tokens, experts, ws);
+  float* x_float = ws.take<float>(cuda_router_float_scratch(tokens, x.extent(1)));
   if (!ws.carving()) return;
   const auto scoring = r.scoring();
   const auto sp = scoring.params(p);
@@ -292,7 +340,7 @@ void cuda_composed_forward(const cuda::context& ctx, const R& r, const matrix_vi
                              "memory, got null");
   }
   cuda::require_device_memory("losses", losses, dev, alignof(float));
-  cuda_router_logits(ctx, x, sp.w, plan.logits.data());
+  cuda_router_logits(ctx, x, sp.w, plan.logits.data(), x_float);
   steps.run(cuda::kernel_launcher{ctx.stream}, r, p, plan, losses, cuda::status_faults{status});
 }
 
@@ -306,6 +354,7 @@ void cuda_composed_backward(const cuda::context& ctx, const R& r, const matrix_v
   const index_t tokens = plan.num_tokens, experts = plan.num_experts;
   float* d_logits = ws.take<float>(tokens * experts);  // [T, E]
   const ops::backward_route<R> steps(tokens, experts, ws);
+  float* x_float = ws.take<float>(cuda_router_float_scratch(tokens, x.extent(1)));
   if (!ws.carving()) return;
   const auto scoring = r.scoring();
   const auto sp = scoring.params(p);
@@ -326,7 +375,7 @@ void cuda_composed_backward(const cuda::context& ctx, const R& r, const matrix_v
     throw null_pointer_error("d_weights", "d_weights: expected T·width device floats, got null");
   }
   steps.run(cuda::kernel_launcher{ctx.stream}, r, plan, d_weights, coeff, d_logits);
-  cuda_router_linear_backward(ctx, x, sp.w, d_logits, dx, grads.w);
+  cuda_router_linear_backward(ctx, x, sp.w, d_logits, dx, grads.w, x_float);
 }
 
 }  // namespace switchyard::detail
