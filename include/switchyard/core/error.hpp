@@ -68,6 +68,18 @@ class cuda_error : public std::runtime_error {
   int code_;
 };
 
+//! A communication engine's call failed (MPI, NCCL), or a peer rank of a collective call
+//! rejected its arguments (the engines' error agreement, parallel/comm.hpp).
+class comm_error : public std::runtime_error {
+ public:
+  comm_error(int code, const std::string& message) : std::runtime_error(message), code_(code) {}
+  //! The engine's status code (an MPI error code or an ncclResult_t value; 0 when none).
+  [[nodiscard]] int code() const noexcept { return code_; }
+
+ private:
+  int code_;
+};
+
 namespace detail {
 
 template <class... Parts>
