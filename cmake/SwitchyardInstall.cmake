@@ -12,6 +12,9 @@
 #                                     switchyard::scipy_openblas or BLAS::BLAS, with
 #                                     SWITCHYARD_HAS_CBLAS); the config finds those again
 #                                     (SwitchyardHostBlas.cmake, installed with it).
+#       switchyard::mpi, switchyard::nccl  not exported: the config makes them on the consumer's
+#                                     machine from MPI (FindMPI) and NCCL (nccl.h, libnccl), when
+#                                     found there (COMPONENTS mpi / nccl: required).
 # Included by the root CMakeLists.txt when SWITCHYARD_INSTALL is ON.
 include(CMakePackageConfigHelpers)
 
