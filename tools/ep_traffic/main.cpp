@@ -396,13 +396,13 @@ int main(int argc, char** argv) {
                                        sy::make_view<const std::int32_t>(dyn_mask.data(), experts),
                                        0.0f};
   // DeepSeek-V3: 256 experts in 8 groups (best 4 kept), top-8, sigmoid, weights normalised
-  // × 2.5; its selection bias first trained by the aux-loss-free rule on the scenario's stream
-  // (another seed), as in training: 30 steps of 4096 tokens (8 documents) with γ = 0.005 (five
-  // times DeepSeek-V3's 0.001, which it applies over thousands of steps).
+  // × 2.5; its selection bias first trained by the aux-loss-free rule with DeepSeek-V3's
+  // γ = 0.001 on the scenario's stream (another seed), as in training: 60 steps, each counting
+  // the load of 8192 tokens (16 documents of the hot stream).
   const auto ds_gate = randn(static_cast<std::size_t>(ds_experts) * d, logit_scale, o.seed + 3);
   const sy::routers::ScoredTopK deepseek = sy::routers::presets::deepseek_v3(8, 8, 4, true, 2.5f);
-  constexpr int bias_steps = 30, bias_tokens = 4096;
-  constexpr float bias_gamma = 0.005f;
+  constexpr int bias_steps = 60, bias_tokens = 8192;
+  constexpr float bias_gamma = 0.001f;
 
   const sy::routers::TopK topk{.k = 2};
   const sy::routers::TopP topp{.p = 0.4f};
