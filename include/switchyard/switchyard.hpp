@@ -55,4 +55,7 @@
 #include "switchyard/layer/moe_layer.hpp"
 #include "switchyard/layer/hypermoe.hpp"
 #include "switchyard/layer/hypermoe_addon.hpp"
+#include "switchyard/parallel/comm.hpp"
+#include "switchyard/parallel/expert_parallel.hpp"
+#include "switchyard/parallel/thread_comm.hpp"
 #include "switchyard/backend/host.hpp"

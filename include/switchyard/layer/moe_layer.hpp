@@ -17,6 +17,7 @@
 //! Expert weights are not scanned: a non-finite weight propagates to the outputs of the
 //! tokens routed to it.
 
+#include <array>
 #include <cstddef>
 #include <type_traits>
 
@@ -125,16 +126,29 @@ struct MoELayer {
   //! `weights.constant` (`v [C, d]`, `gate [C, 2, d]`), gradients in `grads.constant`.
   index_t constant_experts = 0;
 
-  //! Experts the router and the plan count: the E FFN experts of `w` plus the non-FFN ones.
+  //! Whether the dispatch shards the FFN experts over ranks (`parallel::ExpertParallel`):
+  //! `w` then holds this rank's E/N experts and the router scores all E.
+  static constexpr bool expert_parallel =
+      requires(const DispatchPolicy& d, index_t n) { d.global_experts(n); d.ranks(); };
+
+  //! The E FFN experts the router and the plan count: `w.num_experts()`, or under expert
+  //! parallelism the global count `dispatch.global_experts(w.num_experts())` (E/N per rank).
+  template <ElementType T>
+  [[nodiscard]] index_t ffn_experts(const expert_weights<T>& w) const {
+    if constexpr (expert_parallel) return dispatch.global_experts(w.num_experts());
+    else return w.num_experts();
+  }
+
+  //! Experts the router and the plan count: the E FFN experts plus the non-FFN ones.
   template <ElementType T>
   [[nodiscard]] index_t routed_experts(const expert_weights<T>& w) const {
-    return w.num_experts() + identity_experts + zero_experts + constant_experts;
+    return ffn_experts(w) + identity_experts + zero_experts + constant_experts;
   }
 
   //! The id ranges of the layer's expert kinds for weights `w`.
   template <ElementType T>
   [[nodiscard]] ops::expert_ranges expert_kinds(const expert_weights<T>& w) const {
-    return {w.num_experts(), identity_experts, zero_experts, constant_experts};
+    return {ffn_experts(w), identity_experts, zero_experts, constant_experts};
   }
 
   //! True when the layer has non-FFN experts (identity, zero or constant).
@@ -148,7 +162,7 @@ struct MoELayer {
   template <ElementType T>
   [[nodiscard]] expert_compute compute(const expert_weights<T>& w, const plan_type& plan) const {
     expert_compute r;
-    r.ffn_pairs = ffn_pairs(plan, w.num_experts());
+    r.ffn_pairs = ffn_pairs(plan, ffn_experts(w));
     r.non_ffn_pairs = used_pairs(plan) - r.ffn_pairs;
     r.ffn_flops = 2.0 * static_cast<double>(r.ffn_pairs) *
                   static_cast<double>(w.projection_width() + w.d_ff()) *
@@ -206,8 +220,11 @@ struct MoELayer {
                const router_params& rp, const expert_weights<T>& w, const matrix_view<T>& y,
                const state_type& state, span<std::byte> workspace = {},
                const addon_params& ap = {}) const {
-    const index_t experts = check_forward(x, rp, w, y);
-    check_state("state", state, x.extent(0), router.width(rp), experts);
+    agreed(w, [&] {
+      const index_t experts = check_forward(x, rp, w, y);
+      check_state("state", state, x.extent(0), router.width(rp), experts);
+      return experts;
+    });
     backend::executor<Context>::forward(ctx, *this, x, rp, w, y, state, workspace, ap);
   }
 
@@ -217,7 +234,7 @@ struct MoELayer {
                const router_params& rp, const expert_weights<T>& w, const matrix_view<T>& y,
                result_type& result, span<std::byte> workspace = {},
                const addon_params& ap = {}) const {
-    const index_t experts = check_forward(x, rp, w, y);
+    const index_t experts = agreed(w, [&] { return check_forward(x, rp, w, y); });
     result.resize(x.extent(0), router.width(rp), experts);
     const state_type state = result.state();
     forward<T>(ctx, x, rp, w, y, state, workspace, ap);
@@ -231,12 +248,15 @@ struct MoELayer {
                        const plan_type& plan, const expert_weights<T>& w,
                        const matrix_view<T>& y, span<index_t> dropped,
                        span<std::byte> workspace = {}, const addon_params& ap = {}) const {
-    check_experts(x, plan, w);
-    check_view("y", y, {x.extent(0), x.extent(1)}, "[T, d] like x");
-    if (static_cast<index_t>(dropped.size()) != w.num_experts()) {
-      throw shape_error("dropped", detail::concat("dropped: expected E = ", w.num_experts(),
-                                                  " elements, got ", dropped.size()));
-    }
+    agreed(w, [&] {
+      check_experts(x, plan, w);
+      check_view("y", y, {x.extent(0), x.extent(1)}, "[T, d] like x");
+      if (static_cast<index_t>(dropped.size()) != ffn_experts(w)) {
+        throw shape_error("dropped", detail::concat("dropped: expected E = ", ffn_experts(w),
+                                                    " elements, got ", dropped.size()));
+      }
+      return plan.num_experts;
+    });
     backend::executor<Context>::forward_experts(ctx, *this, x, plan, w, y, dropped, workspace, ap);
   }
 
@@ -255,10 +275,13 @@ struct MoELayer {
                 const matrix_view<float>& dx, const expert_grads& grads,
                 const router_grads& rgrads, span<std::byte> workspace = {},
                 const addon_params& ap = {}, const addon_grads& ag = {}) const {
-    const index_t tokens = state.plan.num_tokens;
-    check_view("x", x, {tokens, -1}, "[T, d] with T from the forward's plan");
-    check_state("state", state, tokens, state.plan.width, state.plan.num_experts);
-    check_backward(x, state.plan.const_view(), w, dy, dx, grads);
+    agreed(w, [&] {
+      const index_t tokens = state.plan.num_tokens;
+      check_view("x", x, {tokens, -1}, "[T, d] with T from the forward's plan");
+      check_state("state", state, tokens, state.plan.width, state.plan.num_experts);
+      check_backward(x, state.plan.const_view(), w, dy, dx, grads);
+      return state.plan.num_experts;
+    });
     backend::executor<Context>::backward(ctx, *this, x, rp, w, state, dy, coeffs, dx, grads,
                                          rgrads, workspace, ap, ag);
   }
@@ -284,17 +307,46 @@ struct MoELayer {
                         const matrix_view<float>& dx, const expert_grads& grads,
                         span<float> d_weights, span<std::byte> workspace = {},
                         const addon_params& ap = {}, const addon_grads& ag = {}) const {
-    check_backward(x, plan, w, dy, dx, grads);
-    if (static_cast<index_t>(d_weights.size()) != plan.num_tokens() * plan.width()) {
-      throw shape_error("d_weights", detail::concat("d_weights: expected T·width = ",
-                                                    plan.num_tokens() * plan.width(),
-                                                    " elements, got ", d_weights.size()));
-    }
+    agreed(w, [&] {
+      check_backward(x, plan, w, dy, dx, grads);
+      if (static_cast<index_t>(d_weights.size()) != plan.num_tokens() * plan.width()) {
+        throw shape_error("d_weights", detail::concat("d_weights: expected T·width = ",
+                                                      plan.num_tokens() * plan.width(),
+                                                      " elements, got ", d_weights.size()));
+      }
+      return plan.num_experts;
+    });
     backend::executor<Context>::backward_experts(ctx, *this, x, plan, w, dy, dx, grads,
                                                  d_weights, workspace, ap, ag);
   }
 
   // ---- the shape checks every backend shares ------------------------------------------------
+
+  //! Runs `check` (the shape checks of an entry point; returns the router's or the plan's
+  //! expert count). Under expert parallelism every rank first learns whether every other
+  //! rank's check passed and whether their shapes agree (`dispatch.agree_on`): all ranks
+  //! throw the same typed error, or none, so no rank waits in an exchange for one that threw.
+  template <ElementType T, class F>
+  index_t agreed(const expert_weights<T>& w, const F& check) const {
+    if constexpr (expert_parallel) {
+      return dispatch.agree_on([&] {
+        if constexpr (has_addon) {
+          throw unsupported_error("switchyard: MoELayer with an add-on module under "
+                                  "ExpertParallel is not supported (the add-on reads every "
+                                  "expert's parameters on every rank)");
+        }
+        if (router_weight_on_input) {
+          throw unsupported_error("switchyard: MoELayer::router_weight_on_input under "
+                                  "ExpertParallel is not supported (the expert rows would "
+                                  "travel as float w·x)");
+        }
+        const index_t experts = check();
+        return std::array<index_t, 4>{experts, w.d_model(), w.d_ff(), ffn_experts(w)};
+      })[0];
+    } else {
+      return check();
+    }
+  }
 
   //! x, the weights, the router's expert count and hyperparameters, the dispatch, y; returns E.
   template <ElementType T>
@@ -305,6 +357,22 @@ struct MoELayer {
     check_expert_kinds(w, x.extent(1));
     const index_t experts = router.num_experts(rp);
     if (experts != routed_experts(w)) {
+      if constexpr (expert_parallel) {
+        const index_t ffn = experts - identity_experts - zero_experts - constant_experts;
+        const index_t n = dispatch.ranks();
+        throw shape_error(
+            "weights.w1",
+            detail::concat("weights.w1: extent 0 must be this rank's shard of the router's FFN "
+                           "experts, E / N = ", ffn, " / ", n,
+                           ffn % n != 0 ? " (not a multiple: ExpertParallel shards the E FFN "
+                                          "experts evenly, E must be divisible by the rank "
+                                          "count N)"
+                                        : "",
+                           " with E = the router's expert count ", experts,
+                           " minus the non-FFN experts (identity + zero + constant = ",
+                           identity_experts + zero_experts + constant_experts, "), got ",
+                           w.num_experts()));
+      }
       if (!has_expert_kinds()) {
         throw shape_error("weights.w1",
                           detail::concat("weights.w1: extent 0 must be the router's expert count E = ",
@@ -413,9 +481,9 @@ struct MoELayer {
     if (plan.num_experts != routed_experts(w)) {
       throw shape_error("plan", !has_expert_kinds()
                                     ? detail::concat("plan: num_experts must match weights (E = ",
-                                                     w.num_experts(), "), got ", plan.num_experts)
+                                                     ffn_experts(w), "), got ", plan.num_experts)
                                     : detail::concat("plan: num_experts must match weights (E = ",
-                                                     w.num_experts(), " FFN experts + ",
+                                                     ffn_experts(w), " FFN experts + ",
                                                      identity_experts, " identity + ",
                                                      zero_experts, " zero + ", constant_experts,
                                                      " constant experts), got ",

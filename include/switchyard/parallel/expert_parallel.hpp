@@ -36,6 +36,57 @@
 #include "switchyard/dispatch/sorted_grouped.hpp"
 #include "switchyard/parallel/comm.hpp"
 
+namespace switchyard::detail {
+
+//! Error codes `agree_on` gathers: which typed error a rank's check threw.
+enum class ep_check_error : index_t {
+  none = 0, shape, range, non_finite, null_pointer, memory_space, unsupported, invalid, other
+};
+
+//! The code of the exception in flight (call inside a catch block).
+inline ep_check_error ep_classify(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const shape_error&) {
+    return ep_check_error::shape;
+  } catch (const range_error&) {
+    return ep_check_error::range;
+  } catch (const non_finite_error&) {
+    return ep_check_error::non_finite;
+  } catch (const null_pointer_error&) {
+    return ep_check_error::null_pointer;
+  } catch (const memory_space_error&) {
+    return ep_check_error::memory_space;
+  } catch (const unsupported_error&) {
+    return ep_check_error::unsupported;
+  } catch (const switchyard::invalid_argument&) {
+    return ep_check_error::invalid;
+  } catch (...) {
+    return ep_check_error::other;
+  }
+}
+
+//! Throws, on a rank whose own check passed, the error type rank `rank` threw (code `code`).
+[[noreturn]] inline void ep_throw_peer_error(ep_check_error code, index_t rank) {
+  const std::string arg = detail::concat("rank ", rank);
+  const std::string msg = detail::concat(
+      "switchyard: ExpertParallel: rank ", rank,
+      " rejected its arguments (its own exception names them); every rank throws this error "
+      "type and none exchanges");
+  switch (code) {
+    case ep_check_error::shape: throw shape_error(arg, msg);
+    case ep_check_error::range: throw range_error(arg, msg);
+    case ep_check_error::non_finite: throw non_finite_error(arg, msg);
+    case ep_check_error::null_pointer: throw null_pointer_error(arg, msg);
+    case ep_check_error::memory_space: throw memory_space_error(arg, msg);
+    case ep_check_error::unsupported: throw unsupported_error(msg);
+    case ep_check_error::invalid: throw switchyard::invalid_argument(arg, msg);
+    default: throw comm_error(0, msg);
+  }
+}
+
+}  // namespace switchyard::detail
+
 namespace switchyard::parallel {
 
 //! Capacity policy: the exact per-(rank, expert) row counts are exchanged first and the
@@ -68,56 +119,6 @@ struct static_bound {
 //! (FFN + non-FFN), the model width d, the expert hidden width and the FFN expert count.
 using agreed_shapes = std::array<index_t, 4>;
 
-namespace detail {
-
-//! Error codes `agree_on` gathers: which typed error a rank's check threw.
-enum class check_error : index_t {
-  none = 0, shape, range, non_finite, null_pointer, memory_space, unsupported, invalid, other
-};
-
-//! The code of the exception in flight (call inside a catch block).
-inline check_error classify(const std::exception_ptr& e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const shape_error&) {
-    return check_error::shape;
-  } catch (const range_error&) {
-    return check_error::range;
-  } catch (const non_finite_error&) {
-    return check_error::non_finite;
-  } catch (const null_pointer_error&) {
-    return check_error::null_pointer;
-  } catch (const memory_space_error&) {
-    return check_error::memory_space;
-  } catch (const unsupported_error&) {
-    return check_error::unsupported;
-  } catch (const switchyard::invalid_argument&) {
-    return check_error::invalid;
-  } catch (...) {
-    return check_error::other;
-  }
-}
-
-//! Throws, on a rank whose own check passed, the error type rank `rank` threw (code `code`).
-[[noreturn]] inline void throw_peer_error(check_error code, index_t rank) {
-  const std::string arg = switchyard::detail::concat("rank ", rank);
-  const std::string msg = switchyard::detail::concat(
-      "switchyard: ExpertParallel: rank ", rank,
-      " rejected its arguments (its own exception names them); every rank throws this error "
-      "type and none exchanges");
-  switch (code) {
-    case check_error::shape: throw shape_error(arg, msg);
-    case check_error::range: throw range_error(arg, msg);
-    case check_error::non_finite: throw non_finite_error(arg, msg);
-    case check_error::null_pointer: throw null_pointer_error(arg, msg);
-    case check_error::memory_space: throw memory_space_error(arg, msg);
-    case check_error::unsupported: throw unsupported_error(msg);
-    case check_error::invalid: throw switchyard::invalid_argument(arg, msg);
-    default: throw comm_error(0, msg);
-  }
-}
-
-}  // namespace detail
 
 //! Expert parallelism over `C`'s ranks, `Local` the dispatch each rank runs over the rows it
 //! receives (sorted_grouped: its GEMMs then see, per expert, exactly the rows the
@@ -180,19 +181,19 @@ struct ExpertParallel {
     const std::size_t n = static_cast<std::size_t>(comm->size());
     agreed_shapes shapes{};
     std::exception_ptr error;
-    detail::check_error code = detail::check_error::none;
+    detail::ep_check_error code = detail::ep_check_error::none;
     try {
       shapes = check();
     } catch (...) {
       error = std::current_exception();
-      code = detail::classify(error);
+      code = detail::ep_classify(error);
     }
     std::vector<index_t> all(n);
     comm->all_gather(static_cast<index_t>(code), span<index_t>(all.data(), n));
     for (std::size_t r = 0; r < n; ++r) {
       if (all[r] == 0) continue;
       if (error) std::rethrow_exception(error);
-      detail::throw_peer_error(static_cast<detail::check_error>(all[r]), static_cast<index_t>(r));
+      detail::ep_throw_peer_error(static_cast<detail::ep_check_error>(all[r]), static_cast<index_t>(r));
     }
     // Every check passed: the shapes the exchange depends on must agree (one all_gather
     // each, so the message can name the value that differs).
@@ -203,7 +204,7 @@ struct ExpertParallel {
       comm->all_gather(shapes[k], span<index_t>(all.data(), n));
       for (std::size_t r = 1; r < n; ++r) {
         if (all[r] != all[0]) {
-          throw shape_error("weights.w1", switchyard::detail::concat(
+          throw shape_error("weights.w1", detail::concat(
                                               "switchyard: ExpertParallel: the ranks disagree on ",
                                               names[k], ": rank 0 has ", all[0], ", rank ", r,
                                               " has ", all[r], " (every rank must hold the same "

@@ -9,7 +9,9 @@
 //! - `gemm_rows.hpp`: weight panels and the per-call GEMM choice;
 //! - `expert_forward.hpp`: `experts_forward`; `expert_backward.hpp`: `experts_backward`;
 //! - `dispatch_plan.hpp`: `plan_groups` per policy; `blas_probe.hpp`: `blas_batch_invariant`;
-//! - `run_ops.hpp`: how the element-wise functors of `switchyard/ops/` run on the host.
+//! - `run_ops.hpp`: how the element-wise functors of `switchyard/ops/` run on the host;
+//! - `expert_parallel.hpp`: the overloads for `parallel::ExpertParallel` (experts sharded over
+//!   ranks), declared here so the executor's calls find them.
 //!
 //! Same bits on any machine (docs/design.md): every BLAS call is single-threaded and its row
 //! count follows the row-panel rule (`row_panels.hpp`), so a token's output and dx do not
@@ -26,5 +28,6 @@
 #include "switchyard/backend/host/dispatch_plan.hpp"
 #include "switchyard/backend/host/expert_backward.hpp"
 #include "switchyard/backend/host/expert_forward.hpp"
+#include "switchyard/backend/host/expert_parallel.hpp"
 #include "switchyard/backend/host/expert_phase.hpp"
 #include "switchyard/backend/host/gemm_rows.hpp"

@@ -26,6 +26,7 @@
 //! routed and the shared phase's, which run one after the other in it.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <vector>
@@ -214,7 +215,7 @@ struct executor<host_context> {
     host::expert_dims dm;
     dm.tokens = tokens;
     dm.width = width;
-    dm.experts = w.num_experts();
+    dm.experts = layer.ffn_experts(w);  // E (global under ExpertParallel; w holds E/N)
     dm.d = w.d_model();
     dm.d_ff = w.d_ff();
     dm.p = w.projection_width();
@@ -282,7 +283,7 @@ struct executor<host_context> {
                       const matrix_view<T>& y, const typename Layer::state_type& state,
                       span<std::byte> workspace, const typename Layer::addon_params& ap) {
     host::warn_if_generic_blas();  // once per process: a BLAS on generic kernels is slow
-    detail::require_finite_tokens<T>(x);
+    agreed_check(layer, [&] { detail::require_finite_tokens<T>(x); });
     const index_t tokens = x.extent(0);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
@@ -305,7 +306,8 @@ struct executor<host_context> {
                               const typename Layer::plan_type& plan, const expert_weights<T>& w,
                               const matrix_view<T>& y, span<index_t> dropped,
                               span<std::byte> workspace, const typename Layer::addon_params& ap) {
-    routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w));
+    agreed_check(layer,
+                 [&] { routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w)); });
     const host::expert_dims dm = dims(layer, x.extent(0), plan.width(), w);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
@@ -326,7 +328,8 @@ struct executor<host_context> {
                        const typename Layer::addon_grads& ag) {
     host::warn_if_generic_blas();  // once per process: a BLAS on generic kernels is slow
     const auto plan = state.plan.const_view();
-    routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w));
+    agreed_check(layer,
+                 [&] { routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w)); });
     const index_t tokens = state.plan.num_tokens, width = state.plan.width;
     std::vector<std::byte> owned;
     if (workspace.empty()) {
@@ -350,7 +353,8 @@ struct executor<host_context> {
                                const expert_grads& grads, span<float> d_weights,
                                span<std::byte> workspace, const typename Layer::addon_params& ap,
                                const typename Layer::addon_grads& ag) {
-    routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w));
+    agreed_check(layer,
+                 [&] { routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w)); });
     const host::expert_dims dm = dims(layer, x.extent(0), plan.width(), w);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
@@ -362,6 +366,22 @@ struct executor<host_context> {
   }
 
   private:
+  //! Runs a check of the data (finite tokens, a caller's plan). Under expert parallelism
+  //! (`parallel::ExpertParallel`) every rank first learns whether all ranks' checks passed,
+  //! so all throw the same typed error or none (no rank waits in an exchange for one that
+  //! threw).
+  template <class Layer, class F>
+  static void agreed_check(const Layer& layer, const F& check) {
+    if constexpr (Layer::expert_parallel) {
+      (void)layer.dispatch.agree_on([&] {
+        check();
+        return std::array<index_t, 4>{};
+      });
+    } else {
+      check();
+    }
+  }
+
   //! The add-on's term, the shared experts' and the non-FFN slots' (when the layer has them,
   //! summed in that order into one float term), then the routed experts and the combine.
   template <ElementType T, class Layer>
