@@ -219,15 +219,17 @@ BOOST_AUTO_TEST_CASE(two_ranks_on_two_devices_when_present) {
         failures[r] += gathered != std::vector<index_t>{100, 101} ? 1 : 0;
         failures[r] += comm.all_agree(r == 0) ? 1 : 0;
         received[r].assign(2 * block, poison);
-        bool ok = cudaSetDevice(r) == cudaSuccess &&
-                  cudaMalloc(reinterpret_cast<void**>(&send), 2 * block) == cudaSuccess &&
-                  cudaMalloc(reinterpret_cast<void**>(&recv), 2 * block) == cudaSuccess &&
-                  cudaMemcpy(send, sent[r].data(), 2 * block, cudaMemcpyHostToDevice) == cudaSuccess &&
-                  cudaMemset(recv, poison, 2 * block) == cudaSuccess;
+        bool ok =
+            cudaSetDevice(r) == cudaSuccess &&
+            cudaMalloc(reinterpret_cast<void**>(&send), 2 * block) == cudaSuccess &&
+            cudaMalloc(reinterpret_cast<void**>(&recv), 2 * block) == cudaSuccess &&
+            cudaMemcpy(send, sent[r].data(), 2 * block, cudaMemcpyHostToDevice) == cudaSuccess &&
+            cudaMemset(recv, poison, 2 * block) == cudaSuccess;
         if (ok) {
           comm.all_to_all(send, recv, block, nullptr);
           ok = cudaDeviceSynchronize() == cudaSuccess &&
-               cudaMemcpy(received[r].data(), recv, 2 * block, cudaMemcpyDeviceToHost) == cudaSuccess;
+               cudaMemcpy(received[r].data(), recv, 2 * block, cudaMemcpyDeviceToHost) ==
+                   cudaSuccess;
         }
         failures[r] += ok ? 0 : 10;
       } catch (...) {

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 // The MPI test executables' setup: MPI_Init before the first test case, MPI_Finalize after the
-// last (a Boost.Test global fixture), and the error handlers of MPI_COMM_WORLD and MPI_COMM_SELF set to
-// MPI_ERRORS_RETURN so a failing call reaches mpi_comm's checks instead of aborting the job.
+// last (a Boost.Test global fixture), and the error handlers of MPI_COMM_WORLD and MPI_COMM_SELF
+// set to MPI_ERRORS_RETURN so a failing call reaches mpi_comm's checks instead of aborting the job.
 // CTest runs these executables under `mpiexec -n N` (tests/CMakeLists.txt, label mpi).
 //
 // A failed BOOST_REQUIRE on one rank leaves its peers waiting in their next collective: the

@@ -41,7 +41,8 @@ unsigned char payload(std::uint64_t round, int from, int to, index_t i) {
 //! Bytes rank `from` sends to rank `to` in round `round` of the v-exchange: seeded, odd sizes,
 //! zeros where the round asks for them. Every rank computes the same table.
 index_t message_bytes(std::uint64_t round, int from, int to, int n) {
-  std::mt19937_64 g(sy::test::base_seed() + round * 1000003u + static_cast<unsigned>(from * 97 + to));
+  std::mt19937_64 g(sy::test::base_seed() + round * 1000003u +
+                    static_cast<unsigned>(from * 97 + to));
   const index_t b = static_cast<index_t>(g() % 37) * 2 + 1;  // odd, 1 ... 73
   switch (round % 4) {
     case 1:  // the last rank sends nothing
@@ -145,14 +146,16 @@ BOOST_AUTO_TEST_CASE(all_gather_collects_every_rank_value) {
   };
   std::vector<index_t> out(n, -777);
   comm.all_gather(value(comm.rank()), sy::span<index_t>(out.data(), out.size()));
-  for (int r = 0; r < n; ++r) BOOST_TEST(out[r] == value(r), "rank " << comm.rank() << " entry " << r);
+  for (int r = 0; r < n; ++r)
+    BOOST_TEST(out[r] == value(r), "rank " << comm.rank() << " entry " << r);
 }
 
 BOOST_AUTO_TEST_CASE(all_agree_is_a_logical_and) {
   const sy::parallel::mpi_comm comm;
   const int n = comm.size();
   BOOST_TEST(comm.all_agree(true));
-  for (int r = 0; r < n; ++r) BOOST_TEST(!comm.all_agree(comm.rank() != r), "rank " << r << " says no");
+  for (int r = 0; r < n; ++r)
+    BOOST_TEST(!comm.all_agree(comm.rank() != r), "rank " << r << " says no");
   BOOST_TEST(!comm.all_agree(false));
 }
 
@@ -169,7 +172,8 @@ BOOST_AUTO_TEST_CASE(all_to_all_moves_fixed_blocks) {
     comm.all_to_all(send.data(), recv.data(), bytes, nullptr);
     index_t wrong = 0;
     for (int p = 0; p < n; ++p) {
-      for (index_t i = 0; i < bytes; ++i) wrong += recv[p * bytes + i] != payload(100 + bytes, p, me, i);
+      for (index_t i = 0; i < bytes; ++i)
+        wrong += recv[p * bytes + i] != payload(100 + bytes, p, me, i);
     }
     wrong += recv.back() != poison;  // nothing written past n·bytes
     BOOST_TEST(wrong == 0, "bytes " << bytes << ", rank " << me);
@@ -252,8 +256,8 @@ BOOST_AUTO_TEST_CASE(null_send_buffer_with_bytes_fails_everywhere) {
   std::vector<unsigned char> send(n, 1), recv(n, poison);
   const bool culprit = comm.rank() == 0;
   expect_agreed_error<sy::null_pointer_error>(comm, "send", [&] {
-    comm.all_to_all_v(culprit ? nullptr : send.data(), sb.data(), sd.data(), recv.data(),
-                      rb.data(), rd.data(), nullptr);
+    comm.all_to_all_v(culprit ? nullptr : send.data(), sb.data(), sd.data(), recv.data(), rb.data(),
+                      rd.data(), nullptr);
   });
 }
 
@@ -262,9 +266,8 @@ BOOST_AUTO_TEST_CASE(all_gather_with_a_wrong_out_size_fails_everywhere) {
   const int n = comm.size();
   std::vector<index_t> out(n + 1, -1);
   const std::size_t size = comm.rank() == n - 1 ? out.size() : static_cast<std::size_t>(n);
-  expect_agreed_error<sy::shape_error>(comm, "out", [&] {
-    comm.all_gather(comm.rank(), sy::span<index_t>(out.data(), size));
-  });
+  expect_agreed_error<sy::shape_error>(
+      comm, "out", [&] { comm.all_gather(comm.rank(), sy::span<index_t>(out.data(), size)); });
 }
 
 BOOST_AUTO_TEST_CASE(all_to_all_with_disagreeing_sizes_fails_everywhere) {
@@ -272,9 +275,8 @@ BOOST_AUTO_TEST_CASE(all_to_all_with_disagreeing_sizes_fails_everywhere) {
   const int n = comm.size();
   const index_t bytes = comm.rank() == 0 ? 5 : 4;
   std::vector<unsigned char> send(5 * n, 1), recv(5 * n, poison);
-  expect_agreed_error<sy::shape_error>(comm, "bytes", [&] {
-    comm.all_to_all(send.data(), recv.data(), bytes, nullptr);
-  });
+  expect_agreed_error<sy::shape_error>(
+      comm, "bytes", [&] { comm.all_to_all(send.data(), recv.data(), bytes, nullptr); });
   expect_agreed_error<sy::range_error>(comm, "bytes", [&] {
     comm.all_to_all(send.data(), recv.data(), comm.rank() == n - 1 ? -1 : 4, nullptr);
   });

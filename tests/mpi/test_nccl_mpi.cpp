@@ -25,7 +25,9 @@ using sy::index_t;
 
 namespace {
 
-bool init_suite() { return true; }
+bool init_suite() {
+  return true;
+}
 
 constexpr unsigned char poison = 0xA5;
 
@@ -82,8 +84,7 @@ BOOST_AUTO_TEST_CASE(nccl_over_mpi_moves_the_same_bytes_as_mpi) {
   nccl.all_to_all_v(d_send, sb.data(), sd.data(), d_recv, rb.data(), rd.data(), nullptr);
   require_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   std::vector<unsigned char> via_nccl(via_mpi.size());
-  require_cuda(cudaMemcpy(via_nccl.data(), d_recv, via_nccl.size(), cudaMemcpyDeviceToHost),
-               "D2H");
+  require_cuda(cudaMemcpy(via_nccl.data(), d_recv, via_nccl.size(), cudaMemcpyDeviceToHost), "D2H");
   BOOST_TEST(via_nccl == via_mpi, "rank " << me << ": NCCL and MPI received different bytes");
   (void)cudaFree(d_send);
   (void)cudaFree(d_recv);

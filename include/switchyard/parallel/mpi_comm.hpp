@@ -113,8 +113,8 @@ void mpi_throw_agreed(std::int64_t packed, const mpi_verdict& mine, int rank, in
                                  : std::string_view("?"));
   const std::string message =
       failing_rank == rank && mine.fault == fault
-          ? switchyard::detail::concat("mpi_comm::", operation, " (rank ", rank, "): ",
-                                       mine.message)
+          ? switchyard::detail::concat("mpi_comm::", operation, " (rank ", rank,
+                                       "): ", mine.message)
           : switchyard::detail::concat("mpi_comm::", operation, ": rank ", failing_rank,
                                        " rejected its argument ", argument, " (rank ", rank,
                                        " stops with it; the collective did not run)");
@@ -133,15 +133,13 @@ void mpi_throw_agreed(std::int64_t packed, const mpi_verdict& mine, int rank, in
 
 //! Checks one byte size or displacement (entry `peer` of `name`; -1: a scalar): >= 0 and
 //! representable as an MPI int.
-inline void mpi_check_int(mpi_verdict& v, int arg, std::string_view name, int peer,
-                          index_t value) {
+inline void mpi_check_int(mpi_verdict& v, int arg, std::string_view name, int peer, index_t value) {
   if (value < 0 || value > INT_MAX) {
     v.fail(mpi_fault::range, arg,
-           switchyard::detail::concat(name, peer < 0 ? "" : "[",
-                                      peer < 0 ? std::string() : std::to_string(peer),
-                                      peer < 0 ? "" : "]", " must be in [0, ", INT_MAX,
-                                      "] bytes (MPI counts are int; split larger exchanges), got ",
-                                      value));
+           switchyard::detail::concat(
+               name, peer < 0 ? "" : "[", peer < 0 ? std::string() : std::to_string(peer),
+               peer < 0 ? "" : "]", " must be in [0, ", INT_MAX,
+               "] bytes (MPI counts are int; split larger exchanges), got ", value));
   }
 }
 
@@ -162,8 +160,9 @@ class mpi_comm {
     detail::mpi_check(MPI_Initialized(&initialized), "MPI_Initialized");
     detail::mpi_check(MPI_Finalized(&finalized), "MPI_Finalized");
     if (initialized == 0 || finalized != 0) {
-      throw comm_error(0, "mpi_comm: MPI is not initialised (call MPI_Init before, and "
-                          "MPI_Finalize after, every use)");
+      throw comm_error(0,
+                       "mpi_comm: MPI is not initialised (call MPI_Init before, and "
+                       "MPI_Finalize after, every use)");
     }
     detail::mpi_check(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
     detail::mpi_check(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
@@ -183,8 +182,8 @@ class mpi_comm {
     detail::mpi_verdict verdict;
     if (out.size() != static_cast<std::size_t>(size_)) {
       verdict.fail(detail::mpi_fault::shape, 0,
-                   switchyard::detail::concat("out must hold size() = ", size_,
-                                              " values, got ", out.size()));
+                   switchyard::detail::concat("out must hold size() = ", size_, " values, got ",
+                                              out.size()));
     } else if (out.data() == nullptr) {
       verdict.fail(detail::mpi_fault::null_pointer, 0, "out: data pointer is null");
     }
@@ -230,8 +229,8 @@ class mpi_comm {
     if (all[1] != -all[2]) {
       throw shape_error("bytes", switchyard::detail::concat(
                                      "mpi_comm::all_to_all: bytes must be the same on every rank, "
-                                     "got values from ", -all[2], " to ", all[1], " (rank ", rank_,
-                                     ": ", bytes, ")"));
+                                     "got values from ",
+                                     -all[2], " to ", all[1], " (rank ", rank_, ": ", bytes, ")"));
     }
     detail::mpi_check(MPI_Alltoall(send, static_cast<int>(bytes), MPI_BYTE, recv,
                                    static_cast<int>(bytes), MPI_BYTE, comm_),
@@ -246,16 +245,16 @@ class mpi_comm {
                     void* recv, const index_t* recv_bytes, const index_t* recv_displs,
                     void* stream = nullptr) const {
     (void)stream;
-    static constexpr std::string_view arguments[] = {"send_bytes", "send_displs", "recv_bytes",
-                                                     "recv_displs", "send", "recv"};
+    static constexpr std::string_view arguments[] = {"send_bytes",  "send_displs", "recv_bytes",
+                                                     "recv_displs", "send",        "recv"};
     const auto n = static_cast<std::size_t>(size_);
     detail::mpi_verdict verdict;
     const index_t* const arrays[4] = {send_bytes, send_displs, recv_bytes, recv_displs};
     for (int a = 0; a < 4; ++a) {
       if (arrays[a] == nullptr) {
         verdict.fail(detail::mpi_fault::null_pointer, a,
-                     switchyard::detail::concat(arguments[a], ": null, but it must hold size() = ",
-                                                size_, " values"));
+                     switchyard::detail::concat(
+                         arguments[a], ": null, but it must hold size() = ", size_, " values"));
       }
     }
     std::vector<int> counts[4];
@@ -275,13 +274,13 @@ class mpi_comm {
     }
     if (total[0] > 0 && send == nullptr) {
       verdict.fail(detail::mpi_fault::null_pointer, 4,
-                   switchyard::detail::concat("send: data pointer is null but send_bytes add up to ",
-                                              total[0]));
+                   switchyard::detail::concat(
+                       "send: data pointer is null but send_bytes add up to ", total[0]));
     }
     if (total[1] > 0 && recv == nullptr) {
       verdict.fail(detail::mpi_fault::null_pointer, 5,
-                   switchyard::detail::concat("recv: data pointer is null but recv_bytes add up to ",
-                                              total[1]));
+                   switchyard::detail::concat(
+                       "recv: data pointer is null but recv_bytes add up to ", total[1]));
     }
     // Each receiver learns what its peers will send (-1 from a peer whose sizes are invalid)
     // and checks recv_bytes against it.
@@ -290,9 +289,9 @@ class mpi_comm {
     if (send_bytes != nullptr) {
       for (std::size_t p = 0; p < n; ++p) sent[p] = send_bytes[p];
     }
-    detail::mpi_check(MPI_Alltoall(sent.data(), 1, MPI_INT64_T, announced.data(), 1, MPI_INT64_T,
-                                   comm_),
-                      "MPI_Alltoall");
+    detail::mpi_check(
+        MPI_Alltoall(sent.data(), 1, MPI_INT64_T, announced.data(), 1, MPI_INT64_T, comm_),
+        "MPI_Alltoall");
     if (recv_bytes != nullptr) {
       for (std::size_t p = 0; p < n; ++p) {
         if (announced[p] >= 0 && announced[p] != recv_bytes[p]) {

@@ -69,20 +69,19 @@ inline void nccl_check(ncclResult_t result, std::string_view call, ncclComm_t co
   if (result == ncclSuccess) return;
   const char* last = ncclGetLastError(comm);
   throw comm_error(static_cast<int>(result),
-                   switchyard::detail::concat("nccl_comm: ", call, " failed: ",
-                                              ncclGetErrorString(result), " (", static_cast<int>(result),
-                                              ")", last != nullptr && *last != '\0' ? ": " : "",
-                                              last != nullptr ? last : ""));
+                   switchyard::detail::concat(
+                       "nccl_comm: ", call, " failed: ", ncclGetErrorString(result), " (",
+                       static_cast<int>(result), ")", last != nullptr && *last != '\0' ? ": " : "",
+                       last != nullptr ? last : ""));
 }
 
 //! Throws cuda_error when a CUDA runtime call failed.
 inline void nccl_cuda_check(cudaError_t status, std::string_view call) {
   if (status == cudaSuccess) return;
-  throw cuda_error(static_cast<int>(status),
-                   switchyard::detail::concat("nccl_comm: ", call, " failed: ",
-                                              cudaGetErrorName(status), " (",
-                                              static_cast<int>(status),
-                                              "): ", cudaGetErrorString(status)));
+  throw cuda_error(
+      static_cast<int>(status),
+      switchyard::detail::concat("nccl_comm: ", call, " failed: ", cudaGetErrorName(status), " (",
+                                 static_cast<int>(status), "): ", cudaGetErrorString(status)));
 }
 
 //! Makes `device` current for a scope and restores the previous device after it.
@@ -106,10 +105,10 @@ inline void nccl_require_device_pointer(std::string_view argument, const void* p
                                         int device) {
   if (bytes == 0) return;
   if (p == nullptr) {
-    throw null_pointer_error(std::string(argument),
-                             switchyard::detail::concat("nccl_comm: ", argument,
-                                                        ": data pointer is null but ", bytes,
-                                                        " bytes go through it"));
+    throw null_pointer_error(
+        std::string(argument),
+        switchyard::detail::concat("nccl_comm: ", argument, ": data pointer is null but ", bytes,
+                                   " bytes go through it"));
   }
   cudaPointerAttributes attributes{};
   nccl_cuda_check(cudaPointerGetAttributes(&attributes, p), "cudaPointerGetAttributes");
@@ -118,22 +117,21 @@ inline void nccl_require_device_pointer(std::string_view argument, const void* p
   if (!on_device || (attributes.type == cudaMemoryTypeDevice && attributes.device != device)) {
     throw memory_space_error(
         std::string(argument),
-        switchyard::detail::concat("nccl_comm: ", argument,
-                                   " must be device memory of the communicator's device ", device,
-                                   " (memory_space::device), got ",
-                                   on_device ? "memory of device " : "host memory",
-                                   on_device ? std::to_string(attributes.device) : std::string()));
+        switchyard::detail::concat(
+            "nccl_comm: ", argument, " must be device memory of the communicator's device ", device,
+            " (memory_space::device), got ", on_device ? "memory of device " : "host memory",
+            on_device ? std::to_string(attributes.device) : std::string()));
   }
 }
 
 //! Throws range_error unless `value` (entry `peer` of `name`, -1: a scalar) is >= 0.
 inline void nccl_require_size(std::string_view name, int peer, index_t value) {
   if (value >= 0) return;
-  throw range_error(std::string(name),
-                    switchyard::detail::concat("nccl_comm: ", name, peer < 0 ? "" : "[",
-                                               peer < 0 ? std::string() : std::to_string(peer),
-                                               peer < 0 ? "" : "]", " must be >= 0 bytes, got ",
-                                               value));
+  throw range_error(
+      std::string(name),
+      switchyard::detail::concat("nccl_comm: ", name, peer < 0 ? "" : "[",
+                                 peer < 0 ? std::string() : std::to_string(peer),
+                                 peer < 0 ? "" : "]", " must be >= 0 bytes, got ", value));
 }
 
 //! Ends a group; a non-blocking communicator's ncclInProgress is waited out.
@@ -211,28 +209,28 @@ class nccl_comm {
     const std::int64_t mine[2] = {static_cast<std::int64_t>(value), bad};
     std::vector<std::int64_t> all(2 * static_cast<std::size_t>(size_));
     const detail::nccl_device_scope scope(device_);
-    detail::nccl_cuda_check(cudaMemcpyAsync(scratch_, mine, sizeof mine, cudaMemcpyHostToDevice,
-                                            stream_),
-                            "cudaMemcpyAsync");
+    detail::nccl_cuda_check(
+        cudaMemcpyAsync(scratch_, mine, sizeof mine, cudaMemcpyHostToDevice, stream_),
+        "cudaMemcpyAsync");
     detail::nccl_check(ncclAllGather(scratch_, scratch_ + 2, 2, ncclInt64, comm_, stream_),
                        "ncclAllGather", comm_);
-    detail::nccl_cuda_check(cudaMemcpyAsync(all.data(), scratch_ + 2,
-                                            all.size() * sizeof(std::int64_t),
-                                            cudaMemcpyDeviceToHost, stream_),
-                            "cudaMemcpyAsync");
+    detail::nccl_cuda_check(
+        cudaMemcpyAsync(all.data(), scratch_ + 2, all.size() * sizeof(std::int64_t),
+                        cudaMemcpyDeviceToHost, stream_),
+        "cudaMemcpyAsync");
     detail::nccl_cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     int failing = -1;
     for (int r = 0; r < size_ && failing < 0; ++r) failing = all[2 * r + 1] != 0 ? r : -1;
     if (failing >= 0) {
       throw shape_error(
-          "out", failing == rank_
-                     ? switchyard::detail::concat("nccl_comm::all_gather (rank ", rank_,
-                                                  "): out must hold size() = ", size_,
-                                                  " values, got ", out.size(),
-                                                  out.data() == nullptr ? " (null)" : "")
-                     : switchyard::detail::concat("nccl_comm::all_gather: rank ", failing,
-                                                  " rejected its argument out (rank ", rank_,
-                                                  " stops with it)"));
+          "out",
+          failing == rank_
+              ? switchyard::detail::concat("nccl_comm::all_gather (rank ", rank_,
+                                           "): out must hold size() = ", size_, " values, got ",
+                                           out.size(), out.data() == nullptr ? " (null)" : "")
+              : switchyard::detail::concat("nccl_comm::all_gather: rank ", failing,
+                                           " rejected its argument out (rank ", rank_,
+                                           " stops with it)"));
     }
     for (int r = 0; r < size_; ++r) out[r] = static_cast<index_t>(all[2 * r]);
   }
@@ -295,10 +293,10 @@ class nccl_comm {
     index_t extent[2] = {0, 0};  // bytes reached through send / recv
     for (int a = 0; a < 4; ++a) {
       if (arrays[a] == nullptr) {
-        throw null_pointer_error(std::string(names[a]),
-                                 switchyard::detail::concat("nccl_comm: ", names[a],
-                                                            ": null, but it must hold size() = ",
-                                                            size_, " values"));
+        throw null_pointer_error(
+            std::string(names[a]),
+            switchyard::detail::concat("nccl_comm: ", names[a],
+                                       ": null, but it must hold size() = ", size_, " values"));
       }
       for (int p = 0; p < size_; ++p) detail::nccl_require_size(names[a], p, arrays[a][p]);
     }
@@ -317,13 +315,13 @@ class nccl_comm {
       ncclResult_t result = ncclSuccess;
       const char* call = "ncclSend";
       if (send_bytes[p] > 0) {
-        result = ncclSend(s + send_displs[p], static_cast<std::size_t>(send_bytes[p]), ncclUint8,
-                          p, comm_, st);
+        result = ncclSend(s + send_displs[p], static_cast<std::size_t>(send_bytes[p]), ncclUint8, p,
+                          comm_, st);
       }
       if (result == ncclSuccess && recv_bytes[p] > 0) {
         call = "ncclRecv";
-        result = ncclRecv(d + recv_displs[p], static_cast<std::size_t>(recv_bytes[p]), ncclUint8,
-                          p, comm_, st);
+        result = ncclRecv(d + recv_displs[p], static_cast<std::size_t>(recv_bytes[p]), ncclUint8, p,
+                          comm_, st);
       }
       if (result != ncclSuccess) {
         (void)ncclGroupEnd();
@@ -374,9 +372,10 @@ class nccl_local_group {
       if (devices_[i] < 0 || devices_[i] >= count ||
           std::find(devices_.begin(), devices_.begin() + static_cast<std::ptrdiff_t>(i),
                     devices_[i]) != devices_.begin() + static_cast<std::ptrdiff_t>(i)) {
-        throw range_error("devices", switchyard::detail::concat(
-                                         "nccl_local_group: devices[", i, "] must be a device in [0, ",
-                                         count, ") not listed before, got ", devices_[i]));
+        throw range_error("devices",
+                          switchyard::detail::concat("nccl_local_group: devices[", i,
+                                                     "] must be a device in [0, ", count,
+                                                     ") not listed before, got ", devices_[i]));
       }
     }
     comms_.assign(devices_.size(), nullptr);

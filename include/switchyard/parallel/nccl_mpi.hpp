@@ -82,8 +82,7 @@ class nccl_mpi_group {
                                           "): another rank has no usable CUDA device")
              : switchyard::detail::concat(
                    "nccl_mpi_group (rank ", mpi.rank(), "): device must be in [0, ", count,
-                   "), got ", device,
-                   status != cudaSuccess ? " (cudaGetDeviceCount failed: " : "",
+                   "), got ", device, status != cudaSuccess ? " (cudaGetDeviceCount failed: " : "",
                    status != cudaSuccess ? cudaGetErrorName(status) : "",
                    status != cudaSuccess ? ")" : ""));
     }
