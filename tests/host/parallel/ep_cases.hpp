@@ -30,6 +30,7 @@
 #include <cstring>
 #include <mutex>
 #include <random>
+#include <sstream>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -206,7 +207,10 @@ std::vector<T> tokens_of(const problem& pb, int s, std::uint64_t which) {
 }
 
 inline std::string concat_msg(const std::string& what, int rank, std::size_t i, float a, float b) {
-  return detail::concat("rank ", rank, ": ", what, " differs at element ", i, ": ", a, " vs ", b);
+  std::ostringstream os;
+  os << "rank " << rank << ": " << what << " differs at element " << i << ": " << std::hexfloat
+     << a << " vs " << b;
+  return os.str();
 }
 
 //! Bitwise equality of n elements; reports the first difference.
