@@ -94,3 +94,92 @@ BOOST_AUTO_TEST_CASE(static_bound_overflow_is_counted) {
     }
   }
 }
+
+// ---- bad input: detected on every rank, the same error type, nobody hangs ----------------
+
+namespace {
+
+//! A small code per error type, to check that every rank threw the same one.
+sy::index_t error_code(const std::exception& e) {
+  if (dynamic_cast<const sy::shape_error*>(&e) != nullptr) return 1;
+  if (dynamic_cast<const sy::range_error*>(&e) != nullptr) return 2;
+  if (dynamic_cast<const sy::null_pointer_error*>(&e) != nullptr) return 3;
+  if (dynamic_cast<const sy::memory_space_error*>(&e) != nullptr) return 4;
+  if (dynamic_cast<const sy::invalid_argument*>(&e) != nullptr) return 5;
+  return 6;
+}
+
+//! Runs `body` on every rank: every rank must throw, the same error type everywhere.
+template <class Body>
+void expect_error_on_every_rank(const sy::parallel::mpi_comm& comm, const char* what, Body body) {
+  sy::index_t code = 0;
+  try {
+    body();
+  } catch (const std::exception& e) {
+    code = error_code(e);
+    BOOST_TEST_MESSAGE(what << ", rank " << comm.rank() << ": " << e.what());
+  }
+  std::vector<sy::index_t> codes(static_cast<std::size_t>(comm.size()));
+  comm.all_gather(code, sy::span<sy::index_t>(codes.data(), codes.size()));
+  BOOST_TEST(code != 0, what << ": rank " << comm.rank() << " did not throw");
+  for (int r = 0; r < comm.size(); ++r) {
+    BOOST_TEST(codes[r] == codes[0], what << ": rank " << r << " threw error type " << codes[r]
+                                          << ", rank 0 type " << codes[0]);
+  }
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(bad_input_is_an_error_on_every_rank) {
+  using Router = sy::routers::TopK;
+  using Layer = ep::ep_layer<Router, float, sy::parallel::mpi_comm>;
+  const sy::parallel::mpi_comm comm;
+  ep::problem pb;
+  pb.ranks = comm.size();
+  pb.seed = sy::test::base_seed() + 900;
+  pb.batch_invariant = true;  // the last forward is then compared with the rank's batch alone
+  const int r = comm.rank(), n = comm.size();
+  const sy::index_t d = pb.d, el = pb.experts_per_rank, tr = pb.tokens(r), e = pb.experts();
+  const sy::host_context ctx;
+  const ep::weights<float> wt(pb);
+  const ep::router_data<Router> rd(pb);
+  Layer layer = ep::configure(Layer{}, pb, ep::make_router<Router>());
+  layer.dispatch = {.comm = &comm};
+  const auto x = ep::tokens_of<float>(pb, r, 1);
+  std::vector<float> y(static_cast<std::size_t>(tr * d), -5.0f);
+  Layer::result_type result;
+  auto forward = [&](const sy::routing::linear_router_params& rp,
+                     const sy::expert_weights<float>& w, sy::index_t x_cols) {
+    layer.forward(ctx, sy::make_view<const float>(x.data(), tr, x_cols), rp, w,
+                  sy::make_view<float>(y.data(), tr, x_cols), result);
+  };
+
+  // Rank 0 holds one expert more than the others (mismatched expert counts).
+  expect_error_on_every_rank(comm, "mismatched expert counts", [&] {
+    forward(rd.params(), wt.view(0 + (r == 0 ? 0 : r * el), el + (r == 0 ? 1 : 0)), d);
+  });
+  // The last rank's tokens are narrower than the router's d.
+  expect_error_on_every_rank(comm, "x width on one rank", [&] {
+    forward(rd.params(), wt.view(r * el, el), r == n - 1 ? d - 1 : d);
+  });
+  // E not a multiple of N: the router scores E - 1 experts; the ranks hold E/N each but the
+  // last, which holds E/N - 1 (uneven shards are not allowed: docs/expert-parallel.md).
+  const sy::routing::linear_router_params uneven{sy::make_view<const float>(rd.w.data(), e - 1, d)};
+  expect_error_on_every_rank(comm, "uneven shards", [&] {
+    forward(uneven, wt.view(r * el, r == n - 1 ? el - 1 : el), d);
+  });
+  // After all of that the ranks are still in step: a correct forward runs everywhere.
+  bool ok = true;
+  try {
+    forward(rd.params(), wt.view(r * el, el), d);
+  } catch (const std::exception& ex) {
+    ok = false;
+    BOOST_TEST_MESSAGE("rank " << r << ": " << ex.what());
+  }
+  BOOST_TEST(comm.all_agree(ok), "a correct forward after the errors failed on some rank");
+  // And its output is the single-process layer's on this rank's batch alone (batch_invariant).
+  std::vector<float> y_alone;
+  (void)ep::route_alone<Router, float>(pb, ep::make_router<Router>(), r, nullptr, &y_alone);
+  ep::same_bits("y after the errors vs the single-process layer", y.data(), y_alone.data(),
+                y.size(), r);
+}
