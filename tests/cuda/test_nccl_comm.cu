@@ -124,6 +124,9 @@ BOOST_AUTO_TEST_CASE(all_to_all_replays_from_a_cuda_graph) {
   check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
   const index_t bytes = 1031;
   device_bytes send(bytes), recv(bytes);
+  // One exchange before the capture: NCCL connects peers on first use, which allocates.
+  comm.all_to_all(send.p, recv.p, bytes, stream);
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   cudaGraph_t graph = nullptr;
   check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "BeginCapture");
   comm.all_to_all(send.p, recv.p, bytes, stream);

@@ -255,7 +255,8 @@ class nccl_comm {
 
   //! Rank r's block p of `bytes` bytes (send + p·bytes) lands in rank p's block r
   //! (recv + r·bytes), on `stream` (a `cudaStream_t`; nullptr: the legacy default stream).
-  //! Asynchronous; capturable into a CUDA graph. `bytes` must agree on every rank (unchecked).
+  //! Asynchronous; capturable into a CUDA graph (after one exchange outside the capture: NCCL
+  //! connects peers on first use). `bytes` must agree on every rank (unchecked).
   void all_to_all(const void* send, void* recv, index_t bytes, void* stream) const {
     detail::nccl_require_size("bytes", -1, bytes);
     if (bytes == 0) return;
