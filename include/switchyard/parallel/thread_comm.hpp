@@ -16,8 +16,16 @@
 //! returns (so a peer's buffers stay alive while they are read). A rank that throws out of
 //! `run_ranks`' body aborts the group: ranks waiting at a barrier, or reaching one later, throw
 //! `comm_error` instead of waiting forever, and `run_ranks` rethrows on the caller the
-//! exception of the lowest rank that failed on its own (not because a peer aborted). Not a
-//! transport: no timeouts, one group per `run_ranks` at a time.
+//! exception of the lowest rank that failed on its own (not because a peer aborted). A rank
+//! whose body returns while a peer waits in a collective releases it with `comm_error` too (a
+//! collective some rank skipped never hangs a test). Not a transport: one `run_ranks` per
+//! group at a time.
+//!
+//! The ranks share one process: its OpenMP and BLAS settings. The host backend makes each BLAS
+//! call single-threaded through a process-wide setting that concurrent ranks may restore under
+//! one another, so with shapes large enough to reach the BLAS (backend/host/row_panels.hpp) run
+//! thread ranks with OPENBLAS_NUM_THREADS=1 when bitwise results matter (the tests' toy shapes
+//! use the backend's own GEMM; separate MPI processes are not affected).
 
 #include <condition_variable>
 #include <cstddef>
