@@ -10,7 +10,8 @@
 //
 // Usage: ep_traffic [--tokens-per-rank T] [--d-route D] [--seed S] [--hidden H] [--d-ff F]
 //                   [--tflops R] [--quick]
-// Prints markdown tables on stdout. --quick: 512 tokens per rank, N up to 16 (a smoke run).
+// Prints markdown tables on stdout. --quick: 512 tokens per rank, N up to 16, 10 bias steps of
+// 1024 tokens (a smoke run, about 20 s on 2 cores).
 #include <switchyard/routing/routers/presets.hpp>
 #include <switchyard/switchyard.hpp>
 #include <switchyard/training/selection_bias.hpp>
@@ -41,6 +42,7 @@ struct options {
   int d_ff = 1536;             // one expert's SwiGLU width in the modelled layer
   double tflops = 500.0;       // achieved dense bf16 TFLOP/s of the expert GEMMs (stated)
   std::vector<int> ranks{8, 16, 32, 64};
+  int bias_steps = 60, bias_tokens = 8192;  // DeepSeek-V3's selection-bias training (below)
 };
 
 // ---- the synthetic token stream ---------------------------------------------------------
@@ -348,6 +350,8 @@ int main(int argc, char** argv) {
     else if (a == "--quick") {
       o.tokens_per_rank = 512;
       o.ranks = {8, 16};
+      o.bias_steps = 10;
+      o.bias_tokens = 1024;
     } else {
       std::fprintf(stderr, "usage: ep_traffic [--tokens-per-rank T] [--d-route D] [--seed S] "
                            "[--hidden H] [--d-ff F] [--tflops R] [--quick]\n");
@@ -401,7 +405,7 @@ int main(int argc, char** argv) {
   // the load of 8192 tokens (16 documents of the hot stream).
   const auto ds_gate = randn(static_cast<std::size_t>(ds_experts) * d, logit_scale, o.seed + 3);
   const sy::routers::ScoredTopK deepseek = sy::routers::presets::deepseek_v3(8, 8, 4, true, 2.5f);
-  constexpr int bias_steps = 60, bias_tokens = 8192;
+  const int bias_steps = o.bias_steps, bias_tokens = o.bias_tokens;
   constexpr float bias_gamma = 0.001f;
 
   const sy::routers::TopK topk{.k = 2};
