@@ -60,9 +60,9 @@ class mpi_comm {
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/span.hpp"
 
-namespace switchyard::parallel {
-
-namespace detail {
+// Helpers in switchyard::detail (a nested parallel::detail would hide it from the other
+// parallel headers included after this one).
+namespace switchyard::detail {
 
 //! Throws comm_error when an MPI call did not return MPI_SUCCESS.
 inline void mpi_check(int code, std::string_view call) {
@@ -143,7 +143,9 @@ inline void mpi_check_int(mpi_verdict& v, int arg, std::string_view name, int pe
   }
 }
 
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::parallel {
 
 //! The `Comm` concept over host memory on an MPI communicator (non-owning: the caller keeps
 //! MPI initialised and the communicator alive while this object is used). Sizes in bytes.

@@ -60,9 +60,9 @@ class nccl_comm {
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/span.hpp"
 
-namespace switchyard::parallel {
-
-namespace detail {
+// Helpers in switchyard::detail (a nested parallel::detail would hide it from the other
+// parallel headers included after this one).
+namespace switchyard::detail {
 
 //! Throws comm_error when an NCCL call failed (`comm` may be null: no last-error text).
 inline void nccl_check(ncclResult_t result, std::string_view call, ncclComm_t comm = nullptr) {
@@ -143,7 +143,9 @@ inline void nccl_group_end(ncclComm_t comm) {
   nccl_check(result, "ncclGroupEnd", comm);
 }
 
-}  // namespace detail
+}  // namespace switchyard::detail
+
+namespace switchyard::parallel {
 
 //! The `Comm` concept over device memory on an NCCL communicator (non-owning: the caller keeps
 //! `comm` alive, and destroys it, after this object). Owns a stream and a small device buffer
