@@ -325,13 +325,15 @@ class expert_gemm_runner {
 
 //! The forward of the expert phase through `exec` (`exec.launch(n, functor, name)` runs a
 //! per-row functor; GEMMs as `expert_gemm_runner`): y [T, d] = Σ_j w_tj · FFN_{e_tj}(x_t)
-//! (+ extra [T, d] float when non-null) rounded to T; `dropped` [E] = g.dropped (when
-//! non-null). With a measuring `ws` it only takes (the size query) and touches nothing.
-template <class Exec, class D, class Act, ElementType T, class Id, class W>
+//! (+ extra [T, d] float when non-null) rounded to `Out` (T, or float: expert parallelism's
+//! receiver keeps its one-slot rows unrounded, backend/cuda/expert_parallel.cuh); `dropped`
+//! [E] = g.dropped (when non-null). With a measuring `ws` it only takes (the size query) and
+//! touches nothing.
+template <class Exec, class D, class Act, ElementType T, class Id, class W, class Out>
 void experts_forward_phase(const Exec& exec, const D& policy, const Act& act, const expert_dims& dm,
                            const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
                            const expert_weights<T>& w, const expert_groups_ref& g,
-                           const float* extra, const matrix_view<T>& y, index_t* dropped,
+                           const float* extra, const matrix_view<Out>& y, index_t* dropped,
                            workspace_arena& ws, workspace_arena& host_ws) {
   static_assert(detail::cuda_expert_dispatch<D>,
                 "The CUDA backend runs the dispatch policies sorted_grouped, padded_capacity and "
@@ -394,12 +396,21 @@ void experts_forward_phase(const Exec& exec, const D& policy, const Act& act, co
                 "switchyard::ops::keep_dense_slot_elements");
     rows = pair_out;
   }
-  exec.launch(
-      tokens * d,
-      ops::combine_slot_elements<T, Id, W>{
-          {plan.weights, plan.counts, g.pair_row, width, d, rows, x,
-           g.drop == dispatch::dropped_output::scaled_input, extra, y}},
-      "switchyard::ops::combine_slot_elements");
+  if constexpr (std::is_same_v<Out, T>) {
+    exec.launch(
+        tokens * d,
+        ops::combine_slot_elements<T, Id, W>{
+            {plan.weights, plan.counts, g.pair_row, width, d, rows, x,
+             g.drop == dispatch::dropped_output::scaled_input, extra, y}},
+        "switchyard::ops::combine_slot_elements");
+  } else {  // float rows (one thread per token: the same sums, bitwise)
+    exec.launch(tokens,
+                ops::combine_slots<T, Id, W, Out>{plan.weights, plan.counts, g.pair_row, width, d,
+                                                  rows, x,
+                                                  g.drop == dispatch::dropped_output::scaled_input,
+                                                  extra, y},
+                "switchyard::ops::combine_slots");
+  }
 }
 
 //! The backward of the expert phase through `exec` (recomputing the forward): dx [T, d] +=

@@ -79,3 +79,7 @@ void experts_backward(const context& ctx, const D& policy, const Act& act, const
 }
 
 }  // namespace switchyard::cuda
+
+// Expert parallelism (parallel::ExpertParallel): overloads of plan_groups / experts_forward /
+// experts_backward, included last so that layer.cuh sees them with the generic ones.
+#include "switchyard/backend/cuda/expert_parallel.cuh"
