@@ -23,10 +23,10 @@
 //     gradients.
 // Plus: static_bound with a bound no rank reaches (bitwise equal to eager's reference) and
 // with peer_rows = 1 (the drops counted exactly as the host planning rule says; tokens that
-// kept every pair within the tolerance), a plan that sends every pair to rank 0's experts (the other ranks receive
-// nothing), and a host communicator (thread_comm) rejected with memory_space_error on every
-// rank. Every output is poisoned before a run. Comparisons run on the main thread after the
-// ranks joined. Skipped without a device (cuda_test_main.cu).
+// kept every pair within the tolerance), a plan that sends every pair to rank 0's experts (the
+// other ranks receive nothing), and a host communicator (thread_comm) rejected with
+// memory_space_error on every rank. Every output is poisoned before a run. Comparisons run on the
+// main thread after the ranks joined. Skipped without a device (cuda_test_main.cu).
 #include <boost/test/unit_test.hpp>
 
 #include <cuda_runtime_api.h>
@@ -124,19 +124,26 @@ struct host_data {
   sy::expert_weights<T> weights(const gpu::device_mirror& m, index_t first, index_t n) const {
     const index_t p = pb.p(), d = pb.d, f = pb.d_ff;
     sy::expert_weights<T> w;
-    w.w1 = sy::make_view<const T>(m.copy(w1.data() + first * p * d, static_cast<std::size_t>(n * p * d)), n, p, d);
-    w.b1 = sy::make_view<const T>(m.copy(b1.data() + first * p, static_cast<std::size_t>(n * p)), n, p);
-    w.w2 = sy::make_view<const T>(m.copy(w2.data() + first * d * f, static_cast<std::size_t>(n * d * f)), n, d, f);
-    w.b2 = sy::make_view<const T>(m.copy(b2.data() + first * d, static_cast<std::size_t>(n * d)), n, d);
+    w.w1 = sy::make_view<const T>(
+        m.copy(w1.data() + first * p * d, static_cast<std::size_t>(n * p * d)), n, p, d);
+    w.b1 = sy::make_view<const T>(m.copy(b1.data() + first * p, static_cast<std::size_t>(n * p)), n,
+                                  p);
+    w.w2 = sy::make_view<const T>(
+        m.copy(w2.data() + first * d * f, static_cast<std::size_t>(n * d * f)), n, d, f);
+    w.b2 = sy::make_view<const T>(m.copy(b2.data() + first * d, static_cast<std::size_t>(n * d)), n,
+                                  d);
     return w;
   }
 };
 
 template <class Router>
 Router make_router() {
-  if constexpr (std::is_same_v<Router, sy::routers::TopK>) return Router{.k = 2};
-  else if constexpr (std::is_same_v<Router, sy::routers::TopP>) return Router{.p = 0.5f};
-  else return Router{.threshold = 0.2f};
+  if constexpr (std::is_same_v<Router, sy::routers::TopK>)
+    return Router{.k = 2};
+  else if constexpr (std::is_same_v<Router, sy::routers::TopP>)
+    return Router{.p = 0.5f};
+  else
+    return Router{.threshold = 0.2f};
 }
 
 //! Expert grads on the device set to the base values of experts [first, first + n).
@@ -158,7 +165,7 @@ struct outputs {
   std::vector<float> y;  //!< as float (T converted exactly)
   std::vector<float> dx, dw, gw1, gb1, gw2, gb2, rg;
   std::vector<index_t> dropped;
-  std::string error;     //!< an exception's type and text, if one was thrown
+  std::string error;  //!< an exception's type and text, if one was thrown
 };
 
 template <sy::ElementType T>
@@ -190,8 +197,10 @@ outputs run_plan(const Layer& layer, const sy::cuda::context& ctx, const host_da
   const index_t d = h.pb.d, width = plan.width;
   gpu::device_mirror m(s);
   const sy::expert_weights<T> w = h.weights(m, first, n);
-  const auto x = sy::make_view<const T>(m.copy(h.x.data() + begin * d, static_cast<std::size_t>(tokens * d)), tokens, d);
-  const auto dy = sy::make_view<const T>(m.copy(h.dy.data() + begin * d, static_cast<std::size_t>(tokens * d)), tokens, d);
+  const auto x = sy::make_view<const T>(
+      m.copy(h.x.data() + begin * d, static_cast<std::size_t>(tokens * d)), tokens, d);
+  const auto dy = sy::make_view<const T>(
+      m.copy(h.dy.data() + begin * d, static_cast<std::size_t>(tokens * d)), tokens, d);
   const gpu::device_plan dp(plan, s);
   gpu::device_output<T> y(static_cast<std::size_t>(tokens * d), s);
   gpu::device_output<index_t> dropped(static_cast<std::size_t>(plan.num_experts), s);
@@ -221,9 +230,12 @@ outputs run_full(const Layer& layer, const sy::cuda::context& ctx, const host_da
   const index_t d = h.pb.d, e = h.pb.experts();
   gpu::device_mirror m(s);
   const sy::expert_weights<T> w = h.weights(m, first, n);
-  const auto x = sy::make_view<const T>(m.copy(h.x.data() + begin * d, static_cast<std::size_t>(tokens * d)), tokens, d);
-  const auto dy = sy::make_view<const T>(m.copy(h.dy.data() + begin * d, static_cast<std::size_t>(tokens * d)), tokens, d);
-  const typename Layer::router_params rp{sy::make_view<const float>(m.copy(h.rw.data(), h.rw.size()), e, d)};
+  const auto x = sy::make_view<const T>(
+      m.copy(h.x.data() + begin * d, static_cast<std::size_t>(tokens * d)), tokens, d);
+  const auto dy = sy::make_view<const T>(
+      m.copy(h.dy.data() + begin * d, static_cast<std::size_t>(tokens * d)), tokens, d);
+  const typename Layer::router_params rp{
+      sy::make_view<const float>(m.copy(h.rw.data(), h.rw.size()), e, d)};
   const index_t width = layer.router.width(rp);
   gpu::device_state<typename Layer::losses_type> st(tokens, width, e, s);
   gpu::device_output<T> y(static_cast<std::size_t>(tokens * d), s);
@@ -299,15 +311,16 @@ using ep_layer = sy::MoELayer<Router, swiglu, sy::parallel::ExpertParallel<Comm,
 //! The concatenated reference plan (the router's on the concatenation) and, for `edge`, a
 //! plan sending every pair to rank 0's experts instead.
 template <class Router, sy::ElementType T>
-sy::routing::routing_plan reference_plan(const sy::cuda::context& ctx, const host_data<Router, T>& h,
-                                         bool edge) {
+sy::routing::routing_plan reference_plan(const sy::cuda::context& ctx,
+                                         const host_data<Router, T>& h, bool edge) {
   const problem& pb = h.pb;
   const index_t n = pb.total(), d = pb.d, e = pb.experts();
   const ref_layer<Router> layer{.router = make_router<Router>()};
   gpu::device_mirror m(ctx.stream);
   const sy::expert_weights<T> w = h.weights(m, 0, e);
   const auto x = sy::make_view<const T>(m.copy(h.x.data(), h.x.size()), n, d);
-  const typename ref_layer<Router>::router_params rp{sy::make_view<const float>(m.copy(h.rw.data(), h.rw.size()), e, d)};
+  const typename ref_layer<Router>::router_params rp{
+      sy::make_view<const float>(m.copy(h.rw.data(), h.rw.size()), e, d)};
   const index_t width = layer.router.width(rp);
   gpu::device_state<typename ref_layer<Router>::losses_type> st(n, width, e, ctx.stream);
   gpu::device_output<T> y(static_cast<std::size_t>(n * d), ctx.stream);
@@ -330,13 +343,16 @@ sy::routing::routing_plan reference_plan(const sy::cuda::context& ctx, const hos
 //! The host planning rule of static_bound for rank r's plan rows: dropped pairs per expert.
 std::vector<index_t> expected_drops(const sy::routing::routing_plan& p, index_t experts,
                                     index_t per_rank, int ranks, index_t peer_rows) {
-  std::vector<index_t> dropped(static_cast<std::size_t>(experts), 0), claimed(static_cast<std::size_t>(ranks), 0);
+  std::vector<index_t> dropped(static_cast<std::size_t>(experts), 0),
+      claimed(static_cast<std::size_t>(ranks), 0);
   for (index_t t = 0; t < p.num_tokens; ++t) {
     for (index_t j = 0; j < p.counts[static_cast<std::size_t>(t)]; ++j) {
       const index_t e = p.expert_ids[static_cast<std::size_t>(t * p.width + j)];
       const std::size_t dst = static_cast<std::size_t>(e / per_rank);
-      if (claimed[dst] >= peer_rows) ++dropped[static_cast<std::size_t>(e)];
-      else ++claimed[dst];
+      if (claimed[dst] >= peer_rows)
+        ++dropped[static_cast<std::size_t>(e)];
+      else
+        ++claimed[dst];
     }
   }
   return dropped;
@@ -349,9 +365,12 @@ std::vector<char> tokens_with_drops(const sy::routing::routing_plan& p, index_t 
   std::vector<index_t> claimed(static_cast<std::size_t>(ranks), 0);
   for (index_t t = 0; t < p.num_tokens; ++t) {
     for (index_t j = 0; j < p.counts[static_cast<std::size_t>(t)]; ++j) {
-      const std::size_t dst = static_cast<std::size_t>(p.expert_ids[static_cast<std::size_t>(t * p.width + j)] / per_rank);
-      if (claimed[dst] >= peer_rows) out[static_cast<std::size_t>(t)] = 1;
-      else ++claimed[dst];
+      const std::size_t dst = static_cast<std::size_t>(
+          p.expert_ids[static_cast<std::size_t>(t * p.width + j)] / per_rank);
+      if (claimed[dst] >= peer_rows)
+        out[static_cast<std::size_t>(t)] = 1;
+      else
+        ++claimed[dst];
     }
   }
   return out;
@@ -369,8 +388,9 @@ void plan_cases(int ranks, bool edge, capacity_kind cap, std::uint64_t seed) {
   const sy::routing::routing_plan plan = reference_plan(main_ctx.get(), h, edge);
   const ref_layer<Router> ref{.router = make_router<Router>()};
   const outputs want = run_plan(ref, main_ctx.get(), h, plan, 0, pb.total(), 0, e);
-  const index_t peer_rows = cap == capacity_kind::static_loose ? pb.total() * plan.width
-                            : cap == capacity_kind::static_tight ? 1 : -1;
+  const index_t peer_rows = cap == capacity_kind::static_loose   ? pb.total() * plan.width
+                            : cap == capacity_kind::static_tight ? 1
+                                                                 : -1;
 
   std::vector<outputs> got(static_cast<std::size_t>(ranks));
   sy::parallel::cuda_thread_group group(ranks, 0);
@@ -380,8 +400,8 @@ void plan_cases(int ranks, bool edge, capacity_kind cap, std::uint64_t seed) {
     const sy::routing::routing_plan mine = plan_rows(plan, pb.offset(r), pb.tokens(r));
     outputs& o = got[static_cast<std::size_t>(r)];
     if (peer_rows < 0) {
-      const ep_layer<Router, sy::parallel::cuda_thread_comm> layer{
-          .router = make_router<Router>(), .dispatch = {.comm = &comm}};
+      const ep_layer<Router, sy::parallel::cuda_thread_comm> layer{.router = make_router<Router>(),
+                                                                   .dispatch = {.comm = &comm}};
       o = run_plan(layer, ctx.get(), h, mine, pb.offset(r), pb.tokens(r), r * epr, epr);
     } else {
       const ep_layer<Router, sy::parallel::cuda_thread_comm, sy::parallel::static_bound> layer{
@@ -396,14 +416,18 @@ void plan_cases(int ranks, bool edge, capacity_kind cap, std::uint64_t seed) {
     const outputs& o = got[static_cast<std::size_t>(r)];
     const index_t off = pb.offset(r), tk = pb.tokens(r), w = plan.width;
     const std::string who = sy::detail::concat(
-        sy::detail::concat("N = ", ranks, ", rank ", r, ", T = ", sizeof(T) == 4 ? "float" : "bfloat16",
-                           ", ", edge ? "edge plan (all to rank 0)" : "router plan", ", "),
-        cap == capacity_kind::eager ? "eager" : cap == capacity_kind::static_loose ? "static_bound (loose)" : "static_bound (peer_rows 1)",
+        sy::detail::concat("N = ", ranks, ", rank ", r,
+                           ", T = ", sizeof(T) == 4 ? "float" : "bfloat16", ", ",
+                           edge ? "edge plan (all to rank 0)" : "router plan", ", "),
+        cap == capacity_kind::eager          ? "eager"
+        : cap == capacity_kind::static_loose ? "static_bound (loose)"
+                                             : "static_bound (peer_rows 1)",
         ": ");
     if (cap == capacity_kind::static_tight) {
       const sy::routing::routing_plan mine = plan_rows(plan, off, tk);
       const std::vector<index_t> drops = expected_drops(mine, e, epr, ranks, 1);
-      BOOST_CHECK_MESSAGE(o.dropped == drops, who << "dropped counts differ from the planning rule");
+      BOOST_CHECK_MESSAGE(o.dropped == drops,
+                          who << "dropped counts differ from the planning rule");
       const std::vector<char> lost = tokens_with_drops(mine, epr, ranks, 1);
       for (index_t t = 0; t < tk; ++t) {
         // Tokens that kept every pair: within the tolerance of the reference (not bitwise:
@@ -421,8 +445,9 @@ void plan_cases(int ranks, bool edge, capacity_kind cap, std::uint64_t seed) {
     expect_bitwise(who + "grads.b1", o.gb1, experts_of(want.gb1, r * epr, epr, p), bt);
     expect_bitwise(who + "grads.w2", o.gw2, experts_of(want.gw2, r * epr, epr, d * f), bt);
     expect_bitwise(who + "grads.b2", o.gb2, experts_of(want.gb2, r * epr, epr, d), bt);
-    BOOST_CHECK_MESSAGE(std::all_of(o.dropped.begin(), o.dropped.end(), [](index_t v) { return v == 0; }),
-                        who << "dropped must be all 0 (nothing over the bound)");
+    BOOST_CHECK_MESSAGE(
+        std::all_of(o.dropped.begin(), o.dropped.end(), [](index_t v) { return v == 0; }),
+        who << "dropped must be all 0 (nothing over the bound)");
   }
 }
 
@@ -438,19 +463,22 @@ void full_cases(int ranks, std::uint64_t seed) {
   {
     const sy::cuda::stream_context main_ctx(4096, 0);
     for (int r = 0; r < ranks; ++r)
-      want[static_cast<std::size_t>(r)] = run_full(ref, main_ctx.get(), h, pb.offset(r), pb.tokens(r), 0, e);
+      want[static_cast<std::size_t>(r)] =
+          run_full(ref, main_ctx.get(), h, pb.offset(r), pb.tokens(r), 0, e);
   }
   sy::parallel::cuda_thread_group group(ranks, 0);
   sy::parallel::run_cuda_ranks(group, [&](const sy::parallel::cuda_thread_comm& comm) {
     const int r = comm.rank();
     const sy::cuda::stream_context ctx(4096, 0);
-    const ep_layer<Router, sy::parallel::cuda_thread_comm> layer{
-        .router = make_router<Router>(), .dispatch = {.comm = &comm}};
-    got[static_cast<std::size_t>(r)] = run_full(layer, ctx.get(), h, pb.offset(r), pb.tokens(r), r * epr, epr);
+    const ep_layer<Router, sy::parallel::cuda_thread_comm> layer{.router = make_router<Router>(),
+                                                                 .dispatch = {.comm = &comm}};
+    got[static_cast<std::size_t>(r)] =
+        run_full(layer, ctx.get(), h, pb.offset(r), pb.tokens(r), r * epr, epr);
   });
   for (int r = 0; r < ranks; ++r) {
-    const std::string who = sy::detail::concat("full forward + backward, N = ", ranks, ", rank ", r,
-                                               ", T = ", sizeof(T) == 4 ? "float" : "bfloat16", ": ");
+    const std::string who =
+        sy::detail::concat("full forward + backward, N = ", ranks, ", rank ", r,
+                           ", T = ", sizeof(T) == 4 ? "float" : "bfloat16", ": ");
     const outputs& o = got[static_cast<std::size_t>(r)];
     const outputs& w = want[static_cast<std::size_t>(r)];
     (void)d;
@@ -464,16 +492,92 @@ void full_cases(int ranks, std::uint64_t seed) {
 
 BOOST_AUTO_TEST_SUITE(cuda_expert_parallel)
 
-using routers_and_types = std::tuple<std::pair<sy::routers::TopK, float>,
-                                     std::pair<sy::routers::TopK, sy::bfloat16>,
-                                     std::pair<sy::routers::TopP, float>,
-                                     std::pair<sy::routers::TopP, sy::bfloat16>,
-                                     std::pair<sy::routers::AdaptiveGating, float>>;
+// The communicator alone first (a failure here explains any below): N = 3 ranks,
+// all_to_all of 5-byte blocks and all_to_all_v with rank-dependent sizes (zero included) and
+// gaps, received bytes compared with what the host expects (receive buffers poisoned first);
+// all_gather and all_agree.
+BOOST_AUTO_TEST_CASE(cuda_thread_comm_collectives) {
+  constexpr int n = 3;
+  constexpr index_t block = 5;
+  const auto byte_of = [](int src, int dst, index_t i) {
+    return static_cast<unsigned char>(1 + (src * 31 + dst * 7 + i * 3) % 200);
+  };
+  // all_to_all_v: src sends dst (src + dst) % 3 · 4 bytes; received at dst's offset src · 16.
+  const auto v_bytes = [](int src, int dst) { return static_cast<index_t>((src + dst) % 3 * 4); };
+  std::vector<std::string> errors(n);
+  sy::parallel::cuda_thread_group group(n, 0);
+  sy::parallel::run_cuda_ranks(group, [&](const sy::parallel::cuda_thread_comm& comm) {
+    const int r = comm.rank();
+    const sy::cuda::stream_context ctx(16, 0);
+    std::string& err = errors[static_cast<std::size_t>(r)];
+    std::vector<unsigned char> send(n * block), vsend(n * 16, 0);
+    std::vector<index_t> sb(n), sd(n), rb(n), rd(n);
+    for (int p = 0; p < n; ++p) {
+      for (index_t i = 0; i < block; ++i)
+        send[static_cast<std::size_t>(p * block + i)] = byte_of(r, p, i);
+      sb[static_cast<std::size_t>(p)] = v_bytes(r, p);
+      sd[static_cast<std::size_t>(p)] = p * 16;
+      rb[static_cast<std::size_t>(p)] = v_bytes(p, r);
+      rd[static_cast<std::size_t>(p)] = p * 16 + 2;  // a gap of 2 bytes before each block
+      for (index_t i = 0; i < v_bytes(r, p); ++i)
+        vsend[static_cast<std::size_t>(p * 16 + i)] = byte_of(r, p, i + 50);
+    }
+    gpu::device_output<unsigned char> ds(send.size(), ctx.stream()), dr(send.size(), ctx.stream()),
+        vs(vsend.size(), ctx.stream()), vr(vsend.size() + 2, ctx.stream());
+    ds.set(send);
+    vs.set(vsend);
+    comm.all_to_all(ds.a.data(), dr.a.data(), block, ctx.stream());
+    comm.all_to_all_v(vs.a.data(), sb.data(), sd.data(), vr.a.data(), rb.data(), rd.data(),
+                      ctx.stream());
+    const std::vector<unsigned char> got = dr.download(), vgot = vr.download();
+    for (int p = 0; p < n && err.empty(); ++p) {
+      for (index_t i = 0; i < block; ++i) {
+        if (got[static_cast<std::size_t>(p * block + i)] != byte_of(p, r, i)) {
+          err = sy::detail::concat("all_to_all: rank ", r, " block from rank ", p, " byte ", i,
+                                   ": got ", int{got[static_cast<std::size_t>(p * block + i)]},
+                                   ", want ", int{byte_of(p, r, i)});
+          break;
+        }
+      }
+      for (index_t i = 0; i < v_bytes(p, r) && err.empty(); ++i) {
+        const unsigned char g = vgot[static_cast<std::size_t>(p * 16 + 2 + i)];
+        if (g != byte_of(p, r, i + 50)) {
+          err = sy::detail::concat("all_to_all_v: rank ", r, " from rank ", p, " byte ", i,
+                                   ": got ", int{g}, ", want ", int{byte_of(p, r, i + 50)});
+        }
+      }
+      if (err.empty() && vgot[static_cast<std::size_t>(p * 16)] != 0xFF) {
+        err = sy::detail::concat("all_to_all_v: rank ", r, " wrote into the gap before rank ", p,
+                                 "'s block");
+      }
+    }
+    std::vector<index_t> all(n);
+    comm.all_gather(10 + r, sy::span<index_t>(all.data(), all.size()));
+    for (int p = 0; p < n; ++p) {
+      if (all[static_cast<std::size_t>(p)] != 10 + p && err.empty()) {
+        err = sy::detail::concat("all_gather: rank ", r, " got ", all[static_cast<std::size_t>(p)],
+                                 " for rank ", p);
+      }
+    }
+    if (!comm.all_agree(true) || comm.all_agree(r != 1)) {
+      if (err.empty()) err = sy::detail::concat("all_agree: rank ", r, " got a wrong vote");
+    }
+  });
+  for (int r = 0; r < n; ++r)
+    BOOST_CHECK_MESSAGE(errors[static_cast<std::size_t>(r)].empty(),
+                        errors[static_cast<std::size_t>(r)]);
+}
+
+using routers_and_types =
+    std::tuple<std::pair<sy::routers::TopK, float>, std::pair<sy::routers::TopK, sy::bfloat16>,
+               std::pair<sy::routers::TopP, float>, std::pair<sy::routers::TopP, sy::bfloat16>,
+               std::pair<sy::routers::AdaptiveGating, float>>;
 
 BOOST_AUTO_TEST_CASE_TEMPLATE(plan_bitwise_eager_n1_to_4, RT, routers_and_types) {
   using Router = typename RT::first_type;
   using T = typename RT::second_type;
-  for (int n = 1; n <= 4; ++n) plan_cases<Router, T>(n, false, capacity_kind::eager, 10 + static_cast<std::uint64_t>(n));
+  for (int n = 1; n <= 4; ++n)
+    plan_cases<Router, T>(n, false, capacity_kind::eager, 10 + static_cast<std::uint64_t>(n));
 }
 
 BOOST_AUTO_TEST_CASE_TEMPLATE(full_tolerance_n1_to_4, RT, routers_and_types) {
@@ -484,9 +588,12 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(full_tolerance_n1_to_4, RT, routers_and_types) {
 
 BOOST_AUTO_TEST_CASE(static_bound_loose_is_eager_and_tight_counts_drops) {
   for (int n : {2, 3}) {
-    plan_cases<sy::routers::TopK, float>(n, false, capacity_kind::static_loose, 30 + static_cast<std::uint64_t>(n));
-    plan_cases<sy::routers::TopK, sy::bfloat16>(n, false, capacity_kind::static_loose, 40 + static_cast<std::uint64_t>(n));
-    plan_cases<sy::routers::TopK, float>(n, false, capacity_kind::static_tight, 50 + static_cast<std::uint64_t>(n));
+    plan_cases<sy::routers::TopK, float>(n, false, capacity_kind::static_loose,
+                                         30 + static_cast<std::uint64_t>(n));
+    plan_cases<sy::routers::TopK, sy::bfloat16>(n, false, capacity_kind::static_loose,
+                                                40 + static_cast<std::uint64_t>(n));
+    plan_cases<sy::routers::TopK, float>(n, false, capacity_kind::static_tight,
+                                         50 + static_cast<std::uint64_t>(n));
   }
 }
 
@@ -527,7 +634,8 @@ BOOST_AUTO_TEST_CASE(host_communicator_rejected_on_every_rank) {
   });
   for (int r = 0; r < 2; ++r) {
     BOOST_CHECK_MESSAGE(errors[static_cast<std::size_t>(r)].empty(),
-                        "rank " << r << ": expected memory_space_error, got " << errors[static_cast<std::size_t>(r)]);
+                        "rank " << r << ": expected memory_space_error, got "
+                                << errors[static_cast<std::size_t>(r)]);
   }
 }
 
@@ -558,7 +666,8 @@ BOOST_AUTO_TEST_CASE(nccl_one_rank_bitwise_and_full) {
       const outputs got = run_full(layer, ctx.get(), h, 0, t, 0, e);
       gpu::expect_close("nccl N = 1 full: y", got.y, want.y, gpu::forward_tolerance<float>());
       gpu::expect_close("nccl N = 1 full: dx", got.dx, want.dx, gpu::backward_tolerance<float>());
-      gpu::expect_close("nccl N = 1 full: router grads", got.rg, want.rg, gpu::backward_tolerance<float>());
+      gpu::expect_close("nccl N = 1 full: router grads", got.rg, want.rg,
+                        gpu::backward_tolerance<float>());
     }
   }
 }

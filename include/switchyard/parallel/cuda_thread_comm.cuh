@@ -59,8 +59,8 @@ class cuda_thread_group {
     int count = 0;
     check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
     if (device < 0 || device >= count) {
-      throw range_error("device", detail::concat("device: must be in [0, ", count, "), got ",
-                                                 device));
+      throw range_error("device",
+                        detail::concat("device: must be in [0, ", count, "), got ", device));
     }
     check(cudaSetDevice(device), "cudaSetDevice");
     slots_.resize(static_cast<std::size_t>(ranks));
@@ -93,10 +93,10 @@ class cuda_thread_group {
     const void* send = nullptr;
     const index_t* send_bytes = nullptr;  //!< [N] (all_to_all_v) or null (all_to_all)
     const index_t* send_displs = nullptr;
-    index_t bytes = 0;                    //!< all_to_all's block, all_gather's value
-    bool ok = true;                       //!< all_agree's vote
-    cudaEvent_t ready = nullptr;          //!< the send buffer is ready (on the rank's stream)
-    cudaEvent_t done = nullptr;           //!< the rank's copies out of its peers completed
+    index_t bytes = 0;            //!< all_to_all's block, all_gather's value
+    bool ok = true;               //!< all_agree's vote
+    cudaEvent_t ready = nullptr;  //!< the send buffer is ready (on the rank's stream)
+    cudaEvent_t done = nullptr;   //!< the rank's copies out of its peers completed
   };
 
   static void check(cudaError_t status, const char* call) {
@@ -235,9 +235,7 @@ class cuda_thread_comm {
   }
 
  private:
-  cuda_thread_group::slot& mine() const {
-    return group_->slots_[static_cast<std::size_t>(rank_)];
-  }
+  cuda_thread_group::slot& mine() const { return group_->slots_[static_cast<std::size_t>(rank_)]; }
   const cuda_thread_group::slot& peer(int r) const {
     return group_->slots_[static_cast<std::size_t>(r)];
   }
@@ -264,9 +262,9 @@ class cuda_thread_comm {
 
   static void copy(std::byte* to, const std::byte* from, index_t n, cudaStream_t stream) {
     if (n > 0) {
-      cuda_thread_group::check(cudaMemcpyAsync(to, from, static_cast<std::size_t>(n),
-                                               cudaMemcpyDeviceToDevice, stream),
-                               "cudaMemcpyAsync");
+      cuda_thread_group::check(
+          cudaMemcpyAsync(to, from, static_cast<std::size_t>(n), cudaMemcpyDeviceToDevice, stream),
+          "cudaMemcpyAsync");
     }
   }
   [[noreturn]] void fail(const std::string& what) const {
@@ -306,7 +304,8 @@ void run_cuda_ranks(cuda_thread_group& group, Body&& body) {
     if (errors[static_cast<std::size_t>(r)] && !group.peer_caused_[static_cast<std::size_t>(r)])
       std::rethrow_exception(errors[static_cast<std::size_t>(r)]);
   for (int r = 0; r < n; ++r)
-    if (errors[static_cast<std::size_t>(r)]) std::rethrow_exception(errors[static_cast<std::size_t>(r)]);
+    if (errors[static_cast<std::size_t>(r)])
+      std::rethrow_exception(errors[static_cast<std::size_t>(r)]);
 }
 
 }  // namespace switchyard::parallel

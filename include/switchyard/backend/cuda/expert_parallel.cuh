@@ -164,8 +164,9 @@ struct cuda_ep_host_plan {
   static void copy2d(U* dst, const V* src, index_t rows, index_t row_stride, index_t col_stride,
                      index_t cols, cudaStream_t stream, const char* what) {
     if (col_stride != 1 && cols > 1) {
-      throw shape_error(what, concat(what, ": ExpertParallel on the CUDA backend needs unit "
-                                           "stride in the last extent, got ",
+      throw shape_error(what, concat(what,
+                                     ": ExpertParallel on the CUDA backend needs unit "
+                                     "stride in the last extent, got ",
                                      col_stride));
     }
     const std::size_t row = sizeof(U) * static_cast<std::size_t>(cols);
@@ -224,10 +225,10 @@ void cuda_ep_exchange_rows(const C& comm, const ep_exchange& ex, bool to_owner, 
   const std::size_t n = static_cast<std::size_t>(ex.ranks);
   std::vector<index_t> sb(n), sd(n), rb(n), rd(n);
   for (std::size_t r = 0; r < n; ++r) {
-    const index_t out = to_owner ? ex.sent_to(static_cast<index_t>(r))
-                                 : ex.received_from(static_cast<index_t>(r));
-    const index_t in = to_owner ? ex.received_from(static_cast<index_t>(r))
-                                : ex.sent_to(static_cast<index_t>(r));
+    const index_t out =
+        to_owner ? ex.sent_to(static_cast<index_t>(r)) : ex.received_from(static_cast<index_t>(r));
+    const index_t in =
+        to_owner ? ex.received_from(static_cast<index_t>(r)) : ex.sent_to(static_cast<index_t>(r));
     sb[r] = out * row_bytes;
     sd[r] = (to_owner ? ex.send_row0[r] : ex.recv_row0[r]) * row_bytes;
     rb[r] = in * row_bytes;
@@ -251,7 +252,8 @@ struct cuda_ep_setup {
     const C& comm = *ep.comm;
     if (!comm.all_agree(host.valid())) {
       throw range_error("plan", concat("plan: a rank's plan has a count outside [0, width] or an "
-                                       "expert id outside [0, E = ", experts,
+                                       "expert id outside [0, E = ",
+                                       experts,
                                        ") (ExpertParallel checks every rank's plan before any "
                                        "exchange)"));
     }
@@ -320,8 +322,8 @@ void cuda_ep_local_phase(const cuda::context& ctx,
   cuda::device_array<std::byte> dev(mws.required(), ctx.stream);
   std::vector<std::byte> hbytes(mhws.required());
   workspace_arena ws(dev.bytes()), hws({hbytes.data(), hbytes.size()});
-  const cuda::device_groups g = cuda::plan_groups(ctx, sg, rplan, rows, index_t{1}, local,
-                                                  nullptr, ws, hws);
+  const cuda::device_groups g =
+      cuda::plan_groups(ctx, sg, rplan, rows, index_t{1}, local, nullptr, ws, hws);
   cuda::check(cudaStreamSynchronize(ctx.stream), "cudaStreamSynchronize");  // host counts
   phase(g, ws, hws);
   // hbytes holds the grouped GEMMs' host arguments: wait before it is freed.
@@ -431,19 +433,21 @@ void experts_backward(const context& ctx, const parallel::ExpertParallel<C, Capa
   device_array<T> send(send_rows * ud, ctx.stream), xr(recv_rows * ud, ctx.stream),
       dyr(recv_rows * ud, ctx.stream);
   std::vector<float> wsend_host(send_rows, 0.0f);
-  detail::pack_pair_rows(s.host.view(), ex, 1,
-                         detail::pair_weights<const typename decltype(s.host)::weight_type>{
-                             s.host.view().weights},
-                         wsend_host);
+  detail::pack_pair_rows(
+      s.host.view(), ex, 1,
+      detail::pair_weights<const typename decltype(s.host)::weight_type>{s.host.view().weights},
+      wsend_host);
   device_array<float> wsend(wsend_host, ctx.stream), wr(recv_rows, ctx.stream);
   const index_t n_send = ex.send_rows * d;
   if (n_send > 0) {
-    for_each(ctx.stream, n_send, detail::cuda_ep_gather_rows<T>{x, s.row_token.data(), d, send.data()},
+    for_each(ctx.stream, n_send,
+             detail::cuda_ep_gather_rows<T>{x, s.row_token.data(), d, send.data()},
              "switchyard::detail::cuda_ep_gather_rows");
   }
   detail::cuda_ep_exchange_rows(comm, ex, true, send.data(), xr.data(), d, ctx.stream);
   if (n_send > 0) {
-    for_each(ctx.stream, n_send, detail::cuda_ep_gather_rows<T>{dy, s.row_token.data(), d, send.data()},
+    for_each(ctx.stream, n_send,
+             detail::cuda_ep_gather_rows<T>{dy, s.row_token.data(), d, send.data()},
              "switchyard::detail::cuda_ep_gather_rows");
   }
   detail::cuda_ep_exchange_rows(comm, ex, true, send.data(), dyr.data(), d, ctx.stream);
@@ -455,8 +459,7 @@ void experts_backward(const context& ctx, const parallel::ExpertParallel<C, Capa
   if (recv_rows > 0) {
     check(cudaMemsetAsync(dxr.data(), 0, sizeof(float) * recv_rows * ud, ctx.stream),
           "cudaMemsetAsync");
-    check(cudaMemsetAsync(dwr.data(), 0, sizeof(float) * recv_rows, ctx.stream),
-          "cudaMemsetAsync");
+    check(cudaMemsetAsync(dwr.data(), 0, sizeof(float) * recv_rows, ctx.stream), "cudaMemsetAsync");
     const std::vector<float> wr_host = wr.to_host();  // the receiver plan's weights
     const detail::cuda_ep_receiver_plan rp(ex, wr_host.data(), ctx.stream);
     const auto rplan = rp.view(local);
@@ -485,8 +488,8 @@ void experts_backward(const context& ctx, const parallel::ExpertParallel<C, Capa
   }
   const bool has_dx = detail::present(dx);
   const ops::combine_backward_slots<T, Id, W> combine{
-      plan.weights, plan.counts, s.pair_row.data(), width, d, back.data(), x, dy, false,
-      d_weights, dx, has_dx};
+      plan.weights, plan.counts, s.pair_row.data(), width, d,     back.data(), x,
+      dy,           false,       d_weights,         dx,    has_dx};
   if (has_dx && tokens * d > 0) {
     for_each(ctx.stream, tokens * d, ops::combine_backward_elements<T, Id, W>{combine},
              "switchyard::ops::combine_backward_elements");
