@@ -25,7 +25,8 @@
 // with peer_rows = 1 (the drops counted exactly as the host planning rule says; tokens that
 // kept every pair within the tolerance), a plan that sends every pair to rank 0's experts (the
 // other ranks receive nothing), and a host communicator (thread_comm) rejected with
-// memory_space_error on every rank. Every output is poisoned before a run. Comparisons run on the
+// memory_space_error on every rank, and a NaN in one rank's x rejected with non_finite_error
+// on every rank. Every output is poisoned before a run. Comparisons run on the
 // main thread after the ranks joined. Skipped without a device (cuda_test_main.cu).
 #include <boost/test/unit_test.hpp>
 
@@ -636,6 +637,46 @@ BOOST_AUTO_TEST_CASE(host_communicator_rejected_on_every_rank) {
     BOOST_CHECK_MESSAGE(errors[static_cast<std::size_t>(r)].empty(),
                         "rank " << r << ": expected memory_space_error, got "
                                 << errors[static_cast<std::size_t>(r)]);
+  }
+}
+
+// A NaN in rank 1's x (forward_experts, 3 ranks): non_finite_error on every rank, the
+// exchange never starts (no rank hangs; the test would time out instead).
+BOOST_AUTO_TEST_CASE(non_finite_token_rejected_on_every_rank) {
+  constexpr int n = 3;
+  const problem pb{.ranks = n, .seed = 91};
+  host_data<sy::routers::TopK, float> h(pb);
+  h.x[static_cast<std::size_t>((pb.offset(1) + 1) * pb.d + 2)] = std::nanf("");
+  std::vector<std::string> errors(n);
+  sy::parallel::cuda_thread_group group(n, 0);
+  sy::parallel::run_cuda_ranks(group, [&](const sy::parallel::cuda_thread_comm& comm) {
+    const int r = comm.rank();
+    const sy::cuda::stream_context ctx(4096, 0);
+    sy::routing::routing_plan plan;
+    plan.num_tokens = pb.tokens(r);
+    plan.width = 1;
+    plan.num_experts = pb.experts();
+    plan.expert_ids.assign(static_cast<std::size_t>(plan.num_tokens), (r + 1) % n * 2);
+    plan.weights.assign(static_cast<std::size_t>(plan.num_tokens), 1.0f);
+    plan.counts.assign(static_cast<std::size_t>(plan.num_tokens), 1);
+    const ep_layer<sy::routers::TopK, sy::parallel::cuda_thread_comm> layer{
+        .router = make_router<sy::routers::TopK>(), .dispatch = {.comm = &comm}};
+    std::string& err = errors[static_cast<std::size_t>(r)];
+    try {
+      (void)run_plan(layer, ctx.get(), h, plan, pb.offset(r), pb.tokens(r), r * 2, 2);
+      err = "no exception";
+    } catch (const sy::non_finite_error& e) {
+      const std::string what = e.what();
+      if (r == 1 && what.find("x[1, 2]") == std::string::npos)
+        err = "rank 1's message does not name x[1, 2]: " + what;
+    } catch (const std::exception& e) {
+      err = std::string("another exception: ") + e.what();
+    }
+  });
+  for (int r = 0; r < n; ++r) {
+    BOOST_CHECK_MESSAGE(
+        errors[static_cast<std::size_t>(r)].empty(),
+        "rank " << r << ": expected non_finite_error, got " << errors[static_cast<std::size_t>(r)]);
   }
 }
 

@@ -29,8 +29,8 @@
 //! not CUDA-graph capturable yet), and the receiver's sorted_grouped phase waits for its
 //! per-expert counts like the single-process layer. A malformed plan (an id outside [0, E),
 //! a count outside [0, width]) is agreed (`all_agree`) and throws range_error on every rank.
-//! A non-finite token is recorded in the status word as usual; under expert parallelism it is
-//! thrown at the end (the convenience path) or by `cuda::check_status`, after the exchanges.
+//! A non-finite token in the forward's x is agreed the same way (non_finite_error on every
+//! rank, before any row moves; one more small wait).
 //!
 //! Allocation: the exchange's buffers and the local phase's workspace are stream-ordered
 //! device allocations per call (`cuda::device_array`); the layer's workspace query counts
@@ -58,6 +58,7 @@
 #include "switchyard/core/workspace.hpp"
 #include "switchyard/layer/expert_weights.hpp"
 #include "switchyard/ops/combine.hpp"
+#include "switchyard/ops/finite.hpp"
 #include "switchyard/parallel/comm.hpp"
 #include "switchyard/parallel/expert_parallel.hpp"
 #include "switchyard/routing/plan.hpp"
@@ -190,6 +191,61 @@ struct cuda_ep_gather_rows {
     out[i] = t >= 0 ? src(t, c) : from_float<T>(0.0f);
   }
 };
+
+//! Lowers `*first` to the index of a non-finite element of x (atomicMin on an integer: the
+//! smallest index wins whatever the thread order).
+template <ElementType T>
+struct cuda_ep_find_non_finite {
+  ops::non_finite_element<T> test;
+  unsigned long long* first;
+  SWITCHYARD_HD void operator()(index_t i) const {
+#ifdef __CUDA_ARCH__
+    if (test(i)) atomicMin(first, static_cast<unsigned long long>(i));
+#else
+    if (test(i) && static_cast<unsigned long long>(i) < *first)
+      *first = static_cast<unsigned long long>(i);
+#endif
+  }
+};
+
+//! Throws non_finite_error on every rank when some rank's x holds a NaN or an infinity (the
+//! rank that holds it names the first element, its peers name the rank), before any row moves.
+//! One small copy and a wait on ctx.stream, then one all_gather.
+template <parallel::Comm C, ElementType T>
+void cuda_ep_agree_finite(const cuda::context& ctx, const C& comm, const matrix_view<const T>& x) {
+  const index_t n = x.extent(0) * x.extent(1);
+  unsigned long long first = ~0ULL;
+  if (n > 0) {
+    cuda::device_array<unsigned long long> d(1, ctx.stream);
+    cuda::check(cudaMemcpyAsync(d.data(), &first, sizeof first, cudaMemcpyHostToDevice, ctx.stream),
+                "cudaMemcpyAsync");
+    cuda::for_each(ctx.stream, n, cuda_ep_find_non_finite<T>{{x}, d.data()},
+                   "switchyard::detail::cuda_ep_find_non_finite");
+    cuda::check(cudaMemcpyAsync(&first, d.data(), sizeof first, cudaMemcpyDeviceToHost, ctx.stream),
+                "cudaMemcpyAsync");
+    cuda::check(cudaStreamSynchronize(ctx.stream), "cudaStreamSynchronize");
+  }
+  const bool bad = first != ~0ULL;
+  std::vector<index_t> all(static_cast<std::size_t>(comm.size()));
+  comm.all_gather(bad ? 1 : 0, span<index_t>(all.data(), all.size()));
+  if (bad) {
+    const index_t i = static_cast<index_t>(first), d = x.extent(1);
+    T v{};
+    cuda::check(cudaMemcpy(&v, &x(i / d, i % d), sizeof v, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    throw non_finite_error("x", concat("x: every element must be finite, got ", to_float(v),
+                                       " at x[", i / d, ", ", i % d,
+                                       "] (ExpertParallel: every rank throws before any "
+                                       "exchange)"));
+  }
+  for (std::size_t r = 0; r < all.size(); ++r) {
+    if (all[r] != 0) {
+      throw non_finite_error(concat("rank ", r),
+                             concat("switchyard: ExpertParallel: rank ", r,
+                                    " holds a non-finite token (its own exception names it); "
+                                    "every rank throws non_finite_error and none exchanges"));
+    }
+  }
+}
 
 //! d_weights[p] = the returned value of pair p's send row, 0 for an unused or dropped pair.
 struct cuda_ep_scatter_weights {
@@ -362,6 +418,7 @@ void experts_forward(const context& ctx, const parallel::ExpertParallel<C, Capac
   const C& comm = *ep.comm;
   const index_t d = dm.d, local = w.num_experts(), experts = ep.global_experts(local);
   const index_t tokens = plan.num_tokens(), width = plan.width();
+  detail::cuda_ep_agree_finite(ctx, comm, x);
   const detail::cuda_ep_setup<C, Capacity, Local, Id, W> s(ctx, ep, plan, experts, local);
   const detail::ep_exchange& ex = s.ex;
   if (dropped != nullptr && experts > 0) {
