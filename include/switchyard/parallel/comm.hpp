@@ -2,8 +2,9 @@
 #pragma once
 //! \file comm.hpp
 //! The `Comm` concept: what expert parallelism (`parallel::ExpertParallel`, issue #16) needs
-//! from a communication engine. Three models: `parallel::thread_comm` (N ranks as threads of
-//! one process, host memory; for tests), `parallel::mpi_comm` (Open MPI, host memory) and
+//! from a communication engine. Models: `parallel::thread_comm` (N ranks as threads of one
+//! process, host memory; for tests), `parallel::cuda_thread_comm` (N thread ranks on one GPU,
+//! device memory; for tests), `parallel::mpi_comm` (Open MPI, host memory) and
 //! `parallel::nccl_comm` (NCCL, device memory, stream-ordered).
 //!
 //! Every operation is collective: every rank of the communicator calls it, in the same order,
