@@ -52,6 +52,20 @@ class memory_space_error : public invalid_argument {
   using invalid_argument::invalid_argument;
 };
 
+//! An output view overlaps an input view (or another output) in memory, e.g. `y` over `x`:
+//! the layer reads its inputs while it writes its outputs, so it never computes in place.
+//! `argument()` names the output, `other_argument()` the view it overlaps.
+class aliasing_error : public invalid_argument {
+ public:
+  aliasing_error(std::string argument, std::string other, const std::string& message)
+      : invalid_argument(std::move(argument), message), other_(std::move(other)) {}
+  //! Name of the other argument (the input or output the first one overlaps).
+  [[nodiscard]] const std::string& other_argument() const noexcept { return other_; }
+
+ private:
+  std::string other_;
+};
+
 //! A requested combination (method, parameter, dtype) is not implemented.
 class unsupported_error : public std::logic_error {
   using std::logic_error::logic_error;

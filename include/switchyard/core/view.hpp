@@ -9,6 +9,11 @@
 #include <cuda/std/mdspan>
 #include <cuda/std/span>
 
+#include <cstdint>
+#include <limits>
+#include <string_view>
+
+#include "switchyard/core/checked.hpp"
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/span.hpp"
 #include "switchyard/core/error.hpp"
@@ -58,13 +63,75 @@ SWITCHYARD_HD bool present(const V& v) {
 }
 }  // namespace detail
 
-//! Number of elements a view spans (product of its extents).
+//! Number of elements a view spans (product of its extents); throws range_error naming
+//! `argument` when the product does not fit in index_t.
 template <class V>
-index_t element_count(const V& v) {
+index_t element_count(const V& v, std::string_view argument = "view") {
   index_t n = 1;
-  for (std::size_t r = 0; r < V::rank(); ++r) n *= v.extent(r);
+  for (std::size_t r = 0; r < V::rank(); ++r) n = detail::checked_mul(argument, n, v.extent(r));
   return n;
 }
+
+namespace detail {
+//! The bytes a view can touch, [begin, end) as addresses (begin == end: none, e.g. an empty
+//! view): from its pointer to its last element, Σ_r (extent_r − 1)·stride_r elements on
+//! (strides >= 0). Saturates at the top of the address space instead of wrapping.
+struct byte_range {
+  std::uintptr_t begin = 0, end = 0;
+  [[nodiscard]] bool empty() const { return begin == end; }
+  //! Whether the two ranges share a byte.
+  [[nodiscard]] bool overlaps(const byte_range& o) const {
+    return !empty() && !o.empty() && begin < o.end && o.begin < end;
+  }
+};
+
+template <class V>
+byte_range bytes_of(const V& v) {
+  using element = typename V::element_type;
+  if (v.data_handle() == nullptr) return {};
+  const auto top = std::numeric_limits<std::uintptr_t>::max();
+  std::uintptr_t last = 0;  // offset of the last element, in elements (saturating)
+  bool saturated = false;
+  for (std::size_t r = 0; r < V::rank(); ++r) {
+    if (v.extent(r) <= 0) return {};
+    std::uintptr_t term = 0;
+    saturated = saturated ||
+                __builtin_mul_overflow(static_cast<std::uintptr_t>(v.extent(r) - 1),
+                                       static_cast<std::uintptr_t>(v.stride(r) < 0 ? 0 : v.stride(r)),
+                                       &term) ||
+                __builtin_add_overflow(last, term, &last);
+  }
+  const auto begin = reinterpret_cast<std::uintptr_t>(v.data_handle());
+  std::uintptr_t end = 0;
+  saturated = saturated || __builtin_add_overflow(last, std::uintptr_t{1}, &last) ||
+              __builtin_mul_overflow(last, sizeof(element), &last) ||
+              __builtin_add_overflow(begin, last, &end);
+  return {begin, saturated ? top : end};
+}
+
+//! Bytes of a contiguous span.
+template <class T, std::size_t X>
+byte_range bytes_of(const ::cuda::std::span<T, X>& s) {
+  if (s.data() == nullptr || s.empty()) return {};
+  const auto begin = reinterpret_cast<std::uintptr_t>(s.data());
+  return {begin, begin + s.size() * sizeof(T)};
+}
+
+//! Throws aliasing_error naming `output` and `other` when their byte ranges overlap (a
+//! cheap address test: two strided views whose ranges interleave without sharing an element
+//! are reported too; pass disjoint memory).
+inline void require_disjoint(std::string_view output, const byte_range& out,
+                             std::string_view other, const byte_range& in) {
+  if (out.overlaps(in)) {
+    throw aliasing_error(std::string(output), std::string(other),
+                         concat(output, " overlaps ", other, " in memory (", output, ": [0x",
+                                std::hex, out.begin, ", 0x", out.end, "), ", other, ": [0x",
+                                in.begin, ", 0x", in.end,
+                                ")); outputs must not share memory with inputs or with each "
+                                "other (docs/errors.md, aliasing)"));
+  }
+}
+}  // namespace detail
 
 //! True when the view is row-major contiguous (stride of the last dim 1, and so on).
 template <class V>
@@ -83,7 +150,7 @@ template <class V>
 void check_view(std::string_view argument, const V& v,
                 const ::cuda::std::array<index_t, V::rank()>& expected,
                 std::string_view meaning = {}) {
-  detail::require_data(argument, v.data_handle(), element_count(v));
+  detail::require_data(argument, v.data_handle(), element_count(v, argument));
   for (std::size_t r = 0; r < V::rank(); ++r) {
     if (expected[r] >= 0 && v.extent(r) != expected[r]) {
       std::ostringstream want, got;

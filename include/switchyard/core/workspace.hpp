@@ -12,6 +12,7 @@
 
 #include <cuda/std/span>
 
+#include "switchyard/core/checked.hpp"
 #include "switchyard/core/span.hpp"
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/error.hpp"
@@ -40,10 +41,14 @@ class workspace_arena {
   [[nodiscard]] std::size_t used() const { return used_; }
   //! Bytes a caller must supply for what this measuring arena counted: the count plus one
   //! alignment of slack for a span that does not start on an aligned boundary.
-  [[nodiscard]] std::size_t required() const { return used_ + alignment; }
+  [[nodiscard]] std::size_t required() const {
+    return static_cast<std::size_t>(detail::checked_add(
+        "workspace size", static_cast<index_t>(used_), static_cast<index_t>(alignment)));
+  }
 
   //! The next `n` elements of U (aligned); throws shape_error("workspace") naming the sizes
-  //! when the caller's span is too small.
+  //! when the caller's span is too small, range_error("workspace size") when n < 0 or the
+  //! byte count does not fit in index_t.
   template <class U>
   U* take(index_t n) {
     if (base_ != nullptr) {  // align the address: the caller's span may start anywhere
@@ -52,9 +57,12 @@ class workspace_arena {
     } else {
       used_ = (used_ + alignment - 1) / alignment * alignment;
     }
-    const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(U);
+    // A negative count or a byte count past index_t (sizes multiplied from user input that
+    // wrapped) is a range_error, never a too small block.
+    const std::size_t bytes = detail::checked_bytes("workspace size", n, sizeof(U));
     U* p = base_ != nullptr ? reinterpret_cast<U*>(base_ + used_) : nullptr;
-    used_ += bytes;
+    used_ = static_cast<std::size_t>(
+        detail::checked_add("workspace size", static_cast<index_t>(used_), static_cast<index_t>(bytes)));
     if (base_ != nullptr && used_ > capacity_) {
       throw shape_error("workspace", detail::concat(
                                          "workspace: expected at least ", used_,

@@ -22,6 +22,17 @@
 //! same multiple (an expert cannot receive more than T pairs from distinct-expert plans, so
 //! the cap drops nothing and only bounds the buffers).
 //!
+//! Large values (overflow policy): every term of C saturates at T, the cap, instead of
+//! overflowing. A `capacity_factor` so large that `cf · T · k̄ / E` exceeds T (1e30 is valid:
+//! finite and > 0), a `min_capacity` of INT64_MAX or an `expert_capacity` >= T all mean "no
+//! expert is ever full": nothing is dropped, and C is T rounded up (an absolute
+//! `expert_capacity` is C as given, above T too, up to T rounded up, where it saturates; a
+//! plan cannot put more than T pairs on one expert, so this changes no result). `capacity_multiple` is a GEMM-tile rounding: `validate()` rejects
+//! one above `max_capacity_multiple` (2^16) with a range_error naming it (a larger multiple
+//! only adds padding rows, and 2^62 would make E · C overflow). With E = 0 experts C is 0.
+//! `capacity` and `max_rows` never overflow for T up to INT64_MAX − 2^16 (the layer checks
+//! its sizes before they are reached: docs/errors.md).
+//!
 //! The host backend plans it in `backend/host/dispatch_plan.hpp` (`host::plan_groups`).
 
 #include <cmath>
@@ -58,8 +69,11 @@ struct padded_capacity {
   //! min_capacity and capacity_multiple are then ignored. 0: C from the factor.
   index_t expert_capacity = 0;
 
-  //! Throws range_error unless capacity_factor > 0 (and finite), min_capacity >= 0 and
-  //! capacity_multiple >= 1.
+  //! The largest `capacity_multiple` `validate()` accepts (file comment, overflow policy).
+  static constexpr index_t max_capacity_multiple = index_t{1} << 16;
+
+  //! Throws range_error unless capacity_factor > 0 (and finite), min_capacity >= 0,
+  //! expert_capacity >= 0 and 1 <= capacity_multiple <= max_capacity_multiple.
   void validate() const {
     if (!(capacity_factor > 0.0f) || !std::isfinite(capacity_factor)) {
       throw range_error("capacity_factor",
@@ -75,10 +89,11 @@ struct padded_capacity {
                                                "expert_capacity must be >= 0 (0: from the "
                                                "capacity factor), got ", expert_capacity));
     }
-    if (capacity_multiple < 1) {
+    if (capacity_multiple < 1 || capacity_multiple > max_capacity_multiple) {
       throw range_error("capacity_multiple",
-                        detail::concat("capacity_multiple must be >= 1, got ",
-                                                     capacity_multiple));
+                        detail::concat("capacity_multiple must be in [1, ", max_capacity_multiple,
+                                       "] (a GEMM-tile rounding of the capacity), got ",
+                                       capacity_multiple));
     }
   }
 
@@ -87,17 +102,23 @@ struct padded_capacity {
     return (n + capacity_multiple - 1) / capacity_multiple * capacity_multiple;
   }
 
-  //! C for T tokens routing `assignments` = T · k̄ pairs over E experts (file comment).
+  //! C for T tokens routing `assignments` = T · k̄ pairs over E experts (file comment):
+  //! each term saturates at T, so nothing overflows and no float-to-integer conversion
+  //! leaves the range of index_t (a factor of 1e30 used to convert 1e30 to an integer).
   [[nodiscard]] SWITCHYARD_HD index_t capacity(index_t tokens, index_t assignments,
                                               index_t experts) const {
-    if (expert_capacity > 0) return expert_capacity;
+    const index_t cap = round_up(tokens > 0 ? tokens : 0);
+    if (expert_capacity > 0) return expert_capacity < cap ? expert_capacity : cap;
+    if (tokens <= 0 || experts <= 0) return 0;
     const double raw = ::cuda::std::ceil(static_cast<double>(capacity_factor) *
                                          static_cast<double>(assignments) /
                                          static_cast<double>(experts));
-    const index_t at_least = static_cast<index_t>(raw) > min_capacity ? static_cast<index_t>(raw)
-                                                                      : min_capacity;
-    const index_t c = round_up(at_least), cap = round_up(tokens);
-    return c < cap ? c : cap;
+    // raw >= T (or NaN, which validate() excludes): the cap T; else exact in index_t.
+    index_t c = raw < static_cast<double>(tokens) ? static_cast<index_t>(raw) : tokens;
+    if (c < 0) c = 0;
+    if (min_capacity > c) c = min_capacity < tokens ? min_capacity : tokens;
+    // c <= T, so c rounded up is at most T rounded up: the cap.
+    return round_up(c);
   }
 
   //! Rows of the expert buffers: E · C with the largest C a plan of this size can give.

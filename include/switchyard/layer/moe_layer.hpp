@@ -15,13 +15,28 @@
 //! NaN policy: a NaN or Inf anywhere in x throws `non_finite_error` naming the element
 //! (checked by the backend before routing, so the error does not depend on the router).
 //! Expert weights are not scanned: a non-finite weight propagates to the outputs of the
-//! tokens routed to it.
+//! tokens routed to it. dy is not scanned either (a scan would cost a pass over [T, d] per
+//! backward, and loss scaling relies on seeing an overflow in the gradients): a non-finite
+//! dy_t propagates, like any float, to dx_t and to the gradients of the experts and router
+//! parameters token t reaches; the other tokens' dx rows are unchanged. docs/errors.md.
+//!
+//! Failure policy (docs/errors.md): every entry point checks all its arguments (shapes,
+//! ranges, sizes whose products must fit in 64 bits, outputs overlapping inputs, the
+//! workspace's size, the gradient views) before it writes anything, so after a typed error
+//! from the checks no output, gradient or state has changed. A forward marks its state
+//! incomplete (`moe_state::complete`) as it starts writing and complete when it returns;
+//! backward rejects an incomplete state.
 
 #include <array>
 #include <cstddef>
+#include <cstdint>
+#include <iterator>
+#include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "switchyard/activation/concepts.hpp"
+#include "switchyard/core/checked.hpp"
 #include "switchyard/core/context.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
@@ -178,6 +193,7 @@ struct MoELayer {
   [[nodiscard]] std::size_t workspace_size(const Context& ctx, index_t tokens,
                                            const router_params& rp, const expert_weights<T>& w,
                                            const addon_params& ap = {}) const {
+    check_sizes(tokens, router.width(rp), router.num_experts(rp), w);
     return backend::executor<Context>::forward_workspace_size(ctx, *this, tokens, rp, w, ap);
   }
 
@@ -186,6 +202,7 @@ struct MoELayer {
   [[nodiscard]] std::size_t experts_workspace_size(const Context& ctx, index_t tokens,
                                                    index_t width, const expert_weights<T>& w,
                                                    const addon_params& ap = {}) const {
+    check_sizes(tokens, width, routed_experts(w), w);
     return backend::executor<Context>::experts_workspace_size(ctx, *this, tokens, width, w, ap);
   }
 
@@ -195,6 +212,7 @@ struct MoELayer {
                                                     const router_params& rp,
                                                     const expert_weights<T>& w,
                                                     const addon_params& ap = {}) const {
+    check_sizes(tokens, router.width(rp), router.num_experts(rp), w);
     return backend::executor<Context>::backward_workspace_size(ctx, *this, tokens, rp, w, ap);
   }
 
@@ -204,6 +222,7 @@ struct MoELayer {
                                                             index_t width,
                                                             const expert_weights<T>& w,
                                                             const addon_params& ap = {}) const {
+    check_sizes(tokens, width, routed_experts(w), w);
     return backend::executor<Context>::experts_backward_workspace_size(ctx, *this, tokens, width,
                                                                        w, ap);
   }
@@ -223,9 +242,13 @@ struct MoELayer {
     agreed(w, [&] {
       const index_t experts = check_forward(x, rp, w, y);
       check_state("state", state, x.extent(0), router.width(rp), experts);
+      check_forward_aliasing(x, w, y, state);
       return experts;
     });
+    // Incomplete from the first write until the backend returns (a throw leaves it so).
+    if (state.complete != nullptr) *state.complete = false;
     backend::executor<Context>::forward(ctx, *this, x, rp, w, y, state, workspace, ap);
+    if (state.complete != nullptr) *state.complete = true;
   }
 
   //! Forward into a host-owned result (sized here; it reallocates only when it grows).
@@ -235,6 +258,7 @@ struct MoELayer {
                result_type& result, span<std::byte> workspace = {},
                const addon_params& ap = {}) const {
     const index_t experts = agreed(w, [&] { return check_forward(x, rp, w, y); });
+    result.complete = false;  // resize may move the arrays: the old result is gone
     result.resize(x.extent(0), router.width(rp), experts);
     const state_type state = result.state();
     forward<T>(ctx, x, rp, w, y, state, workspace, ap);
@@ -255,6 +279,12 @@ struct MoELayer {
         throw shape_error("dropped", detail::concat("dropped: expected E = ", ffn_experts(w),
                                                     " elements, got ", dropped.size()));
       }
+      check_forward_aliasing(x, w, y, state_type{});
+      const detail::byte_range yb = detail::bytes_of(y), db = detail::bytes_of(dropped);
+      detail::require_disjoint("dropped", db, "y", yb);
+      detail::require_disjoint("dropped", db, "x", detail::bytes_of(x));
+      require_plan_disjoint("y", yb, plan);
+      require_plan_disjoint("dropped", db, plan);
       return plan.num_experts;
     });
     backend::executor<Context>::forward_experts(ctx, *this, x, plan, w, y, dropped, workspace, ap);
@@ -279,7 +309,16 @@ struct MoELayer {
       const index_t tokens = state.plan.num_tokens;
       check_view("x", x, {tokens, -1}, "[T, d] with T from the forward's plan");
       check_state("state", state, tokens, state.plan.width, state.plan.num_experts);
+      if (state.complete != nullptr && !*state.complete) {
+        throw invalid_argument(
+            "state", "state: the forward that wrote it did not complete (it threw): its plan "
+                     "may be half written; run forward again before backward");
+      }
       check_backward(x, state.plan.const_view(), w, dy, dx, grads);
+      check_router_grads(x, dy, dx, rp, rgrads);
+      const detail::byte_range dxb = detail::bytes_of(dx);
+      for (const auto& [name, range] : state_ranges(state))
+        detail::require_disjoint("dx", dxb, name, range);
       return state.plan.num_experts;
     });
     backend::executor<Context>::backward(ctx, *this, x, rp, w, state, dy, coeffs, dx, grads,
@@ -314,6 +353,12 @@ struct MoELayer {
                                                       plan.num_tokens() * plan.width(),
                                                       " elements, got ", d_weights.size()));
       }
+      const detail::byte_range dwb = detail::bytes_of(d_weights);
+      detail::require_disjoint("d_weights", dwb, "dx", detail::bytes_of(dx));
+      detail::require_disjoint("d_weights", dwb, "x", detail::bytes_of(x));
+      detail::require_disjoint("d_weights", dwb, "dy", detail::bytes_of(dy));
+      require_plan_disjoint("d_weights", dwb, plan);
+      require_plan_disjoint("dx", detail::bytes_of(dx), plan);
       return plan.num_experts;
     });
     backend::executor<Context>::backward_experts(ctx, *this, x, plan, w, dy, dx, grads,
@@ -384,8 +429,9 @@ struct MoELayer {
                                        experts, " - ", identity_experts, " - ", zero_experts,
                                        " - ", constant_experts, ", got ", w.num_experts()));
     }
-    if constexpr (requires { router.validate(experts); }) router.validate(experts);
     dispatch.validate();
+    check_sizes(x.extent(0), router.width(rp), experts, w);
+    if constexpr (requires { router.validate(experts); }) router.validate(experts);
     check_view("y", y, {x.extent(0), x.extent(1)}, "[T, d] like x");
     return experts;
   }
@@ -493,6 +539,7 @@ struct MoELayer {
     check_view("plan.weights", plan.weights, {x.extent(0), plan.width()});
     check_view("plan.counts", plan.counts, {x.extent(0)});
     dispatch.validate();
+    check_sizes(x.extent(0), plan.width(), plan.num_experts, w);
   }
 
   //! check_experts plus dy, dx and the gradient views.
@@ -505,6 +552,177 @@ struct MoELayer {
     if (detail::present(dx)) check_view("dx", dx, {x.extent(0), x.extent(1)}, "[T, d] like x");
     validate_expert_grads(grads, w);
     check_constant_grads(grads.constant, x.extent(1));
+    check_backward_aliasing(x, plan, w, dy, dx, grads);
+  }
+
+  // ---- the size, aliasing and gradient-view checks every backend shares ------------------
+
+  //! Sizes the backends multiply: E fits the plan's int32 ids (with the sentinel E), and the
+  //! largest buffer a backend sizes from T, width, E, d, P and d_ff (expert rows × their
+  //! widths, bytes) fits in index_t, so no later product overflows. Throws range_error naming
+  //! "tokens", "E" or "width".
+  template <ElementType T>
+  void check_sizes(index_t tokens, index_t width, index_t experts,
+                   const expert_weights<T>& w) const {
+    if (tokens < 0) {
+      throw range_error("tokens", detail::concat("tokens: T must be >= 0, got ", tokens));
+    }
+    if (width < 0) {
+      throw range_error("width", detail::concat("width: must be >= 0, got ", width));
+    }
+    constexpr index_t max_experts = std::numeric_limits<std::int32_t>::max() - 1;
+    if (experts < 0 || experts > max_experts) {
+      throw range_error("E", detail::concat("E: the routed expert count must be in [0, ",
+                                            max_experts, "] (plan ids are 32-bit), got ",
+                                            experts));
+    }
+    // Rows any dispatch may address: T·width pairs plus E capacity blocks of at most
+    // T + 2^16 rows (padded_capacity's bound); each row holds d + P + d_ff floats in a few
+    // buffers (16 bytes per element is generous).
+    const index_t widths = detail::checked_add(
+        "tokens", detail::checked_add("tokens", w.d_model(), w.projection_width()), w.d_ff());
+    const index_t rows = detail::checked_add(
+        "tokens", detail::checked_mul("tokens", tokens, width),
+        detail::checked_mul("tokens", experts,
+                            detail::checked_add("tokens", tokens, index_t{1} << 16)));
+    (void)detail::checked_product("tokens", {rows, widths + 1, 16});
+    (void)detail::checked_product("tokens", {tokens, experts + 1, 16});  // logits, probs
+  }
+
+  //! y, the state's arrays: none overlaps x, the weights or another output.
+  template <ElementType T>
+  static void check_forward_aliasing(const matrix_view<const T>& x, const expert_weights<T>& w,
+                                     const matrix_view<T>& y, const state_type& state) {
+    const detail::byte_range yb = detail::bytes_of(y), xb = detail::bytes_of(x);
+    detail::require_disjoint("y", yb, "x", xb);
+    for (const auto& [name, range] : weight_ranges(w)) detail::require_disjoint("y", yb, name, range);
+    const auto st = state_ranges(state);
+    for (std::size_t i = 0; i < st.size(); ++i) {
+      detail::require_disjoint(st[i].first, st[i].second, "x", xb);
+      detail::require_disjoint(st[i].first, st[i].second, "y", yb);
+      for (std::size_t j = 0; j < i; ++j)
+        detail::require_disjoint(st[i].first, st[i].second, st[j].first, st[j].second);
+    }
+  }
+
+  //! dx and every present gradient view: none overlaps x, dy, the weights, the plan or another.
+  template <ElementType T>
+  static void check_backward_aliasing(const matrix_view<const T>& x, const plan_type& plan,
+                                      const expert_weights<T>& w, const matrix_view<const T>& dy,
+                                      const matrix_view<float>& dx, const expert_grads& g) {
+    const std::pair<const char*, detail::byte_range> outputs[] = {
+        {"dx", detail::bytes_of(dx)},
+        {"grads.w1", detail::bytes_of(g.w1)},
+        {"grads.b1", detail::bytes_of(g.b1)},
+        {"grads.w2", detail::bytes_of(g.w2)},
+        {"grads.b2", detail::bytes_of(g.b2)},
+        {"grads.shared.w1", detail::bytes_of(g.shared.w1)},
+        {"grads.shared.b1", detail::bytes_of(g.shared.b1)},
+        {"grads.shared.w2", detail::bytes_of(g.shared.w2)},
+        {"grads.shared.b2", detail::bytes_of(g.shared.b2)},
+        {"grads.shared.gate", detail::bytes_of(g.shared.gate)},
+        {"grads.constant.v", detail::bytes_of(g.constant.v)},
+        {"grads.constant.gate", detail::bytes_of(g.constant.gate)},
+    };
+    const auto weights = weight_ranges(w);
+    const detail::byte_range xb = detail::bytes_of(x), dyb = detail::bytes_of(dy);
+    for (std::size_t i = 0; i < std::size(outputs); ++i) {
+      const auto& [name, range] = outputs[i];
+      if (range.empty()) continue;
+      detail::require_disjoint(name, range, "x", xb);
+      detail::require_disjoint(name, range, "dy", dyb);
+      for (const auto& [wname, wrange] : weights) detail::require_disjoint(name, range, wname, wrange);
+      require_plan_disjoint(name, range, plan);
+      for (std::size_t j = 0; j < i; ++j)
+        detail::require_disjoint(name, range, outputs[j].first, outputs[j].second);
+    }
+  }
+
+  //! Throws aliasing_error when `range` (output `name`) overlaps one of the plan's arrays.
+  static void require_plan_disjoint(const char* name, const detail::byte_range& range,
+                                    const plan_type& plan) {
+    detail::require_disjoint(name, range, "plan.expert_ids", detail::bytes_of(plan.expert_ids));
+    detail::require_disjoint(name, range, "plan.weights", detail::bytes_of(plan.weights));
+    detail::require_disjoint(name, range, "plan.counts", detail::bytes_of(plan.counts));
+  }
+
+  //! The byte ranges of the weights' views, named.
+  template <ElementType T>
+  static std::array<std::pair<const char*, detail::byte_range>, 11> weight_ranges(
+      const expert_weights<T>& w) {
+    return {{{"weights.w1", detail::bytes_of(w.w1)},
+             {"weights.b1", detail::bytes_of(w.b1)},
+             {"weights.w2", detail::bytes_of(w.w2)},
+             {"weights.b2", detail::bytes_of(w.b2)},
+             {"weights.shared.w1", detail::bytes_of(w.shared.w1)},
+             {"weights.shared.b1", detail::bytes_of(w.shared.b1)},
+             {"weights.shared.w2", detail::bytes_of(w.shared.w2)},
+             {"weights.shared.b2", detail::bytes_of(w.shared.b2)},
+             {"weights.shared.gate", detail::bytes_of(w.shared.gate)},
+             {"weights.constant.v", detail::bytes_of(w.constant.v)},
+             {"weights.constant.gate", detail::bytes_of(w.constant.gate)}}};
+  }
+
+  //! The byte ranges of a state's arrays, named.
+  static std::array<std::pair<const char*, detail::byte_range>, 6> state_ranges(
+      const state_type& s) {
+    return {{{"state.plan.expert_ids", detail::bytes_of(s.plan.expert_ids)},
+             {"state.plan.weights", detail::bytes_of(s.plan.weights)},
+             {"state.plan.counts", detail::bytes_of(s.plan.counts)},
+             {"state.plan.logits", detail::bytes_of(s.plan.logits)},
+             {"state.plan.probs", detail::bytes_of(s.plan.probs)},
+             {"state.dropped", detail::bytes_of(s.dropped)}}};
+  }
+
+  //! The router's gradient views that are present, checked before anything is written (the
+  //! router checks them again when it writes them): a view named like a parameter view
+  //! (w, b, residual_w, prev_logits, w_gate, thresholds) must have that view's extents and
+  //! must not overlap it, x, dy or dx; a gating-residual gradient needs the residual in the
+  //! params. Names "grads.<member>".
+  template <ElementType T>
+  void check_router_grads(const matrix_view<const T>& x, const matrix_view<const T>& dy,
+                          const matrix_view<float>& dx, const router_params& rp,
+                          const router_grads& g) const {
+    const detail::byte_range xb = detail::bytes_of(x), dyb = detail::bytes_of(dy),
+                             dxb = detail::bytes_of(dx);
+    const auto disjoint = [&](const char* name, const detail::byte_range& r) {
+      detail::require_disjoint(name, r, "x", xb);
+      detail::require_disjoint(name, r, "dy", dyb);
+      detail::require_disjoint(name, r, "dx", dxb);
+    };
+    const auto same_as = [&](const char* name, const auto& grad, const auto& param,
+                             const char* param_name) {
+      if (!detail::present(grad)) return;
+      if (!detail::present(param)) {
+        throw shape_error(name, detail::concat(name, ": given, but ", param_name,
+                                               " is absent from the router's params"));
+      }
+      ::cuda::std::array<index_t, std::remove_cvref_t<decltype(grad)>::rank()> want{};
+      for (std::size_t r = 0; r < want.size(); ++r) want[r] = param.extent(r);
+      check_view(name, grad, want, detail::concat("(same as ", param_name, ")"));
+      const detail::byte_range gb = detail::bytes_of(grad);
+      detail::require_disjoint(name, gb, param_name, detail::bytes_of(param));
+      disjoint(name, gb);
+    };
+    if constexpr (requires { g.w; rp.w; }) same_as("grads.w", g.w, rp.w, "params.w");
+    if constexpr (requires { g.w_gate; rp.w_gate; }) {
+      same_as("grads.w_gate", g.w_gate, rp.w_gate, "params.w_gate");
+    }
+    if constexpr (requires { g.thresholds; rp.thresholds; }) {
+      same_as("grads.thresholds", g.thresholds, rp.thresholds, "params.thresholds");
+    }
+    if constexpr (requires { g.residual_w; rp.residual_w; }) {
+      same_as("grads.residual_w", g.residual_w, rp.residual_w, "params.residual_w");
+    }
+    if constexpr (requires { g.prev_logits; rp.prev_logits; }) {
+      same_as("grads.prev_logits", g.prev_logits, rp.prev_logits, "params.prev_logits");
+    }
+    if constexpr (requires { g.b; }) {
+      if (detail::present(g.b)) {
+        check_view("grads.b", g.b, {router.num_experts(rp)}, "[E]");
+        disjoint("grads.b", detail::bytes_of(g.b));
+      }
+    }
   }
 };
 

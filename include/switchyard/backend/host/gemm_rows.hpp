@@ -5,6 +5,7 @@
 //! (converted when their storage or layout needs it), and `gemm_rows`, which picks the
 //! batch-invariant kernels, the BLAS or the blocked loops for one call.
 
+#include <climits>
 #include <type_traits>
 
 #include "switchyard/backend/host/fixed_gemm.hpp"
@@ -24,10 +25,12 @@ struct float_panel {
 };
 
 //! Whether a float [E, R, C] view can be read (or written) by BLAS in place: unit column
-//! stride and rows at least C apart.
+//! stride and rows at least C apart, and that row stride (the leading dimension) fits the
+//! BLAS's 32-bit int. Otherwise the slice goes through a float panel, so a row stride past
+//! INT_MAX is computed right instead of failing inside the parallel expert region.
 template <class T>
 bool blas_layout(const tensor_view<T, 3>& w) {
-  return w.stride(2) == 1 && w.stride(1) >= w.extent(2);
+  return w.stride(2) == 1 && w.stride(1) >= w.extent(2) && w.stride(1) <= INT_MAX;
 }
 
 //! Whether expert slices of `w` must be converted to a float panel (non-float storage, or a

@@ -68,6 +68,16 @@ void require_finite_tokens(const matrix_view<const T>& x) {
   }
 }
 
+//! Throws shape_error("workspace") when a caller's workspace (non-empty) is smaller than
+//! `required` bytes: checked before anything is written, so a too small workspace never
+//! leaves a half-done result (or half-accumulated gradients).
+inline void require_workspace(span<std::byte> workspace, std::size_t required) {
+  if (!workspace.empty() && workspace.size() < required) {
+    throw shape_error("workspace", concat("workspace: expected at least ", required,
+                                          " bytes (see workspace_size), got ", workspace.size()));
+  }
+}
+
 //! Bytes the add-on takes from its workspace (0 when it declares none).
 template <class A>
 std::size_t addon_workspace_size(const A& a, index_t tokens, index_t d, index_t width,
@@ -285,9 +295,11 @@ struct executor<host_context> {
     host::warn_if_generic_blas();  // once per process: a BLAS on generic kernels is slow
     agreed_check(layer, [&] { detail::require_finite_tokens<T>(x); });
     const index_t tokens = x.extent(0);
+    const std::size_t need = forward_workspace_size(ctx, layer, tokens, rp, w, ap);
+    detail::require_workspace(workspace, need);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
-      owned.resize(forward_workspace_size(ctx, layer, tokens, rp, w, ap));
+      owned.resize(need);
       workspace = {owned.data(), owned.size()};
     }
     workspace_arena ws(workspace);
@@ -309,9 +321,11 @@ struct executor<host_context> {
     agreed_check(layer,
                  [&] { routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w)); });
     const host::expert_dims dm = dims(layer, x.extent(0), plan.width(), w);
+    const std::size_t need = experts_workspace_size(ctx, layer, dm.tokens, dm.width, w, ap);
+    detail::require_workspace(workspace, need);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
-      owned.resize(experts_workspace_size(ctx, layer, dm.tokens, dm.width, w, ap));
+      owned.resize(need);
       workspace = {owned.data(), owned.size()};
     }
     workspace_arena ws(workspace);
@@ -331,9 +345,11 @@ struct executor<host_context> {
     agreed_check(layer,
                  [&] { routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w)); });
     const index_t tokens = state.plan.num_tokens, width = state.plan.width;
+    const std::size_t need = backward_workspace_size(ctx, layer, tokens, rp, w, ap);
+    detail::require_workspace(workspace, need);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
-      owned.resize(backward_workspace_size(ctx, layer, tokens, rp, w, ap));
+      owned.resize(need);
       workspace = {owned.data(), owned.size()};
     }
     workspace_arena ws(workspace);
@@ -356,9 +372,11 @@ struct executor<host_context> {
     agreed_check(layer,
                  [&] { routing::validate_plan("plan", plan, x.extent(0), layer.routed_experts(w)); });
     const host::expert_dims dm = dims(layer, x.extent(0), plan.width(), w);
+    const std::size_t need = experts_backward_workspace_size(ctx, layer, dm.tokens, dm.width, w, ap);
+    detail::require_workspace(workspace, need);
     std::vector<std::byte> owned;
     if (workspace.empty()) {
-      owned.resize(experts_backward_workspace_size(ctx, layer, dm.tokens, dm.width, w, ap));
+      owned.resize(need);
       workspace = {owned.data(), owned.size()};
     }
     workspace_arena ws(workspace);
