@@ -690,8 +690,9 @@ struct MoELayer {
       detail::require_disjoint(name, r, "dy", dyb);
       detail::require_disjoint(name, r, "dx", dxb);
     };
+    // (No allocation unless it throws: the names and meanings are literals.)
     const auto same_as = [&](const char* name, const auto& grad, const auto& param,
-                             const char* param_name) {
+                             const char* param_name, const char* meaning) {
       if (!detail::present(grad)) return;
       if (!detail::present(param)) {
         throw shape_error(name, detail::concat(name, ": given, but ", param_name,
@@ -699,23 +700,26 @@ struct MoELayer {
       }
       ::cuda::std::array<index_t, std::remove_cvref_t<decltype(grad)>::rank()> want{};
       for (std::size_t r = 0; r < want.size(); ++r) want[r] = param.extent(r);
-      check_view(name, grad, want, detail::concat("(same as ", param_name, ")"));
+      check_view(name, grad, want, meaning);
       const detail::byte_range gb = detail::bytes_of(grad);
       detail::require_disjoint(name, gb, param_name, detail::bytes_of(param));
       disjoint(name, gb);
     };
-    if constexpr (requires { g.w; rp.w; }) same_as("grads.w", g.w, rp.w, "params.w");
+    if constexpr (requires { g.w; rp.w; }) same_as("grads.w", g.w, rp.w, "params.w", "(same as params.w)");
     if constexpr (requires { g.w_gate; rp.w_gate; }) {
-      same_as("grads.w_gate", g.w_gate, rp.w_gate, "params.w_gate");
+      same_as("grads.w_gate", g.w_gate, rp.w_gate, "params.w_gate", "(same as params.w_gate)");
     }
     if constexpr (requires { g.thresholds; rp.thresholds; }) {
-      same_as("grads.thresholds", g.thresholds, rp.thresholds, "params.thresholds");
+      same_as("grads.thresholds", g.thresholds, rp.thresholds, "params.thresholds",
+              "(same as params.thresholds)");
     }
     if constexpr (requires { g.residual_w; rp.residual_w; }) {
-      same_as("grads.residual_w", g.residual_w, rp.residual_w, "params.residual_w");
+      same_as("grads.residual_w", g.residual_w, rp.residual_w, "params.residual_w",
+              "(same as params.residual_w)");
     }
     if constexpr (requires { g.prev_logits; rp.prev_logits; }) {
-      same_as("grads.prev_logits", g.prev_logits, rp.prev_logits, "params.prev_logits");
+      same_as("grads.prev_logits", g.prev_logits, rp.prev_logits, "params.prev_logits",
+              "(same as params.prev_logits)");
     }
     if constexpr (requires { g.b; }) {
       if (detail::present(g.b)) {
