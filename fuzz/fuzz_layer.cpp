@@ -395,6 +395,12 @@ struct workspace {
   std::vector<std::byte> buf;
   sy::span<std::byte> view(int mode, int offset, std::size_t need) {
     if (mode == 0) return {};
+    // A tiny problem needs kilobytes: a size query of more than 1 GiB is a finding (found: the
+    // queries do not validate the capacity fields, so negative ones give a wrapped size).
+    if (need > (std::size_t{1} << 30)) {
+      if (skip_known()) return {};
+      finding("workspace_size / backward_workspace_size: more than 1 GiB for a tiny problem");
+    }
     const std::size_t n = mode == 1 ? need : mode == 2 ? (need == 0 ? 0 : need - 1) : need + 64;
     buf.assign(n + 80, std::byte{0x5a});
     // Start at a 64-byte boundary, then `offset` bytes off.
