@@ -84,8 +84,6 @@ void select_tokens(const Rules& rules, const routing::plan_ref& plan) {
 //! (only routers with `token_knob`: TopK, TopP, AdaptiveGating).
 template <class R, class P>
 void refuse_token_knob(const R& /*r*/, const P& p) {
-  // A requires-expression, not a statement cppcheck 2.10 understands.
-  // cppcheck-suppress constStatement
   if constexpr (requires { p.token_max_k; p.token_threshold; } && !requires { R::token_knob; }) {
     if (detail::present(p.token_max_k) || detail::present(p.token_threshold)) {
       throw unsupported_error(
