@@ -193,6 +193,7 @@ struct MoELayer {
   [[nodiscard]] std::size_t workspace_size(const Context& ctx, index_t tokens,
                                            const router_params& rp, const expert_weights<T>& w,
                                            const addon_params& ap = {}) const {
+    dispatch.validate();  // capacity fields first: the backend's sizing reads them
     check_sizes(tokens, router.width(rp), router.num_experts(rp), w);
     return backend::executor<Context>::forward_workspace_size(ctx, *this, tokens, rp, w, ap);
   }
@@ -202,6 +203,7 @@ struct MoELayer {
   [[nodiscard]] std::size_t experts_workspace_size(const Context& ctx, index_t tokens,
                                                    index_t width, const expert_weights<T>& w,
                                                    const addon_params& ap = {}) const {
+    dispatch.validate();  // capacity fields first: the backend's sizing reads them
     check_sizes(tokens, width, routed_experts(w), w);
     return backend::executor<Context>::experts_workspace_size(ctx, *this, tokens, width, w, ap);
   }
@@ -212,6 +214,7 @@ struct MoELayer {
                                                     const router_params& rp,
                                                     const expert_weights<T>& w,
                                                     const addon_params& ap = {}) const {
+    dispatch.validate();  // capacity fields first: the backend's sizing reads them
     check_sizes(tokens, router.width(rp), router.num_experts(rp), w);
     return backend::executor<Context>::backward_workspace_size(ctx, *this, tokens, rp, w, ap);
   }
@@ -222,6 +225,7 @@ struct MoELayer {
                                                             index_t width,
                                                             const expert_weights<T>& w,
                                                             const addon_params& ap = {}) const {
+    dispatch.validate();  // capacity fields first: the backend's sizing reads them
     check_sizes(tokens, width, routed_experts(w), w);
     return backend::executor<Context>::experts_backward_workspace_size(ctx, *this, tokens, width,
                                                                        w, ap);

@@ -354,7 +354,8 @@ struct sequence_balance {
       for (index_t e = 0; e < e_count; ++e) seq += f_scale * f[e] * (p[e] / s);
       total += seq;
     }
-    return static_cast<float>(total / static_cast<double>(tokens / s));
+    const index_t sequences = tokens / s;  // exact: length() checked that s divides T
+    return static_cast<float>(total / static_cast<double>(sequences));
   }
 
   void backward(const plan_ref& plan, float coeff, float* d_probs, double* scratch) const {
@@ -363,7 +364,8 @@ struct sequence_balance {
     if (tokens == 0 || plan.width == 0 || coeff == 0.0f) return;
     double* f = scratch;
     const double f_scale = static_cast<double>(e_count) / (static_cast<double>(plan.width) * s);
-    const double scale = static_cast<double>(coeff) / (static_cast<double>(tokens / s) * s);
+    const index_t sequences = tokens / s;  // exact: length() checked that s divides T
+    const double scale = static_cast<double>(coeff) / (static_cast<double>(sequences) * static_cast<double>(s));
     for (index_t first = 0; first < tokens; first += s) {
       detail::zero(f, e_count);
       for (index_t t = first; t < first + s; ++t)

@@ -228,10 +228,10 @@ __attribute__((target("avx"))) SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nt_f
       }
       for (int r = 0; r < 4; ++r) {
         const float* ar = a + (i + r) * lda;
-        for (int h = 0; h < 2; ++h) {
+        for (index_t h = 0; h < 2; ++h) {
           float l[8];
           _mm256_storeu_ps(l, s[r][h]);
-          for (int half = 0; half < 2; ++half) {
+          for (index_t half = 0; half < 2; ++half) {
             const index_t col = j + 2 * h + half;
             const float* lh = l + 4 * half;
             float v = (lh[0] + lh[2]) + (lh[1] + lh[3]);
@@ -267,7 +267,7 @@ __attribute__((target("avx"))) SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_nn_f
       }
       for (int r = 0; r < 4; ++r) {
         float* out = c + (i + r) * ldc + j;
-        for (int h = 0; h < 2; ++h) {
+        for (index_t h = 0; h < 2; ++h) {
           const __m256 v = accumulate ? _mm256_add_ps(_mm256_loadu_ps(out + 8 * h), s[r][h]) : s[r][h];
           _mm256_storeu_ps(out + 8 * h, v);
         }
@@ -307,10 +307,10 @@ __attribute__((target("avx512f"))) SWITCHYARD_NO_CONTRACT_ATTR inline void gemm_
       }
       for (int r = 0; r < 4; ++r) {
         const float* ar = a + (i + r) * lda;
-        for (int h = 0; h < 2; ++h) {
+        for (index_t h = 0; h < 2; ++h) {
           float l[16];
           _mm512_storeu_ps(l, s[r][h]);
-          for (int q = 0; q < 4; ++q) {
+          for (index_t q = 0; q < 4; ++q) {
             const index_t col = j + 4 * h + q;
             const float* lq = l + 4 * q;
             float v = (lq[0] + lq[2]) + (lq[1] + lq[3]);

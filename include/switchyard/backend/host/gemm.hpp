@@ -149,7 +149,7 @@ class blas_single_thread_scope {
   [[nodiscard]] static constexpr bool active() { return SWITCHYARD_HOST_BLAS_THREAD_CONTROL != 0; }
 
  private:
-  int previous_ = 1;
+  [[maybe_unused]] int previous_ = 1;  // read only with SWITCHYARD_HOST_BLAS_THREAD_CONTROL
 };
 
 }  // namespace switchyard::host

@@ -195,6 +195,8 @@ struct generated_adapter {
     generated_adapter g{};
     auto next = [&p](index_t n) {
       double* q = p;
+      // p is the cursor the lambda captured by reference: advancing it is the point.
+      // cppcheck-suppress uselessAssignmentPtrArg
       p += n;
       return q;
     };

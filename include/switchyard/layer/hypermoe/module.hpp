@@ -349,7 +349,7 @@ struct hypermoe_module {
   }
   static backward_scratch take_backward(workspace_arena& ws, const hypermoe_dims& s,
                                         index_t tokens, index_t width) {
-    backward_scratch w;
+    backward_scratch w{};
     w.groups = detail::take_selection_groups(ws, tokens, width);
     w.all = ws.take<double>(s.emb_dim);
     w.b = detail::hyper_backward_scratch::take(ws, s);
