@@ -15,8 +15,6 @@
 // rows per local expert) and the load imbalance (max/mean rows per rank). Any mismatch prints
 // "CHECK FAILED" on stderr and every rank exits 1.
 #include <switchyard/switchyard.hpp>
-// After switchyard.hpp: mpi_comm.hpp declares switchyard::parallel::detail, which hides
-// switchyard::detail from parallel/expert_parallel.hpp and thread_comm.hpp when it comes first.
 #include <switchyard/parallel/mpi_comm.hpp>
 
 #include <mpi.h>

@@ -284,9 +284,9 @@ BOOST_AUTO_TEST_CASE(all_to_all_with_disagreeing_sizes_fails_everywhere) {
 
 BOOST_AUTO_TEST_CASE(an_mpi_failure_is_a_comm_error) {
   // MPI_ERRORS_RETURN (the fixture's) lets the failing call's code reach mpi_check.
-  BOOST_CHECK_THROW(sy::parallel::detail::mpi_check(MPI_ERR_COUNT, "MPI_Test"), sy::comm_error);
+  BOOST_CHECK_THROW(sy::detail::mpi_check(MPI_ERR_COUNT, "MPI_Test"), sy::comm_error);
   try {
-    sy::parallel::detail::mpi_check(MPI_ERR_COUNT, "MPI_Test");
+    sy::detail::mpi_check(MPI_ERR_COUNT, "MPI_Test");
   } catch (const sy::comm_error& e) {
     BOOST_TEST(e.code() == MPI_ERR_COUNT);
     BOOST_TEST(std::string(e.what()).find("MPI_Test") != std::string::npos);
