@@ -22,23 +22,21 @@
 //! `all_gather` and `all_agree` take host values (as every engine's). Errors: as
 //! `thread_comm` (thread_comm.hpp), a rank that throws aborts the group and its peers throw
 //! comm_error instead of waiting; `run_cuda_ranks` rethrows the lowest rank's own failure.
-//! The barrier and abort logic is a copy of thread_comm.hpp's `thread_group` (whose pieces are
-//! private there). Not a transport: no timeouts, one group per `run_cuda_ranks` at a time.
+//! The barrier, its abort logic and the per-rank threads are thread_comm.hpp's
+//! (`detail::group_barrier`, parallel/detail/group_barrier.hpp). Not a transport: no
+//! timeouts, one group per `run_cuda_ranks` at a time.
 
 #include <cuda_runtime_api.h>
 
-#include <condition_variable>
 #include <cstddef>
-#include <exception>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/span.hpp"
 #include "switchyard/parallel/comm.hpp"
+#include "switchyard/parallel/detail/group_barrier.hpp"
 
 namespace switchyard::parallel {
 
@@ -93,8 +91,7 @@ class cuda_thread_group {
     const void* send = nullptr;
     const index_t* send_bytes = nullptr;  //!< [N] (all_to_all_v) or null (all_to_all)
     const index_t* send_displs = nullptr;
-    index_t bytes = 0;            //!< all_to_all's block, all_gather's value
-    bool ok = true;               //!< all_agree's vote
+    index_t bytes = 0;            //!< all_to_all's block
     cudaEvent_t ready = nullptr;  //!< the send buffer is ready (on the rank's stream)
     cudaEvent_t done = nullptr;   //!< the rank's copies out of its peers completed
   };
@@ -107,57 +104,10 @@ class cuda_thread_group {
     }
   }
 
-  //! Waits until every rank arrived (thread_group::barrier of thread_comm.hpp).
-  void barrier(int rank) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const std::size_t generation = generation_;
-    if (!aborted_ && finished_ == 0) {
-      if (++arrived_ == size_) {
-        arrived_ = 0;
-        ++generation_;
-        cv_.notify_all();
-        return;
-      }
-      cv_.wait(lock, [&] { return generation_ != generation || aborted_ || finished_ > 0; });
-      if (generation_ != generation) return;
-    }
-    peer_caused_[static_cast<std::size_t>(rank)] = 1;
-    throw comm_error(-1, aborted_ ? "switchyard: cuda_thread_comm: a peer rank threw out of "
-                                    "run_cuda_ranks' body, so this collective call cannot "
-                                    "complete"
-                                  : "switchyard: cuda_thread_comm: a peer rank's body returned "
-                                    "without calling this collective, so it cannot complete");
-  }
-
-  void abort() {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    aborted_ = true;
-    cv_.notify_all();
-  }
-
-  void finish() {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    ++finished_;
-    cv_.notify_all();
-  }
-
-  void reset() {
-    aborted_ = false;
-    arrived_ = 0;
-    finished_ = 0;
-    peer_caused_.assign(static_cast<std::size_t>(size_), 0);
-  }
-
   int size_;
   int device_;
   std::vector<slot> slots_;
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int arrived_ = 0;
-  int finished_ = 0;
-  std::size_t generation_ = 0;
-  bool aborted_ = false;
-  std::vector<char> peer_caused_;
+  detail::group_barrier sync_{size_, "cuda_thread_comm", "run_cuda_ranks"};
 };
 
 //! One rank of a `cuda_thread_group`: a `Comm` over device memory of the group's device
@@ -176,26 +126,10 @@ class cuda_thread_comm {
   [[nodiscard]] int size() const { return group_->size(); }
 
   //! out[r] = rank r's v (host values); out must hold size() entries (shape_error otherwise).
-  void all_gather(index_t v, span<index_t> out) const {
-    if (static_cast<int>(out.size()) != size()) {
-      throw shape_error("out", detail::concat("out: all_gather needs size() = ", size(),
-                                              " entries, got ", out.size()));
-    }
-    mine().bytes = v;
-    group_->barrier(rank_);
-    for (int r = 0; r < size(); ++r) out[static_cast<std::size_t>(r)] = peer(r).bytes;
-    group_->barrier(rank_);
-  }
+  void all_gather(index_t v, span<index_t> out) const { group_->sync_.all_gather(rank_, v, out); }
 
   //! True when every rank passed true.
-  [[nodiscard]] bool all_agree(bool ok) const {
-    mine().ok = ok;
-    group_->barrier(rank_);
-    bool all = true;
-    for (int r = 0; r < size(); ++r) all = all && peer(r).ok;
-    group_->barrier(rank_);
-    return all;
-  }
+  [[nodiscard]] bool all_agree(bool ok) const { return group_->sync_.all_agree(rank_, ok); }
 
   //! Block p (`bytes` bytes at send + p·bytes) goes to rank p's block rank(), on `stream`.
   void all_to_all(const void* send, void* recv, index_t bytes, void* stream) const {
@@ -247,17 +181,17 @@ class cuda_thread_comm {
     const auto st = static_cast<cudaStream_t>(stream);
     cuda_thread_group::slot& s = mine();
     cuda_thread_group::check(cudaEventRecord(s.ready, st), "cudaEventRecord");
-    group_->barrier(rank_);
+    group_->sync_.wait(rank_);
     for (int p = 0; p < size(); ++p) {
       cuda_thread_group::check(cudaStreamWaitEvent(st, peer(p).ready, 0), "cudaStreamWaitEvent");
       copy_from(p, peer(p), st);
     }
     cuda_thread_group::check(cudaEventRecord(s.done, st), "cudaEventRecord");
-    group_->barrier(rank_);
+    group_->sync_.wait(rank_);
     for (int p = 0; p < size(); ++p) {
       cuda_thread_group::check(cudaStreamWaitEvent(st, peer(p).done, 0), "cudaStreamWaitEvent");
     }
-    group_->barrier(rank_);
+    group_->sync_.wait(rank_);
   }
 
   static void copy(std::byte* to, const std::byte* from, index_t n, cudaStream_t stream) {
@@ -281,31 +215,11 @@ static_assert(Comm<cuda_thread_comm>);
 //! thread's rank, and waits for them; errors as `run_ranks` (thread_comm.hpp).
 template <class Body>
 void run_cuda_ranks(cuda_thread_group& group, Body&& body) {
-  const int n = group.size();
-  group.reset();
-  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
-  auto one = [&](int r) {
+  group.sync_.run([&](int r) {
     const cuda_thread_comm comm(group, r);
-    try {
-      cuda_thread_group::check(cudaSetDevice(group.device()), "cudaSetDevice");
-      body(comm);
-      group.finish();
-    } catch (...) {
-      errors[static_cast<std::size_t>(r)] = std::current_exception();
-      group.abort();
-    }
-  };
-  std::vector<std::thread> threads;
-  threads.reserve(static_cast<std::size_t>(n));
-  for (int r = 1; r < n; ++r) threads.emplace_back(one, r);
-  one(0);
-  for (std::thread& t : threads) t.join();
-  for (int r = 0; r < n; ++r)
-    if (errors[static_cast<std::size_t>(r)] && !group.peer_caused_[static_cast<std::size_t>(r)])
-      std::rethrow_exception(errors[static_cast<std::size_t>(r)]);
-  for (int r = 0; r < n; ++r)
-    if (errors[static_cast<std::size_t>(r)])
-      std::rethrow_exception(errors[static_cast<std::size_t>(r)]);
+    cuda_thread_group::check(cudaSetDevice(group.device()), "cudaSetDevice");
+    body(comm);
+  });
 }
 
 }  // namespace switchyard::parallel

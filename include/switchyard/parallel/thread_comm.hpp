@@ -27,19 +27,16 @@
 //! thread ranks with OPENBLAS_NUM_THREADS=1 when bitwise results matter (the tests' toy shapes
 //! use the backend's own GEMM; separate MPI processes are not affected).
 
-#include <condition_variable>
 #include <cstddef>
 #include <cstring>
-#include <exception>
-#include <functional>
-#include <mutex>
-#include <thread>
+#include <string>
 #include <vector>
 
 #include "switchyard/core/config.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/span.hpp"
 #include "switchyard/parallel/comm.hpp"
+#include "switchyard/parallel/detail/group_barrier.hpp"
 
 namespace switchyard::parallel {
 
@@ -74,60 +71,12 @@ class thread_group {
     const void* send = nullptr;
     const index_t* send_bytes = nullptr;  //!< [N] (all_to_all_v) or null (all_to_all)
     const index_t* send_displs = nullptr;
-    index_t bytes = 0;                    //!< all_to_all's block, all_gather's value
-    bool ok = true;                       //!< all_agree's vote
+    index_t bytes = 0;  //!< all_to_all's block
   };
-
-  //! Waits until every rank arrived; throws comm_error (and notes that `rank` failed only
-  //! because of a peer) when the group is aborted or a peer's body has already returned.
-  void barrier(int rank) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const std::size_t generation = generation_;
-    if (!aborted_ && finished_ == 0) {
-      if (++arrived_ == size_) {
-        arrived_ = 0;
-        ++generation_;
-        cv_.notify_all();
-        return;
-      }
-      cv_.wait(lock, [&] { return generation_ != generation || aborted_ || finished_ > 0; });
-      if (generation_ != generation) return;
-    }
-    peer_caused_[static_cast<std::size_t>(rank)] = 1;
-    throw comm_error(-1, aborted_ ? "switchyard: thread_comm: a peer rank threw out of "
-                                    "run_ranks' body, so this collective call cannot complete"
-                                  : "switchyard: thread_comm: a peer rank's body returned "
-                                    "without calling this collective, so it cannot complete");
-  }
-
-  void abort() {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    aborted_ = true;
-    cv_.notify_all();
-  }
-
-  void finish() {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    ++finished_;
-    cv_.notify_all();
-  }
-
-  void reset() {
-    aborted_ = false;
-    arrived_ = 0;
-    finished_ = 0;
-    peer_caused_.assign(static_cast<std::size_t>(size_), 0);
-  }
 
   int size_;
   std::vector<slot> slots_;
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int arrived_ = 0;
-  int finished_ = 0;                //!< ranks whose body returned normally
-  std::size_t generation_ = 0;
-  bool aborted_ = false;
-  std::vector<char> peer_caused_;   //!< [N] the rank threw only because a peer failed
+  detail::group_barrier sync_{size_, "thread_comm", "run_ranks"};
 };
 
 //! One rank of a `thread_group`: a `Comm` over host memory (sizes and displacements in bytes;
@@ -146,26 +95,10 @@ class thread_comm {
 
   //! out[r] = rank r's v; out must hold size() entries (shape_error otherwise, which aborts
   //! the group like any exception).
-  void all_gather(index_t v, span<index_t> out) const {
-    if (static_cast<int>(out.size()) != size()) {
-      throw shape_error("out", detail::concat("out: all_gather needs size() = ", size(),
-                                              " entries, got ", out.size()));
-    }
-    mine().bytes = v;
-    group_->barrier(rank_);
-    for (int r = 0; r < size(); ++r) out[static_cast<std::size_t>(r)] = peer(r).bytes;
-    group_->barrier(rank_);
-  }
+  void all_gather(index_t v, span<index_t> out) const { group_->sync_.all_gather(rank_, v, out); }
 
   //! True when every rank passed true.
-  [[nodiscard]] bool all_agree(bool ok) const {
-    mine().ok = ok;
-    group_->barrier(rank_);
-    bool all = true;
-    for (int r = 0; r < size(); ++r) all = all && peer(r).ok;
-    group_->barrier(rank_);
-    return all;
-  }
+  [[nodiscard]] bool all_agree(bool ok) const { return group_->sync_.all_agree(rank_, ok); }
 
   //! Block p (`bytes` bytes at send + p·bytes) goes to rank p's block rank().
   void all_to_all(const void* send, void* recv, index_t bytes, void* /*stream*/) const {
@@ -173,7 +106,7 @@ class thread_comm {
     s.send = send;
     s.send_bytes = nullptr;
     s.bytes = bytes;
-    group_->barrier(rank_);
+    group_->sync_.wait(rank_);
     for (int p = 0; p < size(); ++p) {
       const thread_group::slot& from = peer(p);
       if (from.bytes != bytes) {
@@ -183,7 +116,7 @@ class thread_comm {
       copy(static_cast<std::byte*>(recv) + p * bytes,
            static_cast<const std::byte*>(from.send) + rank_ * bytes, bytes);
     }
-    group_->barrier(rank_);
+    group_->sync_.wait(rank_);
   }
 
   //! Rank r's send_bytes[p] bytes at send + send_displs[p] land at rank p's recv +
@@ -195,7 +128,7 @@ class thread_comm {
     s.send = send;
     s.send_bytes = send_bytes;
     s.send_displs = send_displs;
-    group_->barrier(rank_);
+    group_->sync_.wait(rank_);
     for (int p = 0; p < size(); ++p) {
       const thread_group::slot& from = peer(p);
       const index_t n = from.send_bytes[rank_];
@@ -206,7 +139,7 @@ class thread_comm {
       copy(static_cast<std::byte*>(recv) + recv_displs[p],
            static_cast<const std::byte*>(from.send) + from.send_displs[rank_], n);
     }
-    group_->barrier(rank_);
+    group_->sync_.wait(rank_);
   }
 
  private:
@@ -234,29 +167,10 @@ static_assert(Comm<thread_comm>);
 //! beyond what they read.
 template <class Body>
 void run_ranks(thread_group& group, Body&& body) {
-  const int n = group.size();
-  group.reset();
-  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
-  auto one = [&](int r) {
+  group.sync_.run([&](int r) {
     const thread_comm comm(group, r);
-    try {
-      body(comm);
-      group.finish();
-    } catch (...) {
-      errors[static_cast<std::size_t>(r)] = std::current_exception();
-      group.abort();
-    }
-  };
-  std::vector<std::thread> threads;
-  threads.reserve(static_cast<std::size_t>(n));
-  for (int r = 1; r < n; ++r) threads.emplace_back(one, r);
-  one(0);
-  for (std::thread& t : threads) t.join();
-  for (int r = 0; r < n; ++r)
-    if (errors[static_cast<std::size_t>(r)] && !group.peer_caused_[static_cast<std::size_t>(r)])
-      std::rethrow_exception(errors[static_cast<std::size_t>(r)]);
-  for (int r = 0; r < n; ++r)
-    if (errors[static_cast<std::size_t>(r)]) std::rethrow_exception(errors[static_cast<std::size_t>(r)]);
+    body(comm);
+  });
 }
 
 }  // namespace switchyard::parallel
