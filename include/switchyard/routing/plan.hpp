@@ -9,8 +9,19 @@
 #include <string_view>
 #include <vector>
 
+#include "switchyard/core/checked.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/view.hpp"
+
+namespace switchyard::detail {
+//! a · b for the plan sizes `a_name` = a and `b_name` = b: range_error naming the negative one,
+//! or the larger one when the product does not fit in index_t (core/checked.hpp).
+inline index_t plan_size_product(std::string_view a_name, index_t a, std::string_view b_name,
+                                 index_t b) {
+  const bool blame_a = a < 0 || (b >= 0 && a >= b);
+  return blame_a ? checked_mul(a_name, a, b) : checked_mul(b_name, a, b);
+}
+}  // namespace switchyard::detail
 
 namespace switchyard::routing {
 
@@ -48,8 +59,11 @@ struct plan_ref {
   struct sizes {
     index_t slots, tokens, scores;
   };
-  [[nodiscard]] static constexpr sizes required(index_t t, index_t w, index_t e) {
-    return {t * w, t, t * e};
+  //! Throws range_error naming "tokens", "width" or "E" when one is negative or a product
+  //! does not fit in index_t.
+  [[nodiscard]] static sizes required(index_t t, index_t w, index_t e) {
+    return {detail::plan_size_product("tokens", t, "width", w), t,
+            detail::plan_size_product("tokens", t, "E", e)};
   }
 
   //! Throws shape_error naming `argument.<array>` unless every array holds its size.
@@ -139,16 +153,19 @@ struct routing_plan {
   std::vector<float> probs;              //!< [T, E] the scores the selection rule saw
 
   //! Sizes every array for T tokens, `width` slots and E experts; slots are reset to unused.
-  //! Allocates only when an array grows past its capacity.
+  //! Allocates only when an array grows past its capacity. Throws range_error naming
+  //! "tokens", "width" or "E" (plan_ref::required), leaving the plan as it was, when a size is
+  //! negative or a product does not fit in index_t.
   void resize(index_t t, index_t w, index_t e) {
+    const plan_ref::sizes n = plan_ref::required(t, w, e);
+    expert_ids.assign(static_cast<std::size_t>(n.slots), unused_slot);
+    weights.assign(static_cast<std::size_t>(n.slots), 0.0f);
+    counts.assign(static_cast<std::size_t>(n.tokens), 0);
+    logits.assign(static_cast<std::size_t>(n.scores), 0.0f);
+    probs.assign(static_cast<std::size_t>(n.scores), 0.0f);
     num_tokens = t;
     width = w;
     num_experts = e;
-    expert_ids.assign(static_cast<std::size_t>(t * w), unused_slot);
-    weights.assign(static_cast<std::size_t>(t * w), 0.0f);
-    counts.assign(static_cast<std::size_t>(t), 0);
-    logits.assign(static_cast<std::size_t>(t * e), 0.0f);
-    probs.assign(static_cast<std::size_t>(t * e), 0.0f);
   }
 
   //! The arrays as a plan_ref (what routers and backends take).
