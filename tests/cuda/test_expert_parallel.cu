@@ -21,12 +21,14 @@
 //     against the single-process layer on x_r alone (the same router output; the experts'
 //     GEMMs see other row sets there, so only the dtype tolerance is promised): y, dx, router
 //     gradients.
-// Plus: static_bound with a bound no rank reaches (bitwise equal to eager's reference) and
+// Plus: static_bound (its exchange planned on the device, in the caller's workspace of the
+// queried size) with a bound no rank reaches (bitwise equal to eager's reference) and
 // with peer_rows = 1 (the drops counted exactly as the host planning rule says; tokens that
 // kept every pair within the tolerance), a plan that sends every pair to rank 0's experts (the
 // other ranks receive nothing), and a host communicator (thread_comm) rejected with
-// memory_space_error on every rank, and a NaN in one rank's x rejected with non_finite_error
-// on every rank. Every output is poisoned before a run. Comparisons run on the
+// memory_space_error on every rank, and a NaN in one rank's x (non_finite_error) or a
+// malformed plan on one rank (range_error) rejected on every rank, under eager and
+// static_bound. Every output is poisoned before a run. Comparisons run on the
 // main thread after the ranks joined. Skipped without a device (cuda_test_main.cu).
 #include <boost/test/unit_test.hpp>
 
@@ -193,7 +195,7 @@ sy::routing::routing_plan plan_rows(const sy::routing::routing_plan& p, index_t 
 template <class Layer, class Router, sy::ElementType T>
 outputs run_plan(const Layer& layer, const sy::cuda::context& ctx, const host_data<Router, T>& h,
                  const sy::routing::routing_plan& plan, index_t begin, index_t tokens,
-                 index_t first, index_t n) {
+                 index_t first, index_t n, bool with_workspace = false) {
   const cudaStream_t s = ctx.stream;
   const index_t d = h.pb.d, width = plan.width;
   gpu::device_mirror m(s);
@@ -210,8 +212,21 @@ outputs run_plan(const Layer& layer, const sy::cuda::context& ctx, const host_da
   dx.set(slice(h.dx0, begin * d, tokens * d));
   gpu::device_expert_grads g = make_grads(h, first, n, s);
   outputs o;
-  layer.forward_experts(ctx, x, dp.view(), w, y.view(tokens, d), dropped.span());
-  layer.backward_experts(ctx, x, dp.view(), w, dy, dx.view(tokens, d), g.view(), dw.span());
+  // with_workspace: the caller's workspaces of the queried sizes (static_bound then carves
+  // every exchange buffer from them and allocates nothing), poisoned first.
+  sy::cuda::device_array<std::byte> fws, bws;
+  if (with_workspace) {
+    fws = sy::cuda::device_array<std::byte>(layer.experts_workspace_size(ctx, tokens, width, w), s);
+    bws = sy::cuda::device_array<std::byte>(
+        layer.experts_backward_workspace_size(ctx, tokens, width, w), s);
+    for (auto* a : {&fws, &bws}) {
+      if (a->size() > 0)
+        sy::cuda::check(cudaMemsetAsync(a->data(), 0x7f, a->size(), s), "cudaMemsetAsync");
+    }
+  }
+  layer.forward_experts(ctx, x, dp.view(), w, y.view(tokens, d), dropped.span(), fws.bytes());
+  layer.backward_experts(ctx, x, dp.view(), w, dy, dx.view(tokens, d), g.view(), dw.span(),
+                         bws.bytes());
   o.y = to_float(y.download());
   o.dropped = dropped.download();
   o.dx = dx.download();
@@ -408,7 +423,8 @@ void plan_cases(int ranks, bool edge, capacity_kind cap, std::uint64_t seed) {
       const ep_layer<Router, sy::parallel::cuda_thread_comm, sy::parallel::static_bound> layer{
           .router = make_router<Router>(),
           .dispatch = {.comm = &comm, .capacity = {.peer_rows = peer_rows}}};
-      o = run_plan(layer, ctx.get(), h, mine, pb.offset(r), pb.tokens(r), r * epr, epr);
+      o = run_plan(layer, ctx.get(), h, mine, pb.offset(r), pb.tokens(r), r * epr, epr,
+                   /*with_workspace=*/true);
     }
   });
 
@@ -640,13 +656,17 @@ BOOST_AUTO_TEST_CASE(host_communicator_rejected_on_every_rank) {
   }
 }
 
-// A NaN in rank 1's x (forward_experts, 3 ranks): non_finite_error on every rank, the
-// exchange never starts (no rank hangs; the test would time out instead).
-BOOST_AUTO_TEST_CASE(non_finite_token_rejected_on_every_rank) {
+// Bad data on rank 1 only (forward_experts, 3 ranks), under eager (agreed before any row
+// moves) and static_bound (planned on the device: agreed at the one wait, before any expert
+// runs): every rank throws the same type, no rank hangs (the test would time out instead).
+// `nan`: a NaN in rank 1's x -> non_finite_error, rank 1 naming x[1, 2]; else an expert id
+// out of range in rank 1's plan -> range_error (static_bound: rank 1 naming token 1).
+template <class Capacity>
+void bad_data_on_one_rank(bool nan, Capacity capacity) {
   constexpr int n = 3;
   const problem pb{.ranks = n, .seed = 91};
   host_data<sy::routers::TopK, float> h(pb);
-  h.x[static_cast<std::size_t>((pb.offset(1) + 1) * pb.d + 2)] = std::nanf("");
+  if (nan) h.x[static_cast<std::size_t>((pb.offset(1) + 1) * pb.d + 2)] = std::nanf("");
   std::vector<std::string> errors(n);
   sy::parallel::cuda_thread_group group(n, 0);
   sy::parallel::run_cuda_ranks(group, [&](const sy::parallel::cuda_thread_comm& comm) {
@@ -659,25 +679,47 @@ BOOST_AUTO_TEST_CASE(non_finite_token_rejected_on_every_rank) {
     plan.expert_ids.assign(static_cast<std::size_t>(plan.num_tokens), (r + 1) % n * 2);
     plan.weights.assign(static_cast<std::size_t>(plan.num_tokens), 1.0f);
     plan.counts.assign(static_cast<std::size_t>(plan.num_tokens), 1);
-    const ep_layer<sy::routers::TopK, sy::parallel::cuda_thread_comm> layer{
-        .router = make_router<sy::routers::TopK>(), .dispatch = {.comm = &comm}};
+    if (!nan && r == 1) plan.expert_ids[1] = static_cast<std::int32_t>(pb.experts() + 3);
+    const ep_layer<sy::routers::TopK, sy::parallel::cuda_thread_comm, Capacity> layer{
+        .router = make_router<sy::routers::TopK>(),
+        .dispatch = {.comm = &comm, .capacity = capacity}};
     std::string& err = errors[static_cast<std::size_t>(r)];
+    const char* mine = nan ? "x[1, 2]" : "token 1";
     try {
       (void)run_plan(layer, ctx.get(), h, plan, pb.offset(r), pb.tokens(r), r * 2, 2);
       err = "no exception";
     } catch (const sy::non_finite_error& e) {
       const std::string what = e.what();
-      if (r == 1 && what.find("x[1, 2]") == std::string::npos)
-        err = "rank 1's message does not name x[1, 2]: " + what;
+      if (!nan) err = "non_finite_error where range_error was expected: " + what;
+      if (nan && r == 1 && what.find(mine) == std::string::npos)
+        err = std::string("rank 1's message does not name ") + mine + ": " + what;
+    } catch (const sy::range_error& e) {
+      const std::string what = e.what();
+      if (nan) err = "range_error where non_finite_error was expected: " + what;
+      if (!nan && r == 1 && !std::is_same_v<Capacity, sy::parallel::eager> &&
+          what.find(mine) == std::string::npos)
+        err = std::string("rank 1's message does not name ") + mine + ": " + what;
     } catch (const std::exception& e) {
       err = std::string("another exception: ") + e.what();
     }
   });
   for (int r = 0; r < n; ++r) {
-    BOOST_CHECK_MESSAGE(
-        errors[static_cast<std::size_t>(r)].empty(),
-        "rank " << r << ": expected non_finite_error, got " << errors[static_cast<std::size_t>(r)]);
+    BOOST_CHECK_MESSAGE(errors[static_cast<std::size_t>(r)].empty(),
+                        (nan ? "NaN in x" : "bad plan")
+                            << (std::is_same_v<Capacity, sy::parallel::eager> ? ", eager"
+                                                                              : ", static_bound")
+                            << ", rank " << r << ": " << errors[static_cast<std::size_t>(r)]);
   }
+}
+
+BOOST_AUTO_TEST_CASE(non_finite_token_rejected_on_every_rank) {
+  bad_data_on_one_rank(true, sy::parallel::eager{});
+  bad_data_on_one_rank(true, sy::parallel::static_bound{.peer_rows = 64});
+}
+
+BOOST_AUTO_TEST_CASE(malformed_plan_rejected_on_every_rank) {
+  bad_data_on_one_rank(false, sy::parallel::eager{});
+  bad_data_on_one_rank(false, sy::parallel::static_bound{.peer_rows = 64});
 }
 
 #ifdef SWITCHYARD_TEST_HAS_NCCL

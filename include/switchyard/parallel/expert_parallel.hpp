@@ -174,7 +174,8 @@ struct ExpertParallel {
   //! outcome over every rank before anything is exchanged: when a rank's check throws, that
   //! rank rethrows its exception and every other rank throws the same error type naming it;
   //! when the ranks' shapes differ (E, d, d_ff or the FFN expert count), every rank throws
-  //! shape_error naming the first difference. Two `all_gather`s; nothing else.
+  //! shape_error naming the first difference; under static_bound, when their peer_rows differ,
+  //! every rank throws range_error naming dispatch.capacity.peer_rows. `all_gather`s only.
   template <class F>
   agreed_shapes agree_on(const F& check) const {
     require_comm();
@@ -209,6 +210,20 @@ struct ExpertParallel {
                                               names[k], ": rank 0 has ", all[0], ", rank ", r,
                                               " has ", all[r], " (every rank must hold the same "
                                               "router and E/N experts of the same shape)"));
+        }
+      }
+    }
+    // static_bound's blocks must have one size on every rank (the exchanges are all_to_alls
+    // of peer_rows rows per peer: a rank with another bound would send blocks its peers do not
+    // expect).
+    if constexpr (std::is_same_v<Capacity, static_bound>) {
+      comm->all_gather(capacity.peer_rows, span<index_t>(all.data(), n));
+      for (std::size_t r = 1; r < n; ++r) {
+        if (all[r] != all[0]) {
+          throw range_error("dispatch.capacity.peer_rows",
+                            detail::concat("dispatch.capacity.peer_rows: the ranks disagree: "
+                                           "rank 0 has ", all[0], ", rank ", r, " has ", all[r],
+                                           " (every rank must use the same static_bound)"));
         }
       }
     }

@@ -293,6 +293,16 @@ BOOST_AUTO_TEST_CASE(bad_input_gives_every_rank_the_same_typed_error) {
     layer.dispatch = {.comm = &c, .capacity = {.peer_rows = c.rank() == 0 ? -1 : 4}};
     in.forward(layer);
   });
+  // Ranks disagreeing on static_bound's block (each bound valid alone): every rank throws
+  // before any block moves (an all_to_all of unequal blocks would hang or mix rows).
+  every_rank_throws<sy::range_error>(3, "disagree", [](const thread_comm& c) {
+    rank_inputs in(3, 2);
+    sy::MoELayer<sy::routers::TopK, sy::activation::swiglu,
+                 sy::parallel::ExpertParallel<thread_comm, sy::parallel::static_bound>>
+        layer;
+    layer.dispatch = {.comm = &c, .capacity = {.peer_rows = c.rank() == 2 ? 3 : 4}};
+    in.forward(layer);
+  });
   every_rank_throws<sy::unsupported_error>(2, "router_weight_on_input", [](const thread_comm& c) {
     rank_inputs in(2, 2);
     topk_ep layer;

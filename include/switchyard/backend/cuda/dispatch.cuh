@@ -182,48 +182,82 @@ void cuda_sort_keys(const cuda::context& ctx, const routing::plan_view<Id, W>& p
                                              "switchyard::ops::plan_sort_keys");
 }
 
+//! A stable sort of n 32-bit keys over their low `end_bit` bits (one block for n <=
+//! tuning::block_sort_max_pairs, else `cub::DeviceRadixSort::SortPairs`), its arrays carved by
+//! `cuda_take_key_sort` and run by `cuda_run_key_sort` once the caller has written `keys` (and
+//! `pairs` = 0..n-1 when non-null: the device-wide sort's values).
+struct cuda_key_sort {
+  ops::sort_key* keys = nullptr;         //!< [n] input
+  ops::sort_key* sorted_keys = nullptr;  //!< [n] output, ascending
+  index_t* sorted_pairs = nullptr;       //!< [n] output: each sorted key's position before
+  index_t* pairs = nullptr;              //!< [n] 0..n-1 (device-wide sort only, else null)
+  std::byte* temp = nullptr;             //!< CUB's temporary storage
+  std::size_t temp_bytes = 0;
+  index_t n = 0;
+  int end_bit = 0;
+  ops::sort_key pad = 0;  //!< the largest key (the sentinel): the one-block sort's padding
+
+  //! Whether there is anything to sort (end_bit 0: every key is 0).
+  [[nodiscard]] bool sorts() const { return n > 0 && end_bit > 0; }
+  [[nodiscard]] bool one_block() const { return n <= cuda::tuning::block_sort_max_pairs; }
+};
+
+//! Carves a sort of n keys in [0, max_key] (CUB's temporary storage sized by its null-pointer
+//! query, which launches nothing and depends on n and max_key only). Measuring: only takes.
+inline cuda_key_sort cuda_take_key_sort(const cuda::context& ctx, index_t n, index_t max_key,
+                                        workspace_arena& ws) {
+  cuda_key_sort s;
+  s.n = n;
+  s.end_bit = static_cast<int>(std::bit_width(static_cast<std::uint64_t>(max_key)));
+  s.pad = static_cast<ops::sort_key>(max_key);
+  s.keys = ws.take<ops::sort_key>(n);
+  s.sorted_keys = ws.take<ops::sort_key>(n);
+  s.sorted_pairs = ws.take<index_t>(n);
+  if (s.sorts() && !s.one_block()) {
+    s.pairs = ws.take<index_t>(n);
+    cuda::check(cub::DeviceRadixSort::SortPairs(nullptr, s.temp_bytes, s.keys, s.sorted_keys,
+                                                s.pairs, s.sorted_pairs, n, 0, s.end_bit,
+                                                ctx.stream),
+                "cub::DeviceRadixSort::SortPairs (temporary storage size)");
+    s.temp = ws.take<std::byte>(static_cast<index_t>(s.temp_bytes));
+  }
+  return s;
+}
+
+//! Runs the sort carved by `cuda_take_key_sort` on ctx.stream (keys, and pairs when non-null,
+//! written by the caller). Stable: equal keys keep their order.
+inline void cuda_run_key_sort(const cuda::context& ctx, const cuda_key_sort& s) {
+  if (s.n == 0) return;
+  if (!s.sorts()) {
+    cuda::for_each(ctx.stream, s.n, ops::unsorted_pairs{s.keys, s.sorted_keys, s.sorted_pairs},
+                   "switchyard::ops::unsorted_pairs");
+  } else if (s.one_block()) {
+    cuda::kernels::block_sort_pairs<cuda::block_sort_threads, cuda::block_sort_items>
+        <<<1, cuda::block_sort_threads, 0, ctx.stream>>>(s.keys, s.sorted_keys, s.sorted_pairs,
+                                                         s.n, s.end_bit, s.pad);
+    cuda::check_launch("switchyard::cuda::kernels::block_sort_pairs");
+  } else {
+    std::size_t temp_bytes = s.temp_bytes;
+    cuda::check(cub::DeviceRadixSort::SortPairs(s.temp, temp_bytes, s.keys, s.sorted_keys,
+                                                s.pairs, s.sorted_pairs, s.n, 0, s.end_bit,
+                                                ctx.stream),
+                "cub::DeviceRadixSort::SortPairs");
+  }
+}
+
 //! Steps 1 and 2 of the permutation: keys, then the stable sort by key over bit_width(E)
 //! bits. Carves keys and sorted keys [N], sorted pairs [N] and, for the device-wide sort, the
-//! pair indices [N] and CUB's temporary storage (sized by CUB's null-pointer query, which
-//! launches nothing and depends on N and E only). Measuring: only takes.
+//! pair indices [N] and CUB's temporary storage (`cuda_take_key_sort`). Measuring: only takes.
 template <class Id, class W>
 cuda_sorted_pairs cuda_sort_plan_pairs(const cuda::context& ctx,
                                        const routing::plan_view<Id, W>& plan, index_t tokens,
                                        index_t width, index_t experts, cuda::device_status* status,
                                        workspace_arena& ws) {
-  const index_t n = tokens * width;
-  const int end_bit = static_cast<int>(std::bit_width(static_cast<std::uint64_t>(experts)));
-  const bool sorts = n > 0 && end_bit > 0;  // begin_bit == end_bit (E == 0): all sentinels
-  const bool one_block = n <= cuda::tuning::block_sort_max_pairs;
-  auto* keys = ws.take<ops::sort_key>(n);
-  auto* sorted_keys = ws.take<ops::sort_key>(n);
-  auto* sorted_pairs = ws.take<index_t>(n);
-  index_t* pairs = nullptr;
-  std::byte* temp = nullptr;
-  std::size_t temp_bytes = 0;
-  if (sorts && !one_block) {
-    pairs = ws.take<index_t>(n);
-    cuda::check(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys, sorted_keys, pairs,
-                                                sorted_pairs, n, 0, end_bit, ctx.stream),
-                "cub::DeviceRadixSort::SortPairs (temporary storage size)");
-    temp = ws.take<std::byte>(static_cast<index_t>(temp_bytes));
-  }
-  const cuda_sorted_pairs out{sorted_keys, sorted_pairs};
-  if (!ws.carving() || n == 0) return out;
-  cuda_sort_keys(ctx, plan, tokens, width, experts, status, keys, pairs);
-  if (!sorts) {
-    cuda::for_each(ctx.stream, n, ops::unsorted_pairs{keys, sorted_keys, sorted_pairs},
-                   "switchyard::ops::unsorted_pairs");
-  } else if (one_block) {
-    cuda::kernels::block_sort_pairs<cuda::block_sort_threads, cuda::block_sort_items>
-        <<<1, cuda::block_sort_threads, 0, ctx.stream>>>(
-            keys, sorted_keys, sorted_pairs, n, end_bit, static_cast<ops::sort_key>(experts));
-    cuda::check_launch("switchyard::cuda::kernels::block_sort_pairs");
-  } else {
-    cuda::check(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys, sorted_keys, pairs,
-                                                sorted_pairs, n, 0, end_bit, ctx.stream),
-                "cub::DeviceRadixSort::SortPairs");
-  }
+  const cuda_key_sort s = cuda_take_key_sort(ctx, tokens * width, experts, ws);
+  const cuda_sorted_pairs out{s.sorted_keys, s.sorted_pairs};
+  if (!ws.carving() || s.n == 0) return out;
+  cuda_sort_keys(ctx, plan, tokens, width, experts, status, s.keys, s.pairs);
+  cuda_run_key_sort(ctx, s);
   return out;
 }
 

@@ -53,11 +53,13 @@
 #include "switchyard/backend/cuda/memory.hpp"
 #include "switchyard/backend/host/expert_parallel.hpp"
 #include "switchyard/core/element_type.hpp"
+#include "switchyard/core/checked.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/core/workspace.hpp"
 #include "switchyard/layer/expert_weights.hpp"
 #include "switchyard/ops/combine.hpp"
+#include "switchyard/ops/exchange_plan.hpp"
 #include "switchyard/ops/finite.hpp"
 #include "switchyard/parallel/comm.hpp"
 #include "switchyard/parallel/expert_parallel.hpp"
@@ -386,6 +388,349 @@ void cuda_ep_local_phase(const cuda::context& ctx,
   cuda::check(cudaStreamSynchronize(ctx.stream), "cudaStreamSynchronize");
 }
 
+// ---- static_bound: the exchange planned on the device ------------------------------------
+
+//! What a rank's kernels found wrong before the exchange, read back at the one wait.
+struct cuda_ep_flags {
+  unsigned long long first_non_finite;  //!< smallest flat index of a non-finite x element
+  unsigned long long first_bad_token;   //!< smallest token of a faulty plan row
+};
+
+//! Sets both fields of the flags to "nothing found".
+struct cuda_ep_reset_flags {
+  cuda_ep_flags* flags;
+  SWITCHYARD_HD void operator()(index_t) const {
+    flags->first_non_finite = ~0ULL;
+    flags->first_bad_token = ~0ULL;
+  }
+};
+
+//! Records a faulty plan token (`ops::ep_destination_keys`' report): the smallest wins.
+struct cuda_ep_record_fault {
+  unsigned long long* first_bad_token;
+  index_t width;
+  SWITCHYARD_HD void operator()(ops::plan_fault kind, index_t index) const {
+    const index_t t = kind == ops::plan_fault::counts ? index : index / (width > 0 ? width : 1);
+#ifdef __CUDA_ARCH__
+    atomicMin(first_bad_token, static_cast<unsigned long long>(t));
+#else
+    if (static_cast<unsigned long long>(t) < *first_bad_token)
+      *first_bad_token = static_cast<unsigned long long>(t);
+#endif
+  }
+};
+
+//! Fills n index_t with -1 on `stream`.
+inline void cuda_ep_fill_minus_one(index_t* p, index_t n, cudaStream_t stream) {
+  if (n > 0) {
+    cuda::check(cudaMemsetAsync(p, 0xff, sizeof(index_t) * static_cast<std::size_t>(n), stream),
+                "cudaMemsetAsync");
+  }
+}
+
+//! static_bound's exchange planned on the device (ops/exchange_plan.hpp), every array carved
+//! from the layer's workspace (sizes fixed by T, width, E, N and peer_rows; the measuring pass
+//! takes the same): pair_row [P], per send row its pair, token and local expert [N·R], the
+//! received local experts [N·R], the receiver's one-slot plan [N·R] and the drops [E] when
+//! the caller has no array for them. Nothing goes to the host.
+struct cuda_ep_static_plan {
+  index_t ranks = 1, local = 0, experts = 0, peer_rows = 0, rows = 0, tokens = 0, width = 0;
+  cuda_key_sort by_rank, by_expert;
+  cuda_ep_flags* flags = nullptr;       //!< device
+  cuda_ep_flags* host_flags = nullptr;  //!< host workspace
+  index_t* pair_row = nullptr;
+  index_t* row_pair = nullptr;
+  index_t* row_token = nullptr;
+  index_t* row_local = nullptr;
+  index_t* recv_local = nullptr;
+  std::int32_t* recv_ids = nullptr;
+  std::int32_t* recv_counts = nullptr;
+  float* recv_weights = nullptr;
+  float* row_weight = nullptr;          //!< [N·R] (backward: the pairs' combine weights)
+  float* recv_row_weight = nullptr;     //!< [N·R] (backward)
+  index_t* dropped = nullptr;           //!< [E]
+
+  //! Carves (or measures) the arrays; `with_weights`: the backward's weight rows.
+  cuda_ep_static_plan(const cuda::context& ctx, index_t ranks_, index_t local_, index_t peer_rows_,
+                      index_t tokens_, index_t width_, bool with_weights, index_t* given_dropped,
+                      workspace_arena& ws, workspace_arena& hws)
+      : ranks(ranks_), local(local_), experts(ranks_ * local_), peer_rows(peer_rows_),
+        rows(checked_mul("dispatch.capacity.peer_rows", ranks_, peer_rows_)), tokens(tokens_),
+        width(width_) {
+    const index_t pairs = tokens * width;
+    flags = ws.take<cuda_ep_flags>(1);
+    host_flags = hws.take<cuda_ep_flags>(1);
+    by_rank = cuda_take_key_sort(ctx, pairs, ranks, ws);
+    by_expert = cuda_take_key_sort(ctx, pairs, experts, ws);
+    pair_row = ws.take<index_t>(pairs);
+    row_pair = ws.take<index_t>(rows);
+    row_token = ws.take<index_t>(rows);
+    row_local = ws.take<index_t>(rows);
+    recv_local = ws.take<index_t>(rows);
+    recv_ids = ws.take<std::int32_t>(rows);
+    recv_counts = ws.take<std::int32_t>(rows);
+    recv_weights = ws.take<float>(rows);
+    if (with_weights) {
+      row_weight = ws.take<float>(rows);
+      recv_row_weight = ws.take<float>(rows);
+    }
+    dropped = given_dropped != nullptr ? given_dropped : ws.take<index_t>(experts);
+  }
+
+  //! Enqueues the planning on ctx.stream (carving arenas only): flags reset, x scanned for
+  //! non-finite elements (when `x_scan` has elements), the two sorts and the placement.
+  template <ElementType T, class Id, class W>
+  void plan(const cuda::context& ctx, const routing::plan_view<Id, W>& plan,
+            const matrix_view<const T>& x_scan) const {
+    const cudaStream_t st = ctx.stream;
+    const index_t pairs = tokens * width;
+    cuda::for_each(st, 1, cuda_ep_reset_flags{flags}, "switchyard::detail::cuda_ep_reset_flags");
+    const index_t nx = x_scan.extent(0) * x_scan.extent(1);
+    if (nx > 0) {
+      cuda::for_each(st, nx,
+                     cuda_ep_find_non_finite<T>{{x_scan}, &flags->first_non_finite},
+                     "switchyard::detail::cuda_ep_find_non_finite");
+    }
+    if (experts > 0) {
+      cuda::check(cudaMemsetAsync(dropped, 0, sizeof(index_t) * static_cast<std::size_t>(experts),
+                                  st),
+                  "cudaMemsetAsync");
+    }
+    cuda_ep_fill_minus_one(row_pair, rows, st);
+    cuda_ep_fill_minus_one(row_local, rows, st);
+    if (row_weight != nullptr && rows > 0) {
+      cuda::check(cudaMemsetAsync(row_weight, 0, sizeof(float) * static_cast<std::size_t>(rows),
+                                  st),
+                  "cudaMemsetAsync");
+    }
+    if (pairs > 0) {
+      cuda::for_each<cuda::tuning::tokens_block>(
+          st, tokens,
+          ops::ep_destination_keys<Id, cuda_ep_record_fault>{
+              plan.expert_ids, plan.counts, width, experts, local > 0 ? local : 1, ranks,
+              by_rank.keys, by_rank.pairs, pair_row,
+              cuda_ep_record_fault{&flags->first_bad_token, width}},
+          "switchyard::ops::ep_destination_keys");
+      cuda_run_key_sort(ctx, by_rank);
+      cuda::for_each(st, pairs,
+                     ops::ep_claim<Id>{by_rank.sorted_keys, by_rank.sorted_pairs, pairs,
+                                       plan.expert_ids, width, experts, ranks, peer_rows,
+                                       by_expert.keys, by_expert.pairs, pair_row, dropped},
+                     "switchyard::ops::ep_claim");
+      cuda_run_key_sort(ctx, by_expert);
+      cuda::for_each(st, pairs,
+                     ops::ep_place<W>{by_expert.sorted_keys, by_expert.sorted_pairs, pairs, experts,
+                                      local > 0 ? local : 1, peer_rows, pair_row, row_pair,
+                                      row_local, plan.weights, width, row_weight},
+                     "switchyard::ops::ep_place");
+    }
+    cuda::for_each(st, rows, ops::ep_row_tokens{row_pair, width > 0 ? width : 1, row_token},
+                   "switchyard::ops::ep_row_tokens");
+  }
+
+  //! After the row_local (and weight) blocks arrived: the receiver's one-slot plan.
+  void receive(const cuda::context& ctx) const {
+    cuda::for_each(ctx.stream, rows,
+                   ops::ep_receiver_rows{recv_local, recv_row_weight, recv_ids, recv_counts,
+                                         recv_weights},
+                   "switchyard::ops::ep_receiver_rows");
+  }
+
+  [[nodiscard]] routing::plan_view<const std::int32_t, const float> receiver_view() const {
+    return {make_view<const std::int32_t>(recv_ids, rows, index_t{1}),
+            make_view<const float>(recv_weights, rows, index_t{1}),
+            make_view<const std::int32_t>(recv_counts, rows), local};
+  }
+
+  //! Enqueues the copy of the flags to the host (read after the caller's wait).
+  void copy_flags(const cuda::context& ctx) const {
+    cuda::check(cudaMemcpyAsync(host_flags, flags, sizeof(cuda_ep_flags), cudaMemcpyDeviceToHost,
+                                ctx.stream),
+                "cudaMemcpyAsync (expert-parallel flags)");
+  }
+
+  //! After the wait: every rank learns whether any rank's plan or x was bad and throws the
+  //! same error type (range_error naming plan, non_finite_error naming x), before any expert
+  //! runs and before y, dx or any gradient is written. One all_gather.
+  template <parallel::Comm C, ElementType T>
+  void agree(const C& comm, const matrix_view<const T>& x) const {
+    const bool bad_plan = host_flags->first_bad_token != ~0ULL;
+    const bool bad_x = host_flags->first_non_finite != ~0ULL;
+    std::vector<index_t> all(static_cast<std::size_t>(comm.size()));
+    comm.all_gather(bad_plan ? 1 : (bad_x ? 2 : 0), span<index_t>(all.data(), all.size()));
+    if (bad_plan) {
+      throw range_error("plan", concat("plan: token ", host_flags->first_bad_token,
+                                       " has a count outside [0, width = ", width,
+                                       "], an expert id outside [0, E = ", experts,
+                                       "), a repeated id or an unused slot not -1 "
+                                       "(ExpertParallel: every rank throws before any expert "
+                                       "runs)"));
+    }
+    if (bad_x) {
+      const index_t i = static_cast<index_t>(host_flags->first_non_finite), d = x.extent(1);
+      T v{};
+      cuda::check(cudaMemcpy(&v, &x(i / d, i % d), sizeof v, cudaMemcpyDeviceToHost),
+                  "cudaMemcpy");
+      throw non_finite_error("x", concat("x: every element must be finite, got ", to_float(v),
+                                         " at x[", i / d, ", ", i % d,
+                                         "] (ExpertParallel: every rank throws before any "
+                                         "expert runs)"));
+    }
+    for (std::size_t r = 0; r < all.size(); ++r) {
+      if (all[r] == 1) {
+        throw range_error(concat("rank ", r),
+                          concat("switchyard: ExpertParallel: rank ", r,
+                                 " holds a malformed plan (its own exception names the token); "
+                                 "every rank throws range_error and no expert runs"));
+      }
+      if (all[r] == 2) {
+        throw non_finite_error(concat("rank ", r),
+                               concat("switchyard: ExpertParallel: rank ", r,
+                                      " holds a non-finite token (its own exception names it); "
+                                      "every rank throws non_finite_error and no expert runs"));
+      }
+    }
+  }
+};
+
+//! static_bound's exchange of fixed blocks: `elems` U per row, R rows per peer.
+template <parallel::Comm C, class U>
+void cuda_ep_static_exchange(const C& comm, index_t peer_rows, const U* send, U* recv,
+                             index_t elems, cudaStream_t stream) {
+  comm.all_to_all(send, recv, peer_rows * elems * static_cast<index_t>(sizeof(U)),
+                  static_cast<void*>(stream));
+}
+
+//! The local sorted_grouped phase over the received rows, in the layer's arenas: plans the
+//! groups (enqueuing the per-expert counts' copy), copies the flags, waits once (the wait the
+//! single-process sorted_grouped has), agrees on the flags, then runs `phase(g)`. With no
+//! received rows (R = 0) it waits and agrees all the same. Measuring arenas: only takes.
+template <parallel::Comm C, ElementType T, class F>
+void cuda_ep_static_local(const cuda::context& ctx, const C& comm, const cuda_ep_static_plan& sp,
+                          const matrix_view<const T>& x, workspace_arena& ws,
+                          workspace_arena& hws, const F& phase) {
+  const dispatch::sorted_grouped sg{};
+  const auto rplan = sp.receiver_view();
+  const cuda::device_groups g =
+      sp.rows > 0
+          ? cuda::plan_groups(ctx, sg, rplan, sp.rows, index_t{1}, sp.local, nullptr, ws, hws)
+          : cuda::device_groups{};
+  if (ws.carving()) {
+    sp.copy_flags(ctx);
+    cuda::check(cudaStreamSynchronize(ctx.stream), "cudaStreamSynchronize");
+    sp.agree(comm, x);
+  }
+  if (sp.rows > 0) phase(g);
+}
+
+//! `experts_forward` under static_bound (see the overload below).
+template <parallel::Comm C, class Local, class Act, ElementType T, class Id, class W>
+void cuda_ep_static_forward(const cuda::context& ctx,
+                            const parallel::ExpertParallel<C, parallel::static_bound, Local>& ep,
+                            const Act& act, const cuda::expert_dims& dm,
+                            const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
+                            const expert_weights<T>& w, const matrix_view<T>& y,
+                            index_t* dropped, workspace_arena& ws, workspace_arena& hws) {
+  const C& comm = *ep.comm;
+  const index_t d = dm.d, local = w.num_experts(), r = ep.capacity.peer_rows;
+  const cuda_ep_static_plan sp(ctx, ep.ranks(), local, r, dm.tokens, dm.width, false, dropped, ws,
+                               hws);
+  const index_t n = checked_mul("rows", sp.rows, d);
+  T* send = ws.take<T>(n);
+  T* recv = ws.take<T>(n);
+  float* out = ws.take<float>(n);
+  float* back = ws.take<float>(n);
+  const matrix_view<const T> xr = make_view<const T>(recv, sp.rows, d);
+  const matrix_view<float> yr = make_view<float>(out, sp.rows, d);
+  const cuda::expert_dims dl = cuda_ep_receiver_dims(dm, sp.rows, local);
+  const auto rplan = sp.receiver_view();
+  if (ws.carving()) {
+    sp.plan(ctx, plan, x);
+    cuda::for_each(ctx.stream, n, cuda_ep_gather_rows<T>{x, sp.row_token, d, send},
+                   "switchyard::detail::cuda_ep_gather_rows");
+    cuda_ep_static_exchange(comm, r, sp.row_local, sp.recv_local, index_t{1}, ctx.stream);
+    cuda_ep_static_exchange(comm, r, send, recv, d, ctx.stream);
+    sp.receive(ctx);
+  }
+  cuda_ep_static_local(ctx, comm, sp, x, ws, hws, [&](const cuda::device_groups& g) {
+    cuda::experts_forward_phase(cuda::expert_exec(ctx, ws), dispatch::sorted_grouped{}, act, dl,
+                                xr, rplan, w, cuda::groups_ref(g), nullptr, yr, nullptr, ws, hws);
+  });
+  if (!ws.carving()) return;
+  cuda_ep_static_exchange(comm, r, out, back, d, ctx.stream);
+  const index_t tokens = plan.num_tokens(), width = plan.width();
+  cuda::for_each(ctx.stream, tokens * d,
+                 ops::combine_slot_elements<T, Id, W>{{plan.weights, plan.counts, sp.pair_row,
+                                                       width, d, back, x, false, nullptr, y}},
+                 "switchyard::ops::combine_slot_elements");
+}
+
+//! `experts_backward` under static_bound (see the overload below).
+template <parallel::Comm C, class Local, class Act, ElementType T, class Id, class W>
+void cuda_ep_static_backward(const cuda::context& ctx,
+                             const parallel::ExpertParallel<C, parallel::static_bound, Local>& ep,
+                             const Act& act, const cuda::expert_dims& dm,
+                             const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
+                             const expert_weights<T>& w, const matrix_view<const T>& dy,
+                             const matrix_view<float>& dx, const expert_grads& grads,
+                             float* d_weights, workspace_arena& ws, workspace_arena& hws) {
+  const C& comm = *ep.comm;
+  const index_t d = dm.d, local = w.num_experts(), r = ep.capacity.peer_rows;
+  const cuda_ep_static_plan sp(ctx, ep.ranks(), local, r, dm.tokens, dm.width, true, nullptr, ws,
+                               hws);
+  const index_t n = checked_mul("rows", sp.rows, d);
+  T* send = ws.take<T>(n);
+  T* xr = ws.take<T>(n);
+  T* dyr = ws.take<T>(n);
+  float* dxr = ws.take<float>(n);
+  float* back = ws.take<float>(n);
+  float* dwr = ws.take<float>(sp.rows);
+  float* dwb = ws.take<float>(sp.rows);
+  const matrix_view<const T> xv = make_view<const T>(xr, sp.rows, d);
+  const matrix_view<const T> dyv = make_view<const T>(dyr, sp.rows, d);
+  const matrix_view<float> dxv = make_view<float>(dxr, sp.rows, d);
+  const cuda::expert_dims dl = cuda_ep_receiver_dims(dm, sp.rows, local);
+  const auto rplan = sp.receiver_view();
+  if (ws.carving()) {
+    sp.plan(ctx, plan, matrix_view<const T>{});
+    cuda::for_each(ctx.stream, n, cuda_ep_gather_rows<T>{x, sp.row_token, d, send},
+                   "switchyard::detail::cuda_ep_gather_rows");
+    cuda_ep_static_exchange(comm, r, sp.row_local, sp.recv_local, index_t{1}, ctx.stream);
+    cuda_ep_static_exchange(comm, r, sp.row_weight, sp.recv_row_weight, index_t{1}, ctx.stream);
+    cuda_ep_static_exchange(comm, r, send, xr, d, ctx.stream);
+    cuda::for_each(ctx.stream, n, cuda_ep_gather_rows<T>{dy, sp.row_token, d, send},
+                   "switchyard::detail::cuda_ep_gather_rows");
+    cuda_ep_static_exchange(comm, r, send, dyr, d, ctx.stream);
+    sp.receive(ctx);
+    if (n > 0) {
+      cuda::check(cudaMemsetAsync(dxr, 0, sizeof(float) * static_cast<std::size_t>(n), ctx.stream),
+                  "cudaMemsetAsync");
+      cuda::check(
+          cudaMemsetAsync(dwr, 0, sizeof(float) * static_cast<std::size_t>(sp.rows), ctx.stream),
+          "cudaMemsetAsync");
+    }
+  }
+  cuda_ep_static_local(ctx, comm, sp, x, ws, hws, [&](const cuda::device_groups& g) {
+    cuda::experts_backward_phase(cuda::expert_exec(ctx, ws), dispatch::sorted_grouped{}, act, dl,
+                                 xv, rplan, w, cuda::groups_ref(g), dyv, dxv, grads,
+                                 ws.carving() ? dwr : nullptr, ws, hws);
+  });
+  if (!ws.carving()) return;
+  cuda_ep_static_exchange(comm, r, dxr, back, d, ctx.stream);
+  cuda_ep_static_exchange(comm, r, dwr, dwb, index_t{1}, ctx.stream);
+  const index_t tokens = plan.num_tokens(), width = plan.width();
+  cuda::for_each(ctx.stream, tokens * width, cuda_ep_scatter_weights{sp.pair_row, dwb, d_weights},
+                 "switchyard::detail::cuda_ep_scatter_weights");
+  const bool has_dx = present(dx);
+  const ops::combine_backward_slots<T, Id, W> combine{
+      plan.weights, plan.counts, sp.pair_row, width, d,  back, x,
+      dy,           false,       d_weights,   dx,    has_dx};
+  if (has_dx) {
+    cuda::for_each(ctx.stream, tokens * d, ops::combine_backward_elements<T, Id, W>{combine},
+                   "switchyard::ops::combine_backward_elements");
+  }
+}
+
 }  // namespace switchyard::detail
 
 namespace switchyard::cuda {
@@ -409,8 +754,16 @@ void experts_forward(const context& ctx, const parallel::ExpertParallel<C, Capac
                      const Act& act, const expert_dims& dm, const matrix_view<const T>& x,
                      const routing::plan_view<Id, W>& plan, const expert_weights<T>& w,
                      const device_groups&, const float* extra, const matrix_view<T>& y,
-                     index_t* dropped, workspace_arena& ws, workspace_arena&) {
+                     index_t* dropped, workspace_arena& ws, workspace_arena& hws) {
   detail::require_device_comm<C>();
+  if constexpr (std::is_same_v<Capacity, parallel::static_bound>) {
+    if (extra != nullptr) {
+      throw unsupported_error(
+          "switchyard: an add-on term under ExpertParallel on the CUDA backend");
+    }
+    detail::cuda_ep_static_forward(ctx, ep, act, dm, x, plan, w, y, dropped, ws, hws);
+    return;
+  }
   if (!ws.carving()) return;
   if (extra != nullptr) {
     throw unsupported_error("switchyard: an add-on term under ExpertParallel on the CUDA backend");
@@ -474,8 +827,13 @@ void experts_backward(const context& ctx, const parallel::ExpertParallel<C, Capa
                       const routing::plan_view<Id, W>& plan, const expert_weights<T>& w,
                       const device_groups&, const matrix_view<const T>& dy,
                       const matrix_view<float>& dx, const expert_grads& grads, float* d_weights,
-                      workspace_arena& ws, workspace_arena&) {
+                      workspace_arena& ws, workspace_arena& hws) {
   detail::require_device_comm<C>();
+  if constexpr (std::is_same_v<Capacity, parallel::static_bound>) {
+    detail::cuda_ep_static_backward(ctx, ep, act, dm, x, plan, w, dy, dx, grads, d_weights, ws,
+                                    hws);
+    return;
+  }
   if (!ws.carving()) return;
   const C& comm = *ep.comm;
   const index_t d = dm.d, local = w.num_experts(), experts = ep.global_experts(local);
