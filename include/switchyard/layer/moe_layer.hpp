@@ -682,7 +682,9 @@ struct MoELayer {
   //! router checks them again when it writes them): a view named like a parameter view
   //! (w, b, residual_w, prev_logits, w_gate, thresholds) must have that view's extents and
   //! must not overlap it, x, dy or dx; a gating-residual gradient needs the residual in the
-  //! params. Names "grads.<member>".
+  //! params. A router's scoring part with a `check_grads(x, params, dx, grads)` (the check its
+  //! backward runs before writing: routing::scored_linear) has it run first. Names
+  //! "grads.<member>".
   template <ElementType T>
   void check_router_grads(const matrix_view<const T>& x, const matrix_view<const T>& dy,
                           const matrix_view<float>& dx, const router_params& rp,
@@ -694,6 +696,17 @@ struct MoELayer {
       detail::require_disjoint(name, r, "dy", dyb);
       detail::require_disjoint(name, r, "dx", dxb);
     };
+    // A router whose scoring part states its own gradient views (scored_linear::check_grads)
+    // has them checked first, in its words; the matching below adds the aliasing checks.
+    const auto own_checks = [&](const auto& scoring) {
+      if constexpr (requires { scoring.check_grads(x, scoring.params(rp), dx, g); })
+        scoring.check_grads(x, scoring.params(rp), dx, g);
+    };
+    if constexpr (requires { router.scoring_part(); }) {
+      own_checks(router.scoring_part());
+    } else if constexpr (requires { router.scoring(); }) {
+      own_checks(router.scoring());
+    }
     // (No allocation unless it throws: the names and meanings are literals.)
     const auto same_as = [&](const char* name, const auto& grad, const auto& param,
                              const char* param_name, const char* meaning) {

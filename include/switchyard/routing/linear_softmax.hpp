@@ -319,21 +319,27 @@ inline void softmax_backward_rows(const plan_ref& plan, const float* d_probs, fl
   }
 }
 
+//! linear_backward's output checks, made before it writes anything: a present dx must be
+//! [T, d] and a present grads.w [E, d] for x [T, d] and params.w [E, d] (shape_error naming
+//! "dx" / "grads.w" otherwise). Writes nothing.
+template <ElementType T>
+void check_linear_backward(const matrix_view<const T>& x, const linear_router_params& p,
+                           const matrix_view<float>& dx, const linear_router_grads& g) {
+  const index_t tokens = x.extent(0), d = x.extent(1), e_count = p.w.extent(0);
+  if (detail::present(dx)) check_view("dx", dx, {tokens, d}, "[T, d]");
+  if (detail::present(g.w)) check_view("grads.w", g.w, {e_count, d}, "[E, d]");
+}
+
 //! Backward of logits = x · wᵀ: dx [T, d] += d_logits · w, grads.w [E, d] += d_logitsᵀ · x
 //! (the host products of the file comment). Either output may be an empty view (skipped).
+//! Both are checked (check_linear_backward) before either is written.
 template <ElementType T>
 void linear_backward(const matrix_view<const T>& x, const linear_router_params& p,
                      const float* d_logits, const matrix_view<float>& dx,
                      const linear_router_grads& g) {
-  const index_t tokens = x.extent(0), d = x.extent(1), e_count = p.w.extent(0);
-  if (detail::present(dx)) {
-    check_view("dx", dx, {tokens, d}, "[T, d]");
-    detail::linear_backward_dx(d_logits, p.w, dx);
-  }
-  if (detail::present(g.w)) {
-    check_view("grads.w", g.w, {e_count, d}, "[E, d]");
-    detail::linear_backward_w(x, d_logits, g.w);
-  }
+  check_linear_backward(x, p, dx, g);
+  if (detail::present(dx)) detail::linear_backward_dx(d_logits, p.w, dx);
+  if (detail::present(g.w)) detail::linear_backward_w(x, d_logits, g.w);
 }
 
 }  // namespace switchyard::routing

@@ -270,17 +270,51 @@ struct scored_linear {
     score_backward_row(fn, scores, logits, d_scores, d_logits);
   }
 
+  //! Throws unless every present output of `backward` fits: dx [T, d], grads.w [E, d],
+  //! grads.b [E], and grads.residual_w [E, E_prev] / grads.prev_logits [T, E_prev] only with
+  //! the gating residual in the params (shape_error naming "dx" or "grads.<member>"). Writes
+  //! nothing: `backward` runs it before its first write, and a caller (MoELayer) may run it
+  //! before anything else.
+  template <ElementType T>
+  static void check_grads(const matrix_view<const T>& x, const scored_scoring_params& p,
+                          const matrix_view<float>& dx, const scored_router_grads& g) {
+    check_linear_backward(x, linear_router_params{p.w}, dx, linear_router_grads{g.w});
+    if (detail::present(g.b)) check_view("grads.b", g.b, {p.w.extent(0)}, "[E]");
+    check_residual_grads(p, g);
+  }
+
+  //! The gating residual's part of check_grads: grads.residual_w [E, E_prev] and
+  //! grads.prev_logits [T, E_prev], each only with the residual in the params.
+  static void check_residual_grads(const scored_scoring_params& p, const scored_router_grads& g) {
+    if (!detail::present(p.residual_w)) {
+      if (detail::present(g.residual_w) || detail::present(g.prev_logits)) {
+        throw shape_error(detail::present(g.residual_w) ? "grads.residual_w" : "grads.prev_logits",
+                          "grads.residual_w / grads.prev_logits need the gating residual "
+                          "(params.prev_logits and params.residual_w) in the params");
+      }
+      return;
+    }
+    const index_t tokens = p.prev_logits.extent(0), e_prev = p.prev_logits.extent(1);
+    if (detail::present(g.residual_w)) {
+      check_view("grads.residual_w", g.residual_w, {p.w.extent(0), e_prev}, "[E, E_prev]");
+    }
+    if (detail::present(g.prev_logits)) {
+      check_view("grads.prev_logits", g.prev_logits, {tokens, e_prev}, "[T, E_prev]");
+    }
+  }
+
   //! dx += d_logits · w, grads.w += d_logitsᵀ · x, grads.b += Σ_t d_logits, grads.residual_w
   //! += d_logitsᵀ · prev_logits, grads.prev_logits += d_logits · residual_w (each may be an
-  //! empty view: skipped; the gating residual's only with it in the params).
+  //! empty view: skipped; the gating residual's only with it in the params). Every view is
+  //! checked (check_grads) before the first is written.
   template <ElementType T>
   static void backward(const matrix_view<const T>& x, const scored_scoring_params& p,
                        const float* d_logits, const matrix_view<float>& dx,
                        const scored_router_grads& g) {
+    check_grads(x, p, dx, g);
     linear_backward(x, linear_router_params{p.w}, d_logits, dx, linear_router_grads{g.w});
     if (detail::present(g.b)) {
       const index_t tokens = x.extent(0), e_count = p.w.extent(0);
-      check_view("grads.b", g.b, {e_count}, "[E]");
       for (index_t e = 0; e < e_count; ++e) {
         float acc = 0.0f;
         for (index_t t = 0; t < tokens; ++t) acc += d_logits[t * e_count + e];
@@ -290,22 +324,15 @@ struct scored_linear {
     residual_backward(p, d_logits, g);
   }
 
-  //! The gating residual's gradients (see backward), each summed in float in a fixed order.
+  //! The gating residual's gradients (see backward), each summed in float in a fixed order;
+  //! both views are checked (check_residual_grads) before either is written.
   static void residual_backward(const scored_scoring_params& p, const float* d_logits,
                                 const scored_router_grads& g) {
-    const bool given = detail::present(p.residual_w);
-    if (!given) {
-      if (detail::present(g.residual_w) || detail::present(g.prev_logits)) {
-        throw shape_error(detail::present(g.residual_w) ? "grads.residual_w" : "grads.prev_logits",
-                          "grads.residual_w / grads.prev_logits need the gating residual "
-                          "(params.prev_logits and params.residual_w) in the params");
-      }
-      return;
-    }
+    check_residual_grads(p, g);
+    if (!detail::present(p.residual_w)) return;
     const index_t tokens = p.prev_logits.extent(0), e_prev = p.prev_logits.extent(1),
                   e_count = p.w.extent(0);
     if (detail::present(g.residual_w)) {
-      check_view("grads.residual_w", g.residual_w, {e_count, e_prev}, "[E, E_prev]");
 #pragma omp parallel for schedule(static) if (e_count * e_prev * tokens > (1 << 16))
       for (index_t e = 0; e < e_count; ++e) {
         for (index_t j = 0; j < e_prev; ++j) {
@@ -316,7 +343,6 @@ struct scored_linear {
       }
     }
     if (detail::present(g.prev_logits)) {
-      check_view("grads.prev_logits", g.prev_logits, {tokens, e_prev}, "[T, E_prev]");
 #pragma omp parallel for schedule(static) if (e_count * e_prev * tokens > (1 << 16))
       for (index_t t = 0; t < tokens; ++t) {
         for (index_t j = 0; j < e_prev; ++j) {
