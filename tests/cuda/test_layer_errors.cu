@@ -8,9 +8,17 @@
 // - a caller plan with an out-of-range expert id or count through forward_experts →
 //   range_error("plan.expert_ids" / "plan.counts") at the same points.
 // After each data error the same context runs a valid forward: the error is not sticky.
+// The #17 hardening cases on device memory (their host versions: tests/host/hardening/):
+// - y overlapping x → aliasing_error("y", other "x"), x and y bitwise unchanged;
+// - a NaN in x under sorted_grouped → non_finite_error("x") with y bitwise unchanged (it is
+//   thrown at the synchronisation point, before the expert phase writes y);
+// - backward given the state of a forward that threw → invalid_argument("state"), dx bitwise
+//   unchanged; a forward that completes makes the state valid again.
 #include <boost/test/unit_test.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <typeinfo>
 #include <vector>
@@ -86,6 +94,18 @@ struct problem {
     BOOST_TEST(finite, "y of a valid forward after an error is finite");
   }
 };
+
+//! Bitwise equality of two downloads.
+template <class T>
+bool same_bytes(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+//! Seeded O(1) values (an accumulation or a write shows in their bits; never zeros).
+std::vector<float> seeded(std::size_t n, std::uint64_t salt) {
+  std::mt19937_64 g(sy::test::base_seed() + salt);
+  return sy::test::normal(g, n);
+}
 
 padded_layer make_padded() {
   return gpu::make_layer<padded_layer>({.k = 2}, gpu::dispatch_variants<sy::dispatch::padded_capacity>().at(0).value);
@@ -212,4 +232,101 @@ BOOST_AUTO_TEST_CASE(out_of_range_plan_is_a_range_error) {
       [&] { sy::cuda::check_status(P.sc.get(), pws.span()); }, "plan.expert_ids",
       "plan.expert_ids[7, 1]", P.sc);
   P.valid_forward_works(padded);
+}
+
+BOOST_AUTO_TEST_CASE(y_overlapping_x_is_an_aliasing_error) {
+  problem P;
+  const sorted_layer layer{.router = {.k = 2}};
+  // One device buffer of T + 1 rows: x is rows [0, T), y rows [1, T + 1).
+  std::vector<float> host = P.L.x;
+  host.resize(static_cast<std::size_t>((P.tokens + 1) * P.d), 0.5f);
+  gpu::device_output<float> buf(host.size(), P.sc.stream());
+  buf.set(host);
+  const auto x = sy::make_view<const float>(buf.a.data(), P.tokens, P.d);
+  const auto y = sy::make_view(buf.a.data() + P.d, P.tokens, P.d);
+  gpu::device_output<std::byte> ws(layer.workspace_size(P.sc.get(), P.tokens, P.rp_d, P.w_d),
+                                   P.sc.stream());
+  try {
+    layer.forward(P.sc.get(), x, P.rp_d, P.w_d, y, P.state.view(), ws.span());
+    P.sc.synchronize();
+    BOOST_ERROR("no exception for y overlapping x");
+  } catch (const sy::aliasing_error& e) {
+    BOOST_TEST(e.argument() == "y");
+    BOOST_TEST(e.other_argument() == "x");
+    BOOST_TEST(std::string(e.what()).find("y overlaps x") != std::string::npos, e.what());
+  }
+  BOOST_TEST(same_bytes(host, buf.download()), "x or y was written");
+  P.valid_forward_works(layer);
+}
+
+BOOST_AUTO_TEST_CASE(nan_in_x_leaves_y_unchanged) {
+  problem P;
+  const sorted_layer layer{.router = {.k = 2}};
+  const auto x_nan = P.x_with_nan(11, 7);
+  P.y.set(seeded(static_cast<std::size_t>(P.tokens * P.d), 901));
+  const std::vector<float> before = P.y.download();
+  gpu::device_output<std::byte> ws(layer.workspace_size(P.sc.get(), P.tokens, P.rp_d, P.w_d),
+                                   P.sc.stream());
+  expect_error<sy::non_finite_error>(
+      "sorted_grouped, caller workspace",
+      [&] { layer.forward(P.sc.get(), x_nan, P.rp_d, P.w_d, P.yv(), P.state.view(), ws.span()); },
+      "x", "x[11, 7]", P.sc);
+  BOOST_TEST(same_bytes(before, P.y.download()), "y was written (caller workspace)");
+  expect_error<sy::non_finite_error>(
+      "sorted_grouped, convenience path",
+      [&] { layer.forward(P.sc.get(), x_nan, P.rp_d, P.w_d, P.yv(), P.state.view()); }, "x",
+      "x[11, 7]", P.sc);
+  BOOST_TEST(same_bytes(before, P.y.download()), "y was written (convenience path)");
+  P.valid_forward_works(layer);
+}
+
+BOOST_AUTO_TEST_CASE(backward_refuses_the_state_of_a_failed_forward) {
+  problem P;
+  const sorted_layer layer{.router = {.k = 2}};
+  const std::size_t bytes =
+      std::max(layer.workspace_size(P.sc.get(), P.tokens, P.rp_d, P.w_d),
+               layer.backward_workspace_size(P.sc.get(), P.tokens, P.rp_d, P.w_d));
+  gpu::device_output<std::byte> ws(bytes, P.sc.stream());
+  bool complete = false;
+  auto state = P.state.view();
+  state.complete = &complete;  // host memory, whatever the context
+  gpu::device_output<float> dx(static_cast<std::size_t>(P.tokens * P.d), P.sc.stream());
+  const auto dy = P.m(P.L.xv());  // any finite [T, d]
+  auto backward = [&] {
+    layer.backward(P.sc.get(), P.x_d, P.rp_d, P.w_d, state, dy,
+                   sy::routing::softmax_router_losses{}, dx.view(P.tokens, P.d),
+                   sy::expert_grads{}, sy::routing::linear_router_grads{}, ws.span());
+  };
+
+  // A completed forward: its state is accepted.
+  layer.forward(P.sc.get(), P.x_d, P.rp_d, P.w_d, P.yv(), state, ws.span());
+  BOOST_TEST(complete);
+  dx.set(seeded(static_cast<std::size_t>(P.tokens * P.d), 902));
+  BOOST_CHECK_NO_THROW(backward());
+  P.sc.synchronize();
+
+  // A forward that throws past the layer's checks (a NaN in x, found on the device) leaves
+  // the state incomplete; backward refuses it and writes nothing.
+  const auto x_nan = P.x_with_nan(2, 4);
+  expect_error<sy::non_finite_error>(
+      "forward with a NaN in x",
+      [&] { layer.forward(P.sc.get(), x_nan, P.rp_d, P.w_d, P.yv(), state, ws.span()); }, "x",
+      "x[2, 4]", P.sc);
+  BOOST_TEST(!complete);
+  dx.set(seeded(static_cast<std::size_t>(P.tokens * P.d), 903));
+  const std::vector<float> dx_before = dx.download();
+  expect_error<sy::invalid_argument>("backward of the failed forward's state", backward, "state",
+                                     "did not complete", P.sc);
+  BOOST_TEST(same_bytes(dx_before, dx.download()), "dx was written");
+
+  // A forward that completes makes the state valid again.
+  layer.forward(P.sc.get(), P.x_d, P.rp_d, P.w_d, P.yv(), state, ws.span());
+  BOOST_TEST(complete);
+  BOOST_CHECK_NO_THROW(backward());
+  P.sc.synchronize();
+  const std::vector<float> dx_after = dx.download();
+  bool finite = true;
+  for (float v : dx_after) finite = finite && std::isfinite(v);
+  BOOST_TEST(finite);
+  BOOST_TEST(!same_bytes(dx_before, dx_after), "the accepted backward added nothing to dx");
 }
