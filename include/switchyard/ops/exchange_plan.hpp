@@ -25,6 +25,8 @@
 //! The receiver gets the senders' row_local blocks with the rows (`all_to_all` of fixed
 //! blocks), so it needs no count exchange: `ep_receiver_rows` turns them into its one-slot
 //! plan (count 0 on unclaimed rows).
+//! With a local dispatch that drops (`padded_capacity`), the receiver returns its verdict per
+//! row and `ep_local_drops` marks and counts the dropped pairs on the token's rank.
 
 #include <cstdint>
 
@@ -169,6 +171,30 @@ struct ep_receiver_rows {
     ids[r] = used ? static_cast<std::int32_t>(row_local[r]) : routing::unused_slot;
     counts[r] = used ? 1 : 0;
     weights[r] = used ? (row_weight != nullptr ? row_weight[r] : 1.0f) : 0.0f;
+  }
+};
+
+//! After a local dispatch that drops rows (`padded_capacity` under `static_bound`), per pair p
+//! of the sending rank: when the receiver's verdict on the pair's send row is
+//! `dispatch::dropped_pair` (its local capacity dropped the row), marks the pair dropped
+//! (pair_row[p] = dropped_pair, so the combine treats it like the bound's own drops) and
+//! counts it on its global expert. `verdict` [N·R] is the receiver's pair_row of its one-slot
+//! plan, returned in the reverse fixed-block exchange (row r of the sender's blocks).
+template <class Id>
+struct ep_local_drops {
+  matrix_view<Id> expert_ids;          //!< [T, width]
+  index_t width = 1;                   //!< slots per token
+  const index_t* verdict = nullptr;    //!< [N·R] the receivers' pair_row of each send row
+  index_t* pair_row = nullptr;         //!< [P] send row of each pair; dropped_pair written
+  index_t* dropped = nullptr;          //!< [E] += 1 per pair dropped here, or null
+
+  SWITCHYARD_HD void operator()(index_t p) const {
+    const index_t row = pair_row[p];
+    if (row < 0 || verdict[row] != dispatch::dropped_pair) return;
+    pair_row[p] = dispatch::dropped_pair;
+    if (dropped != nullptr) {
+      count_one(dropped + static_cast<index_t>(expert_ids(p / width, p % width)));
+    }
   }
 };
 

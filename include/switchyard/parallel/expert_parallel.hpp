@@ -33,6 +33,7 @@
 #include "switchyard/core/policy.hpp"
 #include "switchyard/dispatch/concepts.hpp"
 #include "switchyard/dispatch/groups.hpp"
+#include "switchyard/dispatch/padded_capacity.hpp"
 #include "switchyard/dispatch/sorted_grouped.hpp"
 #include "switchyard/parallel/comm.hpp"
 
@@ -121,17 +122,29 @@ using agreed_shapes = std::array<index_t, 4>;
 
 
 //! Expert parallelism over `C`'s ranks, `Local` the dispatch each rank runs over the rows it
-//! receives (sorted_grouped: its GEMMs then see, per expert, exactly the rows the
-//! single-process layer would, hence the same bits; docs/expert-parallel.md).
+//! receives (docs/expert-parallel.md):
+//! - `sorted_grouped` (the default): its GEMMs see, per expert, exactly the rows the
+//!   single-process layer would, hence the same bits; nothing is dropped locally.
+//! - `padded_capacity` (with `static_bound` only): each local expert keeps the first C rows it
+//!   receives, in receive order (source rank, then the sender's (token, slot) order: the
+//!   concatenated batch's token order), in blocks of a size fixed on the host, so no step of a
+//!   forward or backward waits for the device (CUDA-graph capturable with a caller workspace).
+//!   The receiver returns each row's verdict; the token's rank marks the pairs its peers
+//!   dropped and counts them in `dropped` with the bound's own drops. `local.drop` applies to
+//!   every dropped pair (zero, or w_tj · x_t under scaled_input). With an absolute
+//!   `expert_capacity` and a bound nobody reaches this is the single-process padded_capacity
+//!   layer on the concatenated batch.
 template <Comm C, class Capacity = eager, class Local = dispatch::sorted_grouped>
 struct ExpertParallel {
-  static_assert(std::is_same_v<Local, dispatch::sorted_grouped>,
-                "switchyard: ExpertParallel runs dispatch::sorted_grouped on each rank for now "
-                "(another local dispatch would drop or pad rows of other ranks' tokens, which "
-                "the exchange does not report back yet)");
   static_assert(std::is_same_v<Capacity, eager> || std::is_same_v<Capacity, static_bound>,
                 "switchyard: ExpertParallel's Capacity must be parallel::eager or "
                 "parallel::static_bound");
+  static_assert(std::is_same_v<Local, dispatch::sorted_grouped> ||
+                    (std::is_same_v<Local, dispatch::padded_capacity> &&
+                     std::is_same_v<Capacity, static_bound>),
+                "switchyard: ExpertParallel's Local must be dispatch::sorted_grouped, or "
+                "dispatch::padded_capacity with parallel::static_bound (the fixed-size, "
+                "CUDA-graph capturable combination; docs/expert-parallel.md)");
 
   using policy_kind = dispatch_tag;
   using comm_type = C;             //!< the communication engine

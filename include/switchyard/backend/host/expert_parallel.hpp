@@ -50,6 +50,7 @@
 #include "switchyard/dispatch/groups.hpp"
 #include "switchyard/layer/expert_weights.hpp"
 #include "switchyard/ops/combine.hpp"
+#include "switchyard/ops/exchange_plan.hpp"
 #include "switchyard/parallel/comm.hpp"
 #include "switchyard/parallel/expert_parallel.hpp"
 #include "switchyard/routing/plan.hpp"
@@ -280,6 +281,52 @@ struct pair_weights {
   void operator()(index_t t, index_t j, float* out) const { *out = weights(t, j); }
 };
 
+//! A local dispatch that can drop received rows (`padded_capacity`): the verdict on every row
+//! a rank receives is its receiver plan's pair_row (>= 0 kept, dropped_pair dropped, unused_pair
+//! for an unclaimed row of a block). `verdict_rows` returns them to the senders (fixed blocks,
+//! the reverse of the token rows), and `mark_local_drops` marks each sender's dropped pairs and
+//! counts them on the token's rank (`ops::ep_local_drops`, the CUDA backend's functor).
+template <class Local>
+inline constexpr bool ep_local_drops_rows = std::is_same_v<Local, dispatch::padded_capacity>;
+
+//! The local dispatch the receiver runs: `padded_capacity` with drop = zero (the token's rank
+//! applies `local.drop` to the pairs it learns were dropped); others as given.
+template <class Local>
+Local ep_receiver_policy(const Local& local) {
+  Local p = local;
+  if constexpr (ep_local_drops_rows<Local>) p.drop = dispatch::dropped_output::zero;
+  return p;
+}
+
+//! The receiver's verdict on each of its `rows` received rows (see ep_local_drops_rows).
+template <class Local, class Id, class W>
+std::vector<index_t> ep_row_verdicts(const Local& local, const routing::plan_view<Id, W>& rplan,
+                                     index_t rows, index_t local_experts) {
+  const std::size_t e = static_cast<std::size_t>(local_experts);
+  std::vector<index_t> begin(e), count(e), dropped(e), verdict(static_cast<std::size_t>(rows));
+  std::vector<index_t> row_pair(static_cast<std::size_t>(local.max_rows(rows, 1, local_experts)));
+  dispatch::expert_groups g;
+  g.row_begin = {begin.data(), e};
+  g.row_count = {count.data(), e};
+  g.dropped = {dropped.data(), e};
+  g.pair_row = {verdict.data(), verdict.size()};
+  g.row_pair = {row_pair.data(), row_pair.size()};
+  g.num_rows = static_cast<index_t>(row_pair.size());
+  host::plan_groups(local, rplan, g);
+  return verdict;
+}
+
+//! After the verdicts came back: marks this rank's pairs its peers dropped (pair_row) and counts
+//! them in `dropped` [E] when it holds E entries.
+template <class Id, class W>
+void mark_local_drops(const routing::plan_view<Id, W>& plan, const std::vector<index_t>& verdict,
+                      std::vector<index_t>& pair_row, span<index_t> dropped, index_t experts) {
+  const ops::ep_local_drops<Id> f{
+      plan.expert_ids, plan.width() > 0 ? plan.width() : 1, verdict.data(), pair_row.data(),
+      static_cast<index_t>(dropped.size()) >= experts ? dropped.data() : nullptr};
+  for (std::size_t p = 0; p < pair_row.size(); ++p) f(static_cast<index_t>(p));
+}
+
 }  // namespace switchyard::detail
 
 namespace switchyard::host {
@@ -315,21 +362,25 @@ void experts_forward(const parallel::ExpertParallel<C, Capacity, Local>& ep, con
   detail::exchange_rows(comm, ex, true, send.data(), recv.data(), d);
 
   // The local phase over the received rows (output float rows, weight 1: every bit kept).
+  const Local lp = detail::ep_receiver_policy(ep.local);
+  std::vector<index_t> verdict;  // padded_capacity: what the local dispatch made of each row
   std::vector<float> out(static_cast<std::size_t>(ex.recv_rows * d), 0.0f);
   if (ex.recv_rows > 0) {
     const detail::ep_receiver_plan rp(ex, nullptr);
     const auto rplan = rp.view(local);
     const expert_dims dl = detail::receiver_dims(dm, ex.recv_rows, local,
-                                                 ep.local.max_rows(ex.recv_rows, 1, local));
+                                                 lp.max_rows(ex.recv_rows, 1, local));
     const matrix_view<const T> xr = make_view<const T>(recv.data(), ex.recv_rows, d);
     const matrix_view<float> yr = make_view<float>(out.data(), ex.recv_rows, d);
     std::vector<index_t> local_dropped(static_cast<std::size_t>(local), 0);
     workspace_arena measure;
-    experts_forward(ep.local, act, dl, xr, rplan, w, nullptr, yr, span<index_t>{}, measure);
+    experts_forward(lp, act, dl, xr, rplan, w, nullptr, yr, span<index_t>{}, measure);
     std::vector<std::byte> scratch(measure.required());
     workspace_arena arena({scratch.data(), scratch.size()});
-    experts_forward(ep.local, act, dl, xr, rplan, w, nullptr, yr,
+    experts_forward(lp, act, dl, xr, rplan, w, nullptr, yr,
                     span<index_t>(local_dropped.data(), local_dropped.size()), arena);
+    if constexpr (detail::ep_local_drops_rows<Local>)
+      verdict = detail::ep_row_verdicts(lp, rplan, ex.recv_rows, local);
   }
 
   std::vector<float> back(static_cast<std::size_t>(ex.send_rows * d), 0.0f);
@@ -337,8 +388,15 @@ void experts_forward(const parallel::ExpertParallel<C, Capacity, Local>& ep, con
 
   std::vector<index_t> pair_row = ex.pair_row;
   dispatch::expert_groups g;
-  g.pair_row = {pair_row.data(), pair_row.size()};
   g.drop = dispatch::dropped_output::zero;
+  if constexpr (detail::ep_local_drops_rows<Local>) {
+    verdict.resize(static_cast<std::size_t>(ex.recv_rows), dispatch::unused_pair);
+    std::vector<index_t> returned(static_cast<std::size_t>(ex.send_rows));
+    detail::exchange_rows(comm, ex, false, verdict.data(), returned.data(), index_t{1});
+    detail::mark_local_drops(plan, returned, pair_row, dropped, dm.experts);
+    g.drop = ep.local.drop;
+  }
+  g.pair_row = {pair_row.data(), pair_row.size()};
   detail::combine(plan, g, back.data(), x, extra, y, false);
 }
 
@@ -374,33 +432,46 @@ void experts_backward(const parallel::ExpertParallel<C, Capacity, Local>& ep, co
 
   // The local backward: dX rows into a zeroed float [R, d] (one slot per row: dX itself),
   // d_weights per row, the weight gradients accumulated into this rank's views.
+  const Local lp = detail::ep_receiver_policy(ep.local);
+  std::vector<index_t> verdict;  // padded_capacity: what the local dispatch made of each row
   std::vector<float> dxr(recv_rows * static_cast<std::size_t>(d), 0.0f), dwr(recv_rows, 0.0f);
   if (ex.recv_rows > 0) {
     const detail::ep_receiver_plan rp(ex, wr.data());
     const auto rplan = rp.view(local);
     const expert_dims dl = detail::receiver_dims(dm, ex.recv_rows, local,
-                                                 ep.local.max_rows(ex.recv_rows, 1, local));
+                                                 lp.max_rows(ex.recv_rows, 1, local));
     const matrix_view<const T> xv = make_view<const T>(xr.data(), ex.recv_rows, d);
     const matrix_view<const T> dyv = make_view<const T>(dyr.data(), ex.recv_rows, d);
     const matrix_view<float> dxv = make_view<float>(dxr.data(), ex.recv_rows, d);
     workspace_arena measure;
-    experts_backward(ep.local, act, dl, xv, rplan, w, dyv, dxv, grads, nullptr, measure);
+    experts_backward(lp, act, dl, xv, rplan, w, dyv, dxv, grads, nullptr, measure);
     std::vector<std::byte> scratch(measure.required());
     workspace_arena arena({scratch.data(), scratch.size()});
-    experts_backward(ep.local, act, dl, xv, rplan, w, dyv, dxv, grads, dwr.data(), arena);
+    experts_backward(lp, act, dl, xv, rplan, w, dyv, dxv, grads, dwr.data(), arena);
+    if constexpr (detail::ep_local_drops_rows<Local>)
+      verdict = detail::ep_row_verdicts(lp, rplan, ex.recv_rows, local);
   }
 
   std::vector<float> back(send_rows * static_cast<std::size_t>(d), 0.0f), dwb(send_rows, 0.0f);
   detail::exchange_rows(comm, ex, false, dxr.data(), back.data(), d);
   detail::exchange_rows(comm, ex, false, dwr.data(), dwb.data(), index_t{1});
 
+  std::vector<index_t> pair_row = ex.pair_row;
+  bool pass_through = false;
+  if constexpr (detail::ep_local_drops_rows<Local>) {
+    verdict.resize(recv_rows, dispatch::unused_pair);
+    std::vector<index_t> returned(send_rows);
+    detail::exchange_rows(comm, ex, false, verdict.data(), returned.data(), index_t{1});
+    detail::mark_local_drops(plan, returned, pair_row, span<index_t>{}, dm.experts);
+    pass_through = ep.local.drop == dispatch::dropped_output::scaled_input;
+  }
   const index_t tokens = plan.num_tokens(), width = plan.width();
-  for (std::size_t p = 0; p < ex.pair_row.size(); ++p) {
-    const index_t row = ex.pair_row[p];
+  for (std::size_t p = 0; p < pair_row.size(); ++p) {
+    const index_t row = pair_row[p];
     d_weights[p] = row >= 0 ? dwb[static_cast<std::size_t>(row)] : 0.0f;
   }
   const ops::combine_backward_slots<T, Id, W> combine{
-      plan.weights, plan.counts, ex.pair_row.data(), width, d, back.data(), x, dy, false,
+      plan.weights, plan.counts, pair_row.data(), width, d, back.data(), x, dy, pass_through,
       d_weights, dx, detail::present(dx), false};
   detail::run_static(tokens, tokens * width * d > (1 << 15), combine);
 }
