@@ -505,6 +505,92 @@ void full_cases(int ranks, std::uint64_t seed) {
   }
 }
 
+// ---- static_bound with a local padded_capacity (the capturable combination) -----------------
+
+template <class Router>
+using padded_ref_layer = sy::MoELayer<Router, swiglu, sy::dispatch::padded_capacity>;
+template <class Router, class Comm>
+using padded_ep_layer =
+    sy::MoELayer<Router, swiglu,
+                 sy::parallel::ExpertParallel<Comm, sy::parallel::static_bound,
+                                              sy::dispatch::padded_capacity>>;
+
+//! padded_capacity's rule on the concatenated plan with an absolute capacity `cap`: per global
+//! expert the first `cap` pairs in token order are kept. The drops of rows [begin, begin + n),
+//! per expert (what the rank holding those rows reports).
+std::vector<index_t> padded_drops(const sy::routing::routing_plan& p, index_t begin, index_t n,
+                                  index_t cap) {
+  std::vector<index_t> seen(static_cast<std::size_t>(p.num_experts), 0),
+      dropped(static_cast<std::size_t>(p.num_experts), 0);
+  for (index_t t = 0; t < begin + n; ++t) {
+    for (index_t j = 0; j < p.counts[static_cast<std::size_t>(t)]; ++j) {
+      const std::size_t e =
+          static_cast<std::size_t>(p.expert_ids[static_cast<std::size_t>(t * p.width + j)]);
+      if (seen[e]++ >= cap && t >= begin) ++dropped[e];
+    }
+  }
+  return dropped;
+}
+
+//! ExpertParallel<cuda_thread_comm, static_bound (loose), padded_capacity{expert_capacity =
+//! cap, drop}> on N ranks against the single-process padded_capacity layer on the
+//! concatenation (bitwise, see the file comment), and the drops each rank reports.
+template <sy::ElementType T>
+void padded_cases(int ranks, index_t cap, sy::dispatch::dropped_output drop, std::uint64_t seed) {
+  using Router = sy::routers::TopK;
+  const problem pb{.ranks = ranks, .seed = seed};
+  const host_data<Router, T> h(pb);
+  const index_t e = pb.experts(), epr = pb.experts_per_rank, d = pb.d, p = pb.p(), f = pb.d_ff;
+  const sy::dispatch::padded_capacity pc{.drop = drop, .expert_capacity = cap};
+  const sy::cuda::stream_context main_ctx(4096, 0);
+  const sy::routing::routing_plan plan = reference_plan(main_ctx.get(), h, false);
+  const padded_ref_layer<Router> ref{.router = make_router<Router>(), .dispatch = pc};
+  const outputs want = run_plan(ref, main_ctx.get(), h, plan, 0, pb.total(), 0, e, true);
+  const index_t peer_rows = pb.total() * plan.width;  // nobody reaches it
+
+  std::vector<outputs> got(static_cast<std::size_t>(ranks));
+  sy::parallel::cuda_thread_group group(ranks, 0);
+  sy::parallel::run_cuda_ranks(group, [&](const sy::parallel::cuda_thread_comm& comm) {
+    const int r = comm.rank();
+    const sy::cuda::stream_context ctx(4096, 0);
+    const sy::routing::routing_plan mine = plan_rows(plan, pb.offset(r), pb.tokens(r));
+    const padded_ep_layer<Router, sy::parallel::cuda_thread_comm> layer{
+        .router = make_router<Router>(),
+        .dispatch = {.comm = &comm, .capacity = {.peer_rows = peer_rows}, .local = pc}};
+    got[static_cast<std::size_t>(r)] =
+        run_plan(layer, ctx.get(), h, mine, pb.offset(r), pb.tokens(r), r * epr, epr, true);
+  });
+
+  const gpu::tolerance ft = gpu::forward_tolerance<T>(), bt = gpu::backward_tolerance<T>();
+  index_t total_drops = 0;
+  for (int r = 0; r < ranks; ++r) {
+    const outputs& o = got[static_cast<std::size_t>(r)];
+    const index_t off = pb.offset(r), tk = pb.tokens(r), w = plan.width;
+    const std::string who = sy::detail::concat(
+        "static_bound + padded_capacity (C = ", cap,
+        drop == sy::dispatch::dropped_output::zero ? ", drop zero" : ", scaled_input",
+        "), N = ", ranks, ", rank ", r, ", T = ", sizeof(T) == 4 ? "float" : "bfloat16", ": ");
+    const std::vector<index_t> drops = padded_drops(plan, off, tk, cap);
+    for (index_t v : drops) total_drops += v;
+    BOOST_CHECK_MESSAGE(o.dropped == drops,
+                        who << "dropped differs from padded_capacity's rule on the concatenation");
+    expect_bitwise(who + "y", o.y, slice(want.y, off * d, tk * d), ft);
+    expect_bitwise(who + "dx", o.dx, slice(want.dx, off * d, tk * d), bt);
+    expect_bitwise(who + "d_weights", o.dw, slice(want.dw, off * w, tk * w), bt);
+    expect_bitwise(who + "grads.w1", o.gw1, experts_of(want.gw1, r * epr, epr, p * d), bt);
+    expect_bitwise(who + "grads.b1", o.gb1, experts_of(want.gb1, r * epr, epr, p), bt);
+    expect_bitwise(who + "grads.w2", o.gw2, experts_of(want.gw2, r * epr, epr, d * f), bt);
+    expect_bitwise(who + "grads.b2", o.gb2, experts_of(want.gb2, r * epr, epr, d), bt);
+  }
+  // The reference's own count (its dropped output) is the sum of the ranks'.
+  index_t want_total = 0;
+  for (index_t v : want.dropped) want_total += v;
+  BOOST_CHECK_MESSAGE(total_drops == want_total, "padded_capacity C = " << cap << ", N = " << ranks
+                                                   << ": the ranks' drops sum to " << total_drops
+                                                   << ", the reference dropped " << want_total);
+  if (cap <= 2) BOOST_CHECK_MESSAGE(want_total > 0, "C = " << cap << " must drop something");
+}
+
 }  // namespace
 
 BOOST_AUTO_TEST_SUITE(cuda_expert_parallel)
@@ -753,6 +839,154 @@ BOOST_AUTO_TEST_CASE(nccl_one_rank_bitwise_and_full) {
                         gpu::backward_tolerance<float>());
     }
   }
+}
+#endif
+
+BOOST_AUTO_TEST_CASE(static_bound_with_padded_capacity_equals_the_concatenation) {
+  using sy::dispatch::dropped_output;
+  for (int n : {1, 2, 3}) {
+    padded_cases<float>(n, 2, dropped_output::zero, 100 + static_cast<std::uint64_t>(n));
+    padded_cases<float>(n, 1, dropped_output::scaled_input, 110 + static_cast<std::uint64_t>(n));
+    padded_cases<sy::bfloat16>(n, 2, dropped_output::scaled_input,
+                               120 + static_cast<std::uint64_t>(n));
+  }
+  padded_cases<float>(4, 64, dropped_output::zero, 130);  // nothing dropped
+}
+
+// A bad plan on one rank under static_bound + padded_capacity: nothing waits, so the layer
+// (no caller workspace: it waits at its end to free its allocation) reports it through the
+// status word, on every rank: range_error, rank 1 naming its plan, the others rank 1.
+BOOST_AUTO_TEST_CASE(padded_local_reports_a_peer_fault_on_every_rank) {
+  constexpr int n = 3;
+  const problem pb{.ranks = n, .seed = 140};
+  const host_data<sy::routers::TopK, float> h(pb);
+  std::vector<std::string> errors(n);
+  sy::parallel::cuda_thread_group group(n, 0);
+  sy::parallel::run_cuda_ranks(group, [&](const sy::parallel::cuda_thread_comm& comm) {
+    const int r = comm.rank();
+    const sy::cuda::stream_context ctx(4096, 0);
+    sy::routing::routing_plan plan;
+    plan.num_tokens = pb.tokens(r);
+    plan.width = 1;
+    plan.num_experts = pb.experts();
+    plan.expert_ids.assign(static_cast<std::size_t>(plan.num_tokens), (r + 1) % n * 2);
+    plan.weights.assign(static_cast<std::size_t>(plan.num_tokens), 1.0f);
+    plan.counts.assign(static_cast<std::size_t>(plan.num_tokens), 1);
+    if (r == 1) plan.expert_ids[1] = static_cast<std::int32_t>(pb.experts() + 3);
+    const padded_ep_layer<sy::routers::TopK, sy::parallel::cuda_thread_comm> layer{
+        .router = make_router<sy::routers::TopK>(),
+        .dispatch = {.comm = &comm,
+                     .capacity = {.peer_rows = 16},
+                     .local = {.expert_capacity = 4}}};
+    std::string& err = errors[static_cast<std::size_t>(r)];
+    try {
+      (void)run_plan(layer, ctx.get(), h, plan, pb.offset(r), pb.tokens(r), r * 2, 2);
+      err = "no exception";
+    } catch (const sy::range_error& e) {
+      const std::string what = e.what();
+      const std::string mine = r == 1 ? "plan.expert_ids[1, 0]" : "rank 1";
+      if (what.find(mine) == std::string::npos)
+        err = "the message does not name " + mine + ": " + what;
+    } catch (const std::exception& e) {
+      err = std::string("another exception: ") + e.what();
+    }
+  });
+  for (int r = 0; r < n; ++r) {
+    BOOST_CHECK_MESSAGE(errors[static_cast<std::size_t>(r)].empty(),
+                        "rank " << r << ": " << errors[static_cast<std::size_t>(r)]);
+  }
+}
+
+#ifdef SWITCHYARD_TEST_HAS_NCCL
+// static_bound + padded_capacity never waits: with the caller's workspaces a whole
+// forward_experts + backward_experts on a real nccl_comm is captured into one CUDA graph and
+// replayed (new outputs each replay, dx and the gradients reset first: they accumulate); the
+// replays equal the eager run bit for bit.
+BOOST_AUTO_TEST_CASE(nccl_padded_forward_and_backward_replay_from_a_cuda_graph) {
+  using Router = sy::routers::TopK;
+  const problem pb{.ranks = 1, .seed = 150};
+  const host_data<Router, float> h(pb);
+  const sy::cuda::stream_context sc(4096, 0);
+  const sy::cuda::context ctx = sc.get();
+  const cudaStream_t s = ctx.stream;
+  const sy::routing::routing_plan plan = reference_plan(ctx, h, false);
+  const sy::parallel::nccl_local_group nccl({0});
+  const sy::parallel::nccl_comm comm = nccl.comm(0);
+  const index_t e = pb.experts(), t = pb.total(), d = pb.d, width = plan.width;
+  const padded_ep_layer<Router, sy::parallel::nccl_comm> layer{
+      .router = make_router<Router>(),
+      .dispatch = {.comm = &comm,
+                   .capacity = {.peer_rows = t * width},
+                   .local = {.drop = sy::dispatch::dropped_output::scaled_input,
+                             .expert_capacity = 2}}};
+  gpu::device_mirror m(s);
+  const sy::expert_weights<float> w = h.weights(m, 0, e);
+  const auto x = sy::make_view<const float>(m.copy(h.x.data(), h.x.size()), t, d);
+  const auto dy = sy::make_view<const float>(m.copy(h.dy.data(), h.dy.size()), t, d);
+  const gpu::device_plan dp(plan, s);
+  gpu::device_output<std::byte> fws(layer.experts_workspace_size(ctx, t, width, w), s),
+      bws(layer.experts_backward_workspace_size(ctx, t, width, w), s);
+  gpu::device_output<float> y(static_cast<std::size_t>(t * d), s),
+      dx(static_cast<std::size_t>(t * d), s), dw(static_cast<std::size_t>(t * width), s);
+  gpu::device_output<index_t> dropped(static_cast<std::size_t>(e), s);
+  gpu::device_expert_grads g = make_grads(h, 0, e, s);
+  const auto reset = [&] {
+    y.poison();
+    dw.poison();
+    dropped.poison();
+    dx.set(h.dx0);  // in place: the graph holds these addresses
+    g.w1.set(h.g0w1);
+    g.b1.set(h.g0b1);
+    g.w2.set(h.g0w2);
+    g.b2.set(h.g0b2);
+  };
+  const auto run = [&] {
+    layer.forward_experts(ctx, x, dp.view(), w, y.view(t, d), dropped.span(), fws.span());
+    layer.backward_experts(ctx, x, dp.view(), w, dy, dx.view(t, d), g.view(), dw.span(),
+                           bws.span());
+  };
+  reset();
+  run();  // eager (also NCCL's first exchange, which connects and allocates)
+  sy::cuda::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+  BOOST_CHECK_NO_THROW(sy::cuda::check_status(ctx, fws.span()));
+  const std::vector<float> y0 = y.download(), dx0 = dx.download(), dw0 = dw.download(),
+                           gw10 = g.w1.download();
+  const std::vector<index_t> dropped0 = dropped.download();
+  BOOST_TEST(std::any_of(dropped0.begin(), dropped0.end(), [](index_t v) { return v > 0; }),
+             "C = 2 must drop pairs (the replays then test the verdicts too)");
+
+  reset();
+  cudaGraph_t graph = nullptr;
+  sy::cuda::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal),
+                  "cudaStreamBeginCapture");
+  try {
+    run();
+  } catch (...) {
+    cudaGraph_t broken = nullptr;
+    (void)cudaStreamEndCapture(s, &broken);  // leave the stream usable
+    if (broken != nullptr) (void)cudaGraphDestroy(broken);
+    throw;
+  }
+  sy::cuda::check(cudaStreamEndCapture(s, &graph), "cudaStreamEndCapture");
+  cudaGraphExec_t exec = nullptr;
+  sy::cuda::check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+  for (int replay = 0; replay < 2; ++replay) {
+    BOOST_TEST_CONTEXT("replay " << replay) {
+      reset();
+      sy::cuda::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+      sy::cuda::check(cudaGraphLaunch(exec, s), "cudaGraphLaunch");
+      sy::cuda::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+      BOOST_TEST(gpu::same_bits(y.download(), y0), "y");
+      BOOST_TEST(gpu::same_bits(dropped.download(), dropped0), "dropped");
+      BOOST_TEST(gpu::same_bits(dx.download(), dx0), "dx");
+      BOOST_TEST(gpu::same_bits(dw.download(), dw0), "d_weights");
+      BOOST_TEST(gpu::same_bits(g.w1.download(), gw10), "grads.w1");
+      BOOST_CHECK_NO_THROW(sy::cuda::check_status(ctx, fws.span()));
+      BOOST_CHECK_NO_THROW(sy::cuda::check_status(ctx, bws.span()));
+    }
+  }
+  (void)cudaGraphExecDestroy(exec);
+  (void)cudaGraphDestroy(graph);
 }
 #endif
 

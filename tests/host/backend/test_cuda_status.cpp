@@ -2,7 +2,8 @@
 // The CUDA backend's device status word and the NaN scan run on the host (the very code the
 // kernels run): the smallest index wins whatever the order of the records, each kind becomes
 // the host backend's typed exception naming the argument and the coordinates, and the row
-// scan finds the first non-finite column of every element type.
+// scan finds the first non-finite column of every element type. Expert parallelism without a
+// wait: every rank's flags folded into one rank's word (cuda_ep_fold_flags) name the peers.
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include <switchyard/backend/cuda/ep_flags.hpp>
 #include <switchyard/backend/cuda/status.hpp>
 #include <switchyard/core/element_type.hpp>
 #include <switchyard/ops/finite.hpp>
@@ -135,6 +137,43 @@ BOOST_AUTO_TEST_CASE(non_finite_tokens_are_reported_before_plan_errors) {
   std::string arg;
   (void)message_of<sy::non_finite_error>(s, {8, 6, 3, "plan"}, arg);
   BOOST_TEST(arg == "x");
+}
+
+// ExpertParallel<C, static_bound, padded_capacity>: rank 1 (of 4) folds the gathered flags of
+// every rank. Its own non-finite element becomes non_finite_x; rank 2's bad plan and rank 3's
+// (and rank 0's) non-finite tokens become the peer kinds, the smallest rank kept; its own
+// errors are thrown first, then a peer's plan, then a peer's token.
+BOOST_AUTO_TEST_CASE(expert_parallel_flags_fold_into_the_status_word_naming_the_peers) {
+  constexpr unsigned long long none = ~0ULL;
+  sy::detail::cuda_ep_flags all[4] = {{17, none}, {8 * 2 + 3, none}, {none, 5}, {4, none}};
+  auto s = fresh();
+  s.reset(/*d=*/8, /*experts=*/2, /*width=*/1, /*tokens=*/6, /*routed=*/false);
+  // The records in reverse order: the smallest index still wins.
+  for (index_t r = 3; r >= 0; --r) sy::detail::cuda_ep_fold_flags{all, 1, &s}(r);
+  BOOST_TEST(s.first[static_cast<int>(sy::cuda::status_kind::non_finite_x)] == 8u * 2 + 3);
+  BOOST_TEST(s.first[static_cast<int>(sy::cuda::status_kind::peer_bad_plan)] == 2u);
+  BOOST_TEST(s.first[static_cast<int>(sy::cuda::status_kind::peer_non_finite)] == 0u);
+  std::string arg;
+  std::string msg = message_of<sy::non_finite_error>(s, s.shape(), arg);
+  BOOST_TEST(arg == "x");
+  BOOST_TEST(msg.find("x[2, 3]") != std::string::npos, msg);
+
+  s.first[static_cast<int>(sy::cuda::status_kind::non_finite_x)] = none;
+  msg = message_of<sy::range_error>(s, s.shape(), arg);
+  BOOST_TEST(arg == "rank 2");
+  BOOST_TEST(msg.find("malformed plan") != std::string::npos, msg);
+
+  s.first[static_cast<int>(sy::cuda::status_kind::peer_bad_plan)] = none;
+  msg = message_of<sy::non_finite_error>(s, s.shape(), arg);
+  BOOST_TEST(arg == "rank 0");
+
+  // A rank whose peers found nothing stays ok; spread copies the rank's flags to every block.
+  sy::detail::cuda_ep_flags mine{none, none}, blocks[3] = {{1, 2}, {3, 4}, {5, 6}};
+  for (index_t r = 0; r < 3; ++r) sy::detail::cuda_ep_spread_flags{&mine, blocks}(r);
+  auto t = fresh();
+  t.reset(8, 2, 1, 6, false);
+  for (index_t r = 0; r < 3; ++r) sy::detail::cuda_ep_fold_flags{blocks, 0, &t}(r);
+  BOOST_TEST(t.ok());
 }
 
 template <class T>

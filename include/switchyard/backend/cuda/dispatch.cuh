@@ -80,6 +80,9 @@ struct device_groups {
   const index_t* host_row_count = nullptr;
   //! What a dropped pair contributes to y.
   dispatch::dropped_output drop = dispatch::dropped_output::zero;
+  //! The status word the planning records into (expert parallelism reads it back in its
+  //! expert phase, which records the exchange's findings there); may be null.
+  device_status* status = nullptr;
 };
 
 //! Whether policy D needs the per-expert counts on the host (the one synchronisation).

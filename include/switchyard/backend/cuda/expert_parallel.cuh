@@ -45,6 +45,7 @@
 
 #include "switchyard/backend/cuda/context.hpp"
 #include "switchyard/backend/cuda/dispatch.cuh"
+#include "switchyard/backend/cuda/ep_flags.hpp"
 #include "switchyard/backend/cuda/error.hpp"
 #include "switchyard/backend/cuda/expert_gemm.cuh"
 #include "switchyard/backend/cuda/expert_phase.hpp"
@@ -390,26 +391,14 @@ void cuda_ep_local_phase(const cuda::context& ctx,
 
 // ---- static_bound: the exchange planned on the device ------------------------------------
 
-//! What a rank's kernels found wrong before the exchange, read back at the one wait.
-struct cuda_ep_flags {
-  unsigned long long first_non_finite;  //!< smallest flat index of a non-finite x element
-  unsigned long long first_bad_token;   //!< smallest token of a faulty plan row
-};
-
-//! Sets both fields of the flags to "nothing found".
-struct cuda_ep_reset_flags {
-  cuda_ep_flags* flags;
-  SWITCHYARD_HD void operator()(index_t) const {
-    flags->first_non_finite = ~0ULL;
-    flags->first_bad_token = ~0ULL;
-  }
-};
-
-//! Records a faulty plan token (`ops::ep_destination_keys`' report): the smallest wins.
+//! Records a faulty plan token (`ops::ep_destination_keys`' report): the smallest wins; with a
+//! status word, also the fault itself (as the single-process planning records it).
 struct cuda_ep_record_fault {
   unsigned long long* first_bad_token;
   index_t width;
+  cuda::device_status* status = nullptr;
   SWITCHYARD_HD void operator()(ops::plan_fault kind, index_t index) const {
+    cuda::record_plan_fault{status}(kind, index);
     const index_t t = kind == ops::plan_fault::counts ? index : index / (width > 0 ? width : 1);
 #ifdef __CUDA_ARCH__
     atomicMin(first_bad_token, static_cast<unsigned long long>(t));
@@ -449,14 +438,21 @@ struct cuda_ep_static_plan {
   float* row_weight = nullptr;          //!< [N·R] (backward: the pairs' combine weights)
   float* recv_row_weight = nullptr;     //!< [N·R] (backward)
   index_t* dropped = nullptr;           //!< [E]
+  // A local dispatch that drops (padded_capacity): no wait; the findings go to `status`.
+  cuda::device_status* status = nullptr;  //!< the layer's status word (device), or null
+  index_t* verdict = nullptr;           //!< [N·R] the receivers' verdicts on the send rows
+  cuda_ep_flags* flags_send = nullptr;  //!< [N] this rank's flags, once per peer
+  cuda_ep_flags* flags_all = nullptr;   //!< [N] every rank's flags
 
-  //! Carves (or measures) the arrays; `with_weights`: the backward's weight rows.
+  //! Carves (or measures) the arrays; `with_weights`: the backward's weight rows; `padded`:
+  //! the arrays of a local dispatch that drops (findings recorded in `status_`, no wait).
   cuda_ep_static_plan(const cuda::context& ctx, index_t ranks_, index_t local_, index_t peer_rows_,
                       index_t tokens_, index_t width_, bool with_weights, index_t* given_dropped,
-                      workspace_arena& ws, workspace_arena& hws)
+                      workspace_arena& ws, workspace_arena& hws, bool padded = false,
+                      cuda::device_status* status_ = nullptr)
       : ranks(ranks_), local(local_), experts(ranks_ * local_), peer_rows(peer_rows_),
         rows(checked_mul("dispatch.capacity.peer_rows", ranks_, peer_rows_)), tokens(tokens_),
-        width(width_) {
+        width(width_), status(status_) {
     const index_t pairs = tokens * width;
     flags = ws.take<cuda_ep_flags>(1);
     host_flags = hws.take<cuda_ep_flags>(1);
@@ -475,6 +471,11 @@ struct cuda_ep_static_plan {
       recv_row_weight = ws.take<float>(rows);
     }
     dropped = given_dropped != nullptr ? given_dropped : ws.take<index_t>(experts);
+    if (padded) {
+      verdict = ws.take<index_t>(rows);
+      flags_send = ws.take<cuda_ep_flags>(ranks);
+      flags_all = ws.take<cuda_ep_flags>(ranks);
+    }
   }
 
   //! Enqueues the planning on ctx.stream (carving arenas only): flags reset, x scanned for
@@ -509,7 +510,7 @@ struct cuda_ep_static_plan {
           ops::ep_destination_keys<Id, cuda_ep_record_fault>{
               plan.expert_ids, plan.counts, width, experts, local > 0 ? local : 1, ranks,
               by_rank.keys, by_rank.pairs, pair_row,
-              cuda_ep_record_fault{&flags->first_bad_token, width}},
+              cuda_ep_record_fault{&flags->first_bad_token, width, status}},
           "switchyard::ops::ep_destination_keys");
       cuda_run_key_sort(ctx, by_rank);
       cuda::for_each(st, pairs,
@@ -540,6 +541,21 @@ struct cuda_ep_static_plan {
     return {make_view<const std::int32_t>(recv_ids, rows, index_t{1}),
             make_view<const float>(recv_weights, rows, index_t{1}),
             make_view<const std::int32_t>(recv_counts, rows), local};
+  }
+
+  //! Without a wait (padded): every rank's flags gathered on the device (one all_to_all of
+  //! fixed size) and folded into this rank's status word (`cuda_ep_fold_flags`).
+  template <parallel::Comm C>
+  void fold(const cuda::context& ctx, const C& comm) const {
+    cuda::for_each(ctx.stream, ranks, cuda_ep_spread_flags{flags, flags_send},
+                   "switchyard::detail::cuda_ep_spread_flags");
+    comm.all_to_all(flags_send, flags_all, static_cast<index_t>(sizeof(cuda_ep_flags)),
+                    static_cast<void*>(ctx.stream));
+    if (status != nullptr) {
+      cuda::for_each(ctx.stream, ranks,
+                     cuda_ep_fold_flags{flags_all, static_cast<index_t>(comm.rank()), status},
+                     "switchyard::detail::cuda_ep_fold_flags");
+    }
   }
 
   //! Enqueues the copy of the flags to the host (read after the caller's wait).
@@ -601,26 +617,82 @@ void cuda_ep_static_exchange(const C& comm, index_t peer_rows, const U* send, U*
                   static_cast<void*>(stream));
 }
 
-//! The local sorted_grouped phase over the received rows, in the layer's arenas: plans the
-//! groups (enqueuing the per-expert counts' copy), copies the flags, waits once (the wait the
-//! single-process sorted_grouped has), agrees on the flags, then runs `phase(g)`. With no
-//! received rows (R = 0) it waits and agrees all the same. Measuring arenas: only takes.
-template <parallel::Comm C, ElementType T, class F>
-void cuda_ep_static_local(const cuda::context& ctx, const C& comm, const cuda_ep_static_plan& sp,
-                          const matrix_view<const T>& x, workspace_arena& ws,
-                          workspace_arena& hws, const F& phase) {
-  const dispatch::sorted_grouped sg{};
+//! The local phase over the received rows, in the layer's arenas (measuring arenas: only
+//! takes). With no received rows (R = 0) it plans and agrees all the same.
+//! - sorted_grouped: plans the groups (enqueuing the per-expert counts' copy), copies the
+//!   flags, waits once (the wait the single-process sorted_grouped has), agrees on the flags
+//!   (every rank throws before any expert runs), then runs `phase(lp, g)`.
+//! - padded_capacity: plans the groups on the device (the receiver policy: drop zero, token
+//!   order; width 1 makes the priorities equal), gathers and folds the flags into the status
+//!   word on the device, runs `phase(lp, g)`, and returns the groups: their pair_row [N·R] is
+//!   the verdict on each received row. Nothing waits.
+template <class Local, parallel::Comm C, ElementType T, class F>
+cuda::device_groups cuda_ep_static_local(const cuda::context& ctx, const C& comm,
+                                         const Local& local, const cuda_ep_static_plan& sp,
+                                         const matrix_view<const T>& x, workspace_arena& ws,
+                                         workspace_arena& hws, const F& phase) {
   const auto rplan = sp.receiver_view();
-  const cuda::device_groups g =
-      sp.rows > 0
-          ? cuda::plan_groups(ctx, sg, rplan, sp.rows, index_t{1}, sp.local, nullptr, ws, hws)
-          : cuda::device_groups{};
-  if (ws.carving()) {
-    sp.copy_flags(ctx);
-    cuda::check(cudaStreamSynchronize(ctx.stream), "cudaStreamSynchronize");
-    sp.agree(comm, x);
+  if constexpr (std::is_same_v<Local, dispatch::padded_capacity>) {
+    dispatch::padded_capacity lp = local;
+    lp.drop = dispatch::dropped_output::zero;
+    lp.priority = dispatch::capacity_priority::token_major;
+    const cuda::device_groups g =
+        sp.rows > 0 ? cuda::plan_groups(ctx, lp, rplan, sp.rows, index_t{1}, sp.local, nullptr,
+                                        ws, hws)
+                    : cuda::device_groups{};
+    if (ws.carving()) sp.fold(ctx, comm);
+    if (sp.rows > 0) phase(lp, g);
+    return g;
+  } else {
+    (void)local;
+    const dispatch::sorted_grouped sg{};
+    const cuda::device_groups g =
+        sp.rows > 0
+            ? cuda::plan_groups(ctx, sg, rplan, sp.rows, index_t{1}, sp.local, nullptr, ws, hws)
+            : cuda::device_groups{};
+    if (ws.carving()) {
+      sp.copy_flags(ctx);
+      cuda::check(cudaStreamSynchronize(ctx.stream), "cudaStreamSynchronize");
+      sp.agree(comm, x);
+    }
+    if (sp.rows > 0) phase(sg, g);
+    return g;
   }
-  if (sp.rows > 0) phase(g);
+}
+
+//! padded_capacity: the receivers' verdicts back to the senders (fixed blocks), then the pairs
+//! they dropped marked in `sp.pair_row` and counted in `dropped` when given
+//! (`ops::ep_local_drops`). Nothing for sorted_grouped.
+template <class Local, parallel::Comm C, class Id, class W>
+void cuda_ep_return_verdicts(const cuda::context& ctx, const C& comm, const cuda_ep_static_plan& sp,
+                             const cuda::device_groups& g, const routing::plan_view<Id, W>& plan,
+                             index_t* dropped) {
+  if constexpr (std::is_same_v<Local, dispatch::padded_capacity>) {
+    if (sp.rows > 0) {
+      cuda_ep_static_exchange(comm, sp.peer_rows, static_cast<const index_t*>(g.pair_row),
+                              sp.verdict, index_t{1}, ctx.stream);
+    }
+    const index_t pairs = plan.num_tokens() * plan.width();
+    if (pairs > 0) {
+      cuda::for_each(ctx.stream, pairs,
+                     ops::ep_local_drops<Id>{plan.expert_ids, plan.width(), sp.verdict,
+                                             sp.pair_row, dropped},
+                     "switchyard::ops::ep_local_drops");
+    }
+  } else {
+    (void)ctx, (void)comm, (void)sp, (void)g, (void)plan, (void)dropped;
+  }
+}
+
+//! Whether dropped pairs contribute w_tj · x_t (the local padded_capacity's scaled_input).
+template <class Local>
+bool cuda_ep_pass_through(const Local& local) {
+  if constexpr (std::is_same_v<Local, dispatch::padded_capacity>) {
+    return local.drop == dispatch::dropped_output::scaled_input;
+  } else {
+    (void)local;
+    return false;
+  }
 }
 
 //! `experts_forward` under static_bound (see the overload below).
@@ -630,11 +702,13 @@ void cuda_ep_static_forward(const cuda::context& ctx,
                             const Act& act, const cuda::expert_dims& dm,
                             const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
                             const expert_weights<T>& w, const matrix_view<T>& y,
-                            index_t* dropped, workspace_arena& ws, workspace_arena& hws) {
+                            index_t* dropped, cuda::device_status* status, workspace_arena& ws,
+                            workspace_arena& hws) {
   const C& comm = *ep.comm;
   const index_t d = dm.d, local = w.num_experts(), r = ep.capacity.peer_rows;
+  constexpr bool padded = std::is_same_v<Local, dispatch::padded_capacity>;
   const cuda_ep_static_plan sp(ctx, ep.ranks(), local, r, dm.tokens, dm.width, false, dropped, ws,
-                               hws);
+                               hws, padded, status);
   const index_t n = checked_mul("rows", sp.rows, d);
   T* send = ws.take<T>(n);
   T* recv = ws.take<T>(n);
@@ -652,16 +726,20 @@ void cuda_ep_static_forward(const cuda::context& ctx,
     cuda_ep_static_exchange(comm, r, send, recv, d, ctx.stream);
     sp.receive(ctx);
   }
-  cuda_ep_static_local(ctx, comm, sp, x, ws, hws, [&](const cuda::device_groups& g) {
-    cuda::experts_forward_phase(cuda::expert_exec(ctx, ws), dispatch::sorted_grouped{}, act, dl,
-                                xr, rplan, w, cuda::groups_ref(g), nullptr, yr, nullptr, ws, hws);
-  });
+  const cuda::device_groups lg = cuda_ep_static_local(
+      ctx, comm, ep.local, sp, x, ws, hws, [&](const auto& lp, const cuda::device_groups& g) {
+        cuda::experts_forward_phase(cuda::expert_exec(ctx, ws), lp, act, dl, xr, rplan, w,
+                                    cuda::groups_ref(g), nullptr, yr, nullptr, ws, hws);
+      });
   if (!ws.carving()) return;
   cuda_ep_static_exchange(comm, r, out, back, d, ctx.stream);
+  cuda_ep_return_verdicts<Local>(ctx, comm, sp, lg, plan, sp.dropped);
   const index_t tokens = plan.num_tokens(), width = plan.width();
   cuda::for_each(ctx.stream, tokens * d,
                  ops::combine_slot_elements<T, Id, W>{{plan.weights, plan.counts, sp.pair_row,
-                                                       width, d, back, x, false, nullptr, y}},
+                                                       width, d, back, x,
+                                                       cuda_ep_pass_through(ep.local), nullptr,
+                                                       y}},
                  "switchyard::ops::combine_slot_elements");
 }
 
@@ -673,11 +751,13 @@ void cuda_ep_static_backward(const cuda::context& ctx,
                              const matrix_view<const T>& x, const routing::plan_view<Id, W>& plan,
                              const expert_weights<T>& w, const matrix_view<const T>& dy,
                              const matrix_view<float>& dx, const expert_grads& grads,
-                             float* d_weights, workspace_arena& ws, workspace_arena& hws) {
+                             float* d_weights, cuda::device_status* status, workspace_arena& ws,
+                             workspace_arena& hws) {
   const C& comm = *ep.comm;
   const index_t d = dm.d, local = w.num_experts(), r = ep.capacity.peer_rows;
+  constexpr bool padded = std::is_same_v<Local, dispatch::padded_capacity>;
   const cuda_ep_static_plan sp(ctx, ep.ranks(), local, r, dm.tokens, dm.width, true, nullptr, ws,
-                               hws);
+                               hws, padded, status);
   const index_t n = checked_mul("rows", sp.rows, d);
   T* send = ws.take<T>(n);
   T* xr = ws.take<T>(n);
@@ -710,21 +790,27 @@ void cuda_ep_static_backward(const cuda::context& ctx,
           "cudaMemsetAsync");
     }
   }
-  cuda_ep_static_local(ctx, comm, sp, x, ws, hws, [&](const cuda::device_groups& g) {
-    cuda::experts_backward_phase(cuda::expert_exec(ctx, ws), dispatch::sorted_grouped{}, act, dl,
-                                 xv, rplan, w, cuda::groups_ref(g), dyv, dxv, grads,
-                                 ws.carving() ? dwr : nullptr, ws, hws);
-  });
+  const cuda::device_groups lg = cuda_ep_static_local(
+      ctx, comm, ep.local, sp, x, ws, hws, [&](const auto& lp, const cuda::device_groups& g) {
+        cuda::experts_backward_phase(cuda::expert_exec(ctx, ws), lp, act, dl, xv, rplan, w,
+                                     cuda::groups_ref(g), dyv, dxv, grads,
+                                     ws.carving() ? dwr : nullptr, ws, hws);
+      });
   if (!ws.carving()) return;
   cuda_ep_static_exchange(comm, r, dxr, back, d, ctx.stream);
   cuda_ep_static_exchange(comm, r, dwr, dwb, index_t{1}, ctx.stream);
+  cuda_ep_return_verdicts<Local>(ctx, comm, sp, lg, plan, nullptr);
   const index_t tokens = plan.num_tokens(), width = plan.width();
   cuda::for_each(ctx.stream, tokens * width, cuda_ep_scatter_weights{sp.pair_row, dwb, d_weights},
                  "switchyard::detail::cuda_ep_scatter_weights");
   const bool has_dx = present(dx);
   const ops::combine_backward_slots<T, Id, W> combine{
       plan.weights, plan.counts, sp.pair_row, width, d,  back, x,
-      dy,           false,       d_weights,   dx,    has_dx};
+      dy,           cuda_ep_pass_through(ep.local),   d_weights,   dx,    has_dx};
+  if (combine.pass_through) {
+    cuda::for_each(ctx.stream, tokens, ops::combine_backward_pass_weights<T, Id, W>{combine},
+                   "switchyard::ops::combine_backward_pass_weights");
+  }
   if (has_dx) {
     cuda::for_each(ctx.stream, tokens * d, ops::combine_backward_elements<T, Id, W>{combine},
                    "switchyard::ops::combine_backward_elements");
@@ -740,8 +826,10 @@ namespace switchyard::cuda {
 template <parallel::Comm C, class Capacity, class Local, class Id, class W>
 device_groups plan_groups(const context&, const parallel::ExpertParallel<C, Capacity, Local>&,
                           const routing::plan_view<Id, W>&, index_t, index_t, index_t,
-                          device_status*, workspace_arena&, workspace_arena&) {
-  return {};
+                          device_status* status, workspace_arena&, workspace_arena&) {
+  device_groups g;
+  g.status = status;  // static_bound with padded_capacity records its findings there
+  return g;
 }
 
 //! `experts_forward` under expert parallelism (file comment): y [T, d] = Σ_j w_tj ·
@@ -753,7 +841,7 @@ template <parallel::Comm C, class Capacity, class Local, class Act, ElementType 
 void experts_forward(const context& ctx, const parallel::ExpertParallel<C, Capacity, Local>& ep,
                      const Act& act, const expert_dims& dm, const matrix_view<const T>& x,
                      const routing::plan_view<Id, W>& plan, const expert_weights<T>& w,
-                     const device_groups&, const float* extra, const matrix_view<T>& y,
+                     const device_groups& groups, const float* extra, const matrix_view<T>& y,
                      index_t* dropped, workspace_arena& ws, workspace_arena& hws) {
   detail::require_device_comm<C>();
   if constexpr (std::is_same_v<Capacity, parallel::static_bound>) {
@@ -761,7 +849,8 @@ void experts_forward(const context& ctx, const parallel::ExpertParallel<C, Capac
       throw unsupported_error(
           "switchyard: an add-on term under ExpertParallel on the CUDA backend");
     }
-    detail::cuda_ep_static_forward(ctx, ep, act, dm, x, plan, w, y, dropped, ws, hws);
+    detail::cuda_ep_static_forward(ctx, ep, act, dm, x, plan, w, y, dropped, groups.status, ws,
+                                   hws);
     return;
   }
   if (!ws.carving()) return;
@@ -825,13 +914,13 @@ template <parallel::Comm C, class Capacity, class Local, class Act, ElementType 
 void experts_backward(const context& ctx, const parallel::ExpertParallel<C, Capacity, Local>& ep,
                       const Act& act, const expert_dims& dm, const matrix_view<const T>& x,
                       const routing::plan_view<Id, W>& plan, const expert_weights<T>& w,
-                      const device_groups&, const matrix_view<const T>& dy,
+                      const device_groups& groups, const matrix_view<const T>& dy,
                       const matrix_view<float>& dx, const expert_grads& grads, float* d_weights,
                       workspace_arena& ws, workspace_arena& hws) {
   detail::require_device_comm<C>();
   if constexpr (std::is_same_v<Capacity, parallel::static_bound>) {
-    detail::cuda_ep_static_backward(ctx, ep, act, dm, x, plan, w, dy, dx, grads, d_weights, ws,
-                                    hws);
+    detail::cuda_ep_static_backward(ctx, ep, act, dm, x, plan, w, dy, dx, grads, d_weights,
+                                    groups.status, ws, hws);
     return;
   }
   if (!ws.carving()) return;

@@ -29,8 +29,10 @@ enum class status_kind : int {
   bad_attention = 4,      //!< DA-MoE params.attention[h, i, j] not finite, negative, or ending a row that does not sum to 1 (index h·T·T + i·T + j)
   bad_importance = 5,     //!< DA-MoE params.importance[j] (or token j's computed importance) not finite or negative (index j)
   bad_router_params = 6,  //!< a router parameter the host validates by value (DynMoE: a non-finite threshold, a mask entry not 0 or 1) (index: the expert)
+  peer_bad_plan = 7,      //!< expert parallelism: another rank's plan is malformed (index: that rank)
+  peer_non_finite = 8,    //!< expert parallelism: another rank's x holds a NaN / Inf (index: that rank)
 };
-inline constexpr int status_kinds = 7;
+inline constexpr int status_kinds = 9;
 
 //! The sizes the messages need to turn flat indices into coordinates.
 struct status_shape {
@@ -147,14 +149,31 @@ inline void throw_status(const device_status& s, const status_shape& shape) {
                                           "] must be in [0, ", shape.width,
                                           "] (found on the device)"));
   }
-  if (s.first[3] == device_status::none) return;
-  const index_t i = at(status_kind::invalid_ids);
-  const index_t w = shape.width > 0 ? shape.width : 1;
-  const std::string arg = detail::concat(shape.plan_argument, ".expert_ids");
-  throw range_error(arg, detail::concat(arg, "[", i / w, ", ", i % w, "] must be in [0, ",
-                                        shape.experts,
-                                        ") and distinct among the token's used slots, and -1 "
-                                        "when unused (found on the device)"));
+  if (s.first[3] != device_status::none) {
+    const index_t i = at(status_kind::invalid_ids);
+    const index_t w = shape.width > 0 ? shape.width : 1;
+    const std::string arg = detail::concat(shape.plan_argument, ".expert_ids");
+    throw range_error(arg, detail::concat(arg, "[", i / w, ", ", i % w, "] must be in [0, ",
+                                          shape.experts,
+                                          ") and distinct among the token's used slots, and -1 "
+                                          "when unused (found on the device)"));
+  }
+  // Expert parallelism without a wait (ExpertParallel<C, static_bound, padded_capacity>): the
+  // ranks' findings are gathered on the device, so every rank reports a peer's fault too.
+  if (s.first[7] != device_status::none) {
+    const index_t r = at(status_kind::peer_bad_plan);
+    throw range_error(detail::concat("rank ", r),
+                      detail::concat("switchyard: ExpertParallel: rank ", r,
+                                     " holds a malformed plan (its own check_status names the "
+                                     "token; found on the device)"));
+  }
+  if (s.first[8] != device_status::none) {
+    const index_t r = at(status_kind::peer_non_finite);
+    throw non_finite_error(detail::concat("rank ", r),
+                           detail::concat("switchyard: ExpertParallel: rank ", r,
+                                          " holds a non-finite token (its own check_status names "
+                                          "it; found on the device)"));
+  }
 }
 
 }  // namespace switchyard::cuda
