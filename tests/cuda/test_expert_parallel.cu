@@ -747,6 +747,20 @@ BOOST_AUTO_TEST_CASE(host_communicator_rejected_on_every_rank) {
 // runs): every rank throws the same type, no rank hangs (the test would time out instead).
 // `nan`: a NaN in rank 1's x -> non_finite_error, rank 1 naming x[1, 2]; else an expert id
 // out of range in rank 1's plan -> range_error (static_bound: rank 1 naming token 1).
+//! Rank r's plan of one slot per token, every token to expert 2·((r + 1) mod N) (rank r + 1's
+//! first); `bad`: token 1's id out of range.
+sy::routing::routing_plan one_slot_plan(const problem& pb, int r, bool bad) {
+  sy::routing::routing_plan plan;
+  plan.num_tokens = pb.tokens(r);
+  plan.width = 1;
+  plan.num_experts = pb.experts();
+  plan.expert_ids.assign(static_cast<std::size_t>(plan.num_tokens), (r + 1) % pb.ranks * 2);
+  plan.weights.assign(static_cast<std::size_t>(plan.num_tokens), 1.0f);
+  plan.counts.assign(static_cast<std::size_t>(plan.num_tokens), 1);
+  if (bad) plan.expert_ids[1] = static_cast<std::int32_t>(pb.experts() + 3);
+  return plan;
+}
+
 template <class Capacity>
 void bad_data_on_one_rank(bool nan, Capacity capacity) {
   constexpr int n = 3;
@@ -758,14 +772,7 @@ void bad_data_on_one_rank(bool nan, Capacity capacity) {
   sy::parallel::run_cuda_ranks(group, [&](const sy::parallel::cuda_thread_comm& comm) {
     const int r = comm.rank();
     const sy::cuda::stream_context ctx(4096, 0);
-    sy::routing::routing_plan plan;
-    plan.num_tokens = pb.tokens(r);
-    plan.width = 1;
-    plan.num_experts = pb.experts();
-    plan.expert_ids.assign(static_cast<std::size_t>(plan.num_tokens), (r + 1) % n * 2);
-    plan.weights.assign(static_cast<std::size_t>(plan.num_tokens), 1.0f);
-    plan.counts.assign(static_cast<std::size_t>(plan.num_tokens), 1);
-    if (!nan && r == 1) plan.expert_ids[1] = static_cast<std::int32_t>(pb.experts() + 3);
+    const sy::routing::routing_plan plan = one_slot_plan(pb, r, !nan && r == 1);
     const ep_layer<sy::routers::TopK, sy::parallel::cuda_thread_comm, Capacity> layer{
         .router = make_router<sy::routers::TopK>(),
         .dispatch = {.comm = &comm, .capacity = capacity}};
@@ -865,14 +872,7 @@ BOOST_AUTO_TEST_CASE(padded_local_reports_a_peer_fault_on_every_rank) {
   sy::parallel::run_cuda_ranks(group, [&](const sy::parallel::cuda_thread_comm& comm) {
     const int r = comm.rank();
     const sy::cuda::stream_context ctx(4096, 0);
-    sy::routing::routing_plan plan;
-    plan.num_tokens = pb.tokens(r);
-    plan.width = 1;
-    plan.num_experts = pb.experts();
-    plan.expert_ids.assign(static_cast<std::size_t>(plan.num_tokens), (r + 1) % n * 2);
-    plan.weights.assign(static_cast<std::size_t>(plan.num_tokens), 1.0f);
-    plan.counts.assign(static_cast<std::size_t>(plan.num_tokens), 1);
-    if (r == 1) plan.expert_ids[1] = static_cast<std::int32_t>(pb.experts() + 3);
+    const sy::routing::routing_plan plan = one_slot_plan(pb, r, r == 1);
     const padded_ep_layer<sy::routers::TopK, sy::parallel::cuda_thread_comm> layer{
         .router = make_router<sy::routers::TopK>(),
         .dispatch = {.comm = &comm,

@@ -447,7 +447,8 @@ struct executor<cuda::context> {
         ws, rp != nullptr ? cuda::router_workspace_size(layer.router, tokens, *rp) : 0);
     if (ws.carving()) {
       cuda::for_each(ctx.stream, 1,
-                     cuda::reset_status{status, dm.d, dm.experts, width, tokens, state != nullptr},
+                     cuda::reset_status{status, dm.d, layer.ffn_experts(w), width, tokens,
+                                        state != nullptr},
                      "switchyard::cuda::reset_status");
       if (state != nullptr) {
         cuda::for_each(ctx.stream, tokens * x.extent(1),
@@ -458,7 +459,8 @@ struct executor<cuda::context> {
     }
     const cuda::device_groups g = cuda::plan_groups(ctx, layer.dispatch, plan, tokens, width,
                                                     dm.experts, status, ws, hws);
-    const cuda::status_shape shape{dm.d, dm.experts, width,
+    // The router's and the plan's E (global under expert parallelism; dm.experts is w's).
+    const cuda::status_shape shape{dm.d, layer.ffn_experts(w), width,
                                    state != nullptr ? "state.plan" : "plan", tokens};
     if constexpr (cuda::needs_host_counts<typename Layer::dispatch_type>) {
       if (ws.carving()) sync_and_throw(ctx, status, host_status, shape);  // the one documented wait
@@ -499,7 +501,8 @@ struct executor<cuda::context> {
         ws, rp != nullptr ? cuda::router_workspace_size(layer.router, tokens, *rp) : 0);
     if (ws.carving()) {
       cuda::for_each(ctx.stream, 1,
-                     cuda::reset_status{status, dm.d, dm.experts, width, tokens, state != nullptr},
+                     cuda::reset_status{status, dm.d, layer.ffn_experts(w), width, tokens,
+                                        state != nullptr},
                      "switchyard::cuda::reset_status");
       if (tokens * width > 0) {
         cuda::check(cudaMemsetAsync(d_weights, 0, sizeof(float) * tokens * width, ctx.stream),
@@ -508,7 +511,8 @@ struct executor<cuda::context> {
     }
     const cuda::device_groups g = cuda::plan_groups(ctx, layer.dispatch, plan, tokens, width,
                                                     dm.experts, status, ws, hws);
-    const cuda::status_shape shape{dm.d, dm.experts, width,
+    // The router's and the plan's E (global under expert parallelism; dm.experts is w's).
+    const cuda::status_shape shape{dm.d, layer.ffn_experts(w), width,
                                    state != nullptr ? "state.plan" : "plan", tokens};
     if constexpr (cuda::needs_host_counts<typename Layer::dispatch_type>) {
       if (ws.carving()) sync_and_throw(ctx, status, host_status, shape);
