@@ -148,8 +148,10 @@ inline void nccl_group_end(ncclComm_t comm) {
 namespace switchyard::parallel {
 
 //! The `Comm` concept over device memory on an NCCL communicator (non-owning: the caller keeps
-//! `comm` alive, and destroys it, after this object). Owns a stream and a small device buffer
-//! for `all_gather` / `all_agree` on the communicator's device. Move-only.
+//! `comm` alive, and destroys it, after this object). Owns a stream, a small device buffer and
+//! its pinned host twin for `all_gather` / `all_agree` on the communicator's device (pinned:
+//! their copies are plain stream work, also while another stream of the thread is being
+//! captured into a CUDA graph). Move-only.
 class nccl_comm {
  public:
   //! Data buffers are CUDA device memory of the communicator's device.
@@ -164,11 +166,14 @@ class nccl_comm {
     const detail::nccl_device_scope scope(device_);
     detail::nccl_cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
                             "cudaStreamCreateWithFlags");
-    const cudaError_t status =
-        cudaMalloc(reinterpret_cast<void**>(&scratch_), scratch_bytes(size_));
+    cudaError_t status = cudaMalloc(reinterpret_cast<void**>(&scratch_), scratch_bytes(size_));
+    if (status == cudaSuccess) {
+      status = cudaMallocHost(reinterpret_cast<void**>(&host_), scratch_bytes(size_));
+      if (status != cudaSuccess) (void)cudaFree(scratch_);
+    }
     if (status != cudaSuccess) {
       (void)cudaStreamDestroy(stream_);
-      detail::nccl_cuda_check(status, "cudaMalloc");
+      detail::nccl_cuda_check(status, "cudaMalloc / cudaMallocHost");
     }
   }
 
@@ -188,6 +193,7 @@ class nccl_comm {
     if (cudaGetDevice(&previous) == cudaSuccess) {
       (void)cudaSetDevice(device_);
       (void)cudaFree(scratch_);
+      (void)cudaFreeHost(host_);
       (void)cudaStreamDestroy(stream_);
       (void)cudaSetDevice(previous);
     }
@@ -208,16 +214,19 @@ class nccl_comm {
     const std::int64_t bad =
         out.size() != static_cast<std::size_t>(size_) || out.data() == nullptr ? 1 : 0;
     // Each rank contributes {value, verdict}: the verdicts travel with the values.
-    const std::int64_t mine[2] = {static_cast<std::int64_t>(value), bad};
-    std::vector<std::int64_t> all(2 * static_cast<std::size_t>(size_));
+    host_[0] = static_cast<std::int64_t>(value);
+    host_[1] = bad;
+    const std::int64_t* all = host_ + 2;  // [2·size()] after the copy back
     const detail::nccl_device_scope scope(device_);
     detail::nccl_cuda_check(
-        cudaMemcpyAsync(scratch_, mine, sizeof mine, cudaMemcpyHostToDevice, stream_),
+        cudaMemcpyAsync(scratch_, host_, 2 * sizeof(std::int64_t), cudaMemcpyHostToDevice,
+                        stream_),
         "cudaMemcpyAsync");
     detail::nccl_check(ncclAllGather(scratch_, scratch_ + 2, 2, ncclInt64, comm_, stream_),
                        "ncclAllGather", comm_);
     detail::nccl_cuda_check(
-        cudaMemcpyAsync(all.data(), scratch_ + 2, all.size() * sizeof(std::int64_t),
+        cudaMemcpyAsync(host_ + 2, scratch_ + 2, 2 * static_cast<std::size_t>(size_) *
+                                                     sizeof(std::int64_t),
                         cudaMemcpyDeviceToHost, stream_),
         "cudaMemcpyAsync");
     detail::nccl_cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
@@ -240,19 +249,20 @@ class nccl_comm {
   //! True when every rank passed `ok = true` (ncclAllReduce with ncclMin). Synchronises the
   //! object's stream.
   [[nodiscard]] bool all_agree(bool ok) const {
-    std::int32_t vote = ok ? 1 : 0;
+    auto* vote = reinterpret_cast<std::int32_t*>(host_);
+    *vote = ok ? 1 : 0;
     const detail::nccl_device_scope scope(device_);
     auto* cell = reinterpret_cast<std::int32_t*>(scratch_);
     detail::nccl_cuda_check(
-        cudaMemcpyAsync(cell, &vote, sizeof vote, cudaMemcpyHostToDevice, stream_),
+        cudaMemcpyAsync(cell, vote, sizeof *vote, cudaMemcpyHostToDevice, stream_),
         "cudaMemcpyAsync");
     detail::nccl_check(ncclAllReduce(cell, cell, 1, ncclInt32, ncclMin, comm_, stream_),
                        "ncclAllReduce", comm_);
     detail::nccl_cuda_check(
-        cudaMemcpyAsync(&vote, cell, sizeof vote, cudaMemcpyDeviceToHost, stream_),
+        cudaMemcpyAsync(vote, cell, sizeof *vote, cudaMemcpyDeviceToHost, stream_),
         "cudaMemcpyAsync");
     detail::nccl_cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    return vote != 0;
+    return *vote != 0;
   }
 
   //! Rank r's block p of `bytes` bytes (send + p·bytes) lands in rank p's block r
@@ -346,6 +356,7 @@ class nccl_comm {
     std::swap(device_, other.device_);
     std::swap(stream_, other.stream_);
     std::swap(scratch_, other.scratch_);
+    std::swap(host_, other.host_);
   }
 
   ncclComm_t comm_ = nullptr;
@@ -354,6 +365,7 @@ class nccl_comm {
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
   std::int64_t* scratch_ = nullptr;  // device: [2 + 2·size()]
+  std::int64_t* host_ = nullptr;     // pinned host: [2 + 2·size()]
 };
 
 static_assert(Comm<nccl_comm>);
