@@ -9,6 +9,7 @@
 //   sy::test::ep::routed_case<sy::routers::TopP, float>(comm, pb);          // (a) and (b)
 //   sy::test::ep::plan_case<float>(comm, pb, sy::test::ep::edge::one_expert);
 //   sy::test::ep::static_bound_case<float>(comm, pb, 2);
+//   sy::test::ep::padded_case<float>(comm, pb, plans, 64, padded);  // static_bound + padded
 //   sy::test::ep::bad_input_cases(comm);                                     // needs size() >= 2
 //
 // Checks are BOOST_CHECK-style (thread-safe through the test's lock, see `check`), so one
@@ -26,6 +27,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -233,10 +235,12 @@ void same_bits(const std::string& what, const U* a, const U* b, std::size_t n, i
   check(true, what);
 }
 
-template <class Router, ElementType T>
-using single_layer = MoELayer<Router, activation::swiglu>;
-template <class Router, ElementType T, class C, class Capacity = parallel::eager>
-using ep_layer = MoELayer<Router, activation::swiglu, parallel::ExpertParallel<C, Capacity>>;
+template <class Router, ElementType T, class Local = dispatch::sorted_grouped>
+using single_layer = MoELayer<Router, activation::swiglu, Local>;
+template <class Router, ElementType T, class C, class Capacity = parallel::eager,
+          class Local = dispatch::sorted_grouped>
+using ep_layer =
+    MoELayer<Router, activation::swiglu, parallel::ExpertParallel<C, Capacity, Local>>;
 
 //! The layer's settings shared by both sides.
 template <class Layer>
@@ -268,11 +272,19 @@ struct plan_store {
 };
 
 //! The (a) comparison for given per-rank plans: this rank's forward_experts / backward_experts
-//! under ExpertParallel against the single-process layer on the concatenation.
-template <class Router, ElementType T, parallel::Comm C, class Capacity = parallel::eager>
+//! under ExpertParallel against the single-process layer on the concatenation. `kept` (per
+//! rank, per pair) marks the pairs the exchange's bound keeps: the others are compacted away
+//! from the concatenation. `local` is the dispatch each rank runs over its received rows and
+//! the single-process layer's own (padded_capacity: its drops stay in the concatenation).
+//! `want_dropped` [N][E], when given, is the expected `dropped` per rank (else, with `kept`,
+//! the bound's drops of this rank's pairs).
+template <class Router, ElementType T, parallel::Comm C, class Capacity = parallel::eager,
+          class Local = dispatch::sorted_grouped>
 void compare_with_concatenation(const C& comm, const problem& pb, const Router& router,
                                 const std::vector<plan_store>& plans, Capacity capacity = {},
-                                const std::vector<std::vector<char>>& kept = {}) {
+                                const std::vector<std::vector<char>>& kept = {},
+                                const Local& local = {},
+                                const std::vector<std::vector<index_t>>& want_dropped = {}) {
   const int r = comm.rank();
   const index_t d = pb.d, el = pb.experts_per_rank, tr = pb.tokens(r), off = pb.offset(r);
   const host_context ctx;
@@ -306,7 +318,8 @@ void compare_with_concatenation(const C& comm, const problem& pb, const Router& 
     cat.append(ps);
   }
   const index_t tc = pb.total_tokens(), e = pb.experts();
-  single_layer<Router, T> ref = configure(single_layer<Router, T>{}, pb, router);
+  single_layer<Router, T, Local> ref = configure(single_layer<Router, T, Local>{}, pb, router);
+  ref.dispatch = local;
   std::vector<T> y_cat(static_cast<std::size_t>(tc * d));
   std::vector<index_t> dropped_cat(static_cast<std::size_t>(e));
   ref.forward_experts(ctx, make_view<const T>(x_cat.data(), tc, d), cat.view(), wt.view(0, e),
@@ -321,8 +334,9 @@ void compare_with_concatenation(const C& comm, const problem& pb, const Router& 
                        {dw_cat.data(), dw_cat.size()});
 
   // This rank under expert parallelism.
-  ep_layer<Router, T, C, Capacity> lep = configure(ep_layer<Router, T, C, Capacity>{}, pb, router);
-  lep.dispatch = {.comm = &comm, .capacity = capacity};
+  using layer_ep = ep_layer<Router, T, C, Capacity, Local>;
+  layer_ep lep = configure(layer_ep{}, pb, router);
+  lep.dispatch = {.comm = &comm, .capacity = capacity, .local = local};
   const auto xr = tokens_of<T>(pb, r, 1), dyr = tokens_of<T>(pb, r, 2);
   const plan_store& pr = plans[static_cast<std::size_t>(r)];
   std::vector<T> y(static_cast<std::size_t>(tr * d), from_float<T>(-123.0f));  // poisoned
@@ -365,7 +379,12 @@ void compare_with_concatenation(const C& comm, const problem& pb, const Router& 
       }
     }
   }
-  if (!kept.empty()) {  // the drops counted per expert, this rank's pairs only
+  if (!want_dropped.empty()) {
+    const auto& want = want_dropped[static_cast<std::size_t>(r)];
+    check(want.size() == dropped.size(), "want_dropped holds E entries per rank");
+    same_bits("dropped per expert", dropped.data(), want.data(),
+              std::min(want.size(), dropped.size()), r);
+  } else if (!kept.empty()) {  // the drops counted per expert, this rank's pairs only
     std::vector<index_t> want(static_cast<std::size_t>(e), 0);
     for (std::size_t q = 0; q < full.ids.size(); ++q) {
       const index_t t = static_cast<index_t>(q) / full.width, j = static_cast<index_t>(q) % full.width;
@@ -525,6 +544,24 @@ void plan_case(const C& comm, const problem& pb, edge which) {
   compare_with_concatenation<routers::TopK, T>(comm, pb, routers::TopK{.k = 2}, plans);
 }
 
+//! The pairs of `p` that static_bound{peer_rows} keeps (the documented rule: per destination
+//! rank, the pairs claim its peer_rows rows in (token, slot) order; non-FFN pairs are never
+//! sent, never dropped), 1 per kept or unused slot.
+inline std::vector<char> bound_kept(const problem& pb, const plan_store& p, index_t peer_rows) {
+  const index_t e = pb.experts();
+  std::vector<char> k(p.ids.size(), 1);
+  std::vector<index_t> claimed(static_cast<std::size_t>(pb.ranks), 0);
+  for (index_t t = 0; t < p.tokens; ++t)
+    for (index_t j = 0; j < p.counts[t]; ++j) {
+      const std::size_t q = static_cast<std::size_t>(t * p.width + j);
+      if (p.ids[q] >= e) continue;  // non-FFN: never sent, never dropped
+      index_t& c = claimed[static_cast<std::size_t>(p.ids[q] / pb.experts_per_rank)];
+      if (c >= peer_rows) k[q] = 0;
+      else ++c;
+    }
+  return k;
+}
+
 //! static_bound{peer_rows}: the drops follow the documented rule (per destination, pairs claim
 //! its rows in (token, slot) order), are counted per expert, and the kept pairs' results equal
 //! the single-process layer's on the concatenation without the dropped pairs.
@@ -532,24 +569,139 @@ template <ElementType T, parallel::Comm C>
 void static_bound_case(const C& comm, const problem& pb, index_t peer_rows, edge which = edge::mixed) {
   std::vector<plan_store> plans;
   std::vector<std::vector<char>> kept;
-  const index_t e = pb.experts();
   for (int s = 0; s < pb.ranks; ++s) {
     plans.push_back(edge_plan(pb, s, which));
-    const plan_store& p = plans.back();
-    std::vector<char> k(p.ids.size(), 1);
-    std::vector<index_t> claimed(static_cast<std::size_t>(pb.ranks), 0);
-    for (index_t t = 0; t < p.tokens; ++t)
-      for (index_t j = 0; j < p.counts[t]; ++j) {
-        const std::size_t q = static_cast<std::size_t>(t * p.width + j);
-        if (p.ids[q] >= e) continue;  // non-FFN: never sent, never dropped
-        index_t& c = claimed[static_cast<std::size_t>(p.ids[q] / pb.experts_per_rank)];
-        if (c >= peer_rows) k[q] = 0;
-        else ++c;
-      }
-    kept.push_back(std::move(k));
+    kept.push_back(bound_kept(pb, plans.back(), peer_rows));
   }
   compare_with_concatenation<routers::TopK, T>(comm, pb, routers::TopK{.k = 2}, plans,
-                                               parallel::static_bound{.peer_rows = peer_rows}, kept);
+                                               parallel::static_bound{.peer_rows = peer_rows},
+                                               kept);
+}
+
+//! The drops ExpertParallel<C, static_bound, padded_capacity> must report, computed here from
+//! the rules alone: per rank [E], the bound's drops (`kept` 0) plus the local capacity's: per
+//! global FFN expert, the pairs the bound kept claim `capacity` rows in the concatenation's
+//! (rank, token, slot) order, the first `capacity` kept (an absolute expert_capacity,
+//! priority token_major).
+inline std::vector<std::vector<index_t>> padded_drops(const problem& pb,
+                                                      const std::vector<plan_store>& plans,
+                                                      const std::vector<std::vector<char>>& kept,
+                                                      index_t capacity) {
+  const index_t e = pb.experts();
+  std::vector<std::vector<index_t>> want(static_cast<std::size_t>(pb.ranks),
+                                         std::vector<index_t>(static_cast<std::size_t>(e), 0));
+  std::vector<index_t> claimed(static_cast<std::size_t>(e), 0);
+  for (int s = 0; s < pb.ranks; ++s) {
+    const plan_store& p = plans[static_cast<std::size_t>(s)];
+    auto& w = want[static_cast<std::size_t>(s)];
+    for (index_t t = 0; t < p.tokens; ++t)
+      for (index_t j = 0; j < p.counts[static_cast<std::size_t>(t)]; ++j) {
+        const std::size_t q = static_cast<std::size_t>(t * p.width + j);
+        const index_t id = p.ids[q];
+        if (id >= e) continue;  // non-FFN: never sent, never dropped
+        if (!kept.empty() && !kept[static_cast<std::size_t>(s)][q]) {
+          ++w[static_cast<std::size_t>(id)];  // the bound's drop
+        } else if (claimed[static_cast<std::size_t>(id)]++ >= capacity) {
+          ++w[static_cast<std::size_t>(id)];  // the receiver's capacity
+        }
+      }
+  }
+  return want;
+}
+
+//! ExpertParallel<C, static_bound{peer_rows}, padded_capacity `local`> (local.expert_capacity
+//! absolute, priority token_major) against the single-process padded_capacity layer on the
+//! concatenation, the bound's drops compacted away from it (as static_bound_case does; only
+//! with local.drop zero when the bound drops anything: a pass-through pair would then count
+//! on one side only); `dropped` per expert against padded_drops.
+template <ElementType T, parallel::Comm C>
+void padded_case(const C& comm, const problem& pb, const std::vector<plan_store>& plans,
+                 index_t peer_rows, const dispatch::padded_capacity& local) {
+  std::vector<std::vector<char>> kept;
+  for (int s = 0; s < pb.ranks; ++s)
+    kept.push_back(bound_kept(pb, plans[static_cast<std::size_t>(s)], peer_rows));
+  const auto want = padded_drops(pb, plans, kept, local.expert_capacity);
+  compare_with_concatenation<routers::TopK, T>(comm, pb, routers::TopK{.k = 2}, plans,
+                                               parallel::static_bound{.peer_rows = peer_rows},
+                                               kept, local, want);
+}
+
+//! The routed layer (TopK k = 2, `forward` with the router) under ExpertParallel<C,
+//! static_bound{peer_rows}, padded_capacity `local`>: this rank's plan is its batch's alone, y
+//! equals the single-process padded_capacity layer's forward_experts on the concatenation
+//! (bitwise) and the state's `dropped` equals padded_drops. Then a backward runs through.
+template <ElementType T, parallel::Comm C>
+void padded_routed_case(const C& comm, const problem& pb, index_t peer_rows,
+                        const dispatch::padded_capacity& local) {
+  using Router = routers::TopK;
+  const Router router = make_router<Router>();
+  std::vector<plan_store> plans;
+  std::vector<std::vector<char>> kept;
+  for (int s = 0; s < pb.ranks; ++s) {
+    plans.push_back(route_alone<Router, T>(pb, router, s));
+    kept.push_back(bound_kept(pb, plans.back(), peer_rows));
+  }
+  const auto want = padded_drops(pb, plans, kept, local.expert_capacity);
+  bool none = true;
+  for (const auto& k : kept) none = none && std::find(k.begin(), k.end(), 0) == k.end();
+  check(none, "padded_routed_case: the bound must drop nothing");
+  const int r = comm.rank();
+  const index_t d = pb.d, el = pb.experts_per_rank, tr = pb.tokens(r), e = pb.experts();
+  const index_t tc = pb.total_tokens(), off = pb.offset(r);
+  const host_context ctx;
+  const weights<T> wt(pb);
+
+  // The single-process padded layer on the concatenation.
+  std::vector<T> x_cat;
+  plan_store cat{0, plans[0].width, plans[0].experts, {}, {}, {}};
+  for (int s = 0; s < pb.ranks; ++s) {
+    const auto xs = tokens_of<T>(pb, s, 1);
+    x_cat.insert(x_cat.end(), xs.begin(), xs.end());
+    cat.append(plans[static_cast<std::size_t>(s)]);
+  }
+  using single = single_layer<Router, T, dispatch::padded_capacity>;
+  single ref = configure(single{}, pb, router);
+  ref.dispatch = local;
+  std::vector<T> y_cat(static_cast<std::size_t>(tc * d));
+  std::vector<index_t> dropped_cat(static_cast<std::size_t>(e));
+  ref.forward_experts(ctx, make_view<const T>(x_cat.data(), tc, d), cat.view(), wt.view(0, e),
+                      make_view<T>(y_cat.data(), tc, d), {dropped_cat.data(), dropped_cat.size()});
+  // The expectation's drops summed over ranks are the single-process layer's.
+  std::vector<index_t> want_sum(static_cast<std::size_t>(e), 0);
+  for (const auto& w : want)
+    for (std::size_t i = 0; i < w.size(); ++i) want_sum[i] += w[i];
+  same_bits("single-process padded drops vs the expectation summed over ranks",
+            dropped_cat.data(), want_sum.data(), want_sum.size(), r);
+
+  // This rank: the whole layer.
+  using layer_ep = ep_layer<Router, T, C, parallel::static_bound, dispatch::padded_capacity>;
+  layer_ep lep = configure(layer_ep{}, pb, router);
+  lep.dispatch = {.comm = &comm, .capacity = {.peer_rows = peer_rows}, .local = local};
+  router_data<Router> rd(pb);
+  const auto xr = tokens_of<T>(pb, r, 1), dyr = tokens_of<T>(pb, r, 2);
+  std::vector<T> y(static_cast<std::size_t>(tr * d), from_float<T>(-321.0f));
+  moe_result<typename Router::losses_type> res;
+  lep.forward(ctx, make_view<const T>(xr.data(), tr, d), rd.params(), wt.view(r * el, el),
+              make_view<T>(y.data(), tr, d), res);
+  const plan_store& mine = plans[static_cast<std::size_t>(r)];
+  same_bits("plan.expert_ids", res.plan.expert_ids.data(), mine.ids.data(), mine.ids.size(), r);
+  same_bits("plan.weights", res.plan.weights.data(), mine.weights.data(), mine.weights.size(), r);
+  same_bits("plan.counts", res.plan.counts.data(), mine.counts.data(), mine.counts.size(), r);
+  same_bits("routed y vs the concatenation's rows", y.data(), y_cat.data() + off * d, y.size(),
+            r);
+  const auto& w = want[static_cast<std::size_t>(r)];
+  check(res.dropped.size() == w.size(), "state.dropped holds E entries");
+  same_bits("state.dropped per expert", res.dropped.data(), w.data(),
+            std::min(w.size(), res.dropped.size()), r);
+  std::vector<float> dx(static_cast<std::size_t>(tr * d), 0.5f);
+  grads g_ep(el, pb, pb.seed + 17);
+  lep.backward(ctx, make_view<const T>(xr.data(), tr, d), rd.params(), wt.view(r * el, el), res,
+               make_view<const T>(dyr.data(), tr, d),
+               coefficients<typename Router::losses_type>(), make_view<float>(dx.data(), tr, d),
+               g_ep.view(pb, 0, el), rd.grads_view());
+  bool finite = true;
+  for (float v : dx) finite = finite && std::isfinite(v);
+  check(finite, "routed backward: dx finite");
 }
 
 }  // namespace switchyard::test::ep
