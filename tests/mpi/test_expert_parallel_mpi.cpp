@@ -6,11 +6,12 @@
 // expert) and AdaptiveGating, float and bfloat16, with and without batch_invariant, with
 // identity / zero / shared experts; the hand-made edge routings (every token to one expert,
 // a rank that receives nothing, k = 0 and k = k_max tokens, random k with non-FFN slots); and
-// the Static bound's overflow, counted per expert.
+// the Static bound's overflow, counted per expert; padded_capacity on the receivers.
 #include <boost/test/unit_test.hpp>
 
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "host/parallel/ep_cases.hpp"
 #include "mpi/mpi_fixture.hpp"
@@ -90,6 +91,34 @@ BOOST_AUTO_TEST_CASE(static_bound_overflow_is_counted) {
       BOOST_TEST_CONTEXT("peer_rows " << peer_rows << ", edge " << static_cast<int>(which)
                                       << ", rank " << comm.rank() << " of " << comm.size()) {
         ep::static_bound_case<float>(comm, pb, peer_rows, which);
+      }
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(padded_capacity_on_the_receivers) {
+  // ExpertParallel<mpi_comm, static_bound, padded_capacity>: an absolute C = 1 or 2 and a bound
+  // nobody reaches (bitwise the single-process padded layer on the concatenation, drops
+  // counted on the token's rank), then a bound that drops too (both kinds at once).
+  const sy::parallel::mpi_comm comm;
+  for (const sy::index_t c : {sy::index_t{1}, sy::index_t{2}}) {
+    for (const auto drop :
+         {sy::dispatch::dropped_output::zero, sy::dispatch::dropped_output::scaled_input}) {
+      for (const sy::index_t peer_rows : {sy::index_t{64}, sy::index_t{2}}) {
+        if (peer_rows == 2 && drop != sy::dispatch::dropped_output::zero) continue;
+        ep::problem pb = make_problem(comm, 2);
+        pb.seed += 110 + static_cast<std::uint64_t>(c);
+        std::vector<ep::plan_store> plans;
+        for (int s = 0; s < pb.ranks; ++s) plans.push_back(ep::edge_plan(pb, s, ep::edge::mixed));
+        sy::dispatch::padded_capacity local;
+        local.expert_capacity = c;
+        local.drop = drop;
+        BOOST_TEST_CONTEXT("C " << c << ", drop " << static_cast<int>(drop) << ", peer_rows "
+                                << peer_rows << ", rank " << comm.rank() << " of "
+                                << comm.size()) {
+          ep::padded_case<float>(comm, pb, plans, peer_rows, local);
+          ep::padded_case<sy::bfloat16>(comm, pb, plans, peer_rows, local);
+        }
       }
     }
   }
