@@ -805,7 +805,7 @@ void cuda_ep_static_backward(const cuda::context& ctx,
                  "switchyard::detail::cuda_ep_scatter_weights");
   const bool has_dx = present(dx);
   const ops::combine_backward_slots<T, Id, W> combine{
-      plan.weights, plan.counts, sp.pair_row, width,  d, back, x, dy,
+      plan.weights, plan.counts, sp.pair_row, width, d, back, x, dy,
       cuda_ep_pass_through(ep.local), d_weights, dx, has_dx};
   if (combine.pass_through) {
     cuda::for_each(ctx.stream, tokens, ops::combine_backward_pass_weights<T, Id, W>{combine},
