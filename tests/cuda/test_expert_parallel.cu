@@ -319,6 +319,22 @@ std::vector<float> experts_of(const std::vector<float>& v, index_t first, index_
   return slice(v, first * per, n * per);
 }
 
+//! Rank r's outputs against its rows of the reference's (`width` plan slots): y, dx,
+//! d_weights and its experts' weight gradients, bitwise (see expect_bitwise).
+void expect_rank_bitwise(const std::string& who, const outputs& o, const outputs& want,
+                         const problem& pb, int r, index_t width, gpu::tolerance ft,
+                         gpu::tolerance bt) {
+  const index_t off = pb.offset(r), tk = pb.tokens(r), epr = pb.experts_per_rank, d = pb.d,
+                p = pb.p(), f = pb.d_ff;
+  expect_bitwise(who + "y", o.y, slice(want.y, off * d, tk * d), ft);
+  expect_bitwise(who + "dx", o.dx, slice(want.dx, off * d, tk * d), bt);
+  expect_bitwise(who + "d_weights", o.dw, slice(want.dw, off * width, tk * width), bt);
+  expect_bitwise(who + "grads.w1", o.gw1, experts_of(want.gw1, r * epr, epr, p * d), bt);
+  expect_bitwise(who + "grads.b1", o.gb1, experts_of(want.gb1, r * epr, epr, p), bt);
+  expect_bitwise(who + "grads.w2", o.gw2, experts_of(want.gw2, r * epr, epr, d * f), bt);
+  expect_bitwise(who + "grads.b2", o.gb2, experts_of(want.gb2, r * epr, epr, d), bt);
+}
+
 template <class Router>
 using ref_layer = sy::MoELayer<Router, swiglu, sy::dispatch::sorted_grouped>;
 template <class Router, class Comm, class Capacity = sy::parallel::eager>
@@ -399,7 +415,7 @@ template <class Router, sy::ElementType T>
 void plan_cases(int ranks, bool edge, capacity_kind cap, std::uint64_t seed) {
   const problem pb{.ranks = ranks, .seed = seed};
   const host_data<Router, T> h(pb);
-  const index_t e = pb.experts(), epr = pb.experts_per_rank, d = pb.d, p = pb.p(), f = pb.d_ff;
+  const index_t e = pb.experts(), epr = pb.experts_per_rank, d = pb.d, p = pb.p();
   const sy::cuda::stream_context main_ctx(4096, 0);
   const sy::routing::routing_plan plan = reference_plan(main_ctx.get(), h, edge);
   const ref_layer<Router> ref{.router = make_router<Router>()};
@@ -455,13 +471,7 @@ void plan_cases(int ranks, bool edge, capacity_kind cap, std::uint64_t seed) {
       }
       continue;
     }
-    expect_bitwise(who + "y", o.y, slice(want.y, off * d, tk * d), ft);
-    expect_bitwise(who + "dx", o.dx, slice(want.dx, off * d, tk * d), bt);
-    expect_bitwise(who + "d_weights", o.dw, slice(want.dw, off * w, tk * w), bt);
-    expect_bitwise(who + "grads.w1", o.gw1, experts_of(want.gw1, r * epr, epr, p * d), bt);
-    expect_bitwise(who + "grads.b1", o.gb1, experts_of(want.gb1, r * epr, epr, p), bt);
-    expect_bitwise(who + "grads.w2", o.gw2, experts_of(want.gw2, r * epr, epr, d * f), bt);
-    expect_bitwise(who + "grads.b2", o.gb2, experts_of(want.gb2, r * epr, epr, d), bt);
+    expect_rank_bitwise(who, o, want, pb, r, w, ft, bt);
     BOOST_CHECK_MESSAGE(
         std::all_of(o.dropped.begin(), o.dropped.end(), [](index_t v) { return v == 0; }),
         who << "dropped must be all 0 (nothing over the bound)");
@@ -540,7 +550,7 @@ void padded_cases(int ranks, index_t cap, sy::dispatch::dropped_output drop, std
   using Router = sy::routers::TopK;
   const problem pb{.ranks = ranks, .seed = seed};
   const host_data<Router, T> h(pb);
-  const index_t e = pb.experts(), epr = pb.experts_per_rank, d = pb.d, p = pb.p(), f = pb.d_ff;
+  const index_t e = pb.experts(), epr = pb.experts_per_rank, p = pb.p();
   const sy::dispatch::padded_capacity pc{.drop = drop, .expert_capacity = cap};
   const sy::cuda::stream_context main_ctx(4096, 0);
   const sy::routing::routing_plan plan = reference_plan(main_ctx.get(), h, false);
@@ -574,13 +584,7 @@ void padded_cases(int ranks, index_t cap, sy::dispatch::dropped_output drop, std
     for (index_t v : drops) total_drops += v;
     BOOST_CHECK_MESSAGE(o.dropped == drops,
                         who << "dropped differs from padded_capacity's rule on the concatenation");
-    expect_bitwise(who + "y", o.y, slice(want.y, off * d, tk * d), ft);
-    expect_bitwise(who + "dx", o.dx, slice(want.dx, off * d, tk * d), bt);
-    expect_bitwise(who + "d_weights", o.dw, slice(want.dw, off * w, tk * w), bt);
-    expect_bitwise(who + "grads.w1", o.gw1, experts_of(want.gw1, r * epr, epr, p * d), bt);
-    expect_bitwise(who + "grads.b1", o.gb1, experts_of(want.gb1, r * epr, epr, p), bt);
-    expect_bitwise(who + "grads.w2", o.gw2, experts_of(want.gw2, r * epr, epr, d * f), bt);
-    expect_bitwise(who + "grads.b2", o.gb2, experts_of(want.gb2, r * epr, epr, d), bt);
+    expect_rank_bitwise(who, o, want, pb, r, w, ft, bt);
   }
   // The reference's own count (its dropped output) is the sum of the ranks'.
   index_t want_total = 0;

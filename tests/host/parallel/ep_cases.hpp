@@ -416,6 +416,21 @@ plan_store route_alone(const problem& pb, const Router& router, int s,
   return p;
 }
 
+//! Rank r's routed forward of its batch `xr` under `lep` (y poisoned first), its plan checked
+//! bitwise against `want` (the plan routing the batch alone gives).
+template <class Layer, class RouterData, ElementType T, class Result>
+void routed_forward(const Layer& lep, const problem& pb, int r, RouterData& rd,
+                    const weights<T>& wt, const std::vector<T>& xr, const plan_store& want,
+                    std::vector<T>& y, Result& res) {
+  const index_t d = pb.d, el = pb.experts_per_rank, tr = pb.tokens(r);
+  std::fill(y.begin(), y.end(), from_float<T>(-321.0f));
+  lep.forward(host_context{}, make_view<const T>(xr.data(), tr, d), rd.params(),
+              wt.view(r * el, el), make_view<T>(y.data(), tr, d), res);
+  same_bits("plan.expert_ids", res.plan.expert_ids.data(), want.ids.data(), want.ids.size(), r);
+  same_bits("plan.weights", res.plan.weights.data(), want.weights.data(), want.weights.size(), r);
+  same_bits("plan.counts", res.plan.counts.data(), want.counts.data(), want.counts.size(), r);
+}
+
 //! The routed acceptance case for `Router`: (a) always; (b) when pb.batch_invariant.
 template <class Router, ElementType T, parallel::Comm C>
 void routed_case(const C& comm, const problem& pb) {
@@ -433,14 +448,10 @@ void routed_case(const C& comm, const problem& pb) {
   ep_layer<Router, T, C> lep = configure(ep_layer<Router, T, C>{}, pb, router);
   lep.dispatch = {.comm = &comm};
   const auto xr = tokens_of<T>(pb, r, 1), dyr = tokens_of<T>(pb, r, 2);
-  std::vector<T> y(static_cast<std::size_t>(tr * d), from_float<T>(-321.0f));
+  std::vector<T> y(static_cast<std::size_t>(tr * d));
   moe_result<typename Router::losses_type> res;
-  lep.forward(ctx, make_view<const T>(xr.data(), tr, d), rd.params(), wt.view(r * el, el),
-              make_view<T>(y.data(), tr, d), res);
   const plan_store& want = plans[static_cast<std::size_t>(r)];
-  same_bits("plan.expert_ids", res.plan.expert_ids.data(), want.ids.data(), want.ids.size(), r);
-  same_bits("plan.weights", res.plan.weights.data(), want.weights.data(), want.weights.size(), r);
-  same_bits("plan.counts", res.plan.counts.data(), want.counts.data(), want.counts.size(), r);
+  routed_forward(lep, pb, r, rd, wt, xr, want, y, res);
   if (!pb.shared) {
     // (a) for the whole forward: y equals forward_experts' on the concatenation (checked
     // above against this plan), recomputed here from the same plan.
@@ -679,14 +690,9 @@ void padded_routed_case(const C& comm, const problem& pb, index_t peer_rows,
   lep.dispatch = {.comm = &comm, .capacity = {.peer_rows = peer_rows}, .local = local};
   router_data<Router> rd(pb);
   const auto xr = tokens_of<T>(pb, r, 1), dyr = tokens_of<T>(pb, r, 2);
-  std::vector<T> y(static_cast<std::size_t>(tr * d), from_float<T>(-321.0f));
+  std::vector<T> y(static_cast<std::size_t>(tr * d));
   moe_result<typename Router::losses_type> res;
-  lep.forward(ctx, make_view<const T>(xr.data(), tr, d), rd.params(), wt.view(r * el, el),
-              make_view<T>(y.data(), tr, d), res);
-  const plan_store& mine = plans[static_cast<std::size_t>(r)];
-  same_bits("plan.expert_ids", res.plan.expert_ids.data(), mine.ids.data(), mine.ids.size(), r);
-  same_bits("plan.weights", res.plan.weights.data(), mine.weights.data(), mine.weights.size(), r);
-  same_bits("plan.counts", res.plan.counts.data(), mine.counts.data(), mine.counts.size(), r);
+  routed_forward(lep, pb, r, rd, wt, xr, plans[static_cast<std::size_t>(r)], y, res);
   same_bits("routed y vs the concatenation's rows", y.data(), y_cat.data() + off * d, y.size(),
             r);
   const auto& w = want[static_cast<std::size_t>(r)];
