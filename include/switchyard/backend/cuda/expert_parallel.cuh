@@ -940,7 +940,7 @@ void experts_backward(const context& ctx, const parallel::ExpertParallel<C, Capa
   detail::pack_pair_rows(
       s.host.view(), ex, 1,
       detail::pair_weights<const typename decltype(s.host)::weight_type>{s.host.view().weights},
-      wsend_host);
+      wsend_host.data());
   device_array<float> wsend(wsend_host, ctx.stream), wr(recv_rows, ctx.stream);
   const index_t n_send = ex.send_rows * d;
   if (n_send > 0) {

@@ -28,9 +28,13 @@
 //! single-process combine's backward. Which pair a returned row belongs to is known to the
 //! sender alone (the order is preserved), so no (token, slot) metadata travels.
 //!
-//! Allocation: the exchange's buffers and the local phase's workspace are allocated per call
-//! (std::vector; eager sizes them from the exchanged counts, static_bound from the bound). The
-//! layer's workspace query counts none of them.
+//! Allocation (`ep_storage`): under static_bound every row buffer (token, dy and output rows,
+//! the receiver's plan, the verdicts) and the local phase's workspace come from the layer's
+//! workspace: their sizes depend on N·peer_rows, d, T·width and E/N alone, so the measuring
+//! pass takes the same and the workspace queries count them (with the communicator set). What
+//! is still allocated per call does not grow with the bound: the planning arrays
+//! (`ep_exchange`: O(T·width + E + N) integers) and the agreement's N values. eager sizes its
+//! buffers from the exchanged counts and allocates them per call (std::vector), uncounted.
 
 #include <algorithm>
 #include <cstddef>
@@ -43,6 +47,7 @@
 #include "switchyard/backend/host/expert_forward.hpp"
 #include "switchyard/backend/host/expert_phase.hpp"
 #include "switchyard/backend/host/run_ops.hpp"
+#include "switchyard/core/checked.hpp"
 #include "switchyard/core/element_type.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/view.hpp"
@@ -203,8 +208,34 @@ void exchange_rows(const C& comm, const ep_exchange& ex, bool to_owner, const U*
   comm.all_to_all_v(send, sb.data(), sd.data(), recv, rb.data(), rd.data(), nullptr);
 }
 
-//! The receiver's plan: one slot per received row (id = its local expert, count 0 for the
-//! unused rows of static blocks), weights given per row (or 1).
+//! Writes the receiver's plan into ids / counts / weights [recv_rows] (zeroed by the caller):
+//! one slot per received row (id = its local expert, count 0 for the unused rows of static
+//! blocks), weights given per row (or 1).
+inline void fill_receiver_plan(const ep_exchange& ex, const float* row_weights,
+                               std::int32_t* ids, std::int32_t* counts, float* weights) {
+  for (index_t s = 0; s < ex.ranks; ++s) {
+    index_t row = ex.recv_row0[static_cast<std::size_t>(s)];
+    for (index_t l = 0; l < ex.local_experts; ++l) {
+      const index_t n = ex.recv_count[static_cast<std::size_t>(s * ex.local_experts + l)];
+      for (index_t i = 0; i < n; ++i, ++row) {
+        ids[row] = static_cast<std::int32_t>(l);
+        counts[row] = 1;
+        weights[row] = row_weights != nullptr ? row_weights[row] : 1.0f;
+      }
+    }
+  }
+}
+
+//! The receiver's plan over given arrays [rows] (`fill_receiver_plan`).
+inline routing::plan_view<const std::int32_t, const float> receiver_view(
+    const std::int32_t* ids, const std::int32_t* counts, const float* weights, index_t rows,
+    index_t experts) {
+  return {make_view<const std::int32_t>(ids, rows, index_t{1}),
+          make_view<const float>(weights, rows, index_t{1}),
+          make_view<const std::int32_t>(counts, rows), experts};
+}
+
+//! The receiver's plan in owned vectors (the CUDA backend's eager planning).
 struct ep_receiver_plan {
   std::vector<std::int32_t> ids, counts;
   std::vector<float> weights;
@@ -214,26 +245,42 @@ struct ep_receiver_plan {
     ids.assign(r, 0);
     counts.assign(r, 0);
     weights.assign(r, 0.0f);
-    for (index_t s = 0; s < ex.ranks; ++s) {
-      index_t row = ex.recv_row0[static_cast<std::size_t>(s)];
-      for (index_t l = 0; l < ex.local_experts; ++l) {
-        const index_t n = ex.recv_count[static_cast<std::size_t>(s * ex.local_experts + l)];
-        for (index_t i = 0; i < n; ++i, ++row) {
-          const std::size_t k = static_cast<std::size_t>(row);
-          ids[k] = static_cast<std::int32_t>(l);
-          counts[k] = 1;
-          weights[k] = row_weights != nullptr ? row_weights[k] : 1.0f;
-        }
-      }
-    }
+    fill_receiver_plan(ex, row_weights, ids.data(), counts.data(), weights.data());
   }
 
   [[nodiscard]] routing::plan_view<const std::int32_t, const float> view(index_t experts) const {
-    const index_t r = static_cast<index_t>(counts.size());
-    return {make_view<const std::int32_t>(ids.data(), r, index_t{1}),
-            make_view<const float>(weights.data(), r, index_t{1}),
-            make_view<const std::int32_t>(counts.data(), r), experts};
+    return receiver_view(ids.data(), counts.data(), weights.data(),
+                         static_cast<index_t>(counts.size()), experts);
   }
+};
+
+//! Where one call's row buffers live (file comment, "Allocation"): carved from the layer's
+//! workspace under static_bound (their sizes depend on N·peer_rows, d, T·width and E/N alone,
+//! so the measuring pass takes the same and the workspace queries count them), else owned
+//! (eager: sized from the exchanged counts). Every buffer starts zeroed (measuring: null).
+class ep_storage {
+ public:
+  //! From `ws` (static_bound), or owned when null (eager).
+  explicit ep_storage(workspace_arena* ws) : ws_(ws) {}
+
+  template <class U>
+  U* take(index_t n) {
+    const std::size_t count = static_cast<std::size_t>(n);
+    U* p = nullptr;
+    if (ws_ != nullptr) {
+      p = ws_->take<U>(n);
+      if (!ws_->carving()) return p;
+    } else {
+      owned_.emplace_back(count * sizeof(U));  // operator new: aligned for U
+      p = reinterpret_cast<U*>(owned_.back().data());
+    }
+    std::fill_n(p, count, U{});
+    return p;
+  }
+
+ private:
+  workspace_arena* ws_;
+  std::vector<std::vector<std::byte>> owned_;
 };
 
 //! The local phase's sizes: R received rows, one slot each, the rank's E/N experts.
@@ -251,14 +298,14 @@ inline host::expert_dims receiver_dims(const host::expert_dims& dm, index_t rows
 //! Copies each kept pair's token row (type U, `elems` per row) to its send row.
 template <class Id, class W, class Src>
 void pack_pair_rows(const routing::plan_view<Id, W>& plan, const ep_exchange& ex, index_t elems,
-                    const Src& row_of, std::vector<typename Src::value_type>& out) {
+                    const Src& row_of, typename Src::value_type* out) {
   const index_t tokens = plan.num_tokens(), width = plan.width();
   for (index_t t = 0; t < tokens; ++t) {
     const index_t c = plan.counts(t);
     for (index_t j = 0; j < c; ++j) {
       const index_t row = ex.pair_row[static_cast<std::size_t>(dispatch::pair_index(t, j, width))];
       if (row < 0) continue;
-      row_of(t, j, out.data() + row * elems);
+      row_of(t, j, out + row * elems);
     }
   }
 }
@@ -298,33 +345,85 @@ Local ep_receiver_policy(const Local& local) {
   return p;
 }
 
-//! The receiver's verdict on each of its `rows` received rows (see ep_local_drops_rows).
-template <class Local, class Id, class W>
-std::vector<index_t> ep_row_verdicts(const Local& local, const routing::plan_view<Id, W>& rplan,
-                                     index_t rows, index_t local_experts) {
-  const std::size_t e = static_cast<std::size_t>(local_experts);
-  std::vector<index_t> begin(e), count(e), dropped(e), verdict(static_cast<std::size_t>(rows));
-  std::vector<index_t> row_pair(static_cast<std::size_t>(local.max_rows(rows, 1, local_experts)));
-  dispatch::expert_groups g;
-  g.row_begin = {begin.data(), e};
-  g.row_count = {count.data(), e};
-  g.dropped = {dropped.data(), e};
-  g.pair_row = {verdict.data(), verdict.size()};
-  g.row_pair = {row_pair.data(), row_pair.size()};
-  g.num_rows = static_cast<index_t>(row_pair.size());
-  host::plan_groups(local, rplan, g);
-  return verdict;
+//! What a pair dropped anywhere contributes, applied on the token's rank: the local
+//! padded_capacity's `drop`; zero otherwise (static_bound's drops under sorted_grouped).
+template <class Local>
+dispatch::dropped_output ep_sender_drop(const Local& local) {
+  if constexpr (ep_local_drops_rows<Local>) {
+    return local.drop;
+  } else {
+    (void)local;
+    return dispatch::dropped_output::zero;
+  }
 }
 
-//! After the verdicts came back: marks this rank's pairs its peers dropped (pair_row) and counts
-//! them in `dropped` [E] when it holds E entries.
-template <class Id, class W>
-void mark_local_drops(const routing::plan_view<Id, W>& plan, const std::vector<index_t>& verdict,
-                      std::vector<index_t>& pair_row, span<index_t> dropped, index_t experts) {
-  const ops::ep_local_drops<Id> f{
-      plan.expert_ids, plan.width() > 0 ? plan.width() : 1, verdict.data(), pair_row.data(),
-      static_cast<index_t>(dropped.size()) >= experts ? dropped.data() : nullptr};
-  for (std::size_t p = 0; p < pair_row.size(); ++p) f(static_cast<index_t>(p));
+//! The verdicts' arrays of one call (ep_local_drops_rows): the receiver's verdict on each of its
+//! rows [recv rows], what came back for each send row [send rows], and the local dispatch's
+//! groups (E/N counts and its row map). Nothing for a local dispatch that keeps every row.
+struct ep_verdicts {
+  index_t* verdict = nullptr;
+  index_t* returned = nullptr;
+  dispatch::expert_groups g;
+
+  template <class Local>
+  ep_verdicts(const Local& lp, ep_storage& st, index_t send_rows, index_t recv_rows,
+              index_t local_experts) {
+    if constexpr (ep_local_drops_rows<Local>) {
+      const std::size_t e = static_cast<std::size_t>(local_experts);
+      const index_t rows = lp.max_rows(recv_rows, 1, local_experts);
+      verdict = st.take<index_t>(recv_rows);
+      returned = st.take<index_t>(send_rows);
+      g.row_begin = {st.take<index_t>(local_experts), e};
+      g.row_count = {st.take<index_t>(local_experts), e};
+      g.dropped = {st.take<index_t>(local_experts), e};
+      g.pair_row = {verdict, static_cast<std::size_t>(recv_rows)};
+      g.row_pair = {st.take<index_t>(rows), static_cast<std::size_t>(rows)};
+      g.num_rows = rows;
+    } else {
+      (void)lp, (void)st, (void)send_rows, (void)recv_rows, (void)local_experts;
+    }
+  }
+
+  //! The receiver's verdicts: its local dispatch's pair_row over the receiver plan (unclaimed
+  //! rows stay unused_pair: verdict starts as such when there are no rows to plan).
+  template <class Local, class Id, class W>
+  void decide(const Local& lp, const routing::plan_view<Id, W>& rplan, index_t recv_rows) {
+    if constexpr (ep_local_drops_rows<Local>) {
+      if (recv_rows > 0) host::plan_groups(lp, rplan, g);
+    } else {
+      (void)lp, (void)rplan, (void)recv_rows;
+    }
+  }
+
+  //! Returns the verdicts to the senders, then marks this rank's pairs its peers dropped
+  //! (pair_row, `ops::ep_local_drops`) and counts them in `dropped` [E] when it holds E.
+  template <class Local, parallel::Comm C, class Id, class W>
+  void apply(const C& comm, const ep_exchange& ex, const routing::plan_view<Id, W>& plan,
+             index_t* pair_row, index_t pairs, span<index_t> dropped, index_t experts) const {
+    if constexpr (ep_local_drops_rows<Local>) {
+      exchange_rows(comm, ex, false, verdict, returned, index_t{1});
+      const ops::ep_local_drops<Id> f{
+          plan.expert_ids, plan.width() > 0 ? plan.width() : 1, returned, pair_row,
+          static_cast<index_t>(dropped.size()) >= experts ? dropped.data() : nullptr};
+      for (index_t p = 0; p < pairs; ++p) f(p);
+    } else {
+      (void)comm, (void)ex, (void)plan, (void)pair_row, (void)pairs, (void)dropped,
+          (void)experts;
+    }
+  }
+};
+
+//! Rows a rank sends and receives under static_bound (N·peer_rows each), known before any
+//! exchange; -1 under eager (known after the count exchange).
+template <parallel::Comm C, class Capacity, class Local>
+index_t ep_fixed_rows(const parallel::ExpertParallel<C, Capacity, Local>& ep) {
+  if constexpr (std::is_same_v<Capacity, parallel::static_bound>) {
+    return checked_mul("dispatch.capacity.peer_rows", static_cast<index_t>(ep.comm->size()),
+                       ep.capacity.peer_rows);
+  } else {
+    (void)ep;
+    return -1;
+  }
 }
 
 }  // namespace switchyard::detail
@@ -339,10 +438,32 @@ void plan_groups(const parallel::ExpertParallel<C, Capacity, Local>& policy,
   host::plan_groups(policy.local, plan, g);
 }
 
+//! Bytes the local phase's forward (`backward`: its backward) takes over `rows` received rows:
+//! measured from the sizes alone, as the layer's own queries are.
+template <bool Backward, class Local, class Act, ElementType T>
+std::size_t ep_local_bytes(const Local& lp, const Act& act, const expert_dims& dl,
+                           const expert_weights<T>& w) {
+  if (dl.tokens <= 0) return 0;
+  workspace_arena measure;
+  if constexpr (Backward) {
+    experts_backward(lp, act, dl, matrix_view<const T>{},
+                     routing::plan_view<const std::int32_t, const float>{}, w,
+                     matrix_view<const T>{}, matrix_view<float>{}, expert_grads{}, nullptr,
+                     measure);
+  } else {
+    experts_forward(lp, act, dl, matrix_view<const T>{},
+                    routing::plan_view<const std::int32_t, const float>{}, w, nullptr,
+                    matrix_view<float>{}, span<index_t>{}, measure);
+  }
+  return measure.required();
+}
+
 //! `experts_forward` under expert parallelism (file comment): y [T, d] = Σ_j w_tj ·
 //! FFN_{e_tj}(x_t) (+ extra), the FFNs run on the ranks that own them. `dm.experts` is the
 //! global E, `w` this rank's E/N experts; `dropped` [E] receives this rank's pairs dropped by
-//! static_bound. Collective: every rank calls it. A measuring arena takes nothing.
+//! static_bound (and by a local padded_capacity). Collective: every rank calls it.
+//! static_bound: every row buffer comes from `ws` (a measuring arena takes the same sizes, with
+//! a communicator set); eager: owned, sized from the counts (a measuring arena takes nothing).
 template <parallel::Comm C, class Capacity, class Local, class Act, ElementType T, class Id,
           class W, ElementType Out>
 void experts_forward(const parallel::ExpertParallel<C, Capacity, Local>& ep, const Act& act,
@@ -350,60 +471,64 @@ void experts_forward(const parallel::ExpertParallel<C, Capacity, Local>& ep, con
                      const routing::plan_view<Id, W>& plan, const expert_weights<T>& w,
                      const float* extra, const matrix_view<Out>& y, span<index_t> dropped,
                      workspace_arena& ws) {
+  constexpr bool fixed = std::is_same_v<Capacity, parallel::static_bound>;
+  if (!ws.carving() && (!fixed || ep.comm == nullptr)) return;
+  const index_t d = dm.d, local = w.num_experts(), pairs = dm.tokens * dm.width;
+  const Local lp = detail::ep_receiver_policy(ep.local);
+  detail::ep_exchange ex;
+  if (ws.carving()) {
+    detail::require_host_comm<C>();
+    ex = detail::plan_exchange(ep, plan, dm.experts, local, dropped);
+  } else {
+    ex.send_rows = ex.recv_rows = detail::ep_fixed_rows(ep);
+  }
+  // The buffers, in one order for both passes (static_bound: sizes from N·peer_rows alone).
+  detail::ep_storage st(fixed ? &ws : nullptr);
+  const index_t sr = ex.send_rows, rr = ex.recv_rows;
+  const expert_dims dl = detail::receiver_dims(dm, rr, local, lp.max_rows(rr, 1, local));
+  T* send = st.take<T>(detail::checked_mul("rows", sr, d));
+  T* recv = st.take<T>(detail::checked_mul("rows", rr, d));
+  float* out = st.take<float>(rr * d);
+  float* back = st.take<float>(sr * d);
+  std::int32_t* rids = st.take<std::int32_t>(rr);
+  std::int32_t* rcounts = st.take<std::int32_t>(rr);
+  float* rweights = st.take<float>(rr);
+  index_t* local_dropped = st.take<index_t>(local);
+  index_t* pair_row = st.take<index_t>(pairs);
+  const std::size_t scratch_bytes = ep_local_bytes<false>(lp, act, dl, w);
+  std::byte* scratch = st.take<std::byte>(static_cast<index_t>(scratch_bytes));
+  detail::ep_verdicts verdicts(lp, st, sr, rr, local);
   if (!ws.carving()) return;
-  detail::require_host_comm<C>();
-  const C& comm = *ep.comm;
-  const index_t d = dm.d, local = w.num_experts();
-  const detail::ep_exchange ex = detail::plan_exchange(ep, plan, dm.experts, local, dropped);
 
-  std::vector<T> send(static_cast<std::size_t>(ex.send_rows * d));
-  std::vector<T> recv(static_cast<std::size_t>(ex.recv_rows * d));
+  const C& comm = *ep.comm;
   detail::pack_pair_rows(plan, ex, d, detail::token_rows<T>{x}, send);
-  detail::exchange_rows(comm, ex, true, send.data(), recv.data(), d);
+  detail::exchange_rows(comm, ex, true, send, recv, d);
 
   // The local phase over the received rows (output float rows, weight 1: every bit kept).
-  const Local lp = detail::ep_receiver_policy(ep.local);
-  std::vector<index_t> verdict;  // padded_capacity: what the local dispatch made of each row
-  std::vector<float> out(static_cast<std::size_t>(ex.recv_rows * d), 0.0f);
-  if (ex.recv_rows > 0) {
-    const detail::ep_receiver_plan rp(ex, nullptr);
-    const auto rplan = rp.view(local);
-    const expert_dims dl = detail::receiver_dims(dm, ex.recv_rows, local,
-                                                 lp.max_rows(ex.recv_rows, 1, local));
-    const matrix_view<const T> xr = make_view<const T>(recv.data(), ex.recv_rows, d);
-    const matrix_view<float> yr = make_view<float>(out.data(), ex.recv_rows, d);
-    std::vector<index_t> local_dropped(static_cast<std::size_t>(local), 0);
-    workspace_arena measure;
-    experts_forward(lp, act, dl, xr, rplan, w, nullptr, yr, span<index_t>{}, measure);
-    std::vector<std::byte> scratch(measure.required());
-    workspace_arena arena({scratch.data(), scratch.size()});
+  if (rr > 0) {
+    detail::fill_receiver_plan(ex, nullptr, rids, rcounts, rweights);
+    const auto rplan = detail::receiver_view(rids, rcounts, rweights, rr, local);
+    const matrix_view<const T> xr = make_view<const T>(recv, rr, d);
+    const matrix_view<float> yr = make_view<float>(out, rr, d);
+    workspace_arena arena({scratch, scratch_bytes});
     experts_forward(lp, act, dl, xr, rplan, w, nullptr, yr,
-                    span<index_t>(local_dropped.data(), local_dropped.size()), arena);
-    if constexpr (detail::ep_local_drops_rows<Local>)
-      verdict = detail::ep_row_verdicts(lp, rplan, ex.recv_rows, local);
+                    span<index_t>(local_dropped, static_cast<std::size_t>(local)), arena);
+    verdicts.decide(lp, rplan, rr);
   }
+  detail::exchange_rows(comm, ex, false, out, back, d);
 
-  std::vector<float> back(static_cast<std::size_t>(ex.send_rows * d), 0.0f);
-  detail::exchange_rows(comm, ex, false, out.data(), back.data(), d);
-
-  std::vector<index_t> pair_row = ex.pair_row;
+  std::copy(ex.pair_row.begin(), ex.pair_row.end(), pair_row);
+  verdicts.apply<Local>(comm, ex, plan, pair_row, pairs, dropped, dm.experts);
   dispatch::expert_groups g;
-  g.drop = dispatch::dropped_output::zero;
-  if constexpr (detail::ep_local_drops_rows<Local>) {
-    verdict.resize(static_cast<std::size_t>(ex.recv_rows), dispatch::unused_pair);
-    std::vector<index_t> returned(static_cast<std::size_t>(ex.send_rows));
-    detail::exchange_rows(comm, ex, false, verdict.data(), returned.data(), index_t{1});
-    detail::mark_local_drops(plan, returned, pair_row, dropped, dm.experts);
-    g.drop = ep.local.drop;
-  }
-  g.pair_row = {pair_row.data(), pair_row.size()};
-  detail::combine(plan, g, back.data(), x, extra, y, false);
+  g.drop = detail::ep_sender_drop(ep.local);
+  g.pair_row = {pair_row, static_cast<std::size_t>(pairs)};
+  detail::combine(plan, g, back, x, extra, y, false);
 }
 
 //! `experts_backward` under expert parallelism (file comment): dx [T, d] += ∂/∂x (slot order),
 //! d_weights [T·width] = ⟨dy_t, FFN_e(x_t)⟩ per kept pair (0 for unused and dropped pairs),
 //! this rank's E/N experts' gradients += the sum over every rank's rows routed to them.
-//! Collective. A measuring arena takes nothing.
+//! Collective. Buffers as in the forward.
 template <parallel::Comm C, class Capacity, class Local, class Act, ElementType T, class Id,
           class W>
 void experts_backward(const parallel::ExpertParallel<C, Capacity, Local>& ep, const Act& act,
@@ -411,67 +536,70 @@ void experts_backward(const parallel::ExpertParallel<C, Capacity, Local>& ep, co
                       const routing::plan_view<Id, W>& plan, const expert_weights<T>& w,
                       const matrix_view<const T>& dy, const matrix_view<float>& dx,
                       const expert_grads& grads, float* d_weights, workspace_arena& ws) {
+  constexpr bool fixed = std::is_same_v<Capacity, parallel::static_bound>;
+  if (!ws.carving() && (!fixed || ep.comm == nullptr)) return;
+  const index_t d = dm.d, local = w.num_experts(), pairs = dm.tokens * dm.width;
+  const Local lp = detail::ep_receiver_policy(ep.local);
+  detail::ep_exchange ex;
+  if (ws.carving()) {
+    detail::require_host_comm<C>();
+    ex = detail::plan_exchange(ep, plan, dm.experts, local, {});
+  } else {
+    ex.send_rows = ex.recv_rows = detail::ep_fixed_rows(ep);
+  }
+  detail::ep_storage st(fixed ? &ws : nullptr);
+  const index_t sr = ex.send_rows, rr = ex.recv_rows;
+  const expert_dims dl = detail::receiver_dims(dm, rr, local, lp.max_rows(rr, 1, local));
+  T* send = st.take<T>(detail::checked_mul("rows", sr, d));
+  T* xr = st.take<T>(detail::checked_mul("rows", rr, d));
+  T* dyr = st.take<T>(rr * d);
+  float* wsend = st.take<float>(sr);
+  float* wr = st.take<float>(rr);
+  float* dxr = st.take<float>(rr * d);
+  float* dwr = st.take<float>(rr);
+  float* back = st.take<float>(sr * d);
+  float* dwb = st.take<float>(sr);
+  std::int32_t* rids = st.take<std::int32_t>(rr);
+  std::int32_t* rcounts = st.take<std::int32_t>(rr);
+  float* rweights = st.take<float>(rr);
+  index_t* pair_row = st.take<index_t>(pairs);
+  const std::size_t scratch_bytes = ep_local_bytes<true>(lp, act, dl, w);
+  std::byte* scratch = st.take<std::byte>(static_cast<index_t>(scratch_bytes));
+  detail::ep_verdicts verdicts(lp, st, sr, rr, local);
   if (!ws.carving()) return;
-  detail::require_host_comm<C>();
-  const C& comm = *ep.comm;
-  const index_t d = dm.d, local = w.num_experts();
-  const detail::ep_exchange ex = detail::plan_exchange(ep, plan, dm.experts, local, {});
 
-  const std::size_t send_rows = static_cast<std::size_t>(ex.send_rows);
-  const std::size_t recv_rows = static_cast<std::size_t>(ex.recv_rows);
-  std::vector<T> send(send_rows * static_cast<std::size_t>(d));
-  std::vector<T> xr(recv_rows * static_cast<std::size_t>(d));
-  std::vector<T> dyr(recv_rows * static_cast<std::size_t>(d));
-  std::vector<float> wsend(send_rows, 0.0f), wr(recv_rows, 0.0f);
+  // Token rows, dy rows (T) and each pair's combine weight (float) to the owners.
+  const C& comm = *ep.comm;
   detail::pack_pair_rows(plan, ex, d, detail::token_rows<T>{x}, send);
-  detail::exchange_rows(comm, ex, true, send.data(), xr.data(), d);
+  detail::exchange_rows(comm, ex, true, send, xr, d);
   detail::pack_pair_rows(plan, ex, d, detail::token_rows<T>{dy}, send);
-  detail::exchange_rows(comm, ex, true, send.data(), dyr.data(), d);
+  detail::exchange_rows(comm, ex, true, send, dyr, d);
   detail::pack_pair_rows(plan, ex, 1, detail::pair_weights<W>{plan.weights}, wsend);
-  detail::exchange_rows(comm, ex, true, wsend.data(), wr.data(), index_t{1});
+  detail::exchange_rows(comm, ex, true, wsend, wr, index_t{1});
 
   // The local backward: dX rows into a zeroed float [R, d] (one slot per row: dX itself),
   // d_weights per row, the weight gradients accumulated into this rank's views.
-  const Local lp = detail::ep_receiver_policy(ep.local);
-  std::vector<index_t> verdict;  // padded_capacity: what the local dispatch made of each row
-  std::vector<float> dxr(recv_rows * static_cast<std::size_t>(d), 0.0f), dwr(recv_rows, 0.0f);
-  if (ex.recv_rows > 0) {
-    const detail::ep_receiver_plan rp(ex, wr.data());
-    const auto rplan = rp.view(local);
-    const expert_dims dl = detail::receiver_dims(dm, ex.recv_rows, local,
-                                                 lp.max_rows(ex.recv_rows, 1, local));
-    const matrix_view<const T> xv = make_view<const T>(xr.data(), ex.recv_rows, d);
-    const matrix_view<const T> dyv = make_view<const T>(dyr.data(), ex.recv_rows, d);
-    const matrix_view<float> dxv = make_view<float>(dxr.data(), ex.recv_rows, d);
-    workspace_arena measure;
-    experts_backward(lp, act, dl, xv, rplan, w, dyv, dxv, grads, nullptr, measure);
-    std::vector<std::byte> scratch(measure.required());
-    workspace_arena arena({scratch.data(), scratch.size()});
-    experts_backward(lp, act, dl, xv, rplan, w, dyv, dxv, grads, dwr.data(), arena);
-    if constexpr (detail::ep_local_drops_rows<Local>)
-      verdict = detail::ep_row_verdicts(lp, rplan, ex.recv_rows, local);
+  if (rr > 0) {
+    detail::fill_receiver_plan(ex, wr, rids, rcounts, rweights);
+    const auto rplan = detail::receiver_view(rids, rcounts, rweights, rr, local);
+    const matrix_view<const T> xv = make_view<const T>(xr, rr, d);
+    const matrix_view<const T> dyv = make_view<const T>(dyr, rr, d);
+    const matrix_view<float> dxv = make_view<float>(dxr, rr, d);
+    workspace_arena arena({scratch, scratch_bytes});
+    experts_backward(lp, act, dl, xv, rplan, w, dyv, dxv, grads, dwr, arena);
+    verdicts.decide(lp, rplan, rr);
   }
+  detail::exchange_rows(comm, ex, false, dxr, back, d);
+  detail::exchange_rows(comm, ex, false, dwr, dwb, index_t{1});
 
-  std::vector<float> back(send_rows * static_cast<std::size_t>(d), 0.0f), dwb(send_rows, 0.0f);
-  detail::exchange_rows(comm, ex, false, dxr.data(), back.data(), d);
-  detail::exchange_rows(comm, ex, false, dwr.data(), dwb.data(), index_t{1});
-
-  std::vector<index_t> pair_row = ex.pair_row;
-  bool pass_through = false;
-  if constexpr (detail::ep_local_drops_rows<Local>) {
-    verdict.resize(recv_rows, dispatch::unused_pair);
-    std::vector<index_t> returned(send_rows);
-    detail::exchange_rows(comm, ex, false, verdict.data(), returned.data(), index_t{1});
-    detail::mark_local_drops(plan, returned, pair_row, span<index_t>{}, dm.experts);
-    pass_through = ep.local.drop == dispatch::dropped_output::scaled_input;
-  }
+  std::copy(ex.pair_row.begin(), ex.pair_row.end(), pair_row);
+  verdicts.apply<Local>(comm, ex, plan, pair_row, pairs, span<index_t>{}, dm.experts);
+  const bool pass_through =
+      detail::ep_sender_drop(ep.local) == dispatch::dropped_output::scaled_input;
   const index_t tokens = plan.num_tokens(), width = plan.width();
-  for (std::size_t p = 0; p < pair_row.size(); ++p) {
-    const index_t row = pair_row[p];
-    d_weights[p] = row >= 0 ? dwb[static_cast<std::size_t>(row)] : 0.0f;
-  }
+  for (index_t p = 0; p < pairs; ++p) d_weights[p] = pair_row[p] >= 0 ? dwb[pair_row[p]] : 0.0f;
   const ops::combine_backward_slots<T, Id, W> combine{
-      plan.weights, plan.counts, pair_row.data(), width, d, back.data(), x, dy, pass_through,
+      plan.weights, plan.counts, pair_row, width, d, back, x, dy, pass_through,
       d_weights, dx, detail::present(dx), false};
   detail::run_static(tokens, tokens * width * d > (1 << 15), combine);
 }
