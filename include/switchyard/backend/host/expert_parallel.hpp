@@ -418,6 +418,7 @@ struct ep_verdicts {
 template <parallel::Comm C, class Capacity, class Local>
 index_t ep_fixed_rows(const parallel::ExpertParallel<C, Capacity, Local>& ep) {
   if constexpr (std::is_same_v<Capacity, parallel::static_bound>) {
+    ep.capacity.validate();  // a workspace query may come before the layer's checks
     return checked_mul("dispatch.capacity.peer_rows", static_cast<index_t>(ep.comm->size()),
                        ep.capacity.peer_rows);
   } else {
