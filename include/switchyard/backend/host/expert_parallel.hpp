@@ -427,6 +427,21 @@ index_t ep_fixed_rows(const parallel::ExpertParallel<C, Capacity, Local>& ep) {
   }
 }
 
+//! One call's exchange: planned (`plan_exchange`, collective) when carving; when measuring
+//! (static_bound only), just its fixed row counts.
+template <parallel::Comm C, class Capacity, class Local, class Id, class W>
+ep_exchange ep_call_exchange(const parallel::ExpertParallel<C, Capacity, Local>& ep,
+                             const routing::plan_view<Id, W>& plan, index_t experts,
+                             index_t local_experts, span<index_t> dropped, bool carving) {
+  if (carving) {
+    require_host_comm<C>();
+    return plan_exchange(ep, plan, experts, local_experts, dropped);
+  }
+  ep_exchange ex;
+  ex.send_rows = ex.recv_rows = ep_fixed_rows(ep);
+  return ex;
+}
+
 }  // namespace switchyard::detail
 
 namespace switchyard::host {
@@ -476,13 +491,8 @@ void experts_forward(const parallel::ExpertParallel<C, Capacity, Local>& ep, con
   if (!ws.carving() && (!fixed || ep.comm == nullptr)) return;
   const index_t d = dm.d, local = w.num_experts(), pairs = dm.tokens * dm.width;
   const Local lp = detail::ep_receiver_policy(ep.local);
-  detail::ep_exchange ex;
-  if (ws.carving()) {
-    detail::require_host_comm<C>();
-    ex = detail::plan_exchange(ep, plan, dm.experts, local, dropped);
-  } else {
-    ex.send_rows = ex.recv_rows = detail::ep_fixed_rows(ep);
-  }
+  const detail::ep_exchange ex = detail::ep_call_exchange(ep, plan, dm.experts, local, dropped,
+                                                         ws.carving());
   // The buffers, in one order for both passes (static_bound: sizes from N·peer_rows alone).
   detail::ep_storage st(fixed ? &ws : nullptr);
   const index_t sr = ex.send_rows, rr = ex.recv_rows;
@@ -541,13 +551,8 @@ void experts_backward(const parallel::ExpertParallel<C, Capacity, Local>& ep, co
   if (!ws.carving() && (!fixed || ep.comm == nullptr)) return;
   const index_t d = dm.d, local = w.num_experts(), pairs = dm.tokens * dm.width;
   const Local lp = detail::ep_receiver_policy(ep.local);
-  detail::ep_exchange ex;
-  if (ws.carving()) {
-    detail::require_host_comm<C>();
-    ex = detail::plan_exchange(ep, plan, dm.experts, local, {});
-  } else {
-    ex.send_rows = ex.recv_rows = detail::ep_fixed_rows(ep);
-  }
+  const detail::ep_exchange ex =
+      detail::ep_call_exchange(ep, plan, dm.experts, local, {}, ws.carving());
   detail::ep_storage st(fixed ? &ws : nullptr);
   const index_t sr = ex.send_rows, rr = ex.recv_rows;
   const expert_dims dl = detail::receiver_dims(dm, rr, local, lp.max_rows(rr, 1, local));
